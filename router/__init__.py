@@ -1,0 +1,1 @@
+"""An aiohttp gateway that speaks OpenAI, Anthropic and Gemini and routes to any backend."""
