@@ -1,0 +1,3 @@
+"""Load mlx_smolvlm (and with it the optimized BLAS) before any test module imports mlx.core."""
+
+import mlx_smolvlm  # noqa: F401
