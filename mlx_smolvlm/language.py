@@ -1,0 +1,126 @@
+"""The Llama decoder of SmolVLM (``model.text_model`` in Hugging Face checkpoints)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache
+from .config import TextConfig
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.rope_theta = config.rope_theta
+        dim = config.hidden_size
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
+
+    def __call__(
+        self, x: mx.array, mask: mx.array | str | None = None, cache: KVCache | None = None
+    ) -> mx.array:
+        B, L, _ = x.shape
+        # (B, L, n_heads * head_dim) -> (B, n_heads, L, head_dim)
+        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        offset = 0 if cache is None else cache.offset
+        # transformers' Llama rotates the two halves of each head (`rotate_half`), which is
+        # MLX's non-traditional RoPE.
+        q = mx.fast.rope(
+            q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset
+        )
+        k = mx.fast.rope(
+            k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset
+        )
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward block."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        dim, hidden, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder block."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(
+        self, x: mx.array, mask: mx.array | str | None = None, cache: KVCache | None = None
+    ) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TextModel(nn.Module):
+    """Token embeddings, decoder layers and the final norm (no ``lm_head``)."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(
+        self,
+        inputs_embeds: mx.array,
+        mask: mx.array | None = None,
+        cache: list[KVCache] | None = None,
+    ) -> mx.array:
+        """Run the decoder on ``(B, L, hidden)`` embeddings.
+
+        Args:
+            inputs_embeds: ``(B, L, hidden)`` input embeddings.
+            mask: Optional attention mask broadcastable to ``(B, n_heads, L, offset + L)``,
+                boolean (True attends) or additive. Defaults to causal.
+            cache: One ``KVCache`` per layer, or None for a cache-free pass.
+
+        Returns:
+            ``(B, L, hidden)`` final hidden states.
+        """
+        h = inputs_embeds
+        if mask is None and h.shape[1] > 1:
+            # MLX aligns the causal mask lower-right, so it also holds after a cached prefix.
+            mask = "causal"
+        layer_caches = cache if cache is not None else [None] * len(self.layers)
+        for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
+            h = layer(h, mask, layer_cache)
+        return self.norm(h)
+
+    @staticmethod
+    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Drop RoPE buffers that old checkpoints saved; RoPE is recomputed here.
+
+        Args:
+            weights: Checkpoint tensors with the ``model.`` prefix already removed.
+        """
+        return {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}

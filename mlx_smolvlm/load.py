@@ -1,0 +1,211 @@
+"""Load SmolVLM / Idefics3 checkpoints (Hugging Face layout) into the MLX model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import load_config
+from .model import Model
+
+if TYPE_CHECKING:
+    from .processing import Processor
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+_MAX_LISTED = 10
+
+
+class WeightsError(ValueError):
+    """Checkpoint tensors that do not fit the model built from its config."""
+
+
+def _listing(names: list[str]) -> str:
+    """A sorted, bounded listing of names for error messages."""
+    names = sorted(names)
+    shown = ", ".join(names[:_MAX_LISTED])
+    more = len(names) - _MAX_LISTED
+    return f"{shown}, ... ({more} more)" if more > 0 else shown
+
+
+def resolve_model_path(path_or_hub_id: str) -> Path:
+    """Return a local checkpoint directory, downloading from the Hugging Face Hub if needed.
+
+    Args:
+        path_or_hub_id: A local directory, or a Hub repo id such as
+            ``HuggingFaceTB/SmolVLM2-256M-Video-Instruct``.
+
+    Raises:
+        FileNotFoundError: If it is neither a local directory nor obtainable from the Hub
+            (offline and not cached, unknown or gated repo, invalid id).
+    """
+    path = Path(path_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"{path_or_hub_id} is a file, expected a checkpoint directory")
+    try:
+        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=HUB_PATTERNS))
+    except (
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+    ) as err:
+        raise FileNotFoundError(
+            f"{path_or_hub_id!r} is not a local directory and could not be fetched from the "
+            f"Hugging Face Hub (offline and not in the cache, or no such repo): {err}"
+        ) from err
+
+
+def _read_safetensors(path: Path) -> dict[str, mx.array]:
+    if not path.is_file():
+        raise FileNotFoundError(f"Weight file {path} does not exist")
+    try:
+        return mx.load(str(path), format="safetensors")
+    except (RuntimeError, ValueError) as err:
+        raise WeightsError(f"Cannot read weight file {path}: {err}") from err
+
+
+def load_weights(model_dir: Path) -> dict[str, mx.array]:
+    """Read all checkpoint tensors (lazily) from ``model.safetensors`` or its sharded index.
+
+    Args:
+        model_dir: The checkpoint directory.
+
+    Raises:
+        FileNotFoundError: If no weights, or a shard named by the index, are missing.
+        WeightsError: If a file is corrupt, the index is malformed, or a tensor appears twice.
+    """
+    model_dir = Path(model_dir)
+    index_path = model_dir / WEIGHTS_INDEX_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise WeightsError(f"{index_path} is not a valid safetensors index: {err}") from err
+        weights: dict[str, mx.array] = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors = _read_safetensors(model_dir / shard)
+            duplicated = tensors.keys() & weights.keys()
+            if duplicated:
+                raise WeightsError(f"{model_dir / shard} repeats tensors {_listing(duplicated)}")
+            weights.update(tensors)
+        unlisted = weight_map.keys() - weights.keys()
+        if unlisted:
+            raise WeightsError(
+                f"{index_path} lists tensors that its shards lack: {_listing(unlisted)}"
+            )
+        return weights
+    if (model_dir / WEIGHTS_FILE).is_file():
+        return _read_safetensors(model_dir / WEIGHTS_FILE)
+    raise FileNotFoundError(f"No {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {model_dir}")
+
+
+def check_weights(model: Model, weights: dict[str, mx.array], source: Path) -> None:
+    """Require exactly the model's parameter names and shapes.
+
+    Args:
+        model: The freshly built model.
+        weights: Sanitized checkpoint tensors.
+        source: The checkpoint directory, for error messages.
+
+    Raises:
+        WeightsError: Naming the missing, unexpected, or wrongly shaped tensors.
+    """
+    expected = dict(tree_flatten(model.parameters()))
+    problems = []
+    missing = expected.keys() - weights.keys()
+    if missing:
+        problems.append(f"missing tensors: {_listing(missing)}")
+    extra = weights.keys() - expected.keys()
+    if extra:
+        problems.append(f"unexpected tensors: {_listing(extra)}")
+    wrong = [
+        f"{k} has shape {tuple(weights[k].shape)}, expected {tuple(v.shape)}"
+        for k, v in sorted(expected.items())
+        if k in weights and weights[k].shape != v.shape
+    ]
+    if wrong:
+        problems.append("wrong shapes: " + "; ".join(wrong[:_MAX_LISTED]))
+    if problems:
+        raise WeightsError(
+            f"Checkpoint {source} does not match its config.json "
+            f"(names after sanitize, without the 'model.' prefix): " + " | ".join(problems)
+        )
+
+
+def load_model(path_or_hub_id: str, dtype: mx.Dtype | str | None = None) -> tuple[Model, Path]:
+    """Build the model from a checkpoint's ``config.json`` and load its weights strictly.
+
+    Args:
+        path_or_hub_id: A local checkpoint directory or a Hugging Face Hub repo id.
+        dtype: Cast floating-point weights to this dtype (``mx.float32`` or a name such as
+            ``"bfloat16"``); default keeps the checkpoint's dtype.
+
+    Returns:
+        The evaluated model and the resolved local directory.
+
+    Raises:
+        FileNotFoundError: If the directory, ``config.json`` or weight files are missing.
+        ConfigError: If ``config.json`` is invalid or describes an unsupported model.
+        WeightsError: If tensors are missing, unexpected, wrongly shaped or unreadable.
+        ValueError: If ``dtype`` is not a floating-point dtype.
+    """
+    model_dir = resolve_model_path(path_or_hub_id)
+    if isinstance(dtype, str):
+        if not isinstance(getattr(mx, dtype, None), mx.Dtype):
+            raise ValueError(f"Unknown dtype {dtype!r}")
+        dtype = getattr(mx, dtype)
+    if dtype is not None and not mx.issubdtype(dtype, mx.floating):
+        raise ValueError(f"dtype must be a floating-point type, got {dtype}")
+    config = load_config(model_dir)
+    model = Model(config)
+    weights = model.sanitize(load_weights(model_dir))
+    check_weights(model, weights, model_dir)
+    if dtype is not None:
+        weights = {
+            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in weights.items()
+        }
+    model.update(tree_unflatten(list(weights.items())))
+    mx.eval(model.parameters())
+    model.eval()
+    logger.info(
+        "Loaded %s (%d parameters) from %s", config.model_type, model.parameter_count(), model_dir
+    )
+    return model, model_dir
+
+
+def load(path_or_hub_id: str) -> tuple[Model, Processor]:
+    """Load the model and its processor.
+
+    Args:
+        path_or_hub_id: A local checkpoint directory or a Hugging Face Hub repo id.
+
+    Raises:
+        FileNotFoundError, ConfigError, WeightsError: As ``load_model``.
+    """
+    from .processing import Processor
+
+    model, model_dir = load_model(path_or_hub_id)
+    return model, Processor.from_pretrained(model_dir)
