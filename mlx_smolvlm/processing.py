@@ -1,0 +1,386 @@
+"""The SmolVLM2 `Processor`: tokenizer, chat template, images and video to model inputs.
+
+No torch or transformers at runtime: the tokenizer runs on `tokenizers`, the chat template on
+jinja2, images on Pillow/NumPy and video on PyAV.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+
+from .image_processing import (
+    ImageInput,
+    ImageProcessor,
+    ImageProcessorConfig,
+    convert_to_rgb,
+    load_image,
+)
+from .prompt import (
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    expand_media_tokens,
+    image_prompt,
+    render_chat_template,
+    video_prompt,
+)
+from .video import VideoInput, VideoProcessor, VideoSampling
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+# Written back by `save_pretrained` when present.
+PROCESSOR_FILES = REQUIRED_FILES + (
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "processor_config.json",
+    "generation_config.json",
+)
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+class Tokenizer:
+    """SmolVLM2's byte-level BPE tokenizer with its special tokens.
+
+    Args:
+        tokenizer: The `tokenizers` tokenizer built from `tokenizer.json`.
+        config: `tokenizer_config.json`.
+        eos_token_ids: Ids that end generation.
+    """
+
+    def __init__(
+        self, tokenizer: tokenizers.Tokenizer, config: dict[str, Any], eos_token_ids: list[int]
+    ):
+        self._tokenizer = tokenizer
+        self.config = config
+        self.eos_token_ids = eos_token_ids
+        self.special_tokens = {}
+        for key in SPECIAL_TOKEN_KEYS:
+            value = config.get(key)
+            self.special_tokens[key] = value["content"] if isinstance(value, dict) else value
+        self.image_token_id = self.token_to_id(IMAGE_TOKEN)
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+
+    def token_to_id(self, token: str) -> int:
+        """Id of a single token.
+
+        Raises:
+            ValueError: The token is not in the vocabulary.
+        """
+        token_id = self._tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"Token {token!r} is not in the tokenizer vocabulary")
+        return token_id
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special tokens written in the text are matched, none are added."""
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`."""
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str:
+        """The vocabulary string of one id (byte-level characters, not text).
+
+        Raises:
+            ValueError: The id is outside the vocabulary.
+        """
+        token = self._tokenizer.id_to_token(token_id)
+        if token is None:
+            raise ValueError(
+                f"Token id {token_id} is outside the vocabulary (size {self.vocab_size})"
+            )
+        return token
+
+    @cached_property
+    def _byte_decoder(self) -> dict[str, int]:
+        return {char: byte for byte, char in _bytes_to_unicode().items()}
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw UTF-8 bytes one token stands for, for streaming detokenizers.
+
+        A token may hold part of a multi-byte character: join bytes before decoding them.
+
+        Raises:
+            ValueError: The id is outside the vocabulary.
+        """
+        token = self.id_to_token(token_id)
+        if token in self._added:
+            return token.encode("utf-8")
+        return bytes(self._byte_decoder[char] for char in token)
+
+
+class Processor:
+    """Turns chat messages, images and a video into SmolVLM2 model inputs.
+
+    Args:
+        tokenizer: The text tokenizer.
+        image_processor: Tiles and normalizes images (video frames too).
+        image_seq_len: `<image>` tokens per tile.
+        chat_template: The checkpoint's jinja chat template.
+        files: Raw processor files by name, written back by `save_pretrained`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        image_processor: ImageProcessor,
+        image_seq_len: int,
+        chat_template: str,
+        files: dict[str, bytes],
+    ):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_seq_len = image_seq_len
+        self.chat_template = chat_template
+        self.files = files
+        sampling = image_processor.config.video_sampling
+        self.video_processor = (
+            VideoProcessor(image_processor, VideoSampling.from_dict(sampling)) if sampling else None
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, upscale_small_images: bool = True
+    ) -> Processor:
+        """Load from a local checkpoint directory.
+
+        Args:
+            path: Directory with `tokenizer.json`, `tokenizer_config.json`,
+                `preprocessor_config.json`, and a chat template (`chat_template.json`,
+                `chat_template.jinja` or inside `tokenizer_config.json`). `image_seq_len` comes
+                from `processor_config.json`, else `preprocessor_config.json`, else is derived
+                from `config.json`. `generation_config.json` gives the EOS ids when present.
+            upscale_small_images: False keeps small images at their own size (MLX Swift's tiling)
+                instead of upscaling them to `size.longest_edge` (transformers).
+
+        Raises:
+            FileNotFoundError: The directory or a required file is missing.
+            ValueError: A file is malformed or `image_seq_len` cannot be found.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"Processor directory not found: {root}")
+        missing = [name for name in REQUIRED_FILES if not (root / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"Missing processor file(s) in {root}: {', '.join(missing)}")
+        files = {
+            name: (root / name).read_bytes() for name in PROCESSOR_FILES if (root / name).is_file()
+        }
+
+        tokenizer_config = _read_json(root / "tokenizer_config.json")
+        preprocessor = _read_json(root / "preprocessor_config.json")
+        processor = (
+            _read_json(root / "processor_config.json") if "processor_config.json" in files else {}
+        )
+        generation = (
+            _read_json(root / "generation_config.json") if "generation_config.json" in files else {}
+        )
+
+        if "chat_template.jinja" in files:
+            chat_template = files["chat_template.jinja"].decode("utf-8")
+        elif "chat_template.json" in files:
+            chat_template = _read_json(root / "chat_template.json").get("chat_template")
+        else:
+            chat_template = tokenizer_config.get("chat_template")
+        if not isinstance(chat_template, str):
+            raise FileNotFoundError(
+                f"No chat template in {root}: expected chat_template.jinja, chat_template.json "
+                "or a 'chat_template' string in tokenizer_config.json"
+            )
+
+        _read_json(root / "tokenizer.json")  # a clear error for a malformed file
+        backend = tokenizers.Tokenizer.from_file(str(root / "tokenizer.json"))
+        eos = generation.get("eos_token_id")
+        if eos is None:
+            eos_token = tokenizer_config.get("eos_token")
+            eos_token = eos_token["content"] if isinstance(eos_token, dict) else eos_token
+            eos = backend.token_to_id(eos_token) if isinstance(eos_token, str) else None
+            if eos is None:
+                raise ValueError(
+                    f"No eos_token_id in generation_config.json nor a known eos_token in {root}"
+                )
+        tokenizer = Tokenizer(
+            backend, tokenizer_config, list(eos) if isinstance(eos, list) else [eos]
+        )
+
+        image_config = ImageProcessorConfig.from_dict(
+            {**preprocessor, "upscale_small_images": upscale_small_images}
+        )
+        image_seq_len = processor.get("image_seq_len", preprocessor.get("image_seq_len"))
+        if image_seq_len is None:
+            image_seq_len = _derive_image_seq_len(root / "config.json")
+        return cls(
+            tokenizer, ImageProcessor(image_config), int(image_seq_len), chat_template, files
+        )
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the tokenizer and processor files to `path`.
+
+        `image_seq_len` goes into both `processor_config.json` (transformers) and
+        `preprocessor_config.json` (MLX Swift reads it only there).
+
+        Args:
+            path: Output directory, created if needed.
+        """
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        for name, data in self.files.items():
+            (root / name).write_bytes(data)
+        for name in ("processor_config.json", "preprocessor_config.json"):
+            config = (
+                json.loads(self.files[name])
+                if name in self.files
+                else {"processor_class": "SmolVLMProcessor"}
+            )
+            config["image_seq_len"] = self.image_seq_len
+            (root / name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        """Render HF-style messages to the prompt text, with one `<image>`/`<video>` per media part.
+
+        Args:
+            messages: `[{"role", "content": str | [{"type": "text"|"image"|"video", ...}]}]`.
+            add_generation_prompt: End with `Assistant:`.
+
+        Raises:
+            ValueError: The messages are malformed.
+        """
+        return render_chat_template(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            **self.tokenizer.special_tokens,
+        )
+
+    def __call__(
+        self, text: str, images: Sequence[ImageInput] | None = None, video: VideoInput | None = None
+    ) -> dict[str, Any]:
+        """Tokenize a prompt and preprocess its media.
+
+        Args:
+            text: The prompt with one `<image>` per image or one `<video>`.
+            images: Image sources in prompt order (see `load_image`).
+            video: A video file path or its bytes.
+
+        Returns:
+            `input_ids` int32 `[1, T]`; `pixel_values` float32 `[1, N, 3, H, W]` and
+            `pixel_attention_mask` bool `[1, N, H, W]` (None without media); `image_hashes`
+            (sha256 of each image's decoded RGB pixels, or of each video frame) and
+            `tiles_per_image` (entries of the N axis per hash, in order).
+
+        Raises:
+            ValueError: Placeholders and media disagree, or both images and a video are given.
+            ImageLoadError: An image cannot be read.
+            VideoLoadError: The video cannot be read.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        images = list(images or [])
+        if images and video is not None:
+            raise ValueError("Pass either images or one video per prompt, not both")
+        n_images, n_videos = text.count(IMAGE_TOKEN), text.count(VIDEO_TOKEN)
+        if n_images != len(images) or n_videos != (video is not None):
+            raise ValueError(
+                f"The prompt has {n_images} {IMAGE_TOKEN} and {n_videos} {VIDEO_TOKEN} placeholders but "
+                f"{len(images)} images and {int(video is not None)} videos were given"
+            )
+
+        tiles, hashes, image_prompts, video_prompts = [], [], [], []
+        for source in images:
+            rgb = convert_to_rgb(load_image(source))
+            hashes.append(self._hash_pixels(np.asarray(rgb)))
+            image_tiles, rows, cols = self.image_processor.split(rgb)
+            tiles.append(image_tiles)
+            image_prompts.append(image_prompt(rows, cols, self.image_seq_len))
+        if video is not None:
+            if self.video_processor is None:
+                raise ValueError("This checkpoint's preprocessor_config.json has no video_sampling")
+            frames, metadata = self.video_processor(video)
+            tiles.extend(frame[None] for frame in frames)
+            hashes.extend(self._hash_pixels(frame) for frame in frames)
+            video_prompts.append(
+                video_prompt(metadata.timestamps, metadata.duration, self.image_seq_len)
+            )
+
+        prompt = expand_media_tokens(text, image_prompts, video_prompts)
+        input_ids = np.asarray(self.tokenizer.encode(prompt), dtype=np.int32)[None]
+        pixel_values = mask = None
+        if tiles:
+            pixel_values, mask = self.image_processor.stack([tiles])
+        return {
+            "input_ids": input_ids,
+            "pixel_values": pixel_values,
+            "pixel_attention_mask": mask,
+            "image_hashes": hashes,
+            "tiles_per_image": [len(t) for t in tiles],
+        }
+
+    def _hash_pixels(self, pixels: np.ndarray) -> str:
+        """sha256 of uint8 HWC pixels, their shape, and the settings that change the tiles."""
+        digest = hashlib.sha256(repr((pixels.shape, self.image_processor.config)).encode())
+        digest.update(np.ascontiguousarray(pixels).data)
+        return digest.hexdigest()
+
+
+def _derive_image_seq_len(config_path: Path) -> int:
+    """`(image_size / patch_size)^2 / scale_factor^2` from the model's `config.json`.
+
+    Raises:
+        ValueError: `config.json` is missing or lacks the fields.
+    """
+    if not config_path.is_file():
+        raise ValueError(
+            f"image_seq_len is not in processor_config.json or preprocessor_config.json, "
+            f"and {config_path} is missing to derive it"
+        )
+    config = _read_json(config_path)
+    vision = config.get("vision_config", {})
+    try:
+        image_size, patch_size, scale = (
+            vision["image_size"],
+            vision["patch_size"],
+            config["scale_factor"],
+        )
+    except KeyError as err:
+        raise ValueError(f"{config_path} lacks {err} needed to derive image_seq_len") from err
+    return int((image_size // patch_size) ** 2 / scale**2)
