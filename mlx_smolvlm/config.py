@@ -154,14 +154,10 @@ class ModelConfig(BaseConfig):
             self.text_config = TextConfig.from_dict(self.text_config)
         if isinstance(self.vision_config, dict):
             self.vision_config = VisionConfig.from_dict(self.vision_config)
+        # Tokens per full tile, as transformers computes it; the connector checks at run time
+        # that the patch grid of each image is divisible by scale_factor.
         side = self.vision_config.num_patches_per_side
-        if side % self.scale_factor:
-            raise ConfigError(
-                f"scale_factor {self.scale_factor} does not divide the {side}x{side} patch grid "
-                f"(vision_config.image_size {self.vision_config.image_size} / patch_size "
-                f"{self.vision_config.patch_size})"
-            )
-        self.image_seq_len = (side // self.scale_factor) ** 2
+        self.image_seq_len = side * side // self.scale_factor**2
 
 
 def load_config(model_dir: Path) -> ModelConfig:

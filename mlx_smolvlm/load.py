@@ -188,7 +188,10 @@ def load_model(path_or_hub_id: str, dtype: mx.Dtype | str | None = None) -> tupl
             for k, v in weights.items()
         }
     model.update(tree_unflatten(list(weights.items())))
-    mx.eval(model.parameters())
+    try:
+        mx.eval(model.parameters())  # reads the tensor data: truncated files fail here
+    except RuntimeError as err:
+        raise WeightsError(f"Cannot read the weights in {model_dir}: {err}") from err
     model.eval()
     logger.info(
         "Loaded %s (%d parameters) from %s", config.model_type, model.parameter_count(), model_dir
