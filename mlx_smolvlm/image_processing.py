@@ -29,6 +29,7 @@ import io
 import logging
 import math
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -150,20 +151,31 @@ def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX
 
     Args:
         url: An http(s) URL.
-        timeout: Seconds for the connection and each read.
+        timeout: Seconds for the whole download (and for each network operation).
         max_bytes: Largest accepted body.
 
     Raises:
         ImageLoadError: The request fails, times out or the body exceeds `max_bytes`.
     """
+    logger.debug("Fetching image %s", url)
+    deadline = time.monotonic() + timeout
+    chunks, size = [], 0
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            data = response.read(max_bytes + 1)
+            while chunk := response.read(1 << 16):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ImageLoadError(
+                        f"Image {_describe(url)} is larger than the {max_bytes} byte limit"
+                    )
+                if time.monotonic() > deadline:
+                    raise ImageLoadError(
+                        f"Image {_describe(url)} took longer than {timeout} s to download"
+                    )
     except (urllib.error.URLError, TimeoutError, OSError) as err:
         raise ImageLoadError(f"Cannot fetch image {_describe(url)}: {err}") from err
-    if len(data) > max_bytes:
-        raise ImageLoadError(f"Image {_describe(url)} is larger than the {max_bytes} byte limit")
-    return data
+    return b"".join(chunks)
 
 
 def load_image(

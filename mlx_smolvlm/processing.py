@@ -80,15 +80,19 @@ class Tokenizer:
     Args:
         tokenizer: The `tokenizers` tokenizer built from `tokenizer.json`.
         config: `tokenizer_config.json`.
-        eos_token_ids: Ids that end generation.
+        eos_token_ids: Ids that end generation; the config's `eos_token` when None.
+
+    Raises:
+        ValueError: A needed token is missing from the vocabulary or the config.
     """
 
     def __init__(
-        self, tokenizer: tokenizers.Tokenizer, config: dict[str, Any], eos_token_ids: list[int]
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        config: dict[str, Any],
+        eos_token_ids: list[int] | None = None,
     ):
         self._tokenizer = tokenizer
-        self.config = config
-        self.eos_token_ids = eos_token_ids
         self.special_tokens = {}
         for key in SPECIAL_TOKEN_KEYS:
             value = config.get(key)
@@ -96,6 +100,13 @@ class Tokenizer:
         self.image_token_id = self.token_to_id(IMAGE_TOKEN)
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self._added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+        if eos_token_ids is None:
+            if self.special_tokens["eos_token"] is None:
+                raise ValueError(
+                    "No eos_token_ids given and tokenizer_config.json has no eos_token"
+                )
+            eos_token_ids = [self.token_to_id(self.special_tokens["eos_token"])]
+        self.eos_token_ids = eos_token_ids
 
     def token_to_id(self, token: str) -> int:
         """Id of a single token.
@@ -178,7 +189,7 @@ class Processor:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, upscale_small_images: bool = True
+        cls, path: str | os.PathLike, upscale_small_images: bool | None = None
     ) -> Processor:
         """Load from a local checkpoint directory.
 
@@ -189,7 +200,8 @@ class Processor:
                 from `processor_config.json`, else `preprocessor_config.json`, else is derived
                 from `config.json`. `generation_config.json` gives the EOS ids when present.
             upscale_small_images: False keeps small images at their own size (MLX Swift's tiling)
-                instead of upscaling them to `size.longest_edge` (transformers).
+                instead of upscaling them to `size.longest_edge` (transformers); None takes
+                the value in `preprocessor_config.json`, True when absent.
 
         Raises:
             FileNotFoundError: The directory or a required file is missing.
@@ -226,27 +238,19 @@ class Processor:
                 "or a 'chat_template' string in tokenizer_config.json"
             )
 
-        _read_json(root / "tokenizer.json")  # a clear error for a malformed file
-        backend = tokenizers.Tokenizer.from_file(str(root / "tokenizer.json"))
+        _read_json(root / "tokenizer.json")  # a clear error for malformed JSON
+        backend = tokenizers.Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
         eos = generation.get("eos_token_id")
-        if eos is None:
-            eos_token = tokenizer_config.get("eos_token")
-            eos_token = eos_token["content"] if isinstance(eos_token, dict) else eos_token
-            eos = backend.token_to_id(eos_token) if isinstance(eos_token, str) else None
-            if eos is None:
-                raise ValueError(
-                    f"No eos_token_id in generation_config.json nor a known eos_token in {root}"
-                )
-        tokenizer = Tokenizer(
-            backend, tokenizer_config, list(eos) if isinstance(eos, list) else [eos]
-        )
+        eos_token_ids = None if eos is None else list(eos) if isinstance(eos, list) else [eos]
+        tokenizer = Tokenizer(backend, tokenizer_config, eos_token_ids)
 
-        image_config = ImageProcessorConfig.from_dict(
-            {**preprocessor, "upscale_small_images": upscale_small_images}
-        )
+        if upscale_small_images is not None:
+            preprocessor = {**preprocessor, "upscale_small_images": upscale_small_images}
+        image_config = ImageProcessorConfig.from_dict(preprocessor)
         image_seq_len = processor.get("image_seq_len", preprocessor.get("image_seq_len"))
         if image_seq_len is None:
             image_seq_len = _derive_image_seq_len(root / "config.json")
+        logger.debug("Loaded the processor from %s, image_seq_len %s", root, image_seq_len)
         return cls(
             tokenizer, ImageProcessor(image_config), int(image_seq_len), chat_template, files
         )
@@ -255,7 +259,8 @@ class Processor:
         """Write the tokenizer and processor files to `path`.
 
         `image_seq_len` goes into both `processor_config.json` (transformers) and
-        `preprocessor_config.json` (MLX Swift reads it only there).
+        `preprocessor_config.json` (MLX Swift reads it only there), and
+        `upscale_small_images` into `preprocessor_config.json` (other readers ignore it).
 
         Args:
             path: Output directory, created if needed.
@@ -271,6 +276,8 @@ class Processor:
                 else {"processor_class": "SmolVLMProcessor"}
             )
             config["image_seq_len"] = self.image_seq_len
+            if name == "preprocessor_config.json":
+                config["upscale_small_images"] = self.image_processor.config.upscale_small_images
             (root / name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     def apply_chat_template(

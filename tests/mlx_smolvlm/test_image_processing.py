@@ -244,6 +244,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 - http.server's hook name
         if self.path == "/slow.png":
             time.sleep(1.5)
+        if self.path == "/drip.png":  # a trickle that never trips the per-read timeout
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(40):
+                self.wfile.write(b"\0" * 10)
+                self.wfile.flush()
+                time.sleep(0.05)
+            return
         if self.path == "/missing.png":
             self.send_error(404)
             return
@@ -275,6 +283,8 @@ def test_bad_urls_name_the_culprit(http_server):
         load_image(f"{http_server}/big.png", max_bytes=1000)
     with pytest.raises(ImageLoadError, match="slow.png.*timed out"):
         load_image(f"{http_server}/slow.png", timeout=0.2)
+    with pytest.raises(ImageLoadError, match="drip.png took longer than 0.5 s"):
+        load_image(f"{http_server}/drip.png", timeout=0.5)
     with pytest.raises(ImageLoadError, match="127.0.0.1:9/x.png"):
         load_image("http://127.0.0.1:9/x.png", timeout=1)
 

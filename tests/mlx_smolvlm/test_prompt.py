@@ -352,3 +352,20 @@ def test_save_pretrained_round_trip(tmp_path, ours):
     hf_image = SmolVLMImageProcessorPil.from_pretrained(out_dir)
     assert hf_image.max_image_size == {"longest_edge": 128}
     assert AutoTokenizer.from_pretrained(out_dir).convert_tokens_to_ids("<image>") == 49190
+
+
+def test_no_upscale_option_through_the_processor(tmp_path):
+    root = make_checkpoint(tmp_path / "ckpt")
+    processor = Processor.from_pretrained(root, upscale_small_images=False)
+    text = processor.apply_chat_template(CONVERSATIONS["image_first"])
+    out = processor(text, images=[image(512, 384)])
+    assert out["tiles_per_image"] == [1] and out["pixel_values"].shape == (1, 1, 3, 512, 512)
+    assert (out["input_ids"] == processor.tokenizer.image_token_id).sum() == 64
+    assert Processor.from_pretrained(root)(text, images=[image(512, 384)])["tiles_per_image"] == [
+        13
+    ]
+    # The setting is saved and read back.
+    processor.save_pretrained(tmp_path / "saved")
+    assert not Processor.from_pretrained(
+        tmp_path / "saved"
+    ).image_processor.config.upscale_small_images
