@@ -1,0 +1,391 @@
+"""The aiohttp application: routes, the error middleware, model fallback and stream writing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import ModuleType
+from typing import TypeVar
+
+import aiohttp
+from aiohttp import web
+
+from . import ir
+from .adapters import anthropic, gemini, openai, openai_responses
+from .appkeys import CONFIG, KEY_POOLS, PROVIDERS, SESSION
+from .config import Config, Target
+from .errors import (
+    GatewayError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RateLimitError,
+)
+from .keys import KeyPool
+from .providers import make_provider
+from .providers.base import BaseProvider
+from .sse import encode_event
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Call = Callable[[BaseProvider, ir.Request, str | None], Awaitable[T]]
+
+
+def create_app(cfg: Config) -> web.Application:
+    """Build the router application.
+
+    Args:
+        cfg: The router configuration.
+    """
+    app = web.Application(client_max_size=cfg.limits.max_body_bytes, middlewares=[error_middleware])
+    app[CONFIG] = cfg
+    app.cleanup_ctx.append(_backends)
+    app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_post("/v1/responses", _responses)
+    app.router.add_get("/v1/models", _list_models)
+    app.router.add_post("/v1/messages", _messages)
+    app.router.add_post("/v1/messages/count_tokens", _count_tokens_anthropic)
+    app.router.add_get("/v1beta/models", _list_models_gemini)
+    app.router.add_post("/v1beta/models/{target:.+}", _gemini)
+    return app
+
+
+async def _backends(app: web.Application) -> AsyncIterator[None]:
+    """One ClientSession, the providers and the key pools, for the app's lifetime."""
+    cfg = app[CONFIG]
+    async with aiohttp.ClientSession() as session:
+        app[SESSION] = session
+        app[PROVIDERS] = {
+            name: make_provider(p, session, cfg.limits) for name, p in cfg.providers.items()
+        }
+        app[KEY_POOLS] = {name: KeyPool(name, p.keys) for name, p in cfg.providers.items()}
+        yield
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+def adapter_for_path(path: str) -> ModuleType:
+    """The client format of a URL path (also for paths that matched no route).
+
+    Args:
+        path: The request path.
+    """
+    if path.startswith("/v1beta/"):
+        return gemini
+    if path.startswith("/v1/messages"):
+        return anthropic
+    if path.startswith("/v1/responses"):
+        return openai_responses
+    return openai
+
+
+def error_response(adapter: ModuleType, err: GatewayError) -> web.Response:
+    """Render an error in the client's format, with ``Retry-After`` when known.
+
+    Args:
+        adapter: The client's adapter module.
+        err: The error.
+    """
+    status, body = adapter.render_error(err)
+    headers = {}
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(err.retry_after)))
+    return web.json_response(body, status=status, headers=headers)
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Render every failure in the inbound client's error format; never a traceback.
+
+    Args:
+        request: The request.
+        handler: The route handler.
+    """
+    adapter = adapter_for_path(request.path)
+    try:
+        return await handler(request)
+    except GatewayError as err:
+        logger.info("%s %s -> %d %s", request.method, request.path, err.status, err.message)
+        return error_response(adapter, err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(adapter, _from_http_exception(exc, request))
+    except Exception:
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(adapter, GatewayError("internal router error"))
+
+
+def _from_http_exception(exc: web.HTTPException, request: web.Request) -> GatewayError:
+    if exc.status == 413:
+        limit = request.app[CONFIG].limits.max_body_bytes
+        return PayloadTooLargeError(f"request body exceeds the {limit} byte limit")
+    if exc.status == 404:
+        return NotFoundError(f"no such endpoint: {request.method} {request.path}")
+    if exc.status == 405:
+        return InvalidRequestError(f"method {request.method} not allowed on {request.path}")
+    return InvalidRequestError(exc.text or exc.reason)
+
+
+async def _read_json(request: web.Request) -> dict:
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InvalidRequestError(f"request body is not valid JSON: {err}") from err
+    if not isinstance(body, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    return body
+
+
+# ---- routing and fallback -------------------------------------------------------------------
+
+
+def resolve_targets(cfg: Config, model: str) -> list[Target]:
+    """The fallback list for a requested model: an alias, or ``provider/model``.
+
+    Args:
+        cfg: The config.
+        model: The model the client asked for.
+
+    Raises:
+        NotFoundError: If the model is neither.
+    """
+    if model in cfg.models:
+        return cfg.models[model]
+    provider, sep, name = model.partition("/")
+    if sep and name and provider in cfg.providers:
+        return [Target(provider, name)]
+    raise NotFoundError(f"model {model!r} is not configured on this router", param="model")
+
+
+async def run_with_fallback(app: web.Application, request: ir.Request, call: Call) -> T:
+    """Try the model's targets in order, and a provider's other keys after a 429.
+
+    Retryable errors (connection failures, timeouts, 429, 5xx, 529) move on; any other error
+    is the client's answer at once. ``call`` must not have sent anything to the client.
+
+    Args:
+        app: The application.
+        request: The IR request (``model`` is the client's name).
+        call: What to run against one provider, request copy and key.
+
+    Raises:
+        GatewayError: The first non-retryable error, or the last retryable one.
+    """
+    targets = resolve_targets(app[CONFIG], request.model)
+    last: GatewayError | None = None
+    for target in targets:
+        provider = app[PROVIDERS][target.provider]
+        pool = app[KEY_POOLS][target.provider]
+        for _ in range(len(pool)):
+            try:
+                key = pool.acquire()
+            except RateLimitError as err:
+                last = err
+                break
+            started = time.monotonic()
+            try:
+                result = await call(provider, dataclasses.replace(request, model=target.model), key)
+            except GatewayError as err:
+                logger.warning(
+                    "model=%s provider=%s upstream_model=%s failed: %s",
+                    request.model,
+                    target.provider,
+                    target.model,
+                    err.message,
+                )
+                if not err.retryable:
+                    raise
+                last = err
+                if isinstance(err, RateLimitError):
+                    pool.cool_down(key, err.retry_after)
+                    continue
+                break
+            logger.info(
+                "model=%s provider=%s upstream_model=%s stream=%s ms=%.1f",
+                request.model,
+                target.provider,
+                target.model,
+                request.stream,
+                (time.monotonic() - started) * 1000,
+            )
+            return result
+    raise last
+
+
+async def _open_stream(
+    provider: BaseProvider, request: ir.Request, key: str | None
+) -> tuple[list[ir.StreamEvent], AsyncIterator[ir.StreamEvent]]:
+    """Start an upstream stream and buffer it up to its first content event, so that a
+    failure before any content (e.g. an overloaded error inside a 200) can still fall back."""
+    events = provider.stream(request, key)
+    buffered: list[ir.StreamEvent] = []
+    try:
+        async for event in events:
+            buffered.append(event)
+            if not isinstance(event, ir.StreamStart):
+                break
+    except BaseException:
+        await events.aclose()
+        raise
+    return buffered, events
+
+
+# ---- generation -----------------------------------------------------------------------------
+
+
+async def _generate(
+    request: web.Request, adapter: ModuleType, ir_request: ir.Request, *, sse: bool = True
+) -> web.StreamResponse:
+    app = request.app
+    if not ir_request.stream:
+        response = await run_with_fallback(app, ir_request, _complete)
+        return web.json_response(adapter.render_response(response, ir_request))
+    buffered, events = await run_with_fallback(app, ir_request, _open_stream)
+    renderer = adapter.StreamRenderer(ir_request)
+    content_type = "text/event-stream" if sse else "application/json"
+    out = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
+    await out.prepare(request)
+    writer = _SSEWriter(out) if sse else _ArrayWriter(out)
+    try:
+        for event in buffered:
+            await writer.write(renderer.render_stream_event(event))
+        async for event in events:
+            await writer.write(renderer.render_stream_event(event))
+    except GatewayError as err:
+        logger.warning(
+            "stream for model=%s failed after it started: %s", ir_request.model, err.message
+        )
+        await writer.write(renderer.render_error(err))
+    except ConnectionResetError:
+        logger.info("client disconnected from a stream for model=%s", ir_request.model)
+        return out
+    finally:
+        await events.aclose()
+    await writer.close()
+    return out
+
+
+async def _complete(provider: BaseProvider, request: ir.Request, key: str | None) -> ir.Response:
+    return await provider.complete(request, key)
+
+
+class _SSEWriter:
+    def __init__(self, response: web.StreamResponse) -> None:
+        self._response = response
+
+    async def write(self, events: list) -> None:
+        if events:
+            await self._response.write(b"".join(encode_event(e) for e in events))
+
+    async def close(self) -> None:
+        await self._response.write_eof()
+
+
+class _ArrayWriter:
+    """Gemini's stream without ``alt=sse``: one JSON array, written element by element."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        self._response = response
+        self._first = True
+
+    async def write(self, events: list) -> None:
+        for event in events:
+            prefix = b"[" if self._first else b",\r\n"
+            self._first = False
+            await self._response.write(prefix + event.data.encode())
+
+    async def close(self) -> None:
+        await self._response.write(b"[]" if self._first else b"]")
+        await self._response.write_eof()
+
+
+# ---- handlers -------------------------------------------------------------------------------
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, openai, openai.parse_request(await _read_json(request)))
+
+
+async def _responses(request: web.Request) -> web.StreamResponse:
+    body = await _read_json(request)
+    return await _generate(request, openai_responses, openai_responses.parse_request(body))
+
+
+async def _messages(request: web.Request) -> web.StreamResponse:
+    ir_request = anthropic.parse_request(await _read_json(request))
+    if ir_request.max_tokens is None:
+        raise InvalidRequestError("max_tokens: field is required", param="max_tokens")
+    return await _generate(request, anthropic, ir_request)
+
+
+async def _count(provider: BaseProvider, request: ir.Request, key: str | None) -> int:
+    return await provider.count_tokens(request, key)
+
+
+async def _count_tokens_anthropic(request: web.Request) -> web.Response:
+    ir_request = anthropic.parse_request(await _read_json(request))
+    tokens = await run_with_fallback(request.app, ir_request, _count)
+    return web.json_response({"input_tokens": tokens})
+
+
+async def _gemini(request: web.Request) -> web.StreamResponse:
+    model, sep, method = request.match_info["target"].rpartition(":")
+    if not sep or not model:
+        raise NotFoundError(f"no such endpoint: POST {request.path}")
+    body = await _read_json(request)
+    if method == "generateContent":
+        return await _generate(request, gemini, gemini.parse_request(body, model))
+    if method == "streamGenerateContent":
+        ir_request = dataclasses.replace(gemini.parse_request(body, model), stream=True)
+        sse = request.query.get("alt") == "sse"
+        return await _generate(request, gemini, ir_request, sse=sse)
+    if method == "countTokens":
+        inner = body.get("generateContentRequest")
+        if isinstance(inner, dict):
+            body = inner
+        elif "contents" not in body:
+            raise InvalidRequestError("contents: field is required", param="contents")
+        tokens = await run_with_fallback(request.app, gemini.parse_request(body, model), _count)
+        return web.json_response({"totalTokens": tokens})
+    raise NotFoundError(f"unsupported Gemini method {method!r}")
+
+
+def _model_names(cfg: Config) -> list[str]:
+    return list(cfg.models)
+
+
+async def _list_models(request: web.Request) -> web.Response:
+    names = _model_names(request.app[CONFIG])
+    if "anthropic-version" in request.headers:
+        data = [
+            {"type": "model", "id": n, "display_name": n, "created_at": "1970-01-01T00:00:00Z"}
+            for n in names
+        ]
+        return web.json_response(
+            {
+                "data": data,
+                "has_more": False,
+                "first_id": names[0] if names else None,
+                "last_id": names[-1] if names else None,
+            }
+        )
+    data = [{"id": n, "object": "model", "created": 0, "owned_by": "router"} for n in names]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def _list_models_gemini(request: web.Request) -> web.Response:
+    methods = ["generateContent", "streamGenerateContent", "countTokens"]
+    models = [
+        {"name": f"models/{n}", "displayName": n, "supportedGenerationMethods": methods}
+        for n in _model_names(request.app[CONFIG])
+    ]
+    return web.json_response({"models": models})

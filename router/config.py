@@ -1,0 +1,211 @@
+"""Router configuration: YAML with ``${VAR}`` expansion, loaded strictly into dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DEFAULT_BASE_URLS = {
+    "openai": "https://api.openai.com/v1",
+    "anthropic": "https://api.anthropic.com",
+    "gemini": "https://generativelanguage.googleapis.com",
+}
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+@dataclass
+class ListenConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass
+class LimitsConfig:
+    # Largest accepted client request body.
+    max_body_bytes: int = 20 * 1024 * 1024
+    # Images fetched from https URLs to inline them for providers that need inline data.
+    image_max_bytes: int = 20 * 1024 * 1024
+    image_timeout_s: float = 10.0
+
+
+@dataclass
+class ProviderConfig:
+    name: str
+    type: str
+    base_url: str = ""
+    keys: list[str] = field(default_factory=list)
+    # Total time for one upstream call (streams included) and for connecting.
+    timeout_s: float = 600.0
+    connect_timeout_s: float = 10.0
+    # Sent when the client gives no max_tokens (local servers often default very low).
+    default_max_tokens: int | None = None
+    # Extra headers for every upstream request (e.g. OpenAI-Organization).
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.base_url:
+            self.base_url = DEFAULT_BASE_URLS.get(self.type, "")
+        self.base_url = self.base_url.rstrip("/")
+
+
+@dataclass
+class Target:
+    """One entry of a model's fallback list: which provider serves it under which name."""
+
+    provider: str
+    model: str
+
+
+@dataclass
+class Config:
+    providers: dict[str, ProviderConfig]
+    models: dict[str, list[Target]]
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Config:
+        """Build and validate a config from parsed YAML.
+
+        Args:
+            data: The mapping (``${VAR}`` already expanded).
+
+        Raises:
+            ConfigError: On a missing or unknown key, a wrong type, an unknown provider type
+                or a model that names an undefined provider.
+        """
+        _require_mapping(data, "config")
+        _reject_unknown(data, {"listen", "providers", "models", "limits"}, "config")
+        listen = _build(ListenConfig, data.get("listen") or {}, "listen")
+        limits = _build(LimitsConfig, data.get("limits") or {}, "limits")
+        raw_providers = data.get("providers")
+        _require_mapping(raw_providers, "providers")
+        providers = {}
+        for name, raw in raw_providers.items():
+            where = f"providers.{name}"
+            _require_mapping(raw, where)
+            if "type" not in raw:
+                raise ConfigError(f"{where}: missing required key 'type'")
+            provider = _build(ProviderConfig, {**raw, "name": str(name)}, where)
+            if importlib.util.find_spec(f"router.providers.{provider.type}") is None:
+                raise ConfigError(f"{where}.type: unknown provider type {provider.type!r}")
+            if not all(isinstance(k, str) and k for k in provider.keys):
+                raise ConfigError(f"{where}.keys: every key must be a non-empty string")
+            providers[str(name)] = provider
+        raw_models = data.get("models")
+        _require_mapping(raw_models, "models")
+        models = {}
+        for alias, targets in raw_models.items():
+            where = f"models.{alias}"
+            if not isinstance(targets, list) or not targets:
+                raise ConfigError(f"{where}: expected a non-empty list of {{provider, model}}")
+            built = [_build(Target, t, f"{where}[{i}]") for i, t in enumerate(targets)]
+            for i, target in enumerate(built):
+                if target.provider not in providers:
+                    raise ConfigError(
+                        f"{where}[{i}].provider: unknown provider {target.provider!r}"
+                    )
+            models[str(alias)] = built
+        return cls(providers=providers, models=models, listen=listen, limits=limits)
+
+
+def expand_env(value: object, where: str = "config") -> object:
+    """Replace ``${VAR}`` in every string of a parsed YAML tree.
+
+    Args:
+        value: A parsed YAML value.
+        where: Dotted location, for error messages.
+
+    Raises:
+        ConfigError: If a referenced variable is not set.
+    """
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+
+        def lookup(match: re.Match) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ConfigError(f"{where}: environment variable {name} is not set")
+            return os.environ[name]
+
+        return _VAR.sub(lookup, value)
+    return value
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a YAML config file.
+
+    Args:
+        path: The YAML file.
+
+    Raises:
+        ConfigError: If the file is missing, is not valid YAML, or fails validation.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from err
+    try:
+        return Config.from_dict(expand_env(data))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def _require_mapping(value: object, where: str) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+
+
+def _reject_unknown(data: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(set(map(str, data)) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+
+
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def _build(cls: type, data: object, where: str) -> object:
+    """Instantiate a config dataclass strictly: unknown keys, missing keys, wrong types fail."""
+    _require_mapping(data, where)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(data, set(fields), where)
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in data:
+            raise ConfigError(f"{where}: missing required key {name!r}")
+        if name in data:
+            _check_type(data[name], str(f.type), f"{where}.{name}")
+    return cls(**data)
+
+
+def _check_type(value: object, annotation: str, where: str) -> None:
+    base = annotation.replace(" | None", "")
+    if value is None and "None" in annotation:
+        return
+    if base.startswith("list"):
+        ok = isinstance(value, list)
+    elif base.startswith("dict"):
+        ok = isinstance(value, dict)
+    else:
+        expected = _TYPES[base]
+        ok = isinstance(value, expected) and not (isinstance(value, bool) and base != "bool")
+    if not ok:
+        raise ConfigError(f"{where}: expected {base}, got {type(value).__name__}")

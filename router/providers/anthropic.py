@@ -1,0 +1,63 @@
+"""Anthropic Messages upstream: ``base_url`` is the host, the router appends ``/v1/messages``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from .. import ir
+from ..adapters import anthropic as wire
+from .base import HTTPProvider
+
+ANTHROPIC_VERSION = "2023-06-01"
+# Fields that /v1/messages/count_tokens accepts.
+_COUNT_FIELDS = ("model", "messages", "system", "tools", "tool_choice", "thinking")
+
+
+class Provider(HTTPProvider):
+    """Anthropic backend."""
+
+    def headers(self, key: str | None) -> dict[str, str]:
+        """``x-api-key`` and ``anthropic-version``.
+
+        Args:
+            key: The API key.
+        """
+        headers = {"anthropic-version": ANTHROPIC_VERSION}
+        if key:
+            headers["x-api-key"] = key
+        return headers
+
+    async def complete(self, request: ir.Request, key: str | None) -> ir.Response:
+        """See `BaseProvider.complete`."""
+        url = f"{self.config.base_url}/v1/messages"
+        body = await self.post_json(url, self._body(request), key)
+        return self.upstream_data(wire.parse_response, body)
+
+    async def stream(self, request: ir.Request, key: str | None) -> AsyncIterator[ir.StreamEvent]:
+        """See `BaseProvider.stream`; an ``error`` event inside the 200 stream is raised."""
+        url = f"{self.config.base_url}/v1/messages"
+        parser = wire.StreamParser()
+        async for event in self.post_sse(url, self._body(request), key):
+            data = self.decode_event(event)
+            for item in self.upstream_data(parser.parse_stream_event, event.event, data):
+                yield item
+            if data.get("type") == "message_stop":
+                break
+        for item in parser.finish():
+            yield item
+
+    async def count_tokens(self, request: ir.Request, key: str | None) -> int:
+        """Ask ``/v1/messages/count_tokens``.
+
+        Args:
+            request: The IR request.
+            key: The API key.
+        """
+        body = self._body(request)
+        body = {k: v for k, v in body.items() if k in _COUNT_FIELDS}
+        url = f"{self.config.base_url}/v1/messages/count_tokens"
+        answer = await self.post_json(url, body, key)
+        return int(answer.get("input_tokens") or 0)
+
+    def _body(self, request: ir.Request) -> dict:
+        return wire.render_request(self.with_defaults(request))

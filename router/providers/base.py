@@ -1,0 +1,257 @@
+"""The provider interface, and the HTTP plumbing shared by the cloud providers.
+
+A provider turns an IR request into a result, nothing else: key choice, fallback and
+rendering for the client happen elsewhere. An in-process backend (the local MLX model)
+subclasses `BaseProvider` directly and ignores ``session`` and ``key``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from .. import ir
+from ..config import LimitsConfig, ProviderConfig
+from ..errors import (
+    GatewayError,
+    GatewayTimeoutError,
+    InvalidRequestError,
+    UpstreamError,
+    error_for_status,
+    parse_retry_after,
+)
+from ..sse import SSEDecoder, SSEEvent
+
+logger = logging.getLogger(__name__)
+
+# Upstream error bodies are read only this far.
+_ERROR_BODY_LIMIT = 64 * 1024
+_CHARS_PER_TOKEN = 4
+_TOKENS_PER_MEDIA = 258
+
+
+class BaseProvider(ABC):
+    """A backend that serves IR requests.
+
+    Args:
+        config: This provider's config (``config.name`` names it in errors).
+        session: The app's shared HTTP session.
+        limits: The router's limits.
+    """
+
+    def __init__(
+        self, config: ProviderConfig, session: aiohttp.ClientSession, limits: LimitsConfig
+    ) -> None:
+        self.config = config
+        self.session = session
+        self.limits = limits
+
+    def with_defaults(self, request: ir.Request) -> ir.Request:
+        """Apply this provider's ``default_max_tokens`` when the client gave none.
+
+        Args:
+            request: The IR request.
+        """
+        if request.max_tokens is None and self.config.default_max_tokens is not None:
+            return dataclasses.replace(request, max_tokens=self.config.default_max_tokens)
+        return request
+
+    @abstractmethod
+    async def complete(self, request: ir.Request, key: str | None) -> ir.Response:
+        """Serve a non-streaming request.
+
+        Args:
+            request: The IR request; ``request.model`` is this provider's model name.
+            key: The API key to use (None for keyless backends).
+
+        Raises:
+            GatewayError: Typed by cause; ``retryable`` ones let the router fall back.
+        """
+
+    @abstractmethod
+    def stream(self, request: ir.Request, key: str | None) -> AsyncIterator[ir.StreamEvent]:
+        """Serve a streaming request as an async iterator of IR events.
+
+        The events follow the IR stream contract: one StreamStart, then PartStart/PartDelta
+        in part order, then exactly one StreamEnd.
+
+        Args:
+            request: The IR request; ``request.model`` is this provider's model name.
+            key: The API key to use (None for keyless backends).
+
+        Raises:
+            GatewayError: Typed by cause, possibly after some events were yielded.
+        """
+
+    async def count_tokens(self, request: ir.Request, key: str | None) -> int:
+        """Count the prompt's tokens. The default is an estimate (4 characters per token,
+        a flat 258 per image or file); providers with a counting endpoint override it.
+
+        Args:
+            request: The IR request.
+            key: The API key to use.
+        """
+        chars = 0
+        media = 0
+        for message in request.messages:
+            for part in message.parts:
+                inner = part.content if isinstance(part, ir.ToolResultPart) else [part]
+                for item in inner:
+                    if isinstance(item, ir.MediaPart):
+                        media += 1
+                    elif isinstance(item, ir.ToolCallPart):
+                        chars += len(item.name) + len(item.arguments)
+                    else:
+                        chars += len(getattr(item, "text", ""))
+        for tool in request.tools:
+            chars += len(tool.name) + len(tool.description or "") + len(json.dumps(tool.parameters))
+        return math.ceil(chars / _CHARS_PER_TOKEN) + media * _TOKENS_PER_MEDIA
+
+
+class HTTPProvider(BaseProvider):
+    """JSON-over-HTTP plumbing: one place maps transport and status errors to `GatewayError`."""
+
+    @abstractmethod
+    def headers(self, key: str | None) -> dict[str, str]:
+        """Auth and version headers for one call.
+
+        Args:
+            key: The API key (None: send no auth header).
+        """
+
+    @property
+    def _timeout(self) -> aiohttp.ClientTimeout:
+        # timeout_s bounds the silence between upstream bytes, not a whole long stream.
+        return aiohttp.ClientTimeout(
+            total=None, sock_connect=self.config.connect_timeout_s, sock_read=self.config.timeout_s
+        )
+
+    async def post_json(self, url: str, body: dict, key: str | None) -> dict:
+        """POST a JSON body and return the decoded JSON answer.
+
+        Args:
+            url: The endpoint.
+            body: The request body.
+            key: The API key.
+
+        Raises:
+            GatewayError: Mapped from the upstream status, a transport error or bad JSON.
+        """
+        try:
+            async with self.session.post(
+                url, json=body, headers=self._all_headers(key), timeout=self._timeout
+            ) as resp:
+                if resp.status >= 400:
+                    raise await self._status_error(resp)
+                text = await resp.text()
+        except asyncio.TimeoutError as err:
+            raise GatewayTimeoutError(f"{self.config.name}: upstream timed out") from err
+        except aiohttp.ClientError as err:
+            raise UpstreamError(f"{self.config.name}: upstream connection failed: {err}") from err
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UpstreamError(f"{self.config.name}: upstream sent invalid JSON") from err
+
+    async def post_sse(self, url: str, body: dict, key: str | None) -> AsyncIterator[SSEEvent]:
+        """POST a JSON body and yield the server-sent events of the answer.
+
+        Args:
+            url: The endpoint.
+            body: The request body.
+            key: The API key.
+
+        Raises:
+            GatewayError: Mapped from the upstream status or a transport error.
+        """
+        try:
+            async with self.session.post(
+                url, json=body, headers=self._all_headers(key), timeout=self._timeout
+            ) as resp:
+                if resp.status >= 400:
+                    raise await self._status_error(resp)
+                decoder = SSEDecoder()
+                async for chunk in resp.content.iter_any():
+                    for event in decoder.feed(chunk):
+                        yield event
+                for event in decoder.flush():
+                    yield event
+        except asyncio.TimeoutError as err:
+            raise GatewayTimeoutError(f"{self.config.name}: upstream stream timed out") from err
+        except aiohttp.ClientError as err:
+            raise UpstreamError(f"{self.config.name}: upstream stream failed: {err}") from err
+
+    def _all_headers(self, key: str | None) -> dict[str, str]:
+        return {**self.config.headers, **self.headers(key)}
+
+    async def _status_error(self, resp: aiohttp.ClientResponse) -> GatewayError:
+        raw = await resp.content.read(_ERROR_BODY_LIMIT)
+        text = raw.decode("utf-8", "replace")
+        try:
+            message = error_message(json.loads(text))
+        except json.JSONDecodeError:
+            message = text.strip()[:500] or resp.reason or "no details"
+        logger.info("upstream %s returned %d: %s", self.config.name, resp.status, message)
+        return error_for_status(
+            resp.status,
+            f"{self.config.name} ({self.config.type}) returned HTTP {resp.status}: {message}",
+            retry_after=parse_retry_after(resp.headers.get("Retry-After")),
+        )
+
+    def upstream_data(self, parse: object, *args: object) -> object:
+        """Run an adapter's parser on upstream data; its validation errors become 502s.
+
+        Args:
+            parse: The adapter function.
+            *args: Its arguments.
+
+        Raises:
+            UpstreamError: If the upstream's data is malformed.
+        """
+        try:
+            return parse(*args)
+        except InvalidRequestError as err:
+            raise UpstreamError(
+                f"{self.config.name}: unexpected upstream response: {err.message}"
+            ) from err
+
+    def decode_event(self, event: SSEEvent) -> dict:
+        """Decode one SSE event's JSON data.
+
+        Args:
+            event: The event.
+
+        Raises:
+            UpstreamError: If the data is not a JSON object.
+        """
+        try:
+            data = json.loads(event.data)
+        except json.JSONDecodeError as err:
+            raise UpstreamError(f"{self.config.name}: upstream sent invalid stream data") from err
+        if not isinstance(data, dict):
+            raise UpstreamError(f"{self.config.name}: upstream stream event is not an object")
+        return data
+
+
+def error_message(body: object) -> str:
+    """Extract the message from an error body in any of the three formats.
+
+    Args:
+        body: The decoded JSON error body (Google sometimes wraps it in a list).
+    """
+    if isinstance(body, list) and body:
+        body = body[0]
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"]
+        if isinstance(error, str):
+            return error
+    return json.dumps(body)[:500]
