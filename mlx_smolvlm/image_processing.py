@@ -193,6 +193,10 @@ def load_image(
         TypeError: The source has an unsupported type.
     """
     if isinstance(source, Image.Image):
+        try:
+            source.load()  # a lazily opened file may turn out truncated here
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ImageLoadError(f"Cannot decode the given PIL image {source!r}: {err}") from err
         return source
     if isinstance(source, (bytes, bytearray)):
         return _decode(io.BytesIO(bytes(source)), _describe(bytes(source)))

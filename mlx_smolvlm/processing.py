@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import tokenizers
+from PIL import Image
 
 from .image_processing import (
     ImageInput,
@@ -306,7 +307,8 @@ class Processor:
 
         Args:
             text: The prompt with one `<image>` per image or one `<video>`.
-            images: Image sources in prompt order (see `load_image`).
+            images: Image sources in prompt order (see `load_image`); a single source is
+                taken as a list of one.
             video: A video file path or its bytes.
 
         Returns:
@@ -322,6 +324,8 @@ class Processor:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
+            images = [images]
         images = list(images or [])
         if images and video is not None:
             raise ValueError("Pass either images or one video per prompt, not both")

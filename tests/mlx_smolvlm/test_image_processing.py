@@ -224,6 +224,8 @@ def test_bad_local_inputs_name_the_culprit(tmp_path):
     for source, culprit in cases.items():
         with pytest.raises(ImageLoadError, match=culprit):
             load_image(source)
+    with pytest.raises(ImageLoadError, match="PIL image .*image file is truncated"):
+        load_image(Image.open(truncated))
     with pytest.raises(TypeError, match="int"):
         load_image(42)
     processor = ImageProcessor(ImageProcessorConfig.from_dict(CONFIG_SMALL))

@@ -265,6 +265,10 @@ def test_image_hashes_follow_pixels(ours, tmp_path):
     picture = image(64, 48)
     path = tmp_path / "a.png"
     picture.save(path)
+    assert (
+        ours("<image>", images=str(path))["image_hashes"]
+        == ours("<image>", images=[picture])["image_hashes"]
+    )
     text = "<image><image><image>"
     out = ours(text, images=[picture, path, image(64, 48, seed=5)])
     assert out["image_hashes"][0] == out["image_hashes"][1] != out["image_hashes"][2]
