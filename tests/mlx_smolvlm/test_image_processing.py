@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from transformers.models.smolvlm import image_processing_pil_smolvlm as hf_pil
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from mlx_smolvlm.image_processing import (
@@ -24,6 +25,7 @@ from mlx_smolvlm.image_processing import (
     ImageProcessor,
     ImageProcessorConfig,
     convert_to_rgb,
+    get_resize_output_image_size,
     load_image,
 )
 
@@ -144,6 +146,27 @@ def test_parity_real_256m_config(size):
 
 def test_parity_real_2b_config():
     assert_parity(CONFIG_2B, [[random_image(640, 480)]])
+
+
+def test_resize_sizes_match_transformers():
+    # Includes a 5000 px target, where transformers caps the longest edge at 4096.
+    for longest in (128, 384, 1536, 2048, 5000):
+        for height, width in [
+            (1, 1),
+            (1, 9000),
+            (9000, 1),
+            (30, 20),
+            (480, 640),
+            (301, 4001),
+            (777, 777),
+        ]:
+            shape_only = np.broadcast_to(np.uint8(0), (3, height, width))
+            expected = hf_pil.get_resize_output_image_size(shape_only, resolution_max_side=longest)
+            assert get_resize_output_image_size(height, width, longest) == expected, (
+                height,
+                width,
+                longest,
+            )
 
 
 def test_real_256m_640x480_is_13_tiles():
