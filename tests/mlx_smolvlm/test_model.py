@@ -32,6 +32,14 @@ CHECKPOINTS = {
         image_size=128,
         scale_factor=4,
     ),
+    # Full-size tiles at tiny widths: 32x32 patches -> 64 tokens, and 384 px / 14 = 27 patches
+    # with 6 leftover pixels that the patch grid drops -> 81 tokens.
+    "real_tile_p16_512_s4": dict(
+        text_heads=4, kv_heads=2, patch_size=16, image_size=512, scale_factor=4
+    ),
+    "real_tile_p14_384_s3": dict(
+        text_heads=4, kv_heads=4, patch_size=14, image_size=384, scale_factor=3
+    ),
     "tied": dict(tie=True),
     "sharded": dict(sharded=True),
     "rope_parameters": dict(rope_in_parameters=True),
@@ -135,6 +143,7 @@ def padded_batch(rng, size, patch, content):
         ("gqa_p16_tile64_s2", (40, 64)),  # a partly valid patch row counts as valid
         ("mha_p14_tile84_s3", (50, 29)),  # 6x6 grid, 1/6 buckets
         ("idefics3_mqa_p16_tile128_s4", (128, 80)),
+        ("real_tile_p14_384_s3", (384, 250)),
     ],
 )
 def test_padded_images_parity(loaded, name, content):
