@@ -136,6 +136,18 @@ def test_long_video_skips_the_ends(tmp_path):
     assert [frame_colour(np.asarray(f)) for f in frames] == [1, 4, 1, 5]
 
 
+def test_container_without_frame_count(tmp_path):
+    # Matroska stores no frame count (PyAV reports 0, where transformers' reader would then
+    # sample nothing); the frames are counted from the packets instead.
+    path = write_video(tmp_path / "clip.mkv", 5, 4)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0
+    frames, metadata = read_video(path, CHECKPOINT)
+    assert metadata.total_num_frames == 20 and metadata.duration == 5.0
+    assert metadata.frame_indices == [0, 4, 9, 14, 19]
+    assert [frame_index(np.asarray(f)) for f in frames] == metadata.frame_indices
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("video_ckpt"), **SMALL)
