@@ -1,0 +1,249 @@
+"""A small scriptable fake upstream for the router's own server tests.
+
+One aiohttp app answers as OpenAI (``/v1/chat/completions``), Anthropic (``/v1/messages``)
+and Gemini (``/v1beta/models/{model}:...``). Each test queues the answers it wants with
+`FakeUpstream.queue` (a status plus a JSON body or a list of SSE events); with nothing queued,
+a plain text answer in the right format is returned. Every request is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from router.config import Config
+
+
+@dataclass
+class Answer:
+    status: int = 200
+    body: dict | None = None
+    events: list[tuple[str | None, object]] | None = None  # (event name, data) pairs
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+
+
+@dataclass
+class Seen:
+    path: str
+    headers: dict[str, str]
+    body: dict
+    query: dict[str, str]
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.seen: list[Seen] = []
+        self._queues: dict[str, list[Answer]] = {"openai": [], "anthropic": [], "gemini": []}
+        self.app = web.Application()
+        self.app.router.add_post("/v1/chat/completions", self._handle("openai"))
+        self.app.router.add_post("/v1/messages", self._handle("anthropic"))
+        self.app.router.add_post("/v1/messages/count_tokens", self._count_anthropic)
+        self.app.router.add_post("/v1beta/models/{target}", self._handle("gemini"))
+        self.app.router.add_get("/hang.png", self._hang)
+        self.app.router.add_get("/image.png", self._image)
+        self.app.router.add_get("/missing.png", self._missing)
+
+    def queue(self, kind: str, *answers: Answer) -> None:
+        self._queues[kind].extend(answers)
+
+    def _handle(self, kind: str):
+        async def handler(request: web.Request) -> web.StreamResponse:
+            body = await request.json()
+            self.seen.append(Seen(request.path, dict(request.headers), body, dict(request.query)))
+            answer = self._queues[kind].pop(0) if self._queues[kind] else _default(kind, body)
+            if answer.delay_s:
+                await asyncio.sleep(answer.delay_s)
+            if answer.events is None:
+                return web.json_response(answer.body, status=answer.status, headers=answer.headers)
+            response = web.StreamResponse(
+                status=answer.status, headers={"Content-Type": "text/event-stream"}
+            )
+            await response.prepare(request)
+            for name, data in answer.events:
+                text = data if isinstance(data, str) else json.dumps(data)
+                head = f"event: {name}\n" if name else ""
+                await response.write(f"{head}data: {text}\n\n".encode())
+            await response.write_eof()
+            return response
+
+        return handler
+
+    async def _count_anthropic(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.seen.append(Seen(request.path, dict(request.headers), body, dict(request.query)))
+        return web.json_response({"input_tokens": 42})
+
+    async def _hang(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.Response(body=b"")
+
+    async def _image(self, request: web.Request) -> web.Response:
+        return web.Response(body=PNG_BYTES, content_type="image/png")
+
+    async def _missing(self, request: web.Request) -> web.Response:
+        return web.Response(status=404, text="gone")
+
+
+# A 1x1 PNG.
+PNG_BYTES = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082"
+)
+
+
+def _default(kind: str, body: dict) -> Answer:
+    stream = body.get("stream") or False
+    if kind == "openai":
+        return (
+            Answer(events=openai_text_stream("hello"))
+            if stream
+            else Answer(body=openai_text("hello"))
+        )
+    if kind == "anthropic":
+        return (
+            Answer(events=anthropic_text_stream("hello"))
+            if stream
+            else Answer(body=anthropic_text("hello"))
+        )
+    return Answer(body=gemini_text("hello"))
+
+
+def openai_text(text: str) -> dict:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "up-model",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+    }
+
+
+def openai_chunk(delta: dict, finish: str | None = None) -> dict:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "up-model",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def openai_text_stream(text: str) -> list:
+    return [
+        (None, openai_chunk({"role": "assistant", "content": ""})),
+        (None, openai_chunk({"content": text})),
+        (None, openai_chunk({}, "stop")),
+        (
+            None,
+            {
+                **openai_chunk({}),
+                "choices": [],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+            },
+        ),
+        (None, "[DONE]"),
+    ]
+
+
+def anthropic_text(text: str) -> dict:
+    return {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "up-model",
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 5, "output_tokens": 2},
+    }
+
+
+def anthropic_events(*blocks: tuple[dict, list[dict]], stop_reason: str = "end_turn") -> list:
+    start = {
+        "type": "message_start",
+        "message": {
+            **anthropic_text(""),
+            "content": [],
+            "stop_reason": None,
+            "usage": {"input_tokens": 5, "output_tokens": 1},
+        },
+    }
+    events = [("message_start", start), ("ping", {"type": "ping"})]
+    for i, (block, deltas) in enumerate(blocks):
+        events.append(
+            (
+                "content_block_start",
+                {"type": "content_block_start", "index": i, "content_block": block},
+            )
+        )
+        for delta in deltas:
+            events.append(
+                ("content_block_delta", {"type": "content_block_delta", "index": i, "delta": delta})
+            )
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": i}))
+    events.append(
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                "usage": {"output_tokens": 9},
+            },
+        )
+    )
+    events.append(("message_stop", {"type": "message_stop"}))
+    return events
+
+
+def anthropic_text_stream(text: str) -> list:
+    return anthropic_events(({"type": "text", "text": ""}, [{"type": "text_delta", "text": text}]))
+
+
+def gemini_text(text: str) -> dict:
+    return {
+        "candidates": [
+            {
+                "content": {"role": "model", "parts": [{"text": text}]},
+                "finishReason": "STOP",
+                "index": 0,
+            }
+        ],
+        "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2, "totalTokenCount": 7},
+        "modelVersion": "up-model",
+        "responseId": "resp-1",
+    }
+
+
+def make_config(base_url: str, **limits: object) -> Config:
+    """Providers of all three types pointing at the fake, and a few model aliases."""
+    return Config.from_dict(
+        {
+            "providers": {
+                "oai": {"type": "openai", "base_url": f"{base_url}/v1", "keys": ["sk-1"]},
+                "claude": {"type": "anthropic", "base_url": base_url, "keys": ["ak-1", "ak-2"]},
+                "gem": {"type": "gemini", "base_url": base_url, "keys": ["gk-1"]},
+            },
+            "models": {
+                "gpt": [{"provider": "oai", "model": "gpt-up"}],
+                "claude": [{"provider": "claude", "model": "claude-up"}],
+                "gemini": [{"provider": "gem", "model": "gemini-up"}],
+                "fallback": [
+                    {"provider": "oai", "model": "gpt-up"},
+                    {"provider": "claude", "model": "claude-up"},
+                ],
+            },
+            "limits": {"max_body_bytes": 1024 * 1024, "image_timeout_s": 0.5, **limits},
+        }
+    )

@@ -1,0 +1,617 @@
+"""The router app end to end against a small fake upstream: routing, translation through a
+live server, fallback, key pooling, bad input, body limits and stream grammar basics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from router.app import create_app
+from router.config import Config, ConfigError, load_config
+from router.sse import SSEDecoder
+from tests.router.helpers import (
+    PNG_BYTES,
+    Answer,
+    FakeUpstream,
+    anthropic_events,
+    make_config,
+    openai_chunk,
+)
+
+
+@pytest.fixture
+async def fake(aiohttp_server):
+    upstream = FakeUpstream()
+    server = await aiohttp_server(upstream.app)
+    upstream.base_url = str(server.make_url("")).rstrip("/")
+    return upstream
+
+
+@pytest.fixture
+async def client(aiohttp_client, fake):
+    return await aiohttp_client(create_app(make_config(fake.base_url)))
+
+
+async def sse_events(resp) -> list:
+    decoder = SSEDecoder()
+    events = decoder.feed(await resp.read()) + decoder.flush()
+    return [(e.event, e.data if e.data == "[DONE]" else json.loads(e.data)) for e in events]
+
+
+OPENAI_BODY = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
+ANTHROPIC_BODY = {
+    "model": "claude",
+    "max_tokens": 10,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+
+
+# ---- happy paths through each client format ---------------------------------------------------
+
+
+async def test_openai_client_to_anthropic_upstream(client, fake):
+    resp = await client.post("/v1/chat/completions", json={**OPENAI_BODY, "model": "claude"})
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
+    assert body["usage"]["prompt_tokens"] == 5
+    seen = fake.seen[-1]
+    assert seen.path == "/v1/messages"
+    assert seen.headers["x-api-key"] in ("ak-1", "ak-2")
+    assert seen.headers["anthropic-version"] == "2023-06-01"
+    assert seen.body["model"] == "claude-up"
+
+
+async def test_anthropic_client_to_gemini_upstream(client, fake):
+    resp = await client.post("/v1/messages", json={**ANTHROPIC_BODY, "model": "gemini"})
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["content"] == [{"type": "text", "text": "hello"}]
+    assert body["stop_reason"] == "end_turn"
+    seen = fake.seen[-1]
+    assert seen.path == "/v1beta/models/gemini-up:generateContent"
+    assert seen.headers["x-goog-api-key"] == "gk-1"
+
+
+async def test_gemini_client_to_openai_upstream(client, fake):
+    resp = await client.post("/v1beta/models/gpt:generateContent", json=GEMINI_BODY)
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["candidates"][0]["content"]["parts"] == [{"text": "hello"}]
+    assert body["usageMetadata"]["totalTokenCount"] == 7
+    assert fake.seen[-1].headers["Authorization"] == "Bearer sk-1"
+
+
+async def test_provider_slash_model_routes_without_alias(client, fake):
+    resp = await client.post("/v1/chat/completions", json={**OPENAI_BODY, "model": "oai/other"})
+    assert resp.status == 200
+    assert fake.seen[-1].body["model"] == "other"
+
+
+async def test_openai_stream_from_anthropic_thinking_and_parallel_tools(client, fake):
+    fake.queue(
+        "anthropic",
+        Answer(
+            events=anthropic_events(
+                (
+                    {"type": "thinking", "thinking": "", "signature": ""},
+                    [
+                        {"type": "thinking_delta", "thinking": "hmm"},
+                        {"type": "signature_delta", "signature": "SIG"},
+                    ],
+                ),
+                (
+                    {"type": "tool_use", "id": "toolu_1", "name": "a", "input": {}},
+                    [
+                        {"type": "input_json_delta", "partial_json": '{"x":'},
+                        {"type": "input_json_delta", "partial_json": "1}"},
+                    ],
+                ),
+                (
+                    {"type": "tool_use", "id": "toolu_2", "name": "b", "input": {}},
+                    [{"type": "input_json_delta", "partial_json": "{}"}],
+                ),
+                stop_reason="tool_use",
+            )
+        ),
+    )
+    body = {
+        **OPENAI_BODY,
+        "model": "claude",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 200
+    events = [data for _, data in await sse_events(resp)]
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "hmm"
+    blocks = [b for d in deltas for b in d.get("thinking_blocks", [])]
+    assert blocks == [{"type": "thinking", "thinking": "hmm", "signature": "SIG"}]
+    calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    firsts = [c for c in calls if "id" in c]
+    assert [(c["index"], c["id"], c["function"]["name"]) for c in firsts] == [
+        (0, "toolu_1", "a"),
+        (1, "toolu_2", "b"),
+    ]
+    assert all("id" not in c and "name" not in c["function"] for c in calls if c not in firsts)
+    args = {
+        i: "".join(c["function"]["arguments"] for c in calls if c["index"] == i) for i in (0, 1)
+    }
+    assert args == {0: '{"x":1}', 1: "{}"}
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert [f for f in finishes if f] == ["tool_calls"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 9
+    assert len({c["id"] for c in chunks}) == 1
+
+
+async def test_anthropic_stream_from_openai_parallel_tool_calls(client, fake):
+    fake.queue(
+        "openai",
+        Answer(
+            events=[
+                (None, openai_chunk({"role": "assistant", "content": None})),
+                (
+                    None,
+                    openai_chunk(
+                        {
+                            "tool_calls": [
+                                {
+                                    "index": 0,
+                                    "id": "c1",
+                                    "type": "function",
+                                    "function": {"name": "a", "arguments": ""},
+                                }
+                            ]
+                        }
+                    ),
+                ),
+                (
+                    None,
+                    openai_chunk(
+                        {"tool_calls": [{"index": 0, "function": {"arguments": '{"q":2}'}}]}
+                    ),
+                ),
+                (
+                    None,
+                    openai_chunk(
+                        {
+                            "tool_calls": [
+                                {
+                                    "index": 1,
+                                    "id": "c2",
+                                    "type": "function",
+                                    "function": {"name": "b", "arguments": "{}"},
+                                }
+                            ]
+                        }
+                    ),
+                ),
+                (None, openai_chunk({}, "tool_calls")),
+                (
+                    None,
+                    {
+                        **openai_chunk({}),
+                        "choices": [],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+                    },
+                ),
+                (None, "[DONE]"),
+            ]
+        ),
+    )
+    resp = await client.post(
+        "/v1/messages", json={**ANTHROPIC_BODY, "model": "gpt", "stream": True}
+    )
+    assert resp.status == 200
+    events = await sse_events(resp)
+    names = [name for name, _ in events]
+    assert names == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    starts = [d for n, d in events if n == "content_block_start"]
+    assert [(s["index"], s["content_block"]["id"]) for s in starts] == [(0, "c1"), (1, "c2")]
+    delta = next(d for n, d in events if n == "message_delta")
+    assert delta["delta"]["stop_reason"] == "tool_use"
+    assert delta["usage"]["output_tokens"] == 4 and delta["usage"]["input_tokens"] == 3
+    # The router asked the OpenAI upstream for usage in the stream.
+    assert fake.seen[-1].body["stream_options"] == {"include_usage": True}
+
+
+async def test_gemini_stream_sse_and_json_array(client, fake):
+    resp = await client.post(
+        "/v1beta/models/claude:streamGenerateContent?alt=sse", json=GEMINI_BODY
+    )
+    assert resp.status == 200
+    chunks = [d for _, d in await sse_events(resp)]
+    text = "".join(
+        p["text"]
+        for c in chunks
+        for cand in c["candidates"]
+        for p in cand.get("content", {}).get("parts", [])
+    )
+    assert text == "hello"
+    assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
+    assert chunks[-1]["usageMetadata"]["candidatesTokenCount"] == 9
+
+    resp = await client.post("/v1beta/models/claude:streamGenerateContent", json=GEMINI_BODY)
+    assert resp.status == 200
+    array = json.loads(await resp.text())
+    assert isinstance(array, list) and array[-1]["candidates"][0]["finishReason"] == "STOP"
+
+
+async def test_responses_api_text_and_stream(client, fake):
+    body = {"model": "gpt", "input": "hi", "instructions": "be brief"}
+    resp = await client.post("/v1/responses", json=body)
+    assert resp.status == 200
+    out = await resp.json()
+    assert out["object"] == "response" and out["status"] == "completed"
+    assert out["output"][0]["content"][0]["text"] == "hello"
+    assert fake.seen[-1].body["messages"][0] == {"role": "system", "content": "be brief"}
+
+    resp = await client.post("/v1/responses", json={**body, "stream": True})
+    events = await sse_events(resp)
+    names = [n for n, _ in events]
+    assert names[:2] == ["response.created", "response.in_progress"]
+    assert names[-1] == "response.completed"
+    assert "response.output_text.delta" in names
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+    assert events[-1][1]["response"]["output"][0]["content"][0]["text"] == "hello"
+
+
+async def test_count_tokens_and_models(client, fake):
+    resp = await client.post(
+        "/v1/messages/count_tokens",
+        json={"model": "claude", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert resp.status == 200 and await resp.json() == {"input_tokens": 42}
+    resp = await client.post("/v1beta/models/gpt:countTokens", json=GEMINI_BODY)
+    assert resp.status == 200 and (await resp.json())["totalTokens"] >= 1
+    models = await (await client.get("/v1/models")).json()
+    assert {m["id"] for m in models["data"]} == {"gpt", "claude", "gemini", "fallback"}
+    gmodels = await (await client.get("/v1beta/models")).json()
+    assert "models/gpt" in {m["name"] for m in gmodels["models"]}
+    amodels = await (await client.get("/v1/models", headers={"anthropic-version": "x"})).json()
+    assert amodels["data"][0]["type"] == "model"
+
+
+# ---- images ------------------------------------------------------------------------------------
+
+
+def image_request(url: str) -> dict:
+    return {
+        "model": "gemini",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this"},
+                    {"type": "image_url", "image_url": {"url": url}},
+                ],
+            }
+        ],
+    }
+
+
+async def test_image_url_is_fetched_and_inlined_for_gemini(client, fake):
+    resp = await client.post(
+        "/v1/chat/completions", json=image_request(f"{fake.base_url}/image.png")
+    )
+    assert resp.status == 200
+    part = fake.seen[-1].body["contents"][0]["parts"][1]
+    assert part["inlineData"]["mimeType"] == "image/png"
+    import base64
+
+    assert base64.b64decode(part["inlineData"]["data"]) == PNG_BYTES
+
+
+async def test_image_url_is_passed_as_url_to_anthropic(client, fake):
+    body = image_request(f"{fake.base_url}/image.png") | {"model": "claude"}
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 200
+    block = fake.seen[-1].body["messages"][0]["content"][1]
+    assert block == {
+        "type": "image",
+        "source": {"type": "url", "url": f"{fake.base_url}/image.png"},
+    }
+
+
+@pytest.mark.parametrize(
+    "path,status_word", [("/hang.png", "timed out"), ("/missing.png", "HTTP 404")]
+)
+async def test_bad_image_url_is_a_400_naming_it_and_server_keeps_serving(
+    client, fake, path, status_word
+):
+    url = f"{fake.base_url}{path}"
+    resp = await client.post("/v1/chat/completions", json=image_request(url))
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert url in error["message"] and status_word in error["message"]
+    assert error["type"] == "invalid_request_error"
+    resp = await client.post("/v1/chat/completions", json=OPENAI_BODY)
+    assert resp.status == 200
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+FORMAT_CASES = [
+    ("/v1/chat/completions", lambda b: b["error"]["message"]),
+    ("/v1/responses", lambda b: b["error"]["message"]),
+    ("/v1/messages", lambda b: b["type"] == "error" and b["error"]["message"]),
+    ("/v1beta/models/gpt:generateContent", lambda b: b["error"]["message"]),
+]
+
+
+@pytest.mark.parametrize("path,message", FORMAT_CASES)
+async def test_malformed_json_is_400_in_client_format(client, path, message):
+    resp = await client.post(path, data=b"{not json", headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    assert "not valid JSON" in message(await resp.json())
+    resp = await client.post(path, data=b"[1, 2]")
+    assert resp.status == 400
+    assert "JSON object" in message(await resp.json())
+
+
+@pytest.mark.parametrize(
+    "path,body,culprit",
+    [
+        ("/v1/chat/completions", {"model": "gpt"}, "messages"),
+        ("/v1/chat/completions", {"model": 3, "messages": []}, "model"),
+        ("/v1/chat/completions", {**OPENAI_BODY, "temperature": "hot"}, "temperature"),
+        (
+            "/v1/chat/completions",
+            {**OPENAI_BODY, "messages": [{"role": "user", "content": 5}]},
+            "messages[0].content",
+        ),
+        (
+            "/v1/chat/completions",
+            {**OPENAI_BODY, "messages": [{"role": "wizard", "content": "x"}]},
+            "messages[0].role",
+        ),
+        ("/v1/messages", {"model": "claude", "messages": []}, "max_tokens"),
+        ("/v1/messages", {**ANTHROPIC_BODY, "messages": [{"role": "user"}]}, "messages[0].content"),
+        (
+            "/v1/messages",
+            {**ANTHROPIC_BODY, "messages": [{"role": "user", "content": [{"type": "audio"}]}]},
+            "messages[0].content[0].type",
+        ),
+        ("/v1beta/models/gpt:generateContent", {"contents": "hi"}, "contents"),
+        (
+            "/v1beta/models/gpt:generateContent",
+            {"contents": [{"parts": [{"foo": 1}]}]},
+            "contents[0].parts[0]",
+        ),
+        ("/v1/responses", {"model": "gpt"}, "input"),
+    ],
+)
+async def test_invalid_fields_are_400_naming_the_field(client, path, body, culprit):
+    resp = await client.post(path, json=body)
+    assert resp.status == 400
+    text = json.dumps(await resp.json())
+    assert culprit in text
+
+
+async def test_audio_to_anthropic_is_a_400_naming_the_field(client, fake):
+    body = {
+        "model": "claude",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+                ],
+            }
+        ],
+    }
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert "messages[0].content[0]" in error["message"] and "audio/wav" in error["message"]
+    assert not fake.seen
+
+
+async def test_json_object_to_anthropic_is_a_400(client, fake):
+    body = {**OPENAI_BODY, "model": "claude", "response_format": {"type": "json_object"}}
+    resp = await client.post("/v1/chat/completions", json=body)
+    assert resp.status == 400
+    assert (await resp.json())["error"]["param"] == "response_format"
+
+
+@pytest.mark.parametrize(
+    "path,body,check",
+    [
+        (
+            "/v1/chat/completions",
+            OPENAI_BODY,
+            lambda b: b["error"]["code"] == "model_not_found" and b["error"]["param"] == "model",
+        ),
+        ("/v1/messages", ANTHROPIC_BODY, lambda b: b["error"]["type"] == "not_found_error"),
+        (
+            "/v1beta/models/nope:generateContent",
+            GEMINI_BODY,
+            lambda b: b["error"]["status"] == "NOT_FOUND" and b["error"]["code"] == 404,
+        ),
+    ],
+)
+async def test_unknown_model_is_404_in_client_format(client, path, body, check):
+    resp = await client.post(path, json={**body, "model": "nope"} if "model" in body else body)
+    assert resp.status == 404
+    assert check(await resp.json())
+
+
+async def test_unknown_route_is_404_in_client_format(client):
+    resp = await client.post("/v1/messages/nothing", json={})
+    assert resp.status == 404
+    assert (await resp.json())["type"] == "error"
+
+
+@pytest.mark.parametrize(
+    "path,kind",
+    [
+        ("/v1/chat/completions", lambda b: b["error"]["code"] == "request_too_large"),
+        ("/v1/messages", lambda b: b["error"]["type"] == "request_too_large"),
+        ("/v1beta/models/gpt:generateContent", lambda b: b["error"]["code"] == 413),
+    ],
+)
+async def test_50mb_body_is_413_and_server_keeps_serving(client, path, kind):
+    big = b'{"model": "gpt", "messages": [], "pad": "' + b"x" * (50 * 1024 * 1024) + b'"}'
+    resp = await client.post(path, data=big, headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+    assert kind(await resp.json())
+    resp = await client.post("/v1/chat/completions", json=OPENAI_BODY)
+    assert resp.status == 200
+
+
+# ---- upstream failures, fallback and keys ------------------------------------------------------
+
+
+async def test_fallback_on_5xx_before_first_byte(client, fake):
+    fake.queue("openai", Answer(status=503, body={"error": {"message": "busy"}}))
+    resp = await client.post("/v1/chat/completions", json={**OPENAI_BODY, "model": "fallback"})
+    assert resp.status == 200
+    assert [s.path for s in fake.seen] == ["/v1/chat/completions", "/v1/messages"]
+
+
+async def test_no_fallback_on_400(client, fake):
+    fake.queue("openai", Answer(status=400, body={"error": {"message": "bad tool schema"}}))
+    resp = await client.post("/v1/messages", json={**ANTHROPIC_BODY, "model": "fallback"})
+    assert resp.status == 400
+    body = await resp.json()
+    assert body["error"]["type"] == "invalid_request_error"
+    assert "bad tool schema" in body["error"]["message"]
+    assert len(fake.seen) == 1
+
+
+async def test_stream_falls_back_on_overloaded_event_before_content(client, fake):
+    fake.queue("openai", Answer(status=500, body={"error": {"message": "boom"}}))
+    overloaded = [
+        ("message_start", anthropic_events()[0][1]),
+        (
+            "error",
+            {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+        ),
+    ]
+    fake.queue("anthropic", Answer(events=overloaded))
+    resp = await client.post(
+        "/v1/messages", json={**ANTHROPIC_BODY, "model": "fallback", "stream": True}
+    )
+    # Both targets failed before any content: the client gets a clean HTTP error.
+    assert resp.status == 529
+    assert (await resp.json())["error"]["type"] == "overloaded_error"
+
+
+async def test_error_after_stream_started_is_an_error_event(client, fake):
+    events = anthropic_text_stream_broken()
+    fake.queue("anthropic", Answer(events=events))
+    resp = await client.post(
+        "/v1/chat/completions", json={**OPENAI_BODY, "model": "claude", "stream": True}
+    )
+    assert resp.status == 200
+    chunks = [d for _, d in await sse_events(resp)]
+    assert "error" in chunks[-1] and "Overloaded" in chunks[-1]["error"]["message"]
+    resp = await client.post("/v1/chat/completions", json=OPENAI_BODY)
+    assert resp.status == 200
+
+
+def anthropic_text_stream_broken() -> list:
+    events = anthropic_events(
+        ({"type": "text", "text": ""}, [{"type": "text_delta", "text": "partial"}])
+    )
+    return events[:4] + [
+        ("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    ]
+
+
+async def test_429_cools_the_key_and_uses_the_next_one(client, fake):
+    fake.queue(
+        "anthropic",
+        Answer(
+            status=429,
+            body={"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}},
+            headers={"Retry-After": "30"},
+        ),
+    )
+    resp = await client.post("/v1/messages", json=ANTHROPIC_BODY)
+    assert resp.status == 200
+    keys = [s.headers["x-api-key"] for s in fake.seen]
+    assert len(keys) == 2 and keys[0] != keys[1]
+    # The cooled key is skipped on the next requests.
+    for _ in range(2):
+        await client.post("/v1/messages", json=ANTHROPIC_BODY)
+    assert {s.headers["x-api-key"] for s in fake.seen[2:]} == {keys[1]}
+
+
+async def test_429_on_all_keys_reaches_client_with_retry_after(client, fake):
+    fake.queue(
+        "openai",
+        Answer(status=429, body={"error": {"message": "rate"}}, headers={"Retry-After": "7"}),
+    )
+    resp = await client.post("/v1beta/models/gpt:generateContent", json=GEMINI_BODY)
+    assert resp.status == 429
+    assert resp.headers["Retry-After"] == "7"
+    assert (await resp.json())["error"]["status"] == "RESOURCE_EXHAUSTED"
+
+
+async def test_connection_refused_is_502(aiohttp_client, unused_tcp_port):
+    cfg = make_config(f"http://127.0.0.1:{unused_tcp_port}")
+    client = await aiohttp_client(create_app(cfg))
+    resp = await client.post("/v1/chat/completions", json=OPENAI_BODY)
+    assert resp.status == 502
+    assert "connection failed" in (await resp.json())["error"]["message"]
+
+
+# ---- config ------------------------------------------------------------------------------------
+
+
+def test_load_config_expands_env_and_defaults(tmp_path, monkeypatch):
+    monkeypatch.setenv("K1", "secret")
+    path = tmp_path / "router.yaml"
+    path.write_text(
+        "providers:\n  oai: {type: openai, keys: ['${K1}']}\n  gem: {type: gemini}\n"
+        "models:\n  fast: [{provider: oai, model: gpt-4o-mini}]\n"
+    )
+    cfg = load_config(path)
+    assert cfg.providers["oai"].keys == ["secret"]
+    assert cfg.providers["oai"].base_url == "https://api.openai.com/v1"
+    assert cfg.providers["gem"].base_url == "https://generativelanguage.googleapis.com"
+    assert cfg.listen.port == 8080
+
+
+@pytest.mark.parametrize(
+    "data,culprit",
+    [
+        ({"providers": {"x": {"type": "nope"}}, "models": {}}, "providers.x.type"),
+        ({"providers": {"x": {"type": "openai", "colour": 1}}, "models": {}}, "colour"),
+        (
+            {"providers": {}, "models": {"m": [{"provider": "y", "model": "z"}]}},
+            "models.m[0].provider",
+        ),
+        ({"providers": {"x": {"type": "openai", "keys": "k"}}, "models": {}}, "providers.x.keys"),
+        ({"providers": {}, "models": {}, "listen": {"port": "80"}}, "listen.port"),
+        ({"providers": {}}, "models"),
+    ],
+)
+def test_bad_config_names_the_key(data, culprit):
+    with pytest.raises(ConfigError, match=culprit.replace("[", r"\[").replace("]", r"\]")):
+        Config.from_dict(data)
+
+
+def test_missing_env_var_is_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("NOPE_KEY", raising=False)
+    path = tmp_path / "router.yaml"
+    path.write_text("providers:\n  a: {type: anthropic, keys: ['${NOPE_KEY}']}\nmodels: {}\n")
+    with pytest.raises(ConfigError, match="NOPE_KEY"):
+        load_config(path)
