@@ -3,6 +3,7 @@ live server, fallback, key pooling, bad input, body limits and stream grammar ba
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -313,8 +314,6 @@ async def test_image_url_is_fetched_and_inlined_for_gemini(client, fake):
     assert resp.status == 200
     part = fake.seen[-1].body["contents"][0]["parts"][1]
     assert part["inlineData"]["mimeType"] == "image/png"
-    import base64
-
     assert base64.b64decode(part["inlineData"]["data"]) == PNG_BYTES
 
 

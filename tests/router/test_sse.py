@@ -1,0 +1,89 @@
+"""SSE encoder and decoder edge cases (WHATWG rules)."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.sse import SSEDecoder, SSEEvent, encode_comment, encode_event
+
+
+def decode_all(chunks: list[bytes]) -> list[SSEEvent]:
+    decoder = SSEDecoder()
+    events = []
+    for chunk in chunks:
+        events += decoder.feed(chunk)
+    return events + decoder.flush()
+
+
+def test_encode_single_and_multiline_data():
+    assert encode_event(SSEEvent('{"a":1}')) == b'data: {"a":1}\n\n'
+    assert encode_event(SSEEvent("x", event="ping")) == b"event: ping\ndata: x\n\n"
+    assert encode_event(SSEEvent("line1\nline2")) == b"data: line1\ndata: line2\n\n"
+    assert encode_event(SSEEvent("")) == b"data: \n\n"
+    assert encode_comment("keep-alive") == b": keep-alive\n\n"
+
+
+@pytest.mark.parametrize("data", ["plain", "two\nlines", "a\n\nblank inside", "", "ünïcödé ✓"])
+def test_encode_decode_round_trip(data):
+    event = SSEEvent(data, event="message_start", id="7")
+    [decoded] = decode_all([encode_event(event)])
+    assert decoded == SSEEvent(data, "message_start", "7")
+
+
+def test_multiline_data_joined_with_newline():
+    [event] = decode_all([b"data: first\ndata: second\ndata:third\n\n"])
+    assert event.data == "first\nsecond\nthird"
+
+
+def test_comments_and_unknown_fields_ignored():
+    events = decode_all([b": ping\n\n:another\nfoo: bar\ndata: x\n\n"])
+    assert events == [SSEEvent("x")]
+
+
+@pytest.mark.parametrize("newline", [b"\r\n", b"\r", b"\n"])
+def test_all_line_endings(newline):
+    raw = b"event: e" + newline + b"data: 1" + newline + newline + b"data: 2" + newline + newline
+    assert decode_all([raw]) == [SSEEvent("1", "e"), SSEEvent("2")]
+
+
+def test_crlf_split_across_chunks_is_one_line_end():
+    chunks = [b"data: a\r", b"\n\r", b"\ndata: b\r\n\r\n"]
+    assert decode_all(chunks) == [SSEEvent("a"), SSEEvent("b")]
+
+
+def test_every_split_point_gives_the_same_events():
+    raw = 'event: x\r\ndata: {"t":"é✓"}\r\n\r\n: c\n\ndata: two\ndata: lines\n\n'.encode()
+    expected = decode_all([raw])
+    assert len(expected) == 2
+    for cut in range(1, len(raw)):
+        assert decode_all([raw[:cut], raw[cut:]]) == expected, cut
+
+
+def test_utf8_character_split_across_chunks():
+    raw = "data: 日本\n\n".encode()
+    chunks = [raw[i : i + 1] for i in range(len(raw))]
+    assert decode_all(chunks) == [SSEEvent("日本")]
+
+
+def test_no_space_after_colon_and_only_one_space_stripped():
+    assert decode_all([b"data:x\n\ndata:  y\n\n"]) == [SSEEvent("x"), SSEEvent(" y")]
+
+
+def test_final_event_without_blank_line_is_flushed():
+    assert decode_all([b"data: [DONE]"]) == [SSEEvent("[DONE]")]
+
+
+def test_retry_and_id_fields():
+    [event] = decode_all([b"id: 5\nretry: 100\nretry: x\ndata: d\n\n"])
+    assert (event.id, event.retry, event.data) == ("5", 100, "d")
+
+
+def test_blank_lines_alone_dispatch_nothing():
+    assert decode_all([b"\n\n\r\n: only a comment\n\n"]) == []
+
+
+def test_long_line_in_many_chunks():
+    payload = "x" * 200_000
+    raw = f"data: {payload}\n\n".encode()
+    chunks = [raw[i : i + 1000] for i in range(0, len(raw), 1000)]
+    assert decode_all(chunks) == [SSEEvent(payload)]
