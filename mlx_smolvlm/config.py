@@ -150,10 +150,11 @@ class ModelConfig(BaseConfig):
             raise ConfigError(
                 f"model_type {self.model_type!r} is not supported (expected one of {list(MODEL_TYPES)})"
             )
-        if isinstance(self.text_config, dict):
-            self.text_config = TextConfig.from_dict(self.text_config)
-        if isinstance(self.vision_config, dict):
-            self.vision_config = VisionConfig.from_dict(self.vision_config)
+        # A missing or null sub-config means transformers' defaults.
+        if not isinstance(self.text_config, TextConfig):
+            self.text_config = TextConfig.from_dict(self.text_config or {})
+        if not isinstance(self.vision_config, VisionConfig):
+            self.vision_config = VisionConfig.from_dict(self.vision_config or {})
         # Tokens per full tile, as transformers computes it; the connector checks at run time
         # that the patch grid of each image is divisible by scale_factor.
         side = self.vision_config.num_patches_per_side

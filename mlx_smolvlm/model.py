@@ -121,7 +121,7 @@ class Model(nn.Module):
 
         # Padding images are all zeros; transformers drops them before the vision tower.
         real = np.array(mx.any(pixels != 0, axis=(1, 2, 3)))
-        if self.config.model_type == "smolvlm" and not real.any():
+        if self.config.model_type == "smolvlm" and real.size and not real.any():
             # SmolVLM (unlike Idefics3) keeps the first image when every image is padding.
             real[0] = True
         if not real.any():
@@ -200,8 +200,14 @@ class Model(nn.Module):
                 from the number of image feature rows.
         """
         input_ids = _as_array(input_ids, "input_ids")
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be (batch, tokens); got {tuple(input_ids.shape)}")
+        if input_ids.ndim != 2 or not mx.issubdtype(input_ids.dtype, mx.integer):
+            raise ValueError(
+                f"input_ids must be integer (batch, tokens); got {input_ids.dtype} "
+                f"{tuple(input_ids.shape)}"
+            )
+        vocab = self.config.text_config.vocab_size
+        if input_ids.size and not ((input_ids.min() >= 0) & (input_ids.max() < vocab)).item():
+            raise ValueError(f"input_ids has token ids outside the vocabulary [0, {vocab})")
         if pixel_values is not None and image_features is not None:
             raise ValueError("Pass either pixel_values or image_features, not both")
         inputs_embeds = self.text_model.embed_tokens(input_ids)

@@ -277,6 +277,12 @@ def test_bad_pixel_shapes(hf_checkpoint):
         model(ids, np.ones((1, 1, 3, 64, 48), np.float32))
     with pytest.raises(ValueError, match="input_ids must be"):
         model(np.array([5, 6]))
+    with pytest.raises(ValueError, match="input_ids must be"):
+        model(np.array([[5.0, 6.0]]))
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 49280\)"):
+        model(np.array([[5, 49280]]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(np.array([[-1, 6]]))
 
 
 def test_random_checkpoint_256m(tmp_path):
@@ -349,3 +355,14 @@ def test_load_with_processor_end_to_end(hf_checkpoint, hf_reference):
         ).logits.numpy()
     assert inputs["pixel_values"].shape[1] > 1  # split into tiles plus the global image
     assert np.abs(ours - theirs).max() < 1e-4
+
+
+def test_unknown_keys_ignored_and_null_subconfigs_default():
+    config = ModelConfig.from_dict(
+        {"model_type": "idefics3", "text_config": None, "vision_config": {"foo": 1}, "bar": 2}
+    )
+    assert config.text_config.hidden_size == 4096 and config.vision_config.hidden_size == 1152
+    with pytest.raises(ConfigError, match="missing required key"):
+        ModelConfig.from_dict({"text_config": {}})
+    with pytest.raises(ConfigError, match="text_config.model_type 'mistral'"):
+        ModelConfig.from_dict({"model_type": "smolvlm", "text_config": {"model_type": "mistral"}})

@@ -241,3 +241,11 @@ def test_kv_cache_grows_past_step():
     assert cache.trim(500) == 300 and cache.offset == 0
     with pytest.raises(ValueError, match="negative"):
         cache.trim(-1)
+
+
+def test_only_padding_images_smolvlm(loaded):
+    """SmolVLM keeps the first image when all are all-zero padding, as transformers does."""
+    model, ref, kwargs = loaded("gqa_p16_tile64_s2")
+    ids = np.array([make_prompt(np.random.default_rng(8), 1, image_seq_len(kwargs))])
+    pixels = np.zeros((1, 2, 3, 64, 64), np.float32)
+    assert max_diff(model(ids, pixels), hf_logits(ref, ids, pixels)) < ATOL
