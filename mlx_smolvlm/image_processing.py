@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import io
 import logging
 import math
@@ -39,6 +38,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .config import BaseConfig, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class ImageLoadError(ValueError):
 
 
 @dataclass
-class ImageProcessorConfig:
+class ImageProcessorConfig(BaseConfig):
     """Image settings, with the key names of `preprocessor_config.json`.
 
     `upscale_small_images` is ours: `True` resizes every image so its longest edge equals
@@ -82,28 +83,22 @@ class ImageProcessorConfig:
             value = getattr(self, name)
             edge = value.get("longest_edge") if isinstance(value, dict) else None
             if not isinstance(edge, int) or edge <= 0:
-                raise ValueError(
+                raise ConfigError(
                     f"Image config field {name!r} needs a positive 'longest_edge', got {value!r}"
                 )
         for name in ("image_mean", "image_std"):
             if len(getattr(self, name)) != 3:
-                raise ValueError(
+                raise ConfigError(
                     f"Image config field {name!r} needs 3 values, got {getattr(self, name)!r}"
                 )
         if any(s == 0 for s in self.image_std):
-            raise ValueError(f"Image config field 'image_std' has a zero: {self.image_std!r}")
+            raise ConfigError(f"Image config field 'image_std' has a zero: {self.image_std!r}")
         try:
             Image.Resampling(self.resample)
         except ValueError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"Image config field 'resample' is not a Pillow filter: {self.resample!r}"
             ) from err
-
-    @classmethod
-    def from_dict(cls, params: dict[str, Any]) -> ImageProcessorConfig:
-        """Build a config from a `preprocessor_config.json` dict, ignoring unknown keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in params.items() if k in names})
 
     @property
     def longest_edge(self) -> int:

@@ -19,6 +19,7 @@ import numpy as np
 import tokenizers
 from PIL import Image
 
+from .config import load_config
 from .image_processing import (
     ImageInput,
     ImageProcessor,
@@ -205,8 +206,9 @@ class Processor:
                 the value in `preprocessor_config.json`, True when absent.
 
         Raises:
-            FileNotFoundError: The directory or a required file is missing.
-            ValueError: A file is malformed or `image_seq_len` cannot be found.
+            FileNotFoundError: The directory, a required file, or any source of
+                `image_seq_len` is missing.
+            ValueError: A file is malformed (`ConfigError` for `config.json`).
         """
         root = Path(path)
         if not root.is_dir():
@@ -250,7 +252,12 @@ class Processor:
         image_config = ImageProcessorConfig.from_dict(preprocessor)
         image_seq_len = processor.get("image_seq_len", preprocessor.get("image_seq_len"))
         if image_seq_len is None:
-            image_seq_len = _derive_image_seq_len(root / "config.json")
+            if not (root / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"image_seq_len is in neither processor_config.json nor preprocessor_config.json, "
+                    f"and {root} has no config.json to derive it from"
+                )
+            image_seq_len = load_config(root).image_seq_len
         logger.debug("Loaded the processor from %s, image_seq_len %s", root, image_seq_len)
         return cls(
             tokenizer, ImageProcessor(image_config), int(image_seq_len), chat_template, files
@@ -371,27 +378,3 @@ class Processor:
         digest = hashlib.sha256(repr((pixels.shape, self.image_processor.config)).encode())
         digest.update(np.ascontiguousarray(pixels).data)
         return digest.hexdigest()
-
-
-def _derive_image_seq_len(config_path: Path) -> int:
-    """`(image_size / patch_size)^2 / scale_factor^2` from the model's `config.json`.
-
-    Raises:
-        ValueError: `config.json` is missing or lacks the fields.
-    """
-    if not config_path.is_file():
-        raise ValueError(
-            f"image_seq_len is not in processor_config.json or preprocessor_config.json, "
-            f"and {config_path} is missing to derive it"
-        )
-    config = _read_json(config_path)
-    vision = config.get("vision_config", {})
-    try:
-        image_size, patch_size, scale = (
-            vision["image_size"],
-            vision["patch_size"],
-            config["scale_factor"],
-        )
-    except KeyError as err:
-        raise ValueError(f"{config_path} lacks {err} needed to derive image_seq_len") from err
-    return int((image_size // patch_size) ** 2 / scale**2)

@@ -9,18 +9,17 @@ one tile (videos are never split).
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import av
 import numpy as np
 from PIL import Image
 
+from .config import BaseConfig, ConfigError
 from .image_processing import ImageProcessor, get_resize_output_image_size
 
 logger = logging.getLogger(__name__)
@@ -33,7 +32,7 @@ class VideoLoadError(ValueError):
 
 
 @dataclass
-class VideoSampling:
+class VideoSampling(BaseConfig):
     """`video_sampling` of `preprocessor_config.json`.
 
     fps: Target frames per second.
@@ -49,18 +48,12 @@ class VideoSampling:
 
     def __post_init__(self) -> None:
         if self.fps <= 0 or self.max_frames < 1:
-            raise ValueError(f"video_sampling needs fps > 0 and max_frames >= 1, got {self}")
+            raise ConfigError(f"video_sampling needs fps > 0 and max_frames >= 1, got {self}")
         edge = self.video_size.get("longest_edge") if isinstance(self.video_size, dict) else None
         if not isinstance(edge, int) or edge <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"video_sampling.video_size needs a positive 'longest_edge', got {self.video_size!r}"
             )
-
-    @classmethod
-    def from_dict(cls, params: dict[str, Any]) -> VideoSampling:
-        """Build from the `video_sampling` dict, ignoring unknown keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in params.items() if k in names})
 
 
 @dataclass

@@ -326,7 +326,7 @@ def test_from_pretrained_errors_name_the_file(tmp_path):
 def test_image_seq_len_is_derived_from_config_json(tmp_path):
     root = make_checkpoint(tmp_path / "derive", shape="500m")
     (root / "processor_config.json").unlink()
-    with pytest.raises(ValueError, match="config.json is missing"):
+    with pytest.raises(FileNotFoundError, match="no config.json to derive it from"):
         Processor.from_pretrained(root)
     shutil.copy(ASSETS / "shapes" / "500m" / "config.json", root)
     assert Processor.from_pretrained(root).image_seq_len == 64
