@@ -184,7 +184,8 @@ class Model(nn.Module):
         """Logits for ``input_ids``, with images scattered into the ``<image>`` positions.
 
         Args:
-            input_ids: ``(B, L)`` token ids.
+            input_ids: ``(B, L)`` token ids, checked to lie in the vocabulary unless they are a
+                single-token MLX array (the decoding hot path).
             pixel_values: ``(B, n_images, C, H, W)`` images (see ``encode_images``).
             pixel_attention_mask: ``(B, n_images, H, W)`` valid-pixel mask.
             cache: From ``make_cache()``; updated in place.
@@ -199,15 +200,19 @@ class Model(nn.Module):
             ValueError: On malformed inputs, or when the number of ``<image>`` tokens differs
                 from the number of image feature rows.
         """
+        is_mlx = isinstance(input_ids, mx.array)
         input_ids = _as_array(input_ids, "input_ids")
         if input_ids.ndim != 2 or not mx.issubdtype(input_ids.dtype, mx.integer):
             raise ValueError(
                 f"input_ids must be integer (batch, tokens); got {input_ids.dtype} "
                 f"{tuple(input_ids.shape)}"
             )
+        # Out-of-range ids would gather garbage embeddings. The check synchronizes, so a
+        # one-token MLX step (a sampled token during decoding) skips it.
         vocab = self.config.text_config.vocab_size
-        if input_ids.size and not ((input_ids.min() >= 0) & (input_ids.max() < vocab)).item():
-            raise ValueError(f"input_ids has token ids outside the vocabulary [0, {vocab})")
+        if input_ids.shape[1] > 1 or not is_mlx:
+            if input_ids.size and not ((input_ids.min() >= 0) & (input_ids.max() < vocab)).item():
+                raise ValueError(f"input_ids has token ids outside the vocabulary [0, {vocab})")
         if pixel_values is not None and image_features is not None:
             raise ValueError("Pass either pixel_values or image_features, not both")
         inputs_embeds = self.text_model.embed_tokens(input_ids)
