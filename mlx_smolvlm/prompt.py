@@ -5,6 +5,7 @@ The strings and their order follow transformers' `processing_smolvlm.py`.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -45,21 +46,28 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None) -> str:
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent)
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # transformers' override: unlike jinja's, it does not escape HTML characters.
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
-def _make_environment() -> ImmutableSandboxedEnvironment:
+@functools.lru_cache(maxsize=8)
+def _compile(template: str) -> jinja2.Template:
     # The same environment options transformers renders chat templates with.
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
-    return env
-
-
-_ENV = _make_environment()
+    return env.from_string(template)
 
 
 def normalize_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -125,7 +133,7 @@ def render_chat_template(
     if any(part["type"] == "video" for m in messages for part in m["content"]):
         template = VIDEO_CHAT_TEMPLATE
     try:
-        return _ENV.from_string(template).render(
+        return _compile(template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **variables
         )
     except jinja2.exceptions.TemplateError as err:
