@@ -14,6 +14,7 @@ Notes on what Anthropic cannot express and how it is rendered:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import re
@@ -574,7 +575,7 @@ class StreamParser:
                     message.get("id") or new_id("msg"),
                     message.get("model") or "",
                     int(time.time()),
-                    self._usage,
+                    dataclasses.replace(self._usage),
                 )
             ]
         if kind == "content_block_start":

@@ -410,7 +410,8 @@ def _render_assistant(parts: list, compatible: bool, where: str) -> dict:
     if compatible and reasoning:
         message["reasoning_content"] = reasoning
     if calls:
-        message["tool_calls"] = [_render_tool_call(c) for c in calls]
+        # Gemini's signature rides in extra_content, which only Google's endpoint knows.
+        message["tool_calls"] = [_render_tool_call(c, with_signature=compatible) for c in calls]
     for j, part in enumerate(parts):
         if isinstance(part, ir.MediaPart | ir.ToolResultPart):
             raise InvalidRequestError(
@@ -421,13 +422,13 @@ def _render_assistant(parts: list, compatible: bool, where: str) -> dict:
     return message
 
 
-def _render_tool_call(call: ir.ToolCallPart) -> dict:
+def _render_tool_call(call: ir.ToolCallPart, *, with_signature: bool = True) -> dict:
     wire = {
         "id": call.id,
         "type": "function",
         "function": {"name": call.name, "arguments": call.arguments},
     }
-    if call.signature:
+    if call.signature and with_signature:
         wire["extra_content"] = {"google": {"thought_signature": call.signature}}
     return wire
 

@@ -94,7 +94,12 @@ def _parse_item(item: dict, where: str, messages: list[ir.Message], names: dict[
                 for j, c in enumerate(objects(content, f"{where}.content"))
             ]
         )
-        messages.append(ir.Message(role, parts))
+        if role == "assistant":
+            # An assistant turn is a run of items (reasoning, message, function_call).
+            for part in parts:
+                _append(messages, role, part)
+        else:
+            messages.append(ir.Message(role, parts))
     elif kind == "function_call":
         call_id = field(item, "call_id", str, where, required=True)
         name = field(item, "name", str, where, required=True)
@@ -125,8 +130,14 @@ def _parse_item(item: dict, where: str, messages: list[ir.Message], names: dict[
     elif kind == "reasoning":
         summary = objects(field(item, "summary", list, where) or [], f"{where}.summary")
         text = "".join(field(s, "text", str, f"{where}.summary") or "" for s in summary)
-        signature = field(item, "encrypted_content", str, where)
-        _append(messages, "assistant", ir.ThinkingPart(text, signature))
+        secret = field(item, "encrypted_content", str, where)
+        # Without a summary, the opaque content is a redacted thinking block.
+        part = (
+            ir.ThinkingPart(text, secret)
+            if summary or secret is None
+            else ir.ThinkingPart(redacted_data=secret)
+        )
+        _append(messages, "assistant", part)
     else:
         raise InvalidRequestError(
             f"{where}.type: unsupported input item {kind!r}", param=f"{where}.type"
