@@ -176,6 +176,8 @@ def test_left_padded_batch_with_mask(loaded):
     # Padded query rows attend to nothing in transformers; compare the real positions.
     assert np.abs(ours[0] - theirs[0]).max() < ATOL
     assert np.abs(ours[1, 3:] - theirs[1, 3:]).max() < ATOL
+    additive = mx.where(mask, 0.0, -1e9).astype(mx.float32)
+    assert np.abs(np.array(model(ids, mask=additive))[1, 3:] - theirs[1, 3:]).max() < ATOL
 
 
 def test_image_features_argument(loaded):
