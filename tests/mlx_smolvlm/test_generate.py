@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import av
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -192,3 +193,22 @@ def test_image_features_equal_pixels_forward(loaded):
     features = model.encode_images(prompt.pixel_values[None], prompt.pixel_attention_mask[None])
     via_features = model(ids, image_features=features)
     np.testing.assert_array_equal(np.array(direct), np.array(via_features))
+
+
+def test_video_question_is_answered(loaded, tmp_path):
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height = 96, 64
+        for n in range(12):  # 3 s at 4 fps, a new colour each second
+            frame = np.full((64, 96, 3), (n // 4) * 80, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    model, processor = loaded
+    messages = [
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}
+    ]
+    result = generate(model, processor, messages, video=str(path), max_tokens=4, ignore_eos=True)
+    frames = 3  # video_sampling fps 1 over 3 seconds
+    assert result.encoded_tiles == frames
+    assert result.generation_tokens == 4
