@@ -105,7 +105,7 @@ def parse_data_url(url: str, where: str) -> tuple[str, str]:
 
 
 def check_base64(data: str, where: str) -> None:
-    """Validate base64 text.
+    """Validate standard base64 text.
 
     Args:
         data: The payload.
@@ -118,6 +118,18 @@ def check_base64(data: str, where: str) -> None:
         base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as err:
         raise InvalidRequestError(f"{where}: invalid base64 data", param=where) from err
+
+
+def standard_base64(data: str) -> str:
+    """Turn URL-safe base64 (what google-genai writes for bytes fields) into standard base64.
+
+    Google accepts both alphabets; Anthropic and OpenAI accept only the standard one, and a
+    signature must come back byte-for-byte as its provider issued it.
+
+    Args:
+        data: Base64 text in either alphabet.
+    """
+    return data.replace("-", "+").replace("_", "/")
 
 
 def parse_arguments(arguments: str, where: str) -> dict:

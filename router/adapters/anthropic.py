@@ -2,9 +2,12 @@
 
 Notes on what Anthropic cannot express and how it is rendered:
 
-- Thinking blocks without a signature (reasoning from OpenAI-compatible or Gemini upstreams)
-  are not sent to Anthropic clients or to Anthropic: a client or API that receives an unsigned
-  ``thinking`` block rejects or discards the turn.
+- Reasoning without a signature (``reasoning_content`` from OpenAI-compatible upstreams)
+  reaches Anthropic clients as a ``thinking`` block whose signature is the marker
+  `UNSIGNED_SIGNATURE`: clients such as Claude Code discard a turn whose thinking block has no
+  signature. The marker is recognised when the client sends the block back, and such blocks
+  are never forwarded to Anthropic (which would reject the signature); other providers get
+  the reasoning text where they take it.
 - Gemini's signatures on function calls and text parts have no Anthropic field and are dropped.
 - JSON output: ``json_schema`` maps to ``output_config.format``; ``json_object`` (JSON without
   a schema) has no Anthropic equivalent and is a 400.
@@ -77,6 +80,8 @@ _ERRORS_FROM_WIRE = {
     "timeout_error": 504,
 }
 _UNSAFE_ID = re.compile(r"[^a-zA-Z0-9_-]")
+# base64("router:unsigned-reasoning"): marks reasoning that no provider signed.
+UNSIGNED_SIGNATURE = base64.b64encode(b"router:unsigned-reasoning").decode()
 
 
 # ---- requests: wire -> IR ----------------------------------------------------------------
@@ -158,9 +163,10 @@ def _parse_block(block: dict, where: str, allowed: tuple[str, ...]) -> ir.Part:
     if kind in ("image", "document"):
         return _parse_source(block, where)
     if kind == "thinking":
+        signature = field(block, "signature", str, where)
         return ir.ThinkingPart(
             field(block, "thinking", str, where, required=True),
-            field(block, "signature", str, where),
+            None if signature == UNSIGNED_SIGNATURE else signature,
         )
     if kind == "redacted_thinking":
         return ir.ThinkingPart(redacted_data=field(block, "data", str, where, required=True))
@@ -361,7 +367,8 @@ def _render_message(message: ir.Message, where: str) -> dict:
     return {"role": message.role, "content": blocks}
 
 
-def _render_block(part: ir.Part, where: str) -> dict | None:
+def _render_block(part: ir.Part, where: str, unsigned: str | None = None) -> dict | None:
+    """One content block; unsigned thinking gets the signature ``unsigned`` (None: dropped)."""
     if isinstance(part, ir.TextPart):
         return {"type": "text", "text": part.text} if part.text else None
     if isinstance(part, ir.MediaPart):
@@ -369,9 +376,10 @@ def _render_block(part: ir.Part, where: str) -> dict | None:
     if isinstance(part, ir.ThinkingPart):
         if part.redacted_data is not None:
             return {"type": "redacted_thinking", "data": part.redacted_data}
-        if not part.signature:
+        signature = part.signature or unsigned
+        if not signature:
             return None
-        return {"type": "thinking", "thinking": part.text, "signature": part.signature}
+        return {"type": "thinking", "thinking": part.text, "signature": signature}
     if isinstance(part, ir.ToolCallPart):
         return {
             "type": "tool_use",
@@ -521,7 +529,7 @@ def render_response(response: ir.Response, request: ir.Request) -> dict:
                 }
             )
         else:
-            block = _render_block(part, f"content[{i}]")
+            block = _render_block(part, f"content[{i}]", UNSIGNED_SIGNATURE)
             if block is not None:
                 content.append(block)
     return {
@@ -643,7 +651,7 @@ class StreamRenderer:
 
     Blocks open and close strictly in index order. Text blocks open lazily on their first
     non-empty delta (an empty text block would be rejected when the client sends it back);
-    unsigned thinking is withheld and dropped unless a signature arrives for it.
+    a thinking block that got no signature is closed with `UNSIGNED_SIGNATURE`.
 
     Args:
         request: The client's request.
@@ -654,7 +662,7 @@ class StreamRenderer:
         self._open: int | None = None  # IR index of the open block
         self._block_of: dict[int, int] = {}
         self._kind: dict[int, str] = {}
-        self._pending: dict[int, ir.ThinkingPart] = {}
+        self._signed: dict[int, bool] = {}
 
     def render_stream_event(self, event: ir.StreamEvent) -> list[SSEEvent]:
         """Render one IR event.
@@ -692,9 +700,8 @@ class StreamRenderer:
                     out += self._open_block(
                         event.index, {"type": "redacted_thinking", "data": part.redacted_data}
                     )
-                elif part.signature is None:
-                    self._pending[event.index] = ir.ThinkingPart(part.text)
                 else:
+                    self._signed[event.index] = False
                     out += self._open_block(
                         event.index, {"type": "thinking", "thinking": "", "signature": ""}
                     )
@@ -712,11 +719,6 @@ class StreamRenderer:
                     event.index, {"type": "input_json_delta", "partial_json": event.arguments}
                 )
             if kind == "thinking":
-                pending = self._pending.get(event.index)
-                if pending is not None:
-                    pending.text += event.text
-                    pending.signature = event.signature or pending.signature
-                    return []
                 return self._thinking_delta(event.index, event.text, event.signature)
             return self._text(event.index, event.text)
         out = self._close()
@@ -751,6 +753,7 @@ class StreamRenderer:
             out += self._delta(index, {"type": "thinking_delta", "thinking": text})
         if signature:
             out += self._delta(index, {"type": "signature_delta", "signature": signature})
+            self._signed[index] = True
         return out
 
     def _open_block(self, index: int, block: dict) -> list[SSEEvent]:
@@ -769,19 +772,16 @@ class StreamRenderer:
         return [_event("content_block_delta", {"index": self._block_of[index], "delta": delta})]
 
     def _close(self) -> list[SSEEvent]:
+        if self._open is None:
+            return []
+        index, self._open = self._open, None
         out = []
-        for index, part in list(self._pending.items()):
-            del self._pending[index]
-            if part.signature:
-                out += self._open_block(
-                    index, {"type": "thinking", "thinking": "", "signature": ""}
-                )
-                out += self._thinking_delta(index, part.text, part.signature)
-            else:
-                logger.debug("withholding unsigned thinking from an Anthropic client")
-        if self._open is not None:
-            out.append(_event("content_block_stop", {"index": self._block_of[self._open]}))
-            self._open = None
+        if self._signed.get(index) is False:
+            delta = {"type": "signature_delta", "signature": UNSIGNED_SIGNATURE}
+            out.append(
+                _event("content_block_delta", {"index": self._block_of[index], "delta": delta})
+            )
+        out.append(_event("content_block_stop", {"index": self._block_of[index]}))
         return out
 
 

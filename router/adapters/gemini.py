@@ -16,6 +16,7 @@ provider or a client that dropped it) gets Google's documented placeholder
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -33,6 +34,7 @@ from . import (
     objects,
     parse_arguments,
     split_system,
+    standard_base64,
 )
 
 SKIP_SIGNATURE = "skip_thought_signature_validator"
@@ -140,10 +142,18 @@ def _parse_parts(content: dict, where: str, pending: dict[str, list[str]] | None
     for j, raw in enumerate(raw_parts):
         at = f"{where}.parts[{j}]"
         signature = _get(raw, "thoughtSignature", str, at)
+        if signature is not None:
+            signature = standard_base64(signature)
         if "text" in raw:
             text = field(raw, "text", str, at, required=True)
             if _get(raw, "thought", bool, at):
-                parts.append(ir.ThinkingPart(text, signature))
+                last = parts[-1] if parts else None
+                if isinstance(last, ir.ThinkingPart) and last.signature is None:
+                    # A streamed thought arrives in pieces; the block is signed as a whole.
+                    last.text += text
+                    last.signature = signature
+                else:
+                    parts.append(ir.ThinkingPart(text, signature))
             else:
                 parts.append(ir.TextPart(text, signature))
             continue
@@ -162,7 +172,7 @@ def _parse_parts(content: dict, where: str, pending: dict[str, list[str]] | None
         elif response is not None:
             parts.append(_parse_function_response(response, f"{at}.functionResponse", pending))
         elif inline is not None:
-            data = field(inline, "data", str, f"{at}.inlineData", required=True)
+            data = standard_base64(field(inline, "data", str, f"{at}.inlineData", required=True))
             check_base64(data, f"{at}.inlineData.data")
             media_type = _get(inline, "mimeType", str, f"{at}.inlineData", required=True)
             parts.append(ir.MediaPart(media_type, data=data))
@@ -373,8 +383,17 @@ def _render_generation_config(request: ir.Request) -> dict:
 
 def _render_parts(message: ir.Message, where: str, names: dict[str, str]) -> list[dict]:
     parts = []
+    # Thought parts are not sent back; a signature on one belongs on the text part after it,
+    # where Gemini put it (see StreamParser). Function calls keep their own signatures.
+    carried: str | None = None
     for j, part in enumerate(message.parts):
         at = f"{where}.content[{j}]"
+        if isinstance(part, ir.ThinkingPart):
+            carried = part.signature or carried
+            continue
+        if isinstance(part, ir.TextPart) and carried and not part.signature:
+            part = dataclasses.replace(part, signature=carried)
+        carried = None
         if isinstance(part, ir.TextPart):
             if part.text or part.signature:
                 parts.append(_with_signature({"text": part.text}, part.signature))
@@ -592,6 +611,12 @@ class StreamParser:
 
     def _part(self, part: dict, position: int) -> list[ir.StreamEvent]:
         signature = part.get("thoughtSignature")
+        events: list[ir.StreamEvent] = []
+        if signature and self._open == "thinking" and "text" in part and not part.get("thought"):
+            # Gemini signs the text part after its thoughts; clients of other formats carry a
+            # signature only on the reasoning block, so it moves there (and back on render).
+            events.append(ir.PartDelta(self._parts - 1, signature=signature))
+            signature = None
         if "functionCall" in part:
             call = part["functionCall"]
             index = self._parts
@@ -601,7 +626,7 @@ class StreamParser:
             tool = ir.ToolCallPart(
                 call.get("id") or new_id("call"), call.get("name") or "", "", signature
             )
-            return [
+            return events + [
                 ir.PartStart(index, tool),
                 ir.PartDelta(index, arguments=dump_json(call.get("args") or {})),
             ]
@@ -609,7 +634,6 @@ class StreamParser:
             where = f"candidates[0].content.parts[{position}]"
             raise InvalidRequestError(f"{where}: unsupported Gemini output part {sorted(part)}")
         kind = "thinking" if part.get("thought") else "text"
-        events: list[ir.StreamEvent] = []
         if self._open != kind:
             start = ir.ThinkingPart("") if kind == "thinking" else ir.TextPart("")
             events.append(ir.PartStart(self._parts, start))
