@@ -7,7 +7,6 @@ Two caches make multi-turn chat cheap:
   prefills the tokens after the longest prefix it shares with what the cache already holds.
 """
 
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Generator, Iterator
@@ -221,8 +220,14 @@ def prepare_prompt(
     pixel_values = np.asarray(inputs["pixel_values"])[0]
     mask = inputs.get("pixel_attention_mask")
     mask = None if mask is None else np.asarray(mask)[0]
-    hashes = [hashlib.blake2b(tile.tobytes(), digest_size=16).hexdigest() for tile in pixel_values]
-    return PreparedPrompt(input_ids, pixel_values, mask, hashes)
+    # A tile is named by its image's hash (taken by the processor on the decoded pixels) and its
+    # place among that image's tiles.
+    tile_hashes = [
+        f"{image_hash}/{tile}"
+        for image_hash, tiles in zip(inputs["image_hashes"], inputs["tiles_per_image"], strict=True)
+        for tile in range(tiles)
+    ]
+    return PreparedPrompt(input_ids, pixel_values, mask, tile_hashes)
 
 
 def _input_keys(prompt: PreparedPrompt, image_token_id: int, seq_len: int) -> list[int | str]:
