@@ -1,0 +1,1472 @@
+"""Fake OpenAI, Anthropic and Gemini providers served by aiohttp on loopback.
+
+Each fake validates every request against its provider's request schema, built from the
+official SDK's own types, checks the provider's auth headers, records the exchange, and answers
+with the payload or stream the provider documents. What it answers is chosen by a scenario
+marker (``scenario:<name>``) found in the user text, so the same test sent through any client
+format drives the same upstream behaviour:
+
+- ``text``: a plain text answer.
+- ``image``: the request must carry an image; the fake records the decoded bytes.
+- ``tool``: one call of ``get_weather``.
+- ``parallel``: two calls (``get_weather`` and ``get_time``); when the request ends with the
+  tool results, the fake records them and answers with text.
+- ``reasoning``: a reasoning block (Anthropic ``thinking`` with a signature, Gemini
+  ``thought: true`` part with a ``thoughtSignature``, OpenAI-compatible ``reasoning_content``)
+  before the text.
+- ``followup``: a plain text answer; used as the next turn after ``reasoning``.
+- ``error-400``, ``error-401``, ``error-429``, ``error-500``: the provider's own error body.
+
+Invalid requests get the provider's 400 shape and are kept in ``FakeProvider.problems`` so a test
+fixture can fail loudly.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections.abc
+import functools
+import json
+import re
+import time
+import types
+import typing
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anthropic
+import httpx2
+import openai
+import pydantic
+import typing_extensions
+from aiohttp import web
+from anthropic.types import message_create_params
+from google import genai
+from google.genai import types as genai_types
+from openai.types.chat import completion_create_params
+
+from tests.router import grammar
+
+SCENARIO_RE = re.compile(r"scenario:([a-z0-9-]+)")
+
+# A 1x1 red PNG: the image scenario sends these bytes and asserts they arrive intact.
+RED_PIXEL_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+)
+
+TEXT_ANSWER = "Hello from the fake upstream, all good."
+IMAGE_ANSWER = "I see one red pixel."
+PARALLEL_ANSWER = "Paris is sunny and it is 09:00 in Tokyo."
+REASONING_TEXT = "The user asks 2+2.\nAdding gives 4."
+REASONING_ANSWER = "2 + 2 = 4."
+FOLLOWUP_ANSWER = "Follow-up answered."
+# Real signatures are opaque base64 strings; keep them canonical base64 so clients that decode
+# them (google-genai turns thoughtSignature into bytes) round-trip them unchanged.
+# The bytes are chosen so that standard base64 contains "+" and "/": google-genai re-encodes
+# bytes URL-safe, so a router that passes its string through unchanged alters the signature.
+ANTHROPIC_SIGNATURE = base64.b64encode(b"anthropic-sig-\xfb\xff\xbf\xfb\xef-opaque").decode()
+GEMINI_SIGNATURE = base64.b64encode(b"gemini-thought-sig-\xfb\xff\xbf\xfe").decode()
+
+WEATHER_ARGS = {"city": "Paris", "unit": "celsius"}
+TIME_ARGS = {"timezone": "Asia/Tokyo"}
+WEATHER_RESULT = "sunny, 21C"
+TIME_RESULT = "09:00"
+
+INPUT_TOKENS = 123
+OUTPUT_TOKENS = 45
+REASONING_TOKENS = 17
+
+ERROR_STATUSES = {"error-400": 400, "error-401": 401, "error-429": 429, "error-500": 500}
+ERROR_MESSAGE = "fake upstream says no"
+
+
+@dataclass
+class ToolCall:
+    """A tool call the fake emits; ``id`` is empty where the provider sends none (Gemini)."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass
+class Reply:
+    """What a fake answers, independent of the wire format."""
+
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    input_tokens: int = INPUT_TOKENS
+    output_tokens: int = OUTPUT_TOKENS
+    reasoning_tokens: int = 0
+
+
+@dataclass
+class ToolResult:
+    """A tool result as it reached the fake: the call it answers (id and/or name) and its text."""
+
+    call_id: str
+    name: str
+    content: str
+
+
+@dataclass
+class Seen:
+    """The parts of a request that tests assert on, parsed from the provider's wire format."""
+
+    scenario: str = ""
+    user_texts: list[str] = field(default_factory=list)
+    system: str = ""
+    images: list[bytes] = field(default_factory=list)
+    image_urls: list[str] = field(default_factory=list)
+    tool_names: list[str] = field(default_factory=list)
+    assistant_tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_results: list[ToolResult] = field(default_factory=list)
+    reasoning_texts: list[str] = field(default_factory=list)
+    signatures: list[str] = field(default_factory=list)
+    ends_with_tool_results: bool = False
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None
+
+
+@dataclass
+class Exchange:
+    """One request a fake received."""
+
+    path: str
+    key: str
+    body: dict[str, Any]
+    seen: Seen
+    reply: Reply | int
+
+
+class FakeProvider:
+    """Shared plumbing of the three fakes: routing, auth, logging, scenario choice."""
+
+    name = ""
+
+    def __init__(self, keys: list[str], provider_ids: dict[str, str]) -> None:
+        self.keys = keys
+        self.ids = provider_ids
+        self.exchanges: list[Exchange] = []
+        self.problems: list[str] = []
+
+    def reset(self) -> None:
+        self.exchanges.clear()
+        self.problems.clear()
+
+    @property
+    def last(self) -> Exchange:
+        assert self.exchanges, f"fake {self.name} received no request"
+        return self.exchanges[-1]
+
+    def plan(self, seen: Seen) -> Reply | int:
+        """Picks the reply (or the error status) for a parsed request."""
+        if seen.scenario in ERROR_STATUSES:
+            return ERROR_STATUSES[seen.scenario]
+        if seen.scenario == "image":
+            if RED_PIXEL_PNG not in seen.images and not seen.image_urls:
+                self.problems.append(f"{self.name}: image scenario but no image arrived")
+            return Reply(text=IMAGE_ANSWER)
+        if seen.scenario == "tool":
+            if seen.ends_with_tool_results:
+                return Reply(text=PARALLEL_ANSWER)
+            return Reply(tool_calls=[self._call(0, "get_weather", WEATHER_ARGS)])
+        if seen.scenario == "parallel":
+            if seen.ends_with_tool_results:
+                return Reply(text=PARALLEL_ANSWER)
+            return Reply(
+                tool_calls=[
+                    self._call(0, "get_weather", WEATHER_ARGS),
+                    self._call(1, "get_time", TIME_ARGS),
+                ]
+            )
+        if seen.scenario == "reasoning":
+            return Reply(
+                text=REASONING_ANSWER, reasoning=REASONING_TEXT, reasoning_tokens=REASONING_TOKENS
+            )
+        if seen.scenario == "followup":
+            return Reply(text=FOLLOWUP_ANSWER)
+        return Reply(text=TEXT_ANSWER)
+
+    def _call(self, index: int, name: str, args: dict[str, Any]) -> ToolCall:
+        prefix = self.ids.get("tool_call", "")
+        return ToolCall(id=f"{prefix}{index}x{name}" if prefix else "", name=name, arguments=args)
+
+    def answer(
+        self, request: web.Request, key: str, body: dict[str, Any], seen: Seen
+    ) -> Reply | int:
+        """Records the exchange and returns what to answer (a reply or an error status)."""
+        reply = self.plan(seen)
+        self.exchanges.append(Exchange(request.path_qs, key, body, seen, reply))
+        return reply
+
+    def invalid(self, message: str) -> web.Response:
+        self.problems.append(f"{self.name}: {message}")
+        return self.error_response(400, message)
+
+    def error_response(self, status: int, message: str) -> web.Response:
+        raise NotImplementedError
+
+    def app(self) -> web.Application:
+        raise NotImplementedError
+
+
+def scenario_of(texts: list[str]) -> str:
+    """Returns the last ``scenario:<name>`` marker in ``texts`` ('' when none)."""
+    found = [m for t in texts for m in SCENARIO_RE.findall(t)]
+    return found[-1] if found else ""
+
+
+def split_text(text: str, parts: int = 3) -> list[str]:
+    """Splits text into ``parts`` non-empty pieces so streams carry several deltas."""
+    step = max(1, len(text) // parts)
+    pieces = [text[i : i + step] for i in range(0, len(text), step)]
+    return pieces
+
+
+def sse(data: dict[str, Any] | str, event: str | None = None) -> bytes:
+    """Encodes one server-sent event."""
+    payload = data if isinstance(data, str) else json.dumps(data)
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode()
+
+
+async def start_sse(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(
+        status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await resp.prepare(request)
+    return resp
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict schema checks over the SDKs' TypedDict request params.
+#
+# pydantic validates TypedDicts but ignores unknown keys and validates ``Iterable[...]`` fields
+# lazily, while real providers reject unknown fields ("Extra inputs are not permitted").
+# ``unknown_keys`` walks the same annotations and reports keys that no matching TypedDict
+# declares.
+# ---------------------------------------------------------------------------------------------
+
+
+def _strip(tp: Any) -> Any:
+    while True:
+        origin = typing.get_origin(tp)
+        if origin in (typing.Annotated, typing.Required, typing.NotRequired) or (
+            origin is not None
+            and getattr(origin, "__name__", "") in ("Required", "NotRequired", "Annotated")
+        ):
+            tp = typing.get_args(tp)[0]
+            continue
+        return tp
+
+
+def _hints(td: type) -> dict[str, Any]:
+    return typing.get_type_hints(td, include_extras=True)
+
+
+def _literal_mismatch(value: dict[str, Any], td: type) -> bool:
+    for key, ann in _hints(td).items():
+        ann = _strip(ann)
+        if typing.get_origin(ann) is typing.Literal:
+            if key in value and value[key] not in typing.get_args(ann):
+                return True
+            if key not in value and key in getattr(td, "__required_keys__", ()):
+                return True
+    return False
+
+
+def unknown_keys(value: Any, tp: Any, path: str, allowed_extra: set[str]) -> list[str]:
+    """Lists ``path.key`` for every key in ``value`` that its TypedDict type does not declare.
+
+    Args:
+        value: the decoded JSON value.
+        tp: the annotation it must match (TypedDict, Union, Iterable, ...).
+        path: where ``value`` sits, for the message.
+        allowed_extra: dotted key names (``messages.reasoning_content``) tolerated anyway.
+    """
+    tp = _strip(tp)
+    origin = typing.get_origin(tp)
+    if typing_extensions.is_typeddict(tp):
+        if not isinstance(value, dict):
+            return []
+        hints = _hints(tp)
+        bad = []
+        for key, item in value.items():
+            dotted = re.sub(r"\[\d+\]", "", f"{path}.{key}").lstrip(".")
+            if key not in hints:
+                if dotted not in allowed_extra:
+                    bad.append(f"{path}.{key}".lstrip("."))
+                continue
+            bad += unknown_keys(item, hints[key], f"{path}.{key}", allowed_extra)
+        return bad
+    if origin in (typing.Union, types.UnionType):
+        members = [_strip(a) for a in typing.get_args(tp)]
+        if isinstance(value, dict):
+            tds = [m for m in members if typing_extensions.is_typeddict(m)]
+            free_form = any(
+                typing.get_origin(m) in (dict, collections.abc.Mapping) for m in members
+            )
+            if not tds or free_form:
+                return []
+            fitting = [m for m in tds if not _literal_mismatch(value, m)] or tds
+            results = [unknown_keys(value, m, path, allowed_extra) for m in fitting]
+            return min(results, key=len)
+        if isinstance(value, list):
+            seqs = [m for m in members if typing.get_origin(m) is not None and typing.get_args(m)]
+            for m in seqs:
+                if typing.get_origin(m) in (dict, collections.abc.Mapping):
+                    continue
+                return unknown_keys(value, m, path, allowed_extra)
+        return []
+    if origin is not None and isinstance(value, list):
+        args = typing.get_args(tp)
+        if args and origin not in (dict, collections.abc.Mapping):
+            bad = []
+            for i, item in enumerate(value):
+                bad += unknown_keys(item, args[0], f"{path}[{i}]", allowed_extra)
+            return bad
+    return []
+
+
+def _drain(value: Any) -> Any:
+    """Forces pydantic's lazy ``Iterable`` validators to run, returning plain containers."""
+    if isinstance(value, dict):
+        return {k: _drain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or isinstance(value, collections.abc.Iterator):
+        return [_drain(v) for v in value]
+    return value
+
+
+@functools.cache
+def _adapter(tp: Any) -> pydantic.TypeAdapter:
+    # Kept alive: pydantic's lazy iterators must not outlive the adapter that made them.
+    return pydantic.TypeAdapter(tp)
+
+
+def check_typed(body: dict[str, Any], tp: Any, allowed_extra: set[str]) -> str:
+    """Validates ``body`` against an SDK TypedDict strictly; returns '' or an error message."""
+    try:
+        _drain(_adapter(tp).validate_python(body))
+    except pydantic.ValidationError as err:
+        return str(err)
+    bad = unknown_keys(body, tp, "", allowed_extra)
+    return f"unknown fields: {', '.join(bad)}" if bad else ""
+
+
+def b64decode_any(text: str) -> bytes:
+    """Decodes standard or URL-safe base64, padded or not (Google accepts all four)."""
+    text = text.replace("-", "+").replace("_", "/")
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def _data_url_bytes(url: str) -> bytes | None:
+    match = re.match(r"data:[\w/+.-]+;base64,(.*)", url, re.S)
+    return b64decode_any(match.group(1)) if match else None
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI (and OpenAI-compatible servers: reasoning_content as vLLM/DeepSeek send it)
+# ---------------------------------------------------------------------------------------------
+
+OPENAI_ERROR_TYPES = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    429: ("rate_limit_exceeded", "rate_limit_exceeded"),
+    500: ("server_error", None),
+}
+
+
+class FakeOpenAI(FakeProvider):
+    """``POST /v1/chat/completions`` as OpenAI (and OpenAI-compatible servers) serve it."""
+
+    name = "openai"
+    # OpenAI-compatible reasoning servers accept their own reasoning field back.
+    allowed_extra = {"messages.reasoning_content"}
+
+    def __init__(self, keys: list[str]) -> None:
+        super().__init__(keys, {"tool_call": "call_oai"})
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        return app
+
+    def error_response(self, status: int, message: str) -> web.Response:
+        kind, code = OPENAI_ERROR_TYPES.get(status, ("server_error", None))
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        return web.json_response(body, status=status)
+
+    def parse(self, body: dict[str, Any]) -> Seen:
+        seen = Seen(stream=bool(body.get("stream")), max_tokens=body.get("max_tokens"))
+        seen.max_tokens = body.get("max_completion_tokens", seen.max_tokens)
+        seen.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        seen.tool_names = [t["function"]["name"] for t in body.get("tools", [])]
+        names_by_id: dict[str, str] = {}
+        for msg in body["messages"]:
+            content = msg.get("content")
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            texts = [p["text"] for p in parts or [] if p.get("type") == "text"]
+            if msg["role"] in ("system", "developer"):
+                seen.system += "".join(texts)
+            elif msg["role"] == "user":
+                seen.user_texts += texts
+                for p in parts or []:
+                    if p.get("type") == "image_url":
+                        url = p["image_url"]["url"]
+                        data = _data_url_bytes(url)
+                        if data is None:
+                            seen.image_urls.append(url)
+                        else:
+                            seen.images.append(data)
+            elif msg["role"] == "assistant":
+                if msg.get("reasoning_content"):
+                    seen.reasoning_texts.append(msg["reasoning_content"])
+                for tc in msg.get("tool_calls") or []:
+                    args = json.loads(tc["function"]["arguments"] or "{}")
+                    seen.assistant_tool_calls.append(
+                        ToolCall(tc["id"], tc["function"]["name"], args)
+                    )
+                    names_by_id[tc["id"]] = tc["function"]["name"]
+            elif msg["role"] == "tool":
+                text = "".join(texts)
+                seen.tool_results.append(
+                    ToolResult(msg["tool_call_id"], names_by_id.get(msg["tool_call_id"], ""), text)
+                )
+        seen.ends_with_tool_results = body["messages"][-1]["role"] == "tool"
+        seen.scenario = scenario_of(seen.user_texts)
+        return seen
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        key = auth.removeprefix("Bearer ")
+        if not auth.startswith("Bearer ") or key not in self.keys:
+            return self.error_response(401, f"Incorrect API key provided: {key[:8]}...")
+        body = await request.json()
+        tp = (
+            completion_create_params.CompletionCreateParamsStreaming
+            if body.get("stream")
+            else completion_create_params.CompletionCreateParamsNonStreaming
+        )
+        problem = check_typed(body, tp, self.allowed_extra)
+        if problem:
+            return self.invalid(f"invalid chat.completions request: {problem}")
+        seen = self.parse(body)
+        plan = self.answer(request, key, body, seen)
+        if isinstance(plan, int):
+            return self.error_response(plan, ERROR_MESSAGE)
+        if seen.stream:
+            return await self.stream(request, body["model"], plan, seen.include_usage)
+        return web.json_response(self.completion(body["model"], plan))
+
+    @staticmethod
+    def usage(reply: Reply) -> dict[str, Any]:
+        return {
+            "prompt_tokens": reply.input_tokens,
+            "completion_tokens": reply.output_tokens,
+            "total_tokens": reply.input_tokens + reply.output_tokens,
+            "completion_tokens_details": {"reasoning_tokens": reply.reasoning_tokens},
+        }
+
+    @staticmethod
+    def finish_reason(reply: Reply) -> str:
+        return "tool_calls" if reply.tool_calls else "stop"
+
+    def completion(self, model: str, reply: Reply) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": reply.text or None}
+        message["refusal"] = None
+        if reply.reasoning:
+            message["reasoning_content"] = reply.reasoning
+        if reply.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": tc.id,
+                    "type": "function",
+                    "function": {"name": tc.name, "arguments": json.dumps(tc.arguments)},
+                }
+                for tc in reply.tool_calls
+            ]
+        return {
+            "id": "chatcmpl-fake0001",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": self.finish_reason(reply),
+                }
+            ],
+            "usage": self.usage(reply),
+        }
+
+    async def stream(
+        self, request: web.Request, model: str, reply: Reply, include_usage: bool
+    ) -> web.StreamResponse:
+        resp = await start_sse(request)
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+            out = {
+                "id": "chatcmpl-fake0002",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                ],
+            }
+            if include_usage:
+                out["usage"] = None
+            out.update(extra)
+            return out
+
+        await resp.write(sse(chunk({"role": "assistant", "content": ""})))
+        for piece in split_text(reply.reasoning) if reply.reasoning else []:
+            await resp.write(sse(chunk({"reasoning_content": piece})))
+        for piece in split_text(reply.text) if reply.text else []:
+            await resp.write(sse(chunk({"content": piece})))
+        for index, tc in enumerate(reply.tool_calls):
+            first = {
+                "index": index,
+                "id": tc.id,
+                "type": "function",
+                "function": {"name": tc.name, "arguments": ""},
+            }
+            await resp.write(sse(chunk({"tool_calls": [first]})))
+            for piece in split_text(json.dumps(tc.arguments)):
+                delta = {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
+                await resp.write(sse(chunk(delta)))
+        await resp.write(sse(chunk({}, self.finish_reason(reply))))
+        if include_usage:
+            final = chunk({}, usage=self.usage(reply))
+            final["choices"] = []
+            await resp.write(sse(final))
+        await resp.write(sse("[DONE]"))
+        await resp.write_eof()
+        return resp
+
+
+# ---------------------------------------------------------------------------------------------
+# Anthropic
+# ---------------------------------------------------------------------------------------------
+
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
+class FakeAnthropic(FakeProvider):
+    """``POST /v1/messages`` as Anthropic serves it."""
+
+    name = "anthropic"
+
+    def __init__(self, keys: list[str]) -> None:
+        super().__init__(keys, {"tool_call": "toolu_01fake"})
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/messages", self.messages)
+        return app
+
+    def error_response(self, status: int, message: str) -> web.Response:
+        kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+        body = {"type": "error", "error": {"type": kind, "message": message}}
+        return web.json_response(body, status=status, headers={"request-id": "req_fake"})
+
+    def parse(self, body: dict[str, Any]) -> Seen:
+        seen = Seen(stream=bool(body.get("stream")), max_tokens=body.get("max_tokens"))
+        system = body.get("system", "")
+        seen.system = system if isinstance(system, str) else "".join(b["text"] for b in system)
+        seen.tool_names = [t["name"] for t in body.get("tools", [])]
+        names_by_id: dict[str, str] = {}
+        last_blocks: list[dict[str, Any]] = []
+        for msg in body["messages"]:
+            content = msg["content"]
+            blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            last_blocks = blocks
+            for b in blocks:
+                kind = b["type"]
+                if kind == "text" and msg["role"] == "user":
+                    seen.user_texts.append(b["text"])
+                elif kind == "image":
+                    src = b["source"]
+                    if src["type"] == "base64":
+                        seen.images.append(base64.b64decode(src["data"], validate=True))
+                    else:
+                        seen.image_urls.append(src.get("url", ""))
+                elif kind == "thinking":
+                    seen.reasoning_texts.append(b["thinking"])
+                    seen.signatures.append(b["signature"])
+                elif kind == "tool_use":
+                    seen.assistant_tool_calls.append(ToolCall(b["id"], b["name"], b["input"]))
+                    names_by_id[b["id"]] = b["name"]
+                elif kind == "tool_result":
+                    inner = b.get("content", "")
+                    text = (
+                        inner
+                        if isinstance(inner, str)
+                        else "".join(c.get("text", "") for c in inner)
+                    )
+                    seen.tool_results.append(
+                        ToolResult(b["tool_use_id"], names_by_id.get(b["tool_use_id"], ""), text)
+                    )
+        seen.ends_with_tool_results = body["messages"][-1]["role"] == "user" and any(
+            b["type"] == "tool_result" for b in last_blocks
+        )
+        seen.scenario = scenario_of(seen.user_texts)
+        return seen
+
+    def check_semantics(self, body: dict[str, Any]) -> str:
+        """Rules the API enforces beyond the schema (empty text blocks, tool_use answered)."""
+        messages = body["messages"]
+        for i, msg in enumerate(messages):
+            content = msg["content"]
+            if isinstance(content, str):
+                if not content:
+                    return f"messages.{i}: content must be non-empty"
+                continue
+            if not content:
+                return f"messages.{i}: content must be non-empty"
+            for j, b in enumerate(content):
+                if b["type"] == "text" and not b["text"]:
+                    return f"messages.{i}.content.{j}.text: text content blocks must be non-empty"
+            uses = [b["id"] for b in content if b["type"] == "tool_use"]
+            if uses:
+                nxt = messages[i + 1]["content"] if i + 1 < len(messages) else []
+                answered = [
+                    b["tool_use_id"]
+                    for b in (nxt if isinstance(nxt, list) else [])
+                    if b["type"] == "tool_result"
+                ]
+                if i + 1 < len(messages) and answered != uses:
+                    return (
+                        f"messages.{i + 1}: tool_use ids {uses} must be answered by tool_result "
+                        f"blocks immediately after, in order; got {answered}"
+                    )
+        roles = [m["role"] for m in messages]
+        if roles[0] != "user":
+            return "messages.0: first message must use the user role"
+        if any(a == b for a, b in zip(roles, roles[1:], strict=False)):
+            return f"messages: roles must alternate, got {roles}"
+        return ""
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        # The API takes the key in x-api-key; anthropic SDK 2.x sends it as a Bearer token.
+        bearer = request.headers.get("Authorization", "")
+        key = request.headers.get("x-api-key") or bearer.removeprefix("Bearer ")
+        if key not in self.keys:
+            return self.error_response(401, "invalid x-api-key")
+        if not request.headers.get("anthropic-version"):
+            return self.invalid("anthropic-version: header is required")
+        body = await request.json()
+        tp = (
+            message_create_params.MessageCreateParamsStreaming
+            if body.get("stream")
+            else message_create_params.MessageCreateParamsNonStreaming
+        )
+        problem = check_typed(body, tp, set()) or self.check_semantics(body)
+        if problem:
+            return self.invalid(problem)
+        seen = self.parse(body)
+        plan = self.answer(request, key, body, seen)
+        if isinstance(plan, int):
+            return self.error_response(plan, ERROR_MESSAGE)
+        if seen.stream:
+            return await self.stream(request, body["model"], plan)
+        return web.json_response(self.message(body["model"], plan))
+
+    @staticmethod
+    def blocks(reply: Reply) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if reply.reasoning:
+            out.append(
+                {"type": "thinking", "thinking": reply.reasoning, "signature": ANTHROPIC_SIGNATURE}
+            )
+        if reply.text:
+            out.append({"type": "text", "text": reply.text})
+        for tc in reply.tool_calls:
+            out.append({"type": "tool_use", "id": tc.id, "name": tc.name, "input": tc.arguments})
+        return out
+
+    @staticmethod
+    def usage(reply: Reply, output_tokens: int) -> dict[str, Any]:
+        return {
+            "input_tokens": reply.input_tokens,
+            "output_tokens": output_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        }
+
+    def message(self, model: str, reply: Reply, streaming: bool = False) -> dict[str, Any]:
+        return {
+            "id": "msg_01fake",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [] if streaming else self.blocks(reply),
+            "stop_reason": None if streaming else ("tool_use" if reply.tool_calls else "end_turn"),
+            "stop_sequence": None,
+            "usage": self.usage(reply, 1 if streaming else reply.output_tokens),
+        }
+
+    async def stream(self, request: web.Request, model: str, reply: Reply) -> web.StreamResponse:
+        resp = await start_sse(request)
+
+        async def send(kind: str, **data: Any) -> None:
+            await resp.write(sse({"type": kind, **data}, event=kind))
+
+        await send("message_start", message=self.message(model, reply, streaming=True))
+        await send("ping")
+        for index, block in enumerate(self.blocks(reply)):
+            if block["type"] == "thinking":
+                start = {"type": "thinking", "thinking": "", "signature": ""}
+                deltas = [
+                    {"type": "thinking_delta", "thinking": p} for p in split_text(reply.reasoning)
+                ]
+                deltas.append({"type": "signature_delta", "signature": ANTHROPIC_SIGNATURE})
+            elif block["type"] == "text":
+                start = {"type": "text", "text": ""}
+                deltas = [{"type": "text_delta", "text": p} for p in split_text(block["text"])]
+            else:
+                start = {**block, "input": {}}
+                deltas = [
+                    {"type": "input_json_delta", "partial_json": p}
+                    for p in split_text(json.dumps(block["input"]))
+                ]
+            await send("content_block_start", index=index, content_block=start)
+            for delta in deltas:
+                await send("content_block_delta", index=index, delta=delta)
+            await send("content_block_stop", index=index)
+        stop = "tool_use" if reply.tool_calls else "end_turn"
+        await send(
+            "message_delta",
+            delta={"stop_reason": stop, "stop_sequence": None},
+            usage={"output_tokens": reply.output_tokens},
+        )
+        await send("message_stop")
+        await resp.write_eof()
+        return resp
+
+
+# ---------------------------------------------------------------------------------------------
+# Gemini (Developer API, v1beta REST, camelCase JSON)
+# ---------------------------------------------------------------------------------------------
+
+GEMINI_STATUSES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+}
+
+# Top-level fields of a generateContent body, each validated with google-genai's own model.
+GEMINI_BODY_FIELDS: dict[str, Any] = {
+    "contents": list[genai_types.Content],
+    "systemInstruction": genai_types.Content,
+    "tools": list[genai_types.Tool],
+    "toolConfig": genai_types.ToolConfig,
+    "generationConfig": genai_types.GenerationConfig,
+    "safetySettings": list[genai_types.SafetySetting],
+    "cachedContent": str,
+}
+
+
+class FakeGemini(FakeProvider):
+    """``models/{model}:generateContent`` and ``:streamGenerateContent?alt=sse`` as Gemini serves them."""
+
+    name = "gemini"
+
+    def __init__(self, keys: list[str]) -> None:
+        # The Gemini Developer API sends no functionCall.id; results are matched by name.
+        super().__init__(keys, {})
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        # google-genai 3.x defaults to v1 for the Developer API; the router is documented as v1beta.
+        app.router.add_post("/v1beta/models/{target}", self.models)
+        app.router.add_post("/v1/models/{target}", self.models)
+        return app
+
+    def error_response(self, status: int, message: str) -> web.Response:
+        body = {
+            "error": {
+                "code": status,
+                "message": message,
+                "status": GEMINI_STATUSES.get(status, "UNKNOWN"),
+            }
+        }
+        return web.json_response(body, status=status)
+
+    @staticmethod
+    def validate(body: dict[str, Any]) -> str:
+        if "contents" not in body:
+            return "contents: field is required"
+        for key, value in body.items():
+            if key not in GEMINI_BODY_FIELDS:
+                return f'Invalid JSON payload received. Unknown name "{key}": Cannot find field.'
+            try:
+                _adapter(GEMINI_BODY_FIELDS[key]).validate_json(json.dumps(value))
+            except pydantic.ValidationError as err:
+                return f"{key}: {err}"
+        for i, content in enumerate(body["contents"]):
+            if content.get("role") not in ("user", "model"):
+                return f"contents[{i}].role: must be 'user' or 'model', got {content.get('role')!r}"
+            if not content.get("parts"):
+                return f"contents[{i}].parts: must not be empty"
+        return ""
+
+    def parse(self, body: dict[str, Any]) -> Seen:
+        seen = Seen(max_tokens=(body.get("generationConfig") or {}).get("maxOutputTokens"))
+        system = body.get("systemInstruction") or {}
+        seen.system = "".join(p.get("text", "") for p in system.get("parts", []))
+        for tool in body.get("tools", []):
+            seen.tool_names += [f["name"] for f in tool.get("functionDeclarations", [])]
+        for content in body["contents"]:
+            for part in content["parts"]:
+                if part.get("thoughtSignature"):
+                    seen.signatures.append(part["thoughtSignature"])
+                if part.get("thought"):
+                    seen.reasoning_texts.append(part.get("text", ""))
+                elif "text" in part and content["role"] == "user":
+                    seen.user_texts.append(part["text"])
+                if "inlineData" in part:
+                    seen.images.append(b64decode_any(part["inlineData"]["data"]))
+                if "fileData" in part:
+                    seen.image_urls.append(part["fileData"]["fileUri"])
+                if "functionCall" in part:
+                    call = part["functionCall"]
+                    seen.assistant_tool_calls.append(
+                        ToolCall(call.get("id", ""), call["name"], call.get("args", {}))
+                    )
+                if "functionResponse" in part:
+                    resp = part["functionResponse"]
+                    seen.tool_results.append(
+                        ToolResult(resp.get("id", ""), resp["name"], json.dumps(resp["response"]))
+                    )
+        last = body["contents"][-1]
+        seen.ends_with_tool_results = last["role"] == "user" and any(
+            "functionResponse" in p for p in last["parts"]
+        )
+        seen.scenario = scenario_of(seen.user_texts)
+        return seen
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        model, _, method = request.match_info["target"].partition(":")
+        if method not in ("generateContent", "streamGenerateContent"):
+            return self.error_response(404, f"method {method!r} not served by the fake")
+        key = request.headers.get("x-goog-api-key") or request.query.get("key", "")
+        if key not in self.keys:
+            return self.error_response(400, "API key not valid. Please pass a valid API key.")
+        body = await request.json()
+        problem = self.validate(body)
+        if problem:
+            return self.invalid(problem)
+        seen = self.parse(body)
+        seen.stream = method == "streamGenerateContent"
+        if seen.stream and request.query.get("alt") != "sse":
+            return self.invalid("the fake serves streamGenerateContent only with alt=sse")
+        plan = self.answer(request, key, body, seen)
+        if isinstance(plan, int):
+            return self.error_response(plan, ERROR_MESSAGE)
+        if seen.stream:
+            return await self.stream(request, model, plan)
+        return web.json_response(self.response(model, self.parts(plan), plan, final=True))
+
+    @staticmethod
+    def parts(reply: Reply) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if reply.reasoning:
+            out.append({"text": reply.reasoning, "thought": True})
+        if reply.text:
+            part: dict[str, Any] = {"text": reply.text}
+            if reply.reasoning:
+                part["thoughtSignature"] = GEMINI_SIGNATURE
+            out.append(part)
+        for tc in reply.tool_calls:
+            out.append({"functionCall": {"name": tc.name, "args": tc.arguments}})
+        return out
+
+    @staticmethod
+    def response(
+        model: str, parts: list[dict[str, Any]], reply: Reply, final: bool
+    ) -> dict[str, Any]:
+        candidate: dict[str, Any] = {"content": {"role": "model", "parts": parts}, "index": 0}
+        out: dict[str, Any] = {
+            "candidates": [candidate],
+            "modelVersion": model,
+            "responseId": "fake-response-1",
+        }
+        if final:
+            candidate["finishReason"] = "STOP"
+            usage = {
+                "promptTokenCount": reply.input_tokens,
+                "candidatesTokenCount": reply.output_tokens - reply.reasoning_tokens,
+                "totalTokenCount": reply.input_tokens + reply.output_tokens,
+            }
+            if reply.reasoning_tokens:
+                usage["thoughtsTokenCount"] = reply.reasoning_tokens
+            out["usageMetadata"] = usage
+        return out
+
+    async def stream(self, request: web.Request, model: str, reply: Reply) -> web.StreamResponse:
+        resp = await start_sse(request)
+        chunks: list[list[dict[str, Any]]] = []
+        if reply.reasoning:
+            chunks += [[{"text": p, "thought": True}] for p in split_text(reply.reasoning)]
+        if reply.text:
+            pieces = split_text(reply.text)
+            chunks += [[{"text": p}] for p in pieces]
+            if reply.reasoning:
+                # Gemini puts the signature on a part after the thought summary.
+                chunks[-len(pieces)][0]["thoughtSignature"] = GEMINI_SIGNATURE
+        if reply.tool_calls:
+            # Gemini sends each function call whole, never split across chunks.
+            chunks.append(
+                [
+                    {"functionCall": {"name": tc.name, "args": tc.arguments}}
+                    for tc in reply.tool_calls
+                ]
+            )
+        for i, parts in enumerate(chunks):
+            event = self.response(model, parts, reply, final=i == len(chunks) - 1)
+            await resp.write(f"data: {json.dumps(event)}\r\n\r\n".encode())
+        await resp.write_eof()
+        return resp
+
+
+# ---------------------------------------------------------------------------------------------
+# Client side: official SDK clients that record raw response bytes, and scripted conversations.
+# ---------------------------------------------------------------------------------------------
+
+OPENAI_KEYS = ["sk-oai-fake-1"]
+ANTHROPIC_KEYS = ["sk-ant-fake-1", "sk-ant-fake-2"]
+GEMINI_KEYS = ["gem-fake-1"]
+CLIENT_KEY = "client-key"
+SYSTEM_PROMPT = "You are a terse test assistant."
+
+TOOL_SPECS: list[tuple[str, str, dict[str, Any]]] = [
+    (
+        "get_weather",
+        "Current weather for a city.",
+        {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "City name."},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    ),
+    (
+        "get_time",
+        "Current time in an IANA timezone.",
+        {
+            "type": "object",
+            "properties": {"timezone": {"type": "string"}},
+            "required": ["timezone"],
+        },
+    ),
+]
+TOOL_RESULTS = {"get_weather": WEATHER_RESULT, "get_time": TIME_RESULT}
+
+# (finish after text, finish after tool calls) as each client format spells them.
+NATIVE_FINISH = {
+    "openai": ("stop", "tool_calls"),
+    "anthropic": ("end_turn", "tool_use"),
+    "gemini": ("STOP", "STOP"),
+}
+
+
+class _TeeStream(httpx2.AsyncByteStream):
+    def __init__(self, inner: httpx2.AsyncByteStream, sink: bytearray) -> None:
+        self._inner = inner
+        self._sink = sink
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            self._sink.extend(chunk)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class TeeTransport(httpx2.AsyncBaseTransport):
+    """An httpx transport that keeps the raw bytes of every response body it hands to an SDK.
+
+    SDK clients built on it parse streams exactly as in production, while tests also run the
+    grammar checkers over the bytes the client really received.
+    """
+
+    def __init__(self) -> None:
+        self._inner = httpx2.AsyncHTTPTransport()
+        self.bodies: list[bytearray] = []
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await self._inner.handle_async_request(request)
+        sink = bytearray()
+        self.bodies.append(sink)
+        return httpx2.Response(
+            status_code=response.status_code,
+            headers=response.headers,
+            stream=_TeeStream(response.stream, sink),
+            extensions=response.extensions,
+            request=request,
+        )
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    @property
+    def last_body(self) -> bytes:
+        assert self.bodies, "no response went through the tee"
+        return bytes(self.bodies[-1])
+
+
+@dataclass
+class Clients:
+    """The three official async SDK clients, all pointed at one server through one tee."""
+
+    tee: TeeTransport
+    openai: openai.AsyncOpenAI
+    anthropic: anthropic.AsyncAnthropic
+    gemini: genai.Client
+
+    async def close(self) -> None:
+        await self.openai.close()
+        await self.anthropic.close()
+        await self.gemini.aio.aclose()
+
+
+def make_clients(
+    roots: dict[str, str], keys: dict[str, str] | None = None, api_version: str = "v1beta"
+) -> Clients:
+    """Builds SDK clients (no retries) whose responses are recorded by a ``TeeTransport``.
+
+    Args:
+        roots: server root per client kind (``openai``, ``anthropic``, ``gemini``), e.g.
+            ``http://127.0.0.1:1234``; each SDK adds its own path.
+        keys: API key per client kind; ``CLIENT_KEY`` where absent.
+        api_version: the Gemini API version google-genai puts in the path.
+    """
+    keys = keys or {}
+    tee = TeeTransport()
+    http = httpx2.AsyncClient(transport=tee, timeout=30)
+    gemini_options = genai_types.HttpOptions(
+        base_url=roots["gemini"],
+        api_version=api_version,
+        async_client_args={"transport": tee},
+        retry_options=genai_types.HttpRetryOptions(attempts=1),
+    )
+    return Clients(
+        tee=tee,
+        openai=openai.AsyncOpenAI(
+            base_url=f"{roots['openai']}/v1",
+            api_key=keys.get("openai", CLIENT_KEY),
+            max_retries=0,
+            http_client=http,
+        ),
+        anthropic=anthropic.AsyncAnthropic(
+            base_url=roots["anthropic"],
+            api_key=keys.get("anthropic", CLIENT_KEY),
+            max_retries=0,
+            http_client=http,
+        ),
+        gemini=genai.Client(api_key=keys.get("gemini", CLIENT_KEY), http_options=gemini_options),
+    )
+
+
+@dataclass
+class Outcome:
+    """What one assistant turn delivered to a client, read through its SDK."""
+
+    text: str = ""
+    reasoning: str = ""
+    # As the client format carries it; Gemini's bytes are given as standard base64.
+    signature: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish: str = ""
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    raw: bytes = b""
+
+
+class OpenAIDriver:
+    """A chat.completions conversation through ``openai.AsyncOpenAI``."""
+
+    kind = "openai"
+
+    def __init__(self, clients: Clients, model: str) -> None:
+        self.clients = clients
+        self.model = model
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT}]
+
+    def add_user(self, text: str, image: bytes | None = None) -> None:
+        content: list[dict[str, Any]] = [{"type": "text", "text": text}]
+        if image is not None:
+            url = "data:image/png;base64," + base64.b64encode(image).decode()
+            content.append({"type": "image_url", "image_url": {"url": url}})
+        self.messages.append({"role": "user", "content": content})
+
+    def add_tool_results(self, calls: list[ToolCall]) -> None:
+        for call in calls:
+            self.messages.append(
+                {"role": "tool", "tool_call_id": call.id, "content": TOOL_RESULTS[call.name]}
+            )
+
+    def request(self, tools: bool, reasoning: bool) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"model": self.model, "messages": self.messages}
+        if tools:
+            kwargs["tools"] = [
+                {"type": "function", "function": {"name": n, "description": d, "parameters": p}}
+                for n, d, p in TOOL_SPECS
+            ]
+        if reasoning:
+            kwargs["reasoning_effort"] = "low"
+        return kwargs
+
+    async def send(self, stream: bool, tools: bool = False, reasoning: bool = False) -> Outcome:
+        kwargs = self.request(tools, reasoning)
+        out = Outcome()
+        blocks: list[dict[str, Any]] = []
+        if stream:
+            calls: dict[int, dict[str, str]] = {}
+            response = await self.clients.openai.chat.completions.create(
+                **kwargs, stream=True, stream_options={"include_usage": True}
+            )
+            async for chunk in response:
+                if chunk.usage is not None:
+                    out.input_tokens = chunk.usage.prompt_tokens
+                    out.output_tokens = chunk.usage.completion_tokens
+                for choice in chunk.choices:
+                    delta = choice.delta
+                    extra = delta.model_extra or {}
+                    out.text += delta.content or ""
+                    out.reasoning += extra.get("reasoning_content") or ""
+                    blocks += extra.get("thinking_blocks") or []
+                    for tc in delta.tool_calls or []:
+                        slot = calls.setdefault(tc.index, {"id": "", "name": "", "args": ""})
+                        slot["id"] += tc.id or ""
+                        slot["name"] += (tc.function.name or "") if tc.function else ""
+                        slot["args"] += (tc.function.arguments or "") if tc.function else ""
+                    out.finish = choice.finish_reason or out.finish
+            out.tool_calls = [
+                ToolCall(c["id"], c["name"], json.loads(c["args"] or "{}"))
+                for _, c in sorted(calls.items())
+            ]
+            out.raw = self.clients.tee.last_body
+        else:
+            response = await self.clients.openai.chat.completions.create(**kwargs)
+            message = response.choices[0].message
+            extra = message.model_extra or {}
+            out.text = message.content or ""
+            out.reasoning = extra.get("reasoning_content") or ""
+            blocks = extra.get("thinking_blocks") or []
+            out.tool_calls = [
+                ToolCall(tc.id, tc.function.name, json.loads(tc.function.arguments or "{}"))
+                for tc in message.tool_calls or []
+            ]
+            out.finish = response.choices[0].finish_reason
+            if response.usage is not None:
+                out.input_tokens = response.usage.prompt_tokens
+                out.output_tokens = response.usage.completion_tokens
+        out.signature = "".join(b.get("signature") or "" for b in blocks)
+        assistant: dict[str, Any] = {"role": "assistant", "content": out.text or None}
+        if out.tool_calls:
+            assistant["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": json.dumps(c.arguments)},
+                }
+                for c in out.tool_calls
+            ]
+        if blocks:
+            # Streams send thinking text and signature in separate deltas; merge them back.
+            thinking = "".join(b.get("thinking") or "" for b in blocks)
+            assistant["thinking_blocks"] = [
+                {"type": "thinking", "thinking": thinking, "signature": out.signature}
+            ]
+        self.messages.append(assistant)
+        return out
+
+
+class AnthropicDriver:
+    """A Messages conversation through ``anthropic.AsyncAnthropic``."""
+
+    kind = "anthropic"
+
+    def __init__(self, clients: Clients, model: str) -> None:
+        self.clients = clients
+        self.model = model
+        self.messages: list[dict[str, Any]] = []
+
+    def add_user(self, text: str, image: bytes | None = None) -> None:
+        content: list[dict[str, Any]] = [{"type": "text", "text": text}]
+        if image is not None:
+            source = {
+                "type": "base64",
+                "media_type": "image/png",
+                "data": base64.b64encode(image).decode(),
+            }
+            content.append({"type": "image", "source": source})
+        self.messages.append({"role": "user", "content": content})
+
+    def add_tool_results(self, calls: list[ToolCall]) -> None:
+        results = [
+            {"type": "tool_result", "tool_use_id": c.id, "content": TOOL_RESULTS[c.name]}
+            for c in calls
+        ]
+        self.messages.append({"role": "user", "content": results})
+
+    async def send(self, stream: bool, tools: bool = False, reasoning: bool = False) -> Outcome:
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": 2048,
+            "system": SYSTEM_PROMPT,
+            "messages": self.messages,
+        }
+        if tools:
+            kwargs["tools"] = [
+                {"name": n, "description": d, "input_schema": p} for n, d, p in TOOL_SPECS
+            ]
+        if reasoning:
+            kwargs["thinking"] = {"type": "enabled", "budget_tokens": 1024}
+        out = Outcome()
+        if stream:
+            async with self.clients.anthropic.messages.stream(**kwargs) as events:
+                async for _ in events:
+                    pass
+                message = await events.get_final_message()
+            out.raw = self.clients.tee.last_body
+        else:
+            message = await self.clients.anthropic.messages.create(**kwargs)
+        content: list[dict[str, Any]] = []
+        for block in message.content:
+            if block.type == "text":
+                out.text += block.text
+                content.append({"type": "text", "text": block.text})
+            elif block.type == "thinking":
+                out.reasoning += block.thinking
+                out.signature += block.signature
+                content.append(
+                    {"type": "thinking", "thinking": block.thinking, "signature": block.signature}
+                )
+            elif block.type == "tool_use":
+                out.tool_calls.append(ToolCall(block.id, block.name, dict(block.input)))
+                content.append(
+                    {"type": "tool_use", "id": block.id, "name": block.name, "input": block.input}
+                )
+        out.finish = message.stop_reason or ""
+        out.input_tokens = message.usage.input_tokens
+        out.output_tokens = message.usage.output_tokens
+        self.messages.append({"role": "assistant", "content": content})
+        return out
+
+
+class GeminiDriver:
+    """A generateContent conversation through ``google.genai.Client().aio``."""
+
+    kind = "gemini"
+
+    def __init__(self, clients: Clients, model: str) -> None:
+        self.clients = clients
+        self.model = model
+        self.contents: list[genai_types.Content] = []
+
+    def add_user(self, text: str, image: bytes | None = None) -> None:
+        parts = [genai_types.Part(text=text)]
+        if image is not None:
+            parts.append(genai_types.Part.from_bytes(data=image, mime_type="image/png"))
+        self.contents.append(genai_types.Content(role="user", parts=parts))
+
+    def add_tool_results(self, calls: list[ToolCall]) -> None:
+        parts = [
+            genai_types.Part(
+                function_response=genai_types.FunctionResponse(
+                    id=c.id or None, name=c.name, response={"result": TOOL_RESULTS[c.name]}
+                )
+            )
+            for c in calls
+        ]
+        self.contents.append(genai_types.Content(role="user", parts=parts))
+
+    async def send(self, stream: bool, tools: bool = False, reasoning: bool = False) -> Outcome:
+        config = genai_types.GenerateContentConfig(system_instruction=SYSTEM_PROMPT)
+        if tools:
+            declarations = [
+                genai_types.FunctionDeclaration(name=n, description=d, parameters_json_schema=p)
+                for n, d, p in TOOL_SPECS
+            ]
+            config.tools = [genai_types.Tool(function_declarations=declarations)]
+            config.automatic_function_calling = genai_types.AutomaticFunctionCallingConfig(
+                disable=True
+            )
+        if reasoning:
+            config.thinking_config = genai_types.ThinkingConfig(include_thoughts=True)
+        models = self.clients.gemini.aio.models
+        responses: list[genai_types.GenerateContentResponse] = []
+        if stream:
+            iterator = await models.generate_content_stream(
+                model=self.model, contents=self.contents, config=config
+            )
+            responses = [chunk async for chunk in iterator]
+        else:
+            responses = [
+                await models.generate_content(
+                    model=self.model, contents=self.contents, config=config
+                )
+            ]
+        out = Outcome(raw=self.clients.tee.last_body if stream else b"")
+        parts: list[genai_types.Part] = []
+        for response in responses:
+            for candidate in response.candidates or []:
+                parts += (
+                    candidate.content.parts if candidate.content and candidate.content.parts else []
+                )
+                if candidate.finish_reason:
+                    out.finish = candidate.finish_reason.value
+            usage = response.usage_metadata
+            if usage is not None and usage.prompt_token_count is not None:
+                out.input_tokens = usage.prompt_token_count
+                out.output_tokens = (usage.candidates_token_count or 0) + (
+                    usage.thoughts_token_count or 0
+                )
+        for part in parts:
+            if part.thought_signature:
+                out.signature += base64.b64encode(part.thought_signature).decode()
+            if part.thought:
+                out.reasoning += part.text or ""
+            elif part.text:
+                out.text += part.text
+            if part.function_call:
+                call = part.function_call
+                out.tool_calls.append(
+                    ToolCall(call.id or "", call.name or "", dict(call.args or {}))
+                )
+        self.contents.append(genai_types.Content(role="model", parts=parts))
+        return out
+
+
+DRIVERS = {"openai": OpenAIDriver, "anthropic": AnthropicDriver, "gemini": GeminiDriver}
+Driver = OpenAIDriver | AnthropicDriver | GeminiDriver
+
+STREAM_CHECKERS = {
+    "openai": lambda raw: grammar.check_openai_stream(raw, expect_usage=True),
+    "anthropic": grammar.check_anthropic_stream,
+    "gemini": grammar.check_gemini_stream,
+}
+
+
+def _expect_turn(driver: Driver, out: Outcome, stream: bool, tool_turn: bool) -> None:
+    """Asserts what every turn must deliver: stream grammar, finish reason and usage."""
+    if stream:
+        STREAM_CHECKERS[driver.kind](out.raw)
+    want_finish = NATIVE_FINISH[driver.kind][1 if tool_turn else 0]
+    assert out.finish == want_finish, f"finish reason {out.finish!r}, want {want_finish!r}"
+    assert (out.input_tokens, out.output_tokens) == (INPUT_TOKENS, OUTPUT_TOKENS), (
+        f"usage (in, out) = {(out.input_tokens, out.output_tokens)}, upstream reported "
+        f"{(INPUT_TOKENS, OUTPUT_TOKENS)}"
+    )
+
+
+def _expect_upstream(fake: FakeProvider, stream: bool) -> Seen:
+    seen = fake.last.seen
+    assert SYSTEM_PROMPT in seen.system, f"system prompt lost upstream: {seen.system!r}"
+    assert fake.last.key in fake.keys
+    if fake.name == "openai" and seen.stream:
+        assert seen.include_usage, "streamed from an OpenAI upstream without include_usage"
+    return seen
+
+
+async def run_scenario(
+    kind: str, clients: Clients, model: str, scenario: str, stream: bool, fake: FakeProvider
+) -> None:
+    """Plays one scenario through a client SDK and asserts what the client and the fake saw.
+
+    Args:
+        kind: client format, a key of ``DRIVERS``.
+        clients: SDK clients pointed at the server under test.
+        model: model name the client asks for.
+        scenario: ``text``, ``image``, ``tool``, ``parallel`` or ``reasoning``.
+        stream: whether the client streams.
+        fake: the fake provider that ends up serving the request.
+
+    Raises:
+        AssertionError: the client or the fake saw something wrong.
+    """
+    driver: Driver = DRIVERS[kind](clients, model)
+    driver.add_user(
+        f"Please help. scenario:{scenario}", RED_PIXEL_PNG if scenario == "image" else None
+    )
+    tools = scenario in ("tool", "parallel")
+    out = await driver.send(stream, tools=tools, reasoning=scenario == "reasoning")
+    seen = _expect_upstream(fake, stream)
+    _expect_turn(driver, out, stream, tool_turn=tools)
+    needs_id = kind != "gemini"
+    if scenario == "text":
+        assert (out.text, out.tool_calls) == (TEXT_ANSWER, [])
+    elif scenario == "image":
+        assert out.text == IMAGE_ANSWER
+        assert seen.images == [RED_PIXEL_PNG], f"image bytes upstream: {seen.images}"
+    elif scenario in ("tool", "parallel"):
+        assert seen.tool_names == [n for n, _, _ in TOOL_SPECS], seen.tool_names
+        want = [("get_weather", WEATHER_ARGS)]
+        if scenario == "parallel":
+            want.append(("get_time", TIME_ARGS))
+        assert [(c.name, c.arguments) for c in out.tool_calls] == want, out.tool_calls
+        ids = [c.id for c in out.tool_calls]
+        if needs_id:
+            assert all(ids) and len(set(ids)) == len(ids), f"tool call ids {ids}"
+        assert out.text == ""
+        if scenario == "parallel":
+            issued = [c.id for c in fake.last.reply.tool_calls]
+            driver.add_tool_results(out.tool_calls)
+            out2 = await driver.send(stream, tools=True)
+            seen2 = _expect_upstream(fake, stream)
+            _expect_turn(driver, out2, stream, tool_turn=False)
+            assert out2.text == PARALLEL_ANSWER
+            calls = seen2.assistant_tool_calls
+            assert [(c.name, c.arguments) for c in calls] == want, f"calls sent back: {calls}"
+            results = seen2.tool_results
+            assert [r.name for r in results] == ["get_weather", "get_time"], results
+            assert WEATHER_RESULT in results[0].content and TIME_RESULT in results[1].content, (
+                f"tool results upstream: {results}"
+            )
+            if fake.name != "gemini":
+                assert [c.id for c in calls] == issued, f"call ids upstream {calls}, fake {issued}"
+                assert [r.call_id for r in results] == issued, f"result ids {results}"
+    elif scenario == "reasoning":
+        assert out.text == REASONING_ANSWER
+        assert out.reasoning == REASONING_TEXT, f"reasoning text {out.reasoning!r}"
+        if fake.name != "openai":
+            assert out.signature, "reasoning signature did not reach the client"
+        if kind == fake.name:
+            want = {"anthropic": ANTHROPIC_SIGNATURE, "gemini": GEMINI_SIGNATURE}.get(kind, "")
+            assert out.signature == want, f"signature {out.signature!r}, upstream sent {want!r}"
+        driver.add_user("And now? scenario:followup")
+        out2 = await driver.send(stream, reasoning=True)
+        seen2 = _expect_upstream(fake, stream)
+        _expect_turn(driver, out2, stream, tool_turn=False)
+        assert out2.text == FOLLOWUP_ANSWER
+        if fake.name == "anthropic":
+            assert seen2.signatures == [ANTHROPIC_SIGNATURE], f"signatures {seen2.signatures}"
+            assert seen2.reasoning_texts == [REASONING_TEXT], seen2.reasoning_texts
+        elif fake.name == "gemini":
+            got = [b64decode_any(s) for s in seen2.signatures]
+            assert got == [base64.b64decode(GEMINI_SIGNATURE)], f"signatures {seen2.signatures}"
+    else:
+        raise ValueError(f"unknown scenario {scenario!r}")
