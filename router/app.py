@@ -268,6 +268,11 @@ async def _generate(
     except ConnectionResetError:
         logger.info("client disconnected from a stream for model=%s", ir_request.model)
         return out
+    except Exception:
+        # The headers are sent, so the error middleware can no longer answer: end the stream
+        # with the format's error event instead of corrupting it.
+        logger.exception("stream for model=%s failed with a router bug", ir_request.model)
+        await writer.write(renderer.render_error(GatewayError("internal router error")))
     finally:
         await events.aclose()
     await writer.close()

@@ -116,7 +116,11 @@ def error_for_status(status: int, message: str, retry_after: float | None = None
     cls = UPSTREAM_ERRORS.get(status)
     if cls is None:
         cls = UpstreamError if status >= 500 else InvalidRequestError
-    return cls(message, retry_after=retry_after)
+    err = cls(message, retry_after=retry_after)
+    if status >= 500 and status != 529:
+        # Keep the upstream's own server-error status (529 is Anthropic-only: 503 elsewhere).
+        err.status = status
+    return err
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -432,10 +432,10 @@ class StreamRenderer:
             finish,
         )
 
-    def _event(self, name: str, **data: object) -> SSEEvent:
-        payload = {"type": name, "sequence_number": self._seq, **data}
+    def _event(self, event_type: str, **data: object) -> SSEEvent:
+        payload = {"type": event_type, "sequence_number": self._seq, **data}
         self._seq += 1
-        return SSEEvent(dump_json(payload), name)
+        return SSEEvent(dump_json(payload), event_type)
 
     def _start_item(self, part: ir.Part, item_id: str) -> list[SSEEvent]:
         index = len(self._output)

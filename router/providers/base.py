@@ -194,15 +194,20 @@ class HTTPProvider(BaseProvider):
     async def _status_error(self, resp: aiohttp.ClientResponse) -> GatewayError:
         raw = await resp.content.read(_ERROR_BODY_LIMIT)
         text = raw.decode("utf-8", "replace")
+        retry_after = parse_retry_after(resp.headers.get("Retry-After"))
         try:
-            message = error_message(json.loads(text))
+            body = json.loads(text)
         except json.JSONDecodeError:
             message = text.strip()[:500] or resp.reason or "no details"
+        else:
+            message = error_message(body)
+            if retry_after is None:
+                retry_after = _google_retry_delay(body)
         logger.info("upstream %s returned %d: %s", self.config.name, resp.status, message)
         return error_for_status(
             resp.status,
             f"{self.config.name} ({self.config.type}) returned HTTP {resp.status}: {message}",
-            retry_after=parse_retry_after(resp.headers.get("Retry-After")),
+            retry_after=retry_after,
         )
 
     def upstream_data(self, parse: object, *args: object) -> object:
@@ -255,3 +260,14 @@ def error_message(body: object) -> str:
         if isinstance(error, str):
             return error
     return json.dumps(body)[:500]
+
+
+def _google_retry_delay(body: object) -> float | None:
+    """Google sends no Retry-After header but a ``RetryInfo`` detail (``"retryDelay": "31s"``)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    for detail in details if isinstance(details, list) else []:
+        delay = detail.get("retryDelay") if isinstance(detail, dict) else None
+        if isinstance(delay, str) and delay.endswith("s"):
+            return parse_retry_after(delay[:-1])
+    return None

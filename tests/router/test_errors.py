@@ -133,6 +133,7 @@ def test_in_stream_error_event_per_format(adapter, expect):
 def test_upstream_status_table(status, cls, retryable):
     err = errors.error_for_status(status, "upstream said no", retry_after=3.0)
     assert type(err) is cls and err.retryable is retryable
+    assert err.status == (status if status >= 500 and status != 529 else cls.status)
     assert err.message == "upstream said no" and err.retry_after == 3.0
 
 

@@ -614,3 +614,76 @@ def test_missing_env_var_is_named(tmp_path, monkeypatch):
     path.write_text("providers:\n  a: {type: anthropic, keys: ['${NOPE_KEY}']}\nmodels: {}\n")
     with pytest.raises(ConfigError, match="NOPE_KEY"):
         load_config(path)
+
+
+async def test_google_retry_info_sets_the_cool_down(client, fake):
+    body = {
+        "error": {
+            "code": 429,
+            "message": "quota",
+            "status": "RESOURCE_EXHAUSTED",
+            "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "31s"}],
+        }
+    }
+    fake.queue("gemini", Answer(status=429, body=body))
+    resp = await client.post("/v1/chat/completions", json={**OPENAI_BODY, "model": "gemini"})
+    assert resp.status == 429
+    assert resp.headers["Retry-After"] == "31"
+
+
+async def test_responses_stream_with_parallel_function_calls(client, fake):
+    fake.queue(
+        "openai",
+        Answer(
+            events=[
+                (None, openai_chunk({"role": "assistant", "content": None})),
+                (
+                    None,
+                    openai_chunk(
+                        {
+                            "tool_calls": [
+                                {
+                                    "index": 0,
+                                    "id": "c1",
+                                    "type": "function",
+                                    "function": {"name": "a", "arguments": '{"x":'},
+                                }
+                            ]
+                        }
+                    ),
+                ),
+                (
+                    None,
+                    openai_chunk({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+                ),
+                (
+                    None,
+                    openai_chunk(
+                        {
+                            "tool_calls": [
+                                {
+                                    "index": 1,
+                                    "id": "c2",
+                                    "type": "function",
+                                    "function": {"name": "b", "arguments": "{}"},
+                                }
+                            ]
+                        }
+                    ),
+                ),
+                (None, openai_chunk({}, "tool_calls")),
+                (None, "[DONE]"),
+            ]
+        ),
+    )
+    resp = await client.post("/v1/responses", json={"model": "gpt", "input": "hi", "stream": True})
+    events = await sse_events(resp)
+    names = [n for n, _ in events]
+    item = ["response.output_item.added", "response.function_call_arguments.delta"]
+    assert names[2:4] == item
+    assert names.count("response.function_call_arguments.done") == 2
+    done = [d for n, d in events if n == "response.function_call_arguments.done"]
+    assert [(d["name"], d["arguments"]) for d in done] == [("a", '{"x":1}'), ("b", "{}")]
+    output = events[-1][1]["response"]["output"]
+    assert [(o["call_id"], o["name"]) for o in output] == [("c1", "a"), ("c2", "b")]
+    assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
