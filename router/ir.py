@@ -9,6 +9,9 @@ produce them. Conventions:
   several or mid-conversation system messages keeps them; formats that do not decide how to
   render them.
 - Tool-call ``arguments`` are always the JSON text of an object.
+- ``cache`` on a part or tool marks a prompt-cache breakpoint after it (Anthropic's
+  ``cache_control``); its value is the cache TTL (``"5m"`` or ``"1h"``). Formats without
+  explicit breakpoints ignore it.
 - `Usage.input_tokens` counts *all* prompt tokens (cached ones included) and `output_tokens`
   counts all generated tokens (reasoning included), as OpenAI reports them.
 """
@@ -27,6 +30,7 @@ class TextPart:
     text: str
     # Gemini may sign a plain text part (``thoughtSignature``).
     signature: str | None = None
+    cache: str | None = None
 
 
 @dataclass
@@ -37,6 +41,7 @@ class MediaPart:
     data: str | None = None
     url: str | None = None
     filename: str | None = None
+    cache: str | None = None
 
     @property
     def kind(self) -> str:
@@ -63,6 +68,7 @@ class ToolCallPart:
     arguments: str = "{}"
     # Gemini's ``thoughtSignature`` on a ``functionCall`` part.
     signature: str | None = None
+    cache: str | None = None
 
 
 @dataclass
@@ -71,6 +77,7 @@ class ToolResultPart:
     name: str | None
     content: list[TextPart | MediaPart]
     is_error: bool = False
+    cache: str | None = None
 
 
 Part = TextPart | MediaPart | ThinkingPart | ToolCallPart | ToolResultPart
@@ -88,6 +95,7 @@ class Tool:
     description: str | None = None
     parameters: dict | None = None
     strict: bool | None = None
+    cache: str | None = None
 
 
 @dataclass

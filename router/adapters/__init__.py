@@ -191,7 +191,7 @@ def budget_to_effort(budget: int) -> str:
     return "high"
 
 
-def split_system(messages: list[ir.Message]) -> tuple[list[str], list[ir.Message]]:
+def split_system(messages: list[ir.Message]) -> tuple[list[ir.TextPart], list[ir.Message]]:
     """Separate the leading system messages for formats with one top-level system prompt.
 
     System messages later in the conversation stay in place as user turns whose text is
@@ -202,13 +202,13 @@ def split_system(messages: list[ir.Message]) -> tuple[list[str], list[ir.Message
         messages: The IR conversation.
 
     Returns:
-        The texts of the leading system messages (one entry per text part, never merged) and
-        the remaining messages.
+        The text parts of the leading system messages (never merged) and the remaining
+        messages.
     """
-    system: list[str] = []
+    system: list[ir.TextPart] = []
     start = 0
     while start < len(messages) and messages[start].role == "system":
-        system.extend(p.text for p in messages[start].parts if isinstance(p, ir.TextPart))
+        system.extend(p for p in messages[start].parts if isinstance(p, ir.TextPart))
         start += 1
     rest = []
     for message in messages[start:]:
@@ -217,3 +217,17 @@ def split_system(messages: list[ir.Message]) -> tuple[list[str], list[ir.Message
             message = ir.Message("user", [ir.TextPart(f"<system>\n{text}\n</system>")])
         rest.append(message)
     return system, rest
+
+
+def append_tool_result(messages: list[ir.Message], result: ir.ToolResultPart) -> None:
+    """Add a tool result, folding consecutive results into one user turn (the IR's model).
+
+    Args:
+        messages: The conversation being built.
+        result: The tool result.
+    """
+    last = messages[-1] if messages else None
+    if last and last.role == "user" and all(isinstance(p, ir.ToolResultPart) for p in last.parts):
+        last.parts.append(result)
+    else:
+        messages.append(ir.Message("user", [result]))

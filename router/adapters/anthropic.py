@@ -151,6 +151,29 @@ _ASSISTANT_BLOCKS = ("text", "thinking", "redacted_thinking", "tool_use")
 
 
 def _parse_block(block: dict, where: str, allowed: tuple[str, ...]) -> ir.Part:
+    part = _parse_block_body(block, where, allowed)
+    cache = _parse_cache(block, where)
+    if cache is not None and not isinstance(part, ir.ThinkingPart):
+        part.cache = cache
+    return part
+
+
+def _parse_cache(obj: dict, where: str) -> str | None:
+    cache_control = field(obj, "cache_control", dict, where)
+    if cache_control is None:
+        return None
+    return field(cache_control, "ttl", str, f"{where}.cache_control") or "5m"
+
+
+def _render_cache(wire: dict, cache: str | None) -> dict:
+    if cache is not None:
+        wire["cache_control"] = {"type": "ephemeral"}
+        if cache != "5m":
+            wire["cache_control"]["ttl"] = cache
+    return wire
+
+
+def _parse_block_body(block: dict, where: str, allowed: tuple[str, ...]) -> ir.Part:
     kind = field(block, "type", str, where, required=True)
     if kind not in allowed:
         raise InvalidRequestError(
@@ -226,6 +249,7 @@ def _parse_tools(raw: list) -> list[ir.Tool]:
                 description=field(tool, "description", str, at),
                 parameters=field(tool, "input_schema", dict, at, required=True),
                 strict=field(tool, "strict", bool, at),
+                cache=_parse_cache(tool, at),
             )
         )
     return tools
@@ -289,7 +313,9 @@ def render_request(request: ir.Request) -> dict:
     system, messages = split_system(request.messages)
     body: dict = {"model": request.model, "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS}
     if system:
-        body["system"] = [{"type": "text", "text": text} for text in system if text]
+        body["system"] = [
+            _render_cache({"type": "text", "text": p.text}, p.cache) for p in system if p.text
+        ]
     body["messages"] = [
         m
         for m in (_render_message(m, f"messages[{i}]") for i, m in enumerate(messages))
@@ -369,6 +395,13 @@ def _render_message(message: ir.Message, where: str) -> dict:
 
 def _render_block(part: ir.Part, where: str, unsigned: str | None = None) -> dict | None:
     """One content block; unsigned thinking gets the signature ``unsigned`` (None: dropped)."""
+    block = _render_block_body(part, where, unsigned)
+    if block is not None and not isinstance(part, ir.ThinkingPart):
+        _render_cache(block, part.cache)
+    return block
+
+
+def _render_block_body(part: ir.Part, where: str, unsigned: str | None) -> dict | None:
     if isinstance(part, ir.TextPart):
         return {"type": "text", "text": part.text} if part.text else None
     if isinstance(part, ir.MediaPart):
@@ -432,7 +465,7 @@ def _render_tool(tool: ir.Tool) -> dict:
         wire["description"] = tool.description
     if tool.strict is not None:
         wire["strict"] = tool.strict
-    return wire
+    return _render_cache(wire, tool.cache)
 
 
 def _safe_id(call_id: str) -> str:

@@ -318,7 +318,7 @@ def render_request(request: ir.Request) -> dict:
     system, messages = split_system(request.messages)
     body: dict = {}
     if system:
-        body["systemInstruction"] = {"parts": [{"text": t} for t in system]}
+        body["systemInstruction"] = {"parts": [{"text": p.text} for p in system]}
     names = {p.id: p.name for m in messages for p in m.parts if isinstance(p, ir.ToolCallPart)}
     needs_signature = request.model.startswith("gemini-3")
     contents = []

@@ -16,7 +16,15 @@ import time
 from .. import ir
 from ..errors import GatewayError, InvalidRequestError, UpstreamError
 from ..sse import SSEEvent
-from . import budget_to_effort, dump_json, field, new_id, objects, parse_data_url
+from . import (
+    append_tool_result,
+    budget_to_effort,
+    dump_json,
+    field,
+    new_id,
+    objects,
+    parse_data_url,
+)
 
 _FINISH_FROM_WIRE: dict[str, ir.FinishReason] = {
     "stop": "stop",
@@ -119,16 +127,7 @@ def _parse_message(
         result = ir.ToolResultPart(
             call_id, tool_names.get(call_id), _parse_content(raw, where, text_only=False)
         )
-        # Consecutive tool messages answer one assistant turn: fold them into one user turn.
-        last = out[-1] if out else None
-        if (
-            last
-            and last.role == "user"
-            and all(isinstance(p, ir.ToolResultPart) for p in last.parts)
-        ):
-            last.parts.append(result)
-        else:
-            out.append(ir.Message("user", [result]))
+        append_tool_result(out, result)
     else:
         raise InvalidRequestError(f"{where}.role: unsupported role {role!r}", param=f"{where}.role")
 
@@ -144,7 +143,12 @@ def _parse_content(raw: dict, where: str, *, text_only: bool) -> list:
         at = f"{where}.content[{j}]"
         kind = field(item, "type", str, at, required=True)
         if kind == "text":
-            parts.append(ir.TextPart(field(item, "text", str, at, required=True)))
+            part = ir.TextPart(field(item, "text", str, at, required=True))
+            # OpenRouter/LiteLLM-style cache breakpoints on OpenAI-format text parts.
+            cache_control = field(item, "cache_control", dict, at)
+            if cache_control is not None:
+                part.cache = cache_control.get("ttl") or "5m"
+            parts.append(part)
         elif text_only:
             raise InvalidRequestError(
                 f"{at}.type: only text content is allowed here, got {kind!r}", param=f"{at}.type"
@@ -465,8 +469,8 @@ def parse_response(body: dict) -> ir.Response:
         body: The decoded JSON response.
 
     Raises:
-        InvalidRequestError: Never for valid responses; ``KeyError``-free by design: missing
-            optional fields get defaults.
+        InvalidRequestError: If a message field has the wrong type (the provider turns this
+            into a 502).
     """
     choices = body.get("choices") or [{}]
     choice = choices[0]

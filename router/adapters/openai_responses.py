@@ -13,7 +13,7 @@ import time
 from .. import ir
 from ..errors import GatewayError, InvalidRequestError
 from ..sse import SSEEvent
-from . import dump_json, field, new_id, objects, parse_data_url
+from . import append_tool_result, dump_json, field, new_id, objects, parse_data_url
 from .openai import render_error as _render_openai_error
 
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
@@ -117,16 +117,7 @@ def _parse_item(item: dict, where: str, messages: list[ir.Message], names: dict[
                 for j, c in enumerate(objects(output, f"{where}.output"))
             ]
         )
-        result = ir.ToolResultPart(call_id, names.get(call_id), content)
-        last = messages[-1] if messages else None
-        if (
-            last
-            and last.role == "user"
-            and all(isinstance(p, ir.ToolResultPart) for p in last.parts)
-        ):
-            last.parts.append(result)
-        else:
-            messages.append(ir.Message("user", [result]))
+        append_tool_result(messages, ir.ToolResultPart(call_id, names.get(call_id), content))
     elif kind == "reasoning":
         summary = objects(field(item, "summary", list, where) or [], f"{where}.summary")
         text = "".join(field(s, "text", str, f"{where}.summary") or "" for s in summary)

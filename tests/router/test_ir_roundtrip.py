@@ -258,7 +258,7 @@ ANTHROPIC_REQUEST = {
     "max_tokens": 5000,
     "system": [
         {"type": "text", "text": "You are terse."},
-        {"type": "text", "text": "Answer in English."},
+        {"type": "text", "text": "Answer in English.", "cache_control": {"type": "ephemeral"}},
     ],
     "messages": [
         {
@@ -306,11 +306,18 @@ ANTHROPIC_REQUEST = {
                     "content": [{"type": "text", "text": "unknown city"}],
                     "is_error": True,
                 },
-                {"type": "text", "text": "And?"},
+                {"type": "text", "text": "And?", "cache_control": {"type": "ephemeral"}},
             ],
         },
     ],
-    "tools": [{"name": "weather", "description": "Weather", "input_schema": WEATHER_SCHEMA}],
+    "tools": [
+        {
+            "name": "weather",
+            "description": "Weather",
+            "input_schema": WEATHER_SCHEMA,
+            "cache_control": {"type": "ephemeral", "ttl": "1h"},
+        }
+    ],
     "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
     "stop_sequences": ["END"],
     "thinking": {"type": "enabled", "budget_tokens": 2048},
