@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -27,7 +28,7 @@ from .errors import (
 from .keys import KeyPool
 from .providers import make_provider
 from .providers.base import BaseProvider
-from .sse import encode_event
+from .sse import encode_comment, encode_event
 
 logger = logging.getLogger(__name__)
 
@@ -249,12 +250,24 @@ async def _generate(
     if not ir_request.stream:
         response = await run_with_fallback(app, ir_request, _complete)
         return web.json_response(adapter.render_response(response, ir_request))
-    buffered, events = await run_with_fallback(app, ir_request, _open_stream)
     renderer = adapter.StreamRenderer(ir_request)
     content_type = "text/event-stream" if sse else "application/json"
     out = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
-    await out.prepare(request)
     writer = _SSEWriter(out) if sse else _ArrayWriter(out)
+    keepalive = app[CONFIG].limits.keepalive_s if sse else 0
+    try:
+        started = await _first_events(request, ir_request, out, keepalive)
+    except ConnectionResetError:
+        logger.info("client left while model=%s was starting", ir_request.model)
+        return out
+    if isinstance(started, GatewayError):
+        # Headers went out with keep-alives before every target failed.
+        await writer.write(renderer.render_error(started))
+        await writer.close()
+        return out
+    buffered, events = started
+    if not out.prepared:
+        await out.prepare(request)
     try:
         for event in buffered:
             await writer.write(renderer.render_stream_event(event))
@@ -277,6 +290,37 @@ async def _generate(
         await events.aclose()
     await writer.close()
     return out
+
+
+async def _first_events(
+    request: web.Request, ir_request: ir.Request, out: web.StreamResponse, keepalive: float
+) -> tuple[list[ir.StreamEvent], AsyncIterator[ir.StreamEvent]] | GatewayError:
+    """Open the stream with fallback. While no target has produced content for ``keepalive``
+    seconds, send the headers and an SSE comment every ``keepalive`` seconds, so proxies with
+    idle timeouts keep the connection; fallback still works since no content was sent.
+
+    Returns:
+        The buffered first events and the rest of the stream, or the final error if the
+        headers were already sent (before that, the error is raised).
+    """
+    task = asyncio.ensure_future(run_with_fallback(request.app, ir_request, _open_stream))
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=keepalive or None)
+            if task.done():
+                break
+            if not out.prepared:
+                await out.prepare(request)
+            await out.write(encode_comment("keep-alive"))
+    finally:
+        if not task.done():
+            task.cancel()
+    try:
+        return task.result()
+    except GatewayError as err:
+        if not out.prepared:
+            raise
+        return err
 
 
 async def _complete(provider: BaseProvider, request: ir.Request, key: str | None) -> ir.Response:

@@ -687,3 +687,36 @@ async def test_responses_stream_with_parallel_function_calls(client, fake):
     output = events[-1][1]["response"]["output"]
     assert [(o["call_id"], o["name"]) for o in output] == [("c1", "a"), ("c2", "b")]
     assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
+
+
+async def test_keepalive_comments_during_a_slow_first_token(aiohttp_client, fake):
+    client = await aiohttp_client(create_app(make_config(fake.base_url, keepalive_s=0.05)))
+    events = anthropic_events(({"type": "text", "text": ""}, [{"type": "text_delta", "text": "x"}]))
+    fake.queue("anthropic", Answer(events=events, delay_s=0.3))
+    body = {**ANTHROPIC_BODY, "stream": True}
+    resp = await client.post("/v1/messages", json=body)
+    raw = await resp.read()
+    assert resp.status == 200
+    assert raw.startswith(b": keep-alive\n\n")
+    decoder = SSEDecoder()
+    names = [e.event for e in decoder.feed(raw) + decoder.flush()]
+    assert names[0] == "message_start" and names[-1] == "message_stop"
+
+
+async def test_failure_after_keepalives_is_an_error_event(aiohttp_client, fake):
+    client = await aiohttp_client(create_app(make_config(fake.base_url, keepalive_s=0.05)))
+    fake.queue("openai", Answer(status=500, body={"error": {"message": "boom"}}, delay_s=0.2))
+    resp = await client.post("/v1/chat/completions", json={**OPENAI_BODY, "stream": True})
+    assert resp.status == 200
+    chunks = [d for _, d in await sse_events(resp)]
+    assert chunks == [
+        {
+            "error": {
+                "message": chunks[0]["error"]["message"],
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        }
+    ]
+    assert "boom" in chunks[0]["error"]["message"]
