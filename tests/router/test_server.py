@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import statistics
+import time
 
 import pytest
 
@@ -720,3 +722,54 @@ async def test_failure_after_keepalives_is_an_error_event(aiohttp_client, fake):
         }
     ]
     assert "boom" in chunks[0]["error"]["message"]
+
+
+@pytest.mark.slow
+async def test_overhead_benchmark(aiohttp_client, fake, capsys):
+    """Added latency of the router over calling the (loopback) upstream directly.
+
+    Run: python -m pytest tests/router/test_server.py -m slow -s -k overhead
+    """
+    client = await aiohttp_client(create_app(make_config(fake.base_url)))
+    upstream = f"{fake.base_url}/v1/chat/completions"
+    direct_body = {"model": "gpt-up", "messages": OPENAI_BODY["messages"]}
+
+    async def timed(send) -> list[float]:
+        samples = []
+        for _ in range(300):
+            start = time.perf_counter()
+            await send()
+            samples.append((time.perf_counter() - start) * 1000)
+        return sorted(samples)
+
+    async def direct() -> None:
+        async with client.session.post(upstream, json=direct_body) as resp:
+            await resp.read()
+
+    async def same_format() -> None:
+        await (await client.post("/v1/chat/completions", json=OPENAI_BODY)).read()
+
+    async def cross_format() -> None:
+        await (await client.post("/v1/messages", json={**ANTHROPIC_BODY, "model": "gpt"})).read()
+
+    async def cross_stream() -> None:
+        body = {**ANTHROPIC_BODY, "model": "gpt", "stream": True}
+        await (await client.post("/v1/messages", json=body)).read()
+
+    results = {
+        name: await timed(fn)
+        for name, fn in [
+            ("direct upstream", direct),
+            ("openai->openai", same_format),
+            ("anthropic->openai", cross_format),
+            ("anthropic->openai stream", cross_stream),
+        ]
+    }
+    base = statistics.median(results["direct upstream"])
+    with capsys.disabled():
+        for name, samples in results.items():
+            p50, p95 = statistics.median(samples), samples[int(len(samples) * 0.95)]
+            print(
+                f"{name:26s} p50 {p50:6.2f} ms  p95 {p95:6.2f} ms  added p50 {p50 - base:5.2f} ms"
+            )
+    assert statistics.median(results["anthropic->openai"]) - base < 50
