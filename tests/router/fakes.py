@@ -14,7 +14,13 @@ format drives the same upstream behaviour:
 - ``reasoning``: a reasoning block (Anthropic ``thinking`` with a signature, Gemini
   ``thought: true`` part with a ``thoughtSignature``, OpenAI-compatible ``reasoning_content``)
   before the text.
+- ``reasoning-tool``: a reasoning block and then a ``get_weather`` call (Gemini puts the
+  ``thoughtSignature`` on the functionCall part, as Gemini 3 does); the results turn must bring
+  the reasoning signature back with the call.
 - ``followup``: a plain text answer; used as the next turn after ``reasoning``.
+- ``midstream-error``: a stream that sends some text and then the provider's in-stream error
+  event (OpenAI ``{"error": ...}`` data, Anthropic ``event: error`` overloaded_error, Gemini an
+  ``{"error": ...}`` chunk); a non-streaming request gets a 500.
 - ``error-400``, ``error-401``, ``error-429``, ``error-500``: the provider's own error body.
 
 Invalid requests get the provider's 400 shape and are kept in ``FakeProvider.problems`` so a test
@@ -43,6 +49,7 @@ import typing_extensions
 from aiohttp import web
 from anthropic.types import message_create_params
 from google import genai
+from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 from openai.types.chat import completion_create_params
 
@@ -60,6 +67,7 @@ IMAGE_ANSWER = "I see one red pixel."
 PARALLEL_ANSWER = "Paris is sunny and it is 09:00 in Tokyo."
 REASONING_TEXT = "The user asks 2+2.\nAdding gives 4."
 REASONING_ANSWER = "2 + 2 = 4."
+REASONING_TOOL_ANSWER = "It is sunny in Paris."
 FOLLOWUP_ANSWER = "Follow-up answered."
 # Real signatures are opaque base64 strings; keep them canonical base64 so clients that decode
 # them (google-genai turns thoughtSignature into bytes) round-trip them unchanged.
@@ -100,6 +108,8 @@ class Reply:
     input_tokens: int = INPUT_TOKENS
     output_tokens: int = OUTPUT_TOKENS
     reasoning_tokens: int = 0
+    # Streams send their first text piece and then the provider's in-stream error event.
+    fail_midstream: bool = False
 
 
 @dataclass
@@ -125,6 +135,8 @@ class Seen:
     tool_results: list[ToolResult] = field(default_factory=list)
     reasoning_texts: list[str] = field(default_factory=list)
     signatures: list[str] = field(default_factory=list)
+    # Names of the functionCall parts that carry a thoughtSignature (Gemini).
+    signed_calls: list[str] = field(default_factory=list)
     ends_with_tool_results: bool = False
     stream: bool = False
     include_usage: bool = False
@@ -187,8 +199,18 @@ class FakeProvider:
             return Reply(
                 text=REASONING_ANSWER, reasoning=REASONING_TEXT, reasoning_tokens=REASONING_TOKENS
             )
+        if seen.scenario == "reasoning-tool":
+            if seen.ends_with_tool_results:
+                return Reply(text=REASONING_TOOL_ANSWER)
+            return Reply(
+                reasoning=REASONING_TEXT,
+                tool_calls=[self._call(0, "get_weather", WEATHER_ARGS)],
+                reasoning_tokens=REASONING_TOKENS,
+            )
         if seen.scenario == "followup":
             return Reply(text=FOLLOWUP_ANSWER)
+        if seen.scenario == "midstream-error":
+            return Reply(text=TEXT_ANSWER, fail_midstream=True) if seen.stream else 500
         return Reply(text=TEXT_ANSWER)
 
     def _call(self, index: int, name: str, args: dict[str, Any]) -> ToolCall:
@@ -531,6 +553,11 @@ class FakeOpenAI(FakeProvider):
             await resp.write(sse(chunk({"reasoning_content": piece})))
         for piece in split_text(reply.text) if reply.text else []:
             await resp.write(sse(chunk({"content": piece})))
+            if reply.fail_midstream:
+                error = {"message": ERROR_MESSAGE, "type": "server_error", "param": None}
+                await resp.write(sse({"error": {**error, "code": None}}))
+                await resp.write_eof()
+                return resp
         for index, tc in enumerate(reply.tool_calls):
             first = {
                 "index": index,
@@ -746,6 +773,11 @@ class FakeAnthropic(FakeProvider):
             await send("content_block_start", index=index, content_block=start)
             for delta in deltas:
                 await send("content_block_delta", index=index, delta=delta)
+                if reply.fail_midstream:
+                    error = {"type": "overloaded_error", "message": ERROR_MESSAGE}
+                    await send("error", error=error)
+                    await resp.write_eof()
+                    return resp
             await send("content_block_stop", index=index)
         stop = "tool_use" if reply.tool_calls else "end_turn"
         await send(
@@ -847,6 +879,8 @@ class FakeGemini(FakeProvider):
                     seen.image_urls.append(part["fileData"]["fileUri"])
                 if "functionCall" in part:
                     call = part["functionCall"]
+                    if part.get("thoughtSignature"):
+                        seen.signed_calls.append(call["name"])
                     seen.assistant_tool_calls.append(
                         ToolCall(call.get("id", ""), call["name"], call.get("args", {}))
                     )
@@ -887,15 +921,14 @@ class FakeGemini(FakeProvider):
     @staticmethod
     def parts(reply: Reply) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        if reply.reasoning:
-            out.append({"text": reply.reasoning, "thought": True})
         if reply.text:
-            part: dict[str, Any] = {"text": reply.text}
-            if reply.reasoning:
-                part["thoughtSignature"] = GEMINI_SIGNATURE
-            out.append(part)
+            out.append({"text": reply.text})
         for tc in reply.tool_calls:
             out.append({"functionCall": {"name": tc.name, "args": tc.arguments}})
+        if reply.reasoning:
+            # Gemini signs the first part after the thought summary (a text or functionCall).
+            out[0]["thoughtSignature"] = GEMINI_SIGNATURE
+            out.insert(0, {"text": reply.reasoning, "thought": True})
         return out
 
     @staticmethod
@@ -925,12 +958,9 @@ class FakeGemini(FakeProvider):
         chunks: list[list[dict[str, Any]]] = []
         if reply.reasoning:
             chunks += [[{"text": p, "thought": True}] for p in split_text(reply.reasoning)]
+        first_answer = len(chunks)
         if reply.text:
-            pieces = split_text(reply.text)
-            chunks += [[{"text": p}] for p in pieces]
-            if reply.reasoning:
-                # Gemini puts the signature on a part after the thought summary.
-                chunks[-len(pieces)][0]["thoughtSignature"] = GEMINI_SIGNATURE
+            chunks += [[{"text": p}] for p in split_text(reply.text)]
         if reply.tool_calls:
             # Gemini sends each function call whole, never split across chunks.
             chunks.append(
@@ -939,7 +969,14 @@ class FakeGemini(FakeProvider):
                     for tc in reply.tool_calls
                 ]
             )
+        if reply.reasoning:
+            # Gemini signs the first part after the thought summary (a text or functionCall).
+            chunks[first_answer][0]["thoughtSignature"] = GEMINI_SIGNATURE
         for i, parts in enumerate(chunks):
+            if reply.fail_midstream and i == 1:
+                error = {"code": 500, "message": ERROR_MESSAGE, "status": "INTERNAL"}
+                await resp.write(f"data: {json.dumps({'error': error})}\r\n\r\n".encode())
+                break
             event = self.response(model, parts, reply, final=i == len(chunks) - 1)
             await resp.write(f"data: {json.dumps(event)}\r\n\r\n".encode())
         await resp.write_eof()
@@ -1184,7 +1221,9 @@ class OpenAIDriver:
                 out.input_tokens = response.usage.prompt_tokens
                 out.output_tokens = response.usage.completion_tokens
         out.signature = "".join(b.get("signature") or "" for b in blocks)
-        assistant: dict[str, Any] = {"role": "assistant", "content": out.text or None}
+        # Many agents send "" rather than null beside tool calls; Anthropic rejects an empty text
+        # block, so the router must drop it (hard case 11).
+        assistant: dict[str, Any] = {"role": "assistant", "content": out.text}
         if out.tool_calls:
             assistant["tool_calls"] = [
                 {
@@ -1361,6 +1400,49 @@ class GeminiDriver:
         return out
 
 
+async def ask(client: str, clients: Clients, model: str, prompt: str, stream: bool) -> str:
+    """Sends one user message through a client SDK and returns the answer text.
+
+    Args:
+        client: client format, a key of ``DRIVERS``.
+        clients: SDK clients pointed at the server under test.
+        model: model name the client asks for.
+        prompt: the user text (carries the scenario marker).
+        stream: whether to stream; streams are read to the end.
+
+    Raises:
+        openai.APIError, anthropic.APIError, google.genai.errors.APIError: as the SDK raises.
+    """
+    messages = [{"role": "user", "content": prompt}]
+    if client == "openai":
+        if stream:
+            response = await clients.openai.chat.completions.create(
+                model=model, messages=messages, stream=True
+            )
+            return "".join([c.choices[0].delta.content or "" async for c in response if c.choices])
+        response = await clients.openai.chat.completions.create(model=model, messages=messages)
+        return response.choices[0].message.content or ""
+    if client == "anthropic":
+        kwargs = {"model": model, "max_tokens": 64, "messages": messages}
+        if stream:
+            async with clients.anthropic.messages.stream(**kwargs) as events:
+                return await events.get_final_text()
+        message = await clients.anthropic.messages.create(**kwargs)
+        return "".join(b.text for b in message.content if b.type == "text")
+    models = clients.gemini.aio.models
+    if stream:
+        chunks = await models.generate_content_stream(model=model, contents=prompt)
+        return "".join([c.text or "" async for c in chunks])
+    return (await models.generate_content(model=model, contents=prompt)).text or ""
+
+
+# What each SDK raises for its provider's in-stream error event.
+MIDSTREAM_ERRORS = {
+    "openai": openai.APIError,
+    "anthropic": anthropic.APIError,
+    "gemini": genai_errors.APIError,
+}
+
 DRIVERS = {"openai": OpenAIDriver, "anthropic": AnthropicDriver, "gemini": GeminiDriver}
 Driver = OpenAIDriver | AnthropicDriver | GeminiDriver
 
@@ -1412,8 +1494,9 @@ async def run_scenario(
     driver.add_user(
         f"Please help. scenario:{scenario}", RED_PIXEL_PNG if scenario == "image" else None
     )
-    tools = scenario in ("tool", "parallel")
-    out = await driver.send(stream, tools=tools, reasoning=scenario == "reasoning")
+    tools = scenario in ("tool", "parallel", "reasoning-tool")
+    reasoning = scenario in ("reasoning", "reasoning-tool")
+    out = await driver.send(stream, tools=tools, reasoning=reasoning)
     seen = _expect_upstream(fake, stream)
     _expect_turn(driver, out, stream, tool_turn=tools)
     needs_id = kind != "gemini"
@@ -1462,11 +1545,36 @@ async def run_scenario(
         seen2 = _expect_upstream(fake, stream)
         _expect_turn(driver, out2, stream, tool_turn=False)
         assert out2.text == FOLLOWUP_ANSWER
-        if fake.name == "anthropic":
-            assert seen2.signatures == [ANTHROPIC_SIGNATURE], f"signatures {seen2.signatures}"
-            assert seen2.reasoning_texts == [REASONING_TEXT], seen2.reasoning_texts
-        elif fake.name == "gemini":
-            got = [b64decode_any(s) for s in seen2.signatures]
-            assert got == [base64.b64decode(GEMINI_SIGNATURE)], f"signatures {seen2.signatures}"
+        _expect_signature_back(fake, seen2, with_call=False)
+    elif scenario == "reasoning-tool":
+        assert [(c.name, c.arguments) for c in out.tool_calls] == [("get_weather", WEATHER_ARGS)]
+        assert out.reasoning == REASONING_TEXT, f"reasoning text {out.reasoning!r}"
+        if fake.name != "openai":
+            assert out.signature, "reasoning signature did not reach the client"
+        driver.add_tool_results(out.tool_calls)
+        out2 = await driver.send(stream, tools=True, reasoning=True)
+        seen2 = _expect_upstream(fake, stream)
+        _expect_turn(driver, out2, stream, tool_turn=False)
+        assert out2.text == REASONING_TOOL_ANSWER
+        _expect_signature_back(fake, seen2, with_call=True)
     else:
         raise ValueError(f"unknown scenario {scenario!r}")
+
+
+def _expect_signature_back(fake: FakeProvider, seen: Seen, with_call: bool) -> None:
+    """Asserts the upstream got its own reasoning signature back, unchanged, on the next turn."""
+    if fake.name == "anthropic":
+        assert seen.signatures == [ANTHROPIC_SIGNATURE], f"signatures upstream {seen.signatures}"
+        assert seen.reasoning_texts == [REASONING_TEXT], seen.reasoning_texts
+        if with_call:
+            turn = next(m for m in fake.last.body["messages"] if m["role"] == "assistant")
+            kinds = [b["type"] for b in turn["content"]]
+            assert kinds == ["thinking", "tool_use"], f"assistant turn blocks upstream: {kinds}"
+    elif fake.name == "gemini":
+        got = [b64decode_any(s) for s in seen.signatures]
+        assert got == [base64.b64decode(GEMINI_SIGNATURE)], f"signatures upstream {seen.signatures}"
+        if with_call:
+            assert seen.signed_calls == ["get_weather"], (
+                "Function call is missing a thought_signature in functionCall parts (Gemini 3 "
+                f"answers 400); signed calls upstream: {seen.signed_calls}"
+            )

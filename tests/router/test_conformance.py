@@ -26,9 +26,11 @@ from tests.router.fakes import (
     ANTHROPIC_KEYS,
     ERROR_MESSAGE,
     GEMINI_KEYS,
+    MIDSTREAM_ERRORS,
     OPENAI_KEYS,
     TEXT_ANSWER,
     Clients,
+    ask,
     make_clients,
     run_scenario,
 )
@@ -37,7 +39,7 @@ from tests.router.fakes import (
 module_loop = pytest.mark.asyncio(loop_scope="module")
 
 KINDS = ["openai", "anthropic", "gemini"]
-SCENARIOS = ["text", "image", "tool", "parallel", "reasoning"]
+SCENARIOS = ["text", "image", "tool", "parallel", "reasoning", "reasoning-tool"]
 UPSTREAM_MODELS = {"openai": "gpt-fake", "anthropic": "claude-fake", "gemini": "gemini-fake"}
 
 
@@ -107,31 +109,6 @@ async def test_matrix(fakes, clients, client, upstream, scenario, stream):
         assert model == UPSTREAM_MODELS[upstream], f"upstream model {model!r}"
 
 
-async def ask(client: str, clients: Clients, model: str, prompt: str, stream: bool) -> str:
-    """Sends one user message and returns the answer text (streams read to the end)."""
-    messages = [{"role": "user", "content": prompt}]
-    if client == "openai":
-        if stream:
-            response = await clients.openai.chat.completions.create(
-                model=model, messages=messages, stream=True
-            )
-            return "".join([c.choices[0].delta.content or "" async for c in response if c.choices])
-        response = await clients.openai.chat.completions.create(model=model, messages=messages)
-        return response.choices[0].message.content or ""
-    if client == "anthropic":
-        kwargs = {"model": model, "max_tokens": 64, "messages": messages}
-        if stream:
-            async with clients.anthropic.messages.stream(**kwargs) as events:
-                return await events.get_final_text()
-        message = await clients.anthropic.messages.create(**kwargs)
-        return "".join(b.text for b in message.content if b.type == "text")
-    models = clients.gemini.aio.models
-    if stream:
-        chunks = await models.generate_content_stream(model=model, contents=prompt)
-        return "".join([c.text or "" async for c in chunks])
-    return (await models.generate_content(model=model, contents=prompt)).text or ""
-
-
 ERROR_CLASSES = {
     "openai": {
         400: openai.BadRequestError,
@@ -171,6 +148,16 @@ async def test_upstream_errors_reach_client_sdk(
     assert got == status or (status == 500 and got in (500, 502)), f"status {got}: {err}"
     assert ERROR_MESSAGE in str(err), f"upstream message lost: {err}"
     assert fakes.by_name(upstream).exchanges, "the fake was never called"
+
+
+@module_loop
+@pytest.mark.parametrize("upstream", KINDS, ids=lambda k: f"to-{k}")
+@pytest.mark.parametrize("client", KINDS, ids=lambda k: f"from-{k}")
+async def test_midstream_error_reaches_client(fakes, fresh_clients, client, upstream):
+    """An error event after the first delta (no retry possible) ends the client's stream with
+    its own format's error, which its SDK raises; never a silently truncated success."""
+    with pytest.raises(MIDSTREAM_ERRORS[client], match=ERROR_MESSAGE):
+        await ask(client, fresh_clients, f"m-{upstream}", "scenario:midstream-error", stream=True)
 
 
 @module_loop

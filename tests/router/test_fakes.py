@@ -20,8 +20,10 @@ from tests.router.fakes import (
     ANTHROPIC_KEYS,
     ERROR_MESSAGE,
     GEMINI_KEYS,
+    MIDSTREAM_ERRORS,
     OPENAI_KEYS,
     Clients,
+    ask,
     check_typed,
     make_clients,
     run_scenario,
@@ -30,7 +32,7 @@ from tests.router.fakes import (
 # Async tests share the module-scoped fakes, so they run on the module's event loop.
 module_loop = pytest.mark.asyncio(loop_scope="module")
 
-SCENARIOS = ["text", "image", "tool", "parallel", "reasoning"]
+SCENARIOS = ["text", "image", "tool", "parallel", "reasoning", "reasoning-tool"]
 KINDS = ["openai", "anthropic", "gemini"]
 
 
@@ -78,6 +80,17 @@ async def test_fake_errors_map_to_sdk_exceptions(fakes, status):
         with pytest.raises(expected[2], match=ERROR_MESSAGE) as info:
             await clients.gemini.aio.models.generate_content(model="m", contents=prompt)
         assert info.value.code == status
+    finally:
+        await clients.close()
+
+
+@module_loop
+@pytest.mark.parametrize("kind", KINDS)
+async def test_midstream_error_raises_in_sdk(fakes, kind):
+    clients = direct_clients(fakes)
+    try:
+        with pytest.raises(MIDSTREAM_ERRORS[kind], match=ERROR_MESSAGE):
+            await ask(kind, clients, "m", "scenario:midstream-error", stream=True)
     finally:
         await clients.close()
 
