@@ -1,4 +1,8 @@
-"""Load SmolVLM / Idefics3 checkpoints (Hugging Face layout) into the MLX model."""
+"""Load SmolVLM / Idefics3 checkpoints into the MLX model.
+
+Reads Hugging Face checkpoints and MLX exports (ours and mlx-vlm's: ``language_model.*``
+names, channels-last patch convolution, optionally quantized with a ``quantization`` block).
+"""
 
 from __future__ import annotations
 
@@ -19,8 +23,10 @@ from huggingface_hub.errors import (
 )
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .config import load_config
+from .config import ConfigError, load_config
 from .model import Model
+from .quantize import apply_quantization, from_export_path
+from .vision import VisionModel
 
 if TYPE_CHECKING:
     from .processing import Processor
@@ -121,6 +127,43 @@ def load_weights(model_dir: Path) -> dict[str, mx.array]:
     raise FileNotFoundError(f"No {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {model_dir}")
 
 
+def from_mlx_layout(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Map an MLX export (mlx-vlm / MLX Swift names and layouts) back to Hugging Face's.
+
+    Checkpoints whose names do not start with ``language_model.`` are returned as they are.
+
+    Args:
+        weights: Checkpoint tensors.
+    """
+    if not any(k.startswith("language_model.") for k in weights):
+        return weights
+    # The export keeps MLX's channels-last patch convolution, which `Model.sanitize` expects in
+    # PyTorch's layout.
+    return VisionModel.unsanitize({from_export_path(k): v for k, v in weights.items()})
+
+
+def read_quantization(model_dir: Path) -> dict | None:
+    """The MLX ``quantization`` block of ``config.json``, or None for full precision.
+
+    Args:
+        model_dir: The checkpoint directory (its ``config.json`` already validated).
+
+    Raises:
+        ConfigError: If ``config.json`` names a quantization method other than MLX's.
+    """
+    path = model_dir / "config.json"
+    params = json.loads(path.read_text(encoding="utf-8"))
+    if "quantization" in params:
+        return params["quantization"]
+    hf_block = params.get("quantization_config")
+    if hf_block is None:
+        return None
+    if isinstance(hf_block, dict) and "quant_method" not in hf_block:
+        return hf_block  # an MLX export that only kept the copy
+    method = hf_block.get("quant_method") if isinstance(hf_block, dict) else hf_block
+    raise ConfigError(f"{path}: quantization_config {method!r} is not supported (only MLX's)")
+
+
 def check_weights(model: Model, weights: dict[str, mx.array], source: Path) -> None:
     """Require exactly the model's parameter names and shapes.
 
@@ -169,6 +212,7 @@ def load_model(path_or_hub_id: str, dtype: mx.Dtype | str | None = None) -> tupl
         FileNotFoundError: If the directory, ``config.json`` or weight files are missing.
         ConfigError: If ``config.json`` is invalid or describes an unsupported model.
         WeightsError: If tensors are missing, unexpected, wrongly shaped or unreadable.
+        QuantizationError: If the ``quantization`` block is malformed or does not fit.
         ValueError: If ``dtype`` is not a floating-point dtype.
     """
     model_dir = resolve_model_path(path_or_hub_id)
@@ -180,7 +224,15 @@ def load_model(path_or_hub_id: str, dtype: mx.Dtype | str | None = None) -> tupl
         raise ValueError(f"dtype must be a floating-point type, got {dtype}")
     config = load_config(model_dir)
     model = Model(config)
-    weights = model.sanitize(load_weights(model_dir))
+    weights = model.sanitize(from_mlx_layout(load_weights(model_dir)))
+    quantization = read_quantization(model_dir)
+    if quantization is not None:
+        apply_quantization(model, quantization, weights)
+    elif any(k.endswith(".scales") for k in weights):
+        raise WeightsError(
+            f"{model_dir} has quantized weights (.scales tensors) but its config.json has no "
+            "'quantization' block"
+        )
     check_weights(model, weights, model_dir)
     if dtype is not None:
         weights = {
