@@ -1,0 +1,327 @@
+"""Convert a Hugging Face SmolVLM checkpoint into an MLX export for mlx-vlm and MLX Swift.
+
+The export uses mlx-vlm's weight names (``vision_model.*``, ``connector.*``,
+``language_model.*``, ``language_model.lm_head.weight``) and MLX's channels-last patch
+convolution: both mlx-vlm's and MLX Swift's ``sanitize`` leave these names as they are, and
+MLX Swift's top-level sanitize never transposes the convolution. ``config.json`` spells out
+every key MLX Swift reads (its defaults differ from SmolVLM's) and the ``quantization`` block.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import ModelConfig, load_config
+from .load import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, load_model, resolve_model_path
+from .model import Model
+from .processing import Processor
+from .quantize import QuantizationSpec, quantize_model, to_export_path
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("float16", "bfloat16", "float32")
+MAX_SHARD_BYTES = 5 * 1024**3
+SHARD_FILE = "model-{:05d}-of-{:05d}.safetensors"
+
+
+class ConvertError(ValueError):
+    """Conversion settings or paths that cannot work."""
+
+
+def export_weights(model: Model) -> dict[str, mx.array]:
+    """The model's parameters under the exported (mlx-vlm / MLX Swift) names.
+
+    Args:
+        model: A loaded, possibly quantized, untied ``Model``.
+    """
+    return {to_export_path(k): v for k, v in tree_flatten(model.parameters())}
+
+
+def save_weights(
+    weights: dict[str, mx.array], out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> list[str]:
+    """Write safetensors shards of at most ``max_shard_bytes`` and their index.
+
+    One shard is named ``model.safetensors``, several ``model-0000i-of-0000n.safetensors``;
+    ``model.safetensors.index.json`` is written in both cases, as mlx-vlm does.
+
+    Args:
+        weights: Tensors by exported name.
+        out_dir: An existing directory.
+        max_shard_bytes: Shard size limit (a larger single tensor gets a shard of its own).
+
+    Returns:
+        The shard file names.
+    """
+    shards: list[dict[str, mx.array]] = [{}]
+    size = 0
+    for name in sorted(weights):
+        nbytes = weights[name].nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = weights[name]
+        size += nbytes
+    names = (
+        [WEIGHTS_FILE]
+        if len(shards) == 1
+        else [SHARD_FILE.format(i + 1, len(shards)) for i in range(len(shards))]
+    )
+    weight_map = {}
+    for shard, file_name in zip(shards, names, strict=True):
+        mx.save_safetensors(str(out_dir / file_name), shard, metadata={"format": "mlx"})
+        weight_map.update(dict.fromkeys(shard, file_name))
+    index = {
+        "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
+        "weight_map": weight_map,
+    }
+    (out_dir / WEIGHTS_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return names
+
+
+def export_config(
+    source: dict[str, Any],
+    config: ModelConfig,
+    dtype: str,
+    quantization: dict[str, Any] | None,
+    skip_vision: bool,
+) -> dict[str, Any]:
+    """``config.json`` of the export: the source's keys plus every key MLX Swift needs.
+
+    MLX Swift's defaults (``scale_factor`` 2, ``image_token_id`` 49153, ``vocab_size`` 128259,
+    ``num_hidden_layers`` 32, ...) are not SmolVLM2's, so all are written explicitly. The export
+    always carries ``lm_head``, so ``tie_word_embeddings`` is false at the root and in
+    ``text_config`` (where MLX Swift reads it).
+
+    Args:
+        source: The source ``config.json``.
+        config: The (untied) model config.
+        dtype: The export dtype name.
+        quantization: The ``quantization`` block, or None.
+        skip_vision: Whether the vision tower was left unquantized on request.
+    """
+    out = copy.deepcopy(source)
+    for key in ("_name_or_path", "quantization", "quantization_config", "dtype"):
+        out.pop(key, None)
+    text, vision = config.text_config, config.vision_config
+    out["text_config"] = {
+        **(out.get("text_config") or {}),
+        **{
+            k: getattr(text, k)
+            for k in (
+                "model_type",
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "hidden_act",
+                "max_position_embeddings",
+                "rms_norm_eps",
+                "rope_theta",
+            )
+        },
+        "tie_word_embeddings": False,
+    }
+    out["vision_config"] = {
+        **(out.get("vision_config") or {}),
+        **{
+            k: getattr(vision, k)
+            for k in (
+                "model_type",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_channels",
+                "image_size",
+                "patch_size",
+                "hidden_act",
+                "layer_norm_eps",
+            )
+        },
+    }
+    out.update(
+        model_type=config.model_type,
+        scale_factor=config.scale_factor,
+        image_token_id=config.image_token_id,
+        vocab_size=text.vocab_size,
+        tie_word_embeddings=False,
+        torch_dtype=dtype,
+    )
+    if quantization is not None:
+        out["quantization"] = quantization
+        # transformers-style readers (and mlx-vlm, as a fallback) look here; MLX Swift does not.
+        out["quantization_config"] = copy.deepcopy(quantization)
+        if skip_vision:
+            out["vision_config"]["skip_vision"] = True  # mlx-vlm's legacy flag
+    return dict(sorted(out.items()))
+
+
+def save_processor(processor: Processor, out_dir: Path) -> None:
+    """Write the tokenizer, chat template, processor and generation configs.
+
+    ``Processor.save_pretrained`` writes what the source had (``image_seq_len`` goes into
+    ``preprocessor_config.json`` too); a missing ``chat_template.json`` or
+    ``generation_config.json`` is written from the loaded processor.
+
+    Args:
+        processor: The source's processor.
+        out_dir: The export directory.
+    """
+    processor.save_pretrained(out_dir)
+    if not {"chat_template.json", "chat_template.jinja"} & processor.files.keys():
+        (out_dir / "chat_template.json").write_text(
+            json.dumps({"chat_template": processor.chat_template}, indent=2) + "\n",
+            encoding="utf-8",
+        )
+    if "generation_config.json" not in processor.files:
+        tokenizer = processor.tokenizer
+        eos = tokenizer.eos_token_ids
+        generation = {"eos_token_id": eos[0] if len(eos) == 1 else eos}
+        for key in ("bos_token", "pad_token"):
+            token = tokenizer.special_tokens[key]
+            if token is not None:
+                generation[f"{key}_id"] = tokenizer.token_to_id(token)
+        (out_dir / "generation_config.json").write_text(
+            json.dumps(generation, indent=2) + "\n", encoding="utf-8"
+        )
+
+
+def _untie(model: Model) -> Model:
+    """A copy of a tied model with an explicit ``lm_head`` equal to the embeddings."""
+    config = dataclasses.replace(model.config, tie_word_embeddings=False)
+    untied = Model(config)
+    params = dict(tree_flatten(model.parameters()))
+    params["lm_head.weight"] = params["text_model.embed_tokens.weight"]
+    untied.update(tree_unflatten(list(params.items())))
+    untied.eval()
+    return untied
+
+
+def _check_destination(mlx_path: Path, source: Path, force: bool) -> None:
+    if mlx_path.exists() and not mlx_path.is_dir():
+        raise ConvertError(f"Destination {mlx_path} exists and is not a directory")
+    if mlx_path.resolve() == source.resolve():
+        raise ConvertError(f"Destination {mlx_path} is the source checkpoint itself")
+    if mlx_path.is_dir() and any(mlx_path.iterdir()) and not force:
+        raise ConvertError(
+            f"Destination {mlx_path} exists and is not empty; pass --force to replace it"
+        )
+
+
+def _replace_directory(tmp: Path, dst: Path) -> None:
+    """Move the finished ``tmp`` to ``dst``, removing what ``dst`` held."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, dst)
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str | os.PathLike,
+    *,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    recipe: str = "uniform",
+    skip_vision: bool = False,
+    dtype: str | None = None,
+    force: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Convert a checkpoint into an MLX export.
+
+    The export is written into a temporary sibling directory and renamed into place only when
+    complete, so an interrupted conversion never leaves a directory that loads.
+
+    Args:
+        hf_path: A local Hugging Face checkpoint directory or a Hub repo id.
+        mlx_path: The export directory.
+        quantize: Quantize the weights (affine).
+        q_bits: Bits per weight (4 or 8).
+        q_group_size: Quantization group size (32, 64 or 128).
+        recipe: ``uniform`` or ``mixed`` (sensitive layers at 8 bits).
+        skip_vision: Leave the vision tower unquantized (the connector is still quantized).
+        dtype: ``float16``, ``bfloat16`` or ``float32`` for the unquantized tensors and the
+            quantization scales; default the source's ``torch_dtype``, else its weights' dtype.
+        force: Replace a non-empty ``mlx_path``.
+        max_shard_bytes: Largest safetensors file.
+
+    Returns:
+        ``mlx_path``.
+
+    Raises:
+        ConvertError: On a bad dtype, an existing destination without ``force``, or an
+            already-quantized source.
+        QuantizationError: On unsupported bits, group size or recipe.
+        FileNotFoundError: If the source, its config, weights or tokenizer files are missing.
+        ConfigError: If the source is not a SmolVLM / Idefics3 checkpoint.
+        WeightsError: If its tensors do not fit its config.
+    """
+    # Every check runs before any work.
+    if dtype is not None and dtype not in DTYPES:
+        raise ConvertError(f"Unsupported dtype {dtype!r}; expected one of {list(DTYPES)}")
+    spec = QuantizationSpec(q_bits, q_group_size, recipe, quantize_vision=not skip_vision)
+    dst = Path(mlx_path)
+    src = resolve_model_path(hf_path)
+    _check_destination(dst, src, force)
+    config = load_config(src)
+    source_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    if "quantization" in source_config or "quantization_config" in source_config:
+        raise ConvertError(
+            f"{src} is already quantized; convert from the full-precision checkpoint"
+        )
+    if dtype is None:
+        source_dtype = source_config.get("torch_dtype", source_config.get("dtype"))
+        dtype = source_dtype if source_dtype in DTYPES else None
+    processor = Processor.from_pretrained(src)
+
+    model, _ = load_model(str(src), dtype=dtype)
+    if config.tie_word_embeddings:
+        model = _untie(model)
+    dtype_name = str(model.text_model.embed_tokens.weight.dtype).removeprefix("mlx.core.")
+    if dtype_name not in DTYPES:
+        raise ConvertError(f"{src} has {dtype_name} weights; pass --dtype")
+    quantization = quantize_model(model, spec) if quantize else None
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        shards = save_weights(export_weights(model), tmp, max_shard_bytes)
+        save_processor(processor, tmp)
+        out_config = export_config(
+            source_config, model.config, dtype_name, quantization, skip_vision
+        )
+        (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n", encoding="utf-8")
+        _replace_directory(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    logger.info(
+        "Wrote %s (%s, %s, %d shard(s))",
+        dst,
+        dtype_name,
+        f"{spec.bits}-bit {spec.recipe}" if quantize else "not quantized",
+        len(shards),
+    )
+    return dst
