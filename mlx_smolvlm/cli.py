@@ -1,4 +1,4 @@
-"""The `mlx-smolvlm` command: generate, chat."""
+"""The `mlx-smolvlm` command: generate, chat, convert."""
 
 import argparse
 import logging
@@ -103,6 +103,23 @@ def run_chat(args: argparse.Namespace) -> int:
         images = []
 
 
+def run_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    convert(
+        args.hf_path,
+        args.mlx_path,
+        quantize=args.quantize,
+        q_bits=args.q_bits,
+        q_group_size=args.q_group_size,
+        recipe=args.recipe,
+        skip_vision=args.skip_vision,
+        dtype=args.dtype,
+        force=args.force,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-smolvlm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", required=True, help="a local checkpoint or a hub id")
     add_sampling_args(chat)
     chat.set_defaults(run=run_chat)
+
+    convert = commands.add_parser("convert", help="export a Hugging Face checkpoint to MLX")
+    convert.add_argument("--hf-path", required=True, help="a local checkpoint or a hub id")
+    convert.add_argument("--mlx-path", required=True, help="the export directory")
+    convert.add_argument("-q", "--quantize", action="store_true", help="quantize (affine)")
+    convert.add_argument("--q-bits", type=int, default=4, help="4 or 8")
+    convert.add_argument("--q-group-size", type=int, default=64, help="32, 64 or 128")
+    convert.add_argument("--recipe", default="uniform", help="uniform or mixed")
+    convert.add_argument(
+        "--skip-vision", action="store_true", help="leave the vision tower unquantized"
+    )
+    convert.add_argument("--dtype", default=None, help="float16, bfloat16 or float32")
+    convert.add_argument("--force", action="store_true", help="replace a non-empty --mlx-path")
+    convert.set_defaults(run=run_convert)
     return parser
 
 
