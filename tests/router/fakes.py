@@ -916,7 +916,7 @@ class FakeGemini(FakeProvider):
             return self.error_response(plan, ERROR_MESSAGE)
         if seen.stream:
             return await self.stream(request, model, plan)
-        return web.json_response(self.response(model, self.parts(plan), plan, final=True))
+        return web.json_response(self.response(model, self.parts(plan), plan))
 
     @staticmethod
     def parts(reply: Reply) -> list[dict[str, Any]]:
@@ -933,25 +933,30 @@ class FakeGemini(FakeProvider):
 
     @staticmethod
     def response(
-        model: str, parts: list[dict[str, Any]], reply: Reply, final: bool
+        model: str, parts: list[dict[str, Any]], reply: Reply, done: float = 1.0
     ) -> dict[str, Any]:
+        """One GenerateContentResponse; ``done`` < 1 makes it a stream chunk before the last.
+
+        As Gemini does, every chunk carries ``usageMetadata`` with running (cumulative) counts,
+        so only the last chunk's numbers are the call's usage.
+        """
         candidate: dict[str, Any] = {"content": {"role": "model", "parts": parts}, "index": 0}
-        out: dict[str, Any] = {
+        if done == 1.0:
+            candidate["finishReason"] = "STOP"
+        candidates_tokens = int((reply.output_tokens - reply.reasoning_tokens) * done)
+        usage = {
+            "promptTokenCount": reply.input_tokens,
+            "candidatesTokenCount": candidates_tokens,
+            "totalTokenCount": reply.input_tokens + candidates_tokens + reply.reasoning_tokens,
+        }
+        if reply.reasoning_tokens:
+            usage["thoughtsTokenCount"] = reply.reasoning_tokens
+        return {
             "candidates": [candidate],
+            "usageMetadata": usage,
             "modelVersion": model,
             "responseId": "fake-response-1",
         }
-        if final:
-            candidate["finishReason"] = "STOP"
-            usage = {
-                "promptTokenCount": reply.input_tokens,
-                "candidatesTokenCount": reply.output_tokens - reply.reasoning_tokens,
-                "totalTokenCount": reply.input_tokens + reply.output_tokens,
-            }
-            if reply.reasoning_tokens:
-                usage["thoughtsTokenCount"] = reply.reasoning_tokens
-            out["usageMetadata"] = usage
-        return out
 
     async def stream(self, request: web.Request, model: str, reply: Reply) -> web.StreamResponse:
         resp = await start_sse(request)
@@ -977,7 +982,7 @@ class FakeGemini(FakeProvider):
                 error = {"code": 500, "message": ERROR_MESSAGE, "status": "INTERNAL"}
                 await resp.write(f"data: {json.dumps({'error': error})}\r\n\r\n".encode())
                 break
-            event = self.response(model, parts, reply, final=i == len(chunks) - 1)
+            event = self.response(model, parts, reply, done=(i + 1) / len(chunks))
             await resp.write(f"data: {json.dumps(event)}\r\n\r\n".encode())
         await resp.write_eof()
         return resp
@@ -1135,6 +1140,9 @@ class Outcome:
     # As the client format carries it; Gemini's bytes are given as standard base64.
     signature: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
+    # Provider extras on OpenAI tool calls, by call id (Gemini's thought_signature rides in
+    # ``extra_content.google.thought_signature`` there).
+    tool_extras: dict[str, dict[str, Any]] = field(default_factory=dict)
     finish: str = ""
     input_tokens: int | None = None
     output_tokens: int | None = None
@@ -1180,7 +1188,7 @@ class OpenAIDriver:
         out = Outcome()
         blocks: list[dict[str, Any]] = []
         if stream:
-            calls: dict[int, dict[str, str]] = {}
+            calls: dict[int, dict[str, Any]] = {}
             response = await self.clients.openai.chat.completions.create(
                 **kwargs, stream=True, stream_options={"include_usage": True}
             )
@@ -1195,7 +1203,10 @@ class OpenAIDriver:
                     out.reasoning += extra.get("reasoning_content") or ""
                     blocks += extra.get("thinking_blocks") or []
                     for tc in delta.tool_calls or []:
-                        slot = calls.setdefault(tc.index, {"id": "", "name": "", "args": ""})
+                        slot = calls.setdefault(
+                            tc.index, {"id": "", "name": "", "args": "", "extra": {}}
+                        )
+                        slot["extra"].update(tc.model_extra or {})
                         slot["id"] += tc.id or ""
                         slot["name"] += (tc.function.name or "") if tc.function else ""
                         slot["args"] += (tc.function.arguments or "") if tc.function else ""
@@ -1204,6 +1215,7 @@ class OpenAIDriver:
                 ToolCall(c["id"], c["name"], json.loads(c["args"] or "{}"))
                 for _, c in sorted(calls.items())
             ]
+            out.tool_extras = {c["id"]: c["extra"] for c in calls.values() if c["extra"]}
             out.raw = self.clients.tee.last_body
         else:
             response = await self.clients.openai.chat.completions.create(**kwargs)
@@ -1216,20 +1228,29 @@ class OpenAIDriver:
                 ToolCall(tc.id, tc.function.name, json.loads(tc.function.arguments or "{}"))
                 for tc in message.tool_calls or []
             ]
+            out.tool_extras = {
+                tc.id: tc.model_extra for tc in message.tool_calls or [] if tc.model_extra
+            }
             out.finish = response.choices[0].finish_reason
             if response.usage is not None:
                 out.input_tokens = response.usage.prompt_tokens
                 out.output_tokens = response.usage.completion_tokens
-        out.signature = "".join(b.get("signature") or "" for b in blocks)
+        out.signature = "".join(b.get("signature") or "" for b in blocks) + "".join(
+            extra.get("extra_content", {}).get("google", {}).get("thought_signature", "")
+            for extra in out.tool_extras.values()
+        )
         # Many agents send "" rather than null beside tool calls; Anthropic rejects an empty text
         # block, so the router must drop it (hard case 11).
         assistant: dict[str, Any] = {"role": "assistant", "content": out.text}
         if out.tool_calls:
+            # Sent back with the provider extras they came with, as agents that keep the SDK's
+            # message objects do.
             assistant["tool_calls"] = [
                 {
                     "id": c.id,
                     "type": "function",
                     "function": {"name": c.name, "arguments": json.dumps(c.arguments)},
+                    **out.tool_extras.get(c.id, {}),
                 }
                 for c in out.tool_calls
             ]
@@ -1453,10 +1474,19 @@ STREAM_CHECKERS = {
 }
 
 
-def _expect_turn(driver: Driver, out: Outcome, stream: bool, tool_turn: bool) -> None:
+def _expect_turn(
+    driver: Driver, out: Outcome, stream: bool, tool_turn: bool, upstream: str
+) -> None:
     """Asserts what every turn must deliver: stream grammar, finish reason and usage."""
     if stream:
-        STREAM_CHECKERS[driver.kind](out.raw)
+        events = STREAM_CHECKERS[driver.kind](out.raw)
+        if driver.kind == "anthropic" and upstream != "openai":
+            # Anthropic and Gemini report the prompt's tokens up front; clients such as Claude
+            # Code read them from message_start (hard case 3). OpenAI reports usage only at the end.
+            start_usage = events[0]["message"]["usage"]
+            assert start_usage["input_tokens"] == INPUT_TOKENS, (
+                f"message_start usage {start_usage}, upstream reported input {INPUT_TOKENS}"
+            )
     want_finish = NATIVE_FINISH[driver.kind][1 if tool_turn else 0]
     assert out.finish == want_finish, f"finish reason {out.finish!r}, want {want_finish!r}"
     assert (out.input_tokens, out.output_tokens) == (INPUT_TOKENS, OUTPUT_TOKENS), (
@@ -1498,7 +1528,7 @@ async def run_scenario(
     reasoning = scenario in ("reasoning", "reasoning-tool")
     out = await driver.send(stream, tools=tools, reasoning=reasoning)
     seen = _expect_upstream(fake, stream)
-    _expect_turn(driver, out, stream, tool_turn=tools)
+    _expect_turn(driver, out, stream, tools, fake.name)
     needs_id = kind != "gemini"
     if scenario == "text":
         assert (out.text, out.tool_calls) == (TEXT_ANSWER, [])
@@ -1520,7 +1550,7 @@ async def run_scenario(
             driver.add_tool_results(out.tool_calls)
             out2 = await driver.send(stream, tools=True)
             seen2 = _expect_upstream(fake, stream)
-            _expect_turn(driver, out2, stream, tool_turn=False)
+            _expect_turn(driver, out2, stream, False, fake.name)
             assert out2.text == PARALLEL_ANSWER
             calls = seen2.assistant_tool_calls
             assert [(c.name, c.arguments) for c in calls] == want, f"calls sent back: {calls}"
@@ -1543,7 +1573,7 @@ async def run_scenario(
         driver.add_user("And now? scenario:followup")
         out2 = await driver.send(stream, reasoning=True)
         seen2 = _expect_upstream(fake, stream)
-        _expect_turn(driver, out2, stream, tool_turn=False)
+        _expect_turn(driver, out2, stream, False, fake.name)
         assert out2.text == FOLLOWUP_ANSWER
         _expect_signature_back(fake, seen2, with_call=False)
     elif scenario == "reasoning-tool":
@@ -1554,7 +1584,7 @@ async def run_scenario(
         driver.add_tool_results(out.tool_calls)
         out2 = await driver.send(stream, tools=True, reasoning=True)
         seen2 = _expect_upstream(fake, stream)
-        _expect_turn(driver, out2, stream, tool_turn=False)
+        _expect_turn(driver, out2, stream, False, fake.name)
         assert out2.text == REASONING_TOOL_ANSWER
         _expect_signature_back(fake, seen2, with_call=True)
     else:
