@@ -9,7 +9,7 @@ Two caches make multi-turn chat cheap:
 
 import time
 from collections import OrderedDict
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +104,66 @@ class StreamingDetokenizer:
         text = self.tokenizer.decode(self.pending) if self.pending else ""
         self.pending = []
         return text
+
+
+class TextStream:
+    """One request's generated tokens as text pieces, watching EOS, stop strings and length.
+
+    `add` takes each new token and returns the text that can be shown now; once
+    `finish_reason` is set ("stop" or "length") no more tokens should be added, and `flush`
+    returns the rest of the text. Text that could be the start of a stop string is held back,
+    so a stop string split across tokens never reaches the caller.
+
+    Args:
+        tokenizer: The processor's tokenizer.
+        max_tokens: Finish with "length" after this many tokens.
+        stop: Strings that end generation; only the text before the first one is returned.
+        eos_token_ids: Tokens that end generation ("stop"); they add no text.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_tokens: int,
+        stop: list[str] | None = None,
+        eos_token_ids: Iterable[int] = (),
+    ):
+        self.detokenizer = StreamingDetokenizer(tokenizer)
+        self.max_tokens = max_tokens
+        self.stops = list(stop or [])
+        self.eos_token_ids = set(eos_token_ids)
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None
+        self._pending = ""
+
+    def add(self, token: int) -> str:
+        """Take one generated token; return the text it completes (may be empty)."""
+        self.tokens.append(token)
+        if token in self.eos_token_ids:
+            self.finish_reason = "stop"
+            return ""
+        text = self._pending + self.detokenizer.add(token)
+        emit, self._pending, hit = _split_at_stop(text, self.stops)
+        if hit:
+            self._stopped_at(text)
+        elif len(self.tokens) >= self.max_tokens:
+            self.finish_reason = "length"
+        return emit
+
+    def flush(self) -> str:
+        """The text still held back, cut at a stop string."""
+        tail = "" if self.stop_sequence is not None else self._pending + self.detokenizer.flush()
+        self._pending = ""
+        emit, _, hit = _split_at_stop(tail, self.stops, hold_back=False)
+        if hit:
+            self._stopped_at(tail)
+        return emit
+
+    def _stopped_at(self, text: str) -> None:
+        """Record the stop string that occurs first in `text`."""
+        self.finish_reason = "stop"
+        self.stop_sequence = min((s for s in self.stops if s in text), key=text.find)
 
 
 def generate_step(
@@ -230,11 +290,19 @@ def prepare_prompt(
     return PreparedPrompt(input_ids, pixel_values, mask, tile_hashes)
 
 
-def _input_keys(prompt: PreparedPrompt, image_token_id: int, seq_len: int) -> list[int | str]:
+def input_keys(prompt: PreparedPrompt, image_token_id: int, seq_len: int) -> list[int | str]:
     """Token ids with each `<image>` token replaced by the hash of the tile it shows.
 
     Tiles fill the `<image>` runs in prompt order, `seq_len` tokens each, so two prompts share a
     key prefix only where they show the same pixels.
+
+    Args:
+        prompt: The prepared prompt.
+        image_token_id: The `<image>` token id.
+        seq_len: `<image>` tokens per tile.
+
+    Raises:
+        ValueError: The `<image>` tokens do not match the number of tiles.
     """
     keys: list[int | str] = list(prompt.input_ids)
     positions = [i for i, t in enumerate(keys) if t == image_token_id]
@@ -258,10 +326,20 @@ def _common_prefix(a: list, b: list) -> int:
     return n
 
 
-def _encode_tiles(
+def encode_tiles(
     model: Any, prompt: PreparedPrompt, wanted: list[int], feature_cache: ImageFeatureCache | None
 ) -> tuple[mx.array, int]:
-    """Features `[len(wanted), seq, hidden]` for the tiles `wanted`, encoding only cache misses."""
+    """Features for some of a prompt's tiles, sending only cache misses through the vision tower.
+
+    Args:
+        model: The `Model`.
+        prompt: The prepared prompt holding the tiles.
+        wanted: Indices of the tiles to return, in order.
+        feature_cache: Encoded tiles to reuse and extend, or None.
+
+    Returns:
+        Features `[len(wanted), seq, hidden]` and the number of tiles that were encoded.
+    """
     hashes = prompt.tile_hashes
     found = {i: feature_cache.get(hashes[i]) for i in wanted} if feature_cache else {}
     missing = [i for i in wanted if found.get(i) is None]
@@ -335,7 +413,7 @@ def stream_generate(
         )
     tokenizer = processor.tokenizer
     seq_len = processor.image_seq_len
-    keys = _input_keys(prompt, tokenizer.image_token_id, seq_len)
+    keys = input_keys(prompt, tokenizer.image_token_id, seq_len)
     if seed is not None:
         mx.random.seed(seed)
     tic = time.perf_counter()
@@ -351,17 +429,16 @@ def stream_generate(
     new_tiles = list(range(first_new_tile, len(prompt.tile_hashes)))
     features, encoded = None, 0
     if new_tiles:
-        features, encoded = _encode_tiles(model, prompt, new_tiles, feature_cache)
+        features, encoded = encode_tiles(model, prompt, new_tiles, feature_cache)
 
-    eos_ids = set() if ignore_eos else set(tokenizer.eos_token_ids)
-    max_tokens = min(max_tokens, context - len(input_ids))
-    detokenizer = StreamingDetokenizer(tokenizer)
-    stops = stop or []
-    generated: list[int] = []
-    pending = ""
+    text_stream = TextStream(
+        tokenizer,
+        min(max_tokens, context - len(input_ids)),
+        stop,
+        () if ignore_eos else tokenizer.eos_token_ids,
+    )
+    generated = text_stream.tokens
     first_token_time = prompt_tps = 0.0
-    finish_reason = None
-    hit_stop = False
 
     def response(text: str, token: int | None, finish: str | None = None) -> GenerationResponse:
         elapsed = time.perf_counter() - first_token_time
@@ -392,28 +469,18 @@ def stream_generate(
         if not generated:
             first_token_time = time.perf_counter()
             prompt_tps = (len(input_ids) - reused) / (first_token_time - tic)
-        generated.append(token)
-        if token in eos_ids:
-            finish_reason = "stop"
-            break
-        pending += detokenizer.add(token)
-        emit, pending, hit_stop = _split_at_stop(pending, stops)
-        if hit_stop:
-            finish_reason = "stop"
-        elif len(generated) == max_tokens:
-            finish_reason = "length"
+        emit = text_stream.add(token)
         if emit:
             yield response(emit, token)
-        if finish_reason:
+        if text_stream.finish_reason:
             break
     steps.close()
 
     # Every returned token is in the cache; it may also hold one look-ahead token past them.
     prompt_cache.keys = keys + generated
     prompt_cache.trim_to(min(prompt_cache.cache[0].offset, len(prompt_cache.keys)))
-    tail = "" if hit_stop else pending + detokenizer.flush()
-    tail, _, _ = _split_at_stop(tail, stops, hold_back=False)
-    yield response(tail, None, finish_reason)
+    tail = text_stream.flush()
+    yield response(tail, None, text_stream.finish_reason)
 
 
 def _split_at_stop(text: str, stops: list[str], hold_back: bool = True) -> tuple[str, str, bool]:
