@@ -52,6 +52,8 @@ def create_app(cfg: Config) -> web.Application:
     app.router.add_post("/v1/messages/count_tokens", _count_tokens_anthropic)
     app.router.add_get("/v1beta/models", _list_models_gemini)
     app.router.add_post("/v1beta/models/{target:.+}", _gemini)
+    # google-genai 3.x defaults to API version v1.
+    app.router.add_post("/v1/models/{target:.+}", _gemini)
     return app
 
 
@@ -76,7 +78,7 @@ def adapter_for_path(path: str) -> ModuleType:
     Args:
         path: The request path.
     """
-    if path.startswith("/v1beta/"):
+    if path.startswith("/v1beta/") or path.startswith("/v1/models/") and ":" in path:
         return gemini
     if path.startswith("/v1/messages"):
         return anthropic
@@ -413,6 +415,8 @@ def _model_names(cfg: Config) -> list[str]:
 
 
 async def _list_models(request: web.Request) -> web.Response:
+    if "x-goog-api-key" in request.headers or "key" in request.query:
+        return await _list_models_gemini(request)
     names = _model_names(request.app[CONFIG])
     if "anthropic-version" in request.headers:
         data = [

@@ -383,15 +383,17 @@ def _render_generation_config(request: ir.Request) -> dict:
 
 def _render_parts(message: ir.Message, where: str, names: dict[str, str]) -> list[dict]:
     parts = []
-    # Thought parts are not sent back; a signature on one belongs on the text part after it,
-    # where Gemini put it (see StreamParser). Function calls keep their own signatures.
+    # Thought parts are not sent back; a signature on one belongs on the part after it,
+    # where Gemini put it (see StreamParser).
     carried: str | None = None
     for j, part in enumerate(message.parts):
         at = f"{where}.content[{j}]"
         if isinstance(part, ir.ThinkingPart):
             carried = part.signature or carried
             continue
-        if isinstance(part, ir.TextPart) and carried and not part.signature:
+        if isinstance(part, ir.TextPart) and not part.text and not part.signature:
+            continue
+        if isinstance(part, ir.TextPart | ir.ToolCallPart) and carried and not part.signature:
             part = dataclasses.replace(part, signature=carried)
         carried = None
         if isinstance(part, ir.TextPart):
@@ -573,17 +575,19 @@ class StreamParser:
         if "error" in chunk:
             raise parse_error(chunk, 500)
         events: list[ir.StreamEvent] = []
+        if chunk.get("usageMetadata"):
+            self._usage = parse_usage(chunk["usageMetadata"])
         if not self._started:
+            # Gemini reports the prompt's tokens on every chunk, so the start carries them.
             self._started = True
             events.append(
                 ir.StreamStart(
                     chunk.get("responseId") or new_id("resp"),
                     chunk.get("modelVersion") or "",
                     int(time.time()),
+                    dataclasses.replace(self._usage, output_tokens=0, reasoning_tokens=0),
                 )
             )
-        if chunk.get("usageMetadata"):
-            self._usage = parse_usage(chunk["usageMetadata"])
         if not chunk.get("candidates") and (chunk.get("promptFeedback") or {}).get("blockReason"):
             self._finish = "content_filter"
         for candidate in chunk.get("candidates") or []:
@@ -612,9 +616,10 @@ class StreamParser:
     def _part(self, part: dict, position: int) -> list[ir.StreamEvent]:
         signature = part.get("thoughtSignature")
         events: list[ir.StreamEvent] = []
-        if signature and self._open == "thinking" and "text" in part and not part.get("thought"):
-            # Gemini signs the text part after its thoughts; clients of other formats carry a
-            # signature only on the reasoning block, so it moves there (and back on render).
+        if signature and self._open == "thinking" and not part.get("thought"):
+            # Gemini signs the part after its thoughts (text or function call); most client
+            # formats carry a signature only on the reasoning block, so it moves there (and
+            # back onto the following part when rendered for Gemini).
             events.append(ir.PartDelta(self._parts - 1, signature=signature))
             signature = None
         if "functionCall" in part:

@@ -773,3 +773,13 @@ async def test_overhead_benchmark(aiohttp_client, fake, capsys):
                 f"{name:26s} p50 {p50:6.2f} ms  p95 {p95:6.2f} ms  added p50 {p50 - base:5.2f} ms"
             )
     assert statistics.median(results["anthropic->openai"]) - base < 50
+
+
+async def test_gemini_v1_paths_as_google_genai_3_uses(client, fake):
+    resp = await client.post("/v1/models/gpt:generateContent", json=GEMINI_BODY)
+    assert resp.status == 200
+    assert (await resp.json())["candidates"][0]["content"]["parts"] == [{"text": "hello"}]
+    resp = await client.post("/v1/models/nope:generateContent", json=GEMINI_BODY)
+    assert resp.status == 404 and (await resp.json())["error"]["status"] == "NOT_FOUND"
+    listing = await client.get("/v1/models", headers={"x-goog-api-key": "k"})
+    assert "models" in await listing.json()
