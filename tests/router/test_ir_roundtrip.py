@@ -969,3 +969,60 @@ def test_usage_semantics_across_formats():
     assert usage["prompt_tokens"] == 50 and usage["prompt_tokens_details"]["cached_tokens"] == 15
     meta = gemini.render_response(response, _request())["usageMetadata"]
     assert meta["promptTokenCount"] == 50 and meta["totalTokenCount"] == 90
+
+
+def test_gemini_function_call_signature_after_thoughts_round_trips_via_anthropic():
+    upstream = {
+        "candidates": [
+            {
+                "content": {
+                    "role": "model",
+                    "parts": [
+                        {"text": "plan", "thought": True},
+                        {
+                            "functionCall": {"name": "weather", "args": {}},
+                            "thoughtSignature": "c2ln",
+                        },
+                    ],
+                },
+                "finishReason": "STOP",
+            }
+        ]
+    }
+    response = gemini.parse_response(upstream)
+    content = anthropic.render_response(response, _request())["content"]
+    assert content[0] == {"type": "thinking", "thinking": "plan", "signature": "c2ln"}
+    call = content[1]
+    follow_up = anthropic.parse_request(
+        {
+            "model": "m",
+            "max_tokens": 10,
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": content},
+                {
+                    "role": "user",
+                    "content": [{"type": "tool_result", "tool_use_id": call["id"], "content": "x"}],
+                },
+            ],
+        }
+    )
+    follow_up.model = "gemini-3-pro"
+    parts = gemini.render_request(follow_up)["contents"][1]["parts"]
+    assert parts == [
+        {
+            "functionCall": {"id": call["id"], "name": "weather", "args": {}},
+            "thoughtSignature": "c2ln",
+        }
+    ]
+
+
+def test_gemini_stream_start_carries_prompt_tokens():
+    parser = gemini.StreamParser()
+    first = {
+        **GEMINI_STREAM[0],
+        "usageMetadata": {"promptTokenCount": 40, "candidatesTokenCount": 1, "totalTokenCount": 41},
+    }
+    start = parser.parse_stream_event(first)[0]
+    assert isinstance(start, ir.StreamStart)
+    assert (start.usage.input_tokens, start.usage.output_tokens) == (40, 0)
