@@ -548,7 +548,7 @@ def render_response(response: ir.Response, request: ir.Request) -> dict:
         request: The client's request (unused; uniform signature).
 
     Raises:
-        GatewayError: If a tool call's arguments are not a JSON object.
+        UpstreamError: If a tool call's arguments are not a JSON object.
     """
     content = []
     for i, part in enumerate(response.parts):
@@ -581,7 +581,7 @@ def _upstream_arguments(part: ir.ToolCallPart, index: int) -> dict:
     try:
         return parse_arguments(part.arguments, f"content[{index}]")
     except InvalidRequestError as err:
-        raise GatewayError(f"upstream sent tool call {part.name!r} with {err.message}") from err
+        raise UpstreamError(f"upstream sent tool call {part.name!r} with {err.message}") from err
 
 
 # ---- streams --------------------------------------------------------------------------------

@@ -513,7 +513,7 @@ def render_response(response: ir.Response, request: ir.Request) -> dict:
         request: The client's request (unused; uniform signature).
 
     Raises:
-        GatewayError: If a tool call's arguments are not a JSON object.
+        UpstreamError: If a tool call's arguments are not a JSON object.
     """
     parts = [_render_output_part(p, i) for i, p in enumerate(response.parts)]
     candidate: dict = {
@@ -540,7 +540,7 @@ def _render_output_part(part: ir.Part, index: int) -> dict | None:
         try:
             args = parse_arguments(part.arguments, f"parts[{index}]")
         except InvalidRequestError as err:
-            raise GatewayError(f"upstream sent tool call {part.name!r} with {err.message}") from err
+            raise UpstreamError(f"upstream sent tool call {part.name!r} with {err.message}") from err
         call = {"id": part.id, "name": part.name, "args": args}
         return _with_signature({"functionCall": call}, part.signature)
     return None
@@ -673,7 +673,7 @@ class StreamRenderer:
             event: The next IR stream event.
 
         Raises:
-            GatewayError: If a finished tool call's arguments are not a JSON object.
+            UpstreamError: If a finished tool call's arguments are not a JSON object.
         """
         if isinstance(event, ir.StreamStart):
             self._id, self._model = event.id, event.model

@@ -226,6 +226,11 @@ class HTTPProvider(BaseProvider):
             raise UpstreamError(
                 f"{self.config.name}: unexpected upstream response: {err.message}"
             ) from err
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            # A field of an unexpected JSON type (e.g. a list where an object belongs).
+            raise UpstreamError(
+                f"{self.config.name}: malformed upstream response ({type(err).__name__}: {err})"
+            ) from err
 
     def decode_event(self, event: SSEEvent) -> dict:
         """Decode one SSE event's JSON data.

@@ -783,3 +783,18 @@ async def test_gemini_v1_paths_as_google_genai_3_uses(client, fake):
     assert resp.status == 404 and (await resp.json())["error"]["status"] == "NOT_FOUND"
     listing = await client.get("/v1/models", headers={"x-goog-api-key": "k"})
     assert "models" in await listing.json()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"choices": "nope"},
+        {"choices": [{"message": {"role": "assistant", "content": 5}}]},
+        {"choices": [{"message": {"tool_calls": [{"function": "x"}]}}]},
+    ],
+)
+async def test_malformed_upstream_response_is_502(client, fake, body):
+    fake.queue("openai", Answer(body=body))
+    resp = await client.post("/v1/messages", json={**ANTHROPIC_BODY, "model": "gpt"})
+    assert resp.status == 502
+    assert (await resp.json())["error"]["type"] == "api_error"
