@@ -21,7 +21,11 @@ format drives the same upstream behaviour:
 - ``midstream-error``: a stream that sends some text and then the provider's in-stream error
   event (OpenAI ``{"error": ...}`` data, Anthropic ``event: error`` overloaded_error, Gemini an
   ``{"error": ...}`` chunk); a non-streaming request gets a 500.
+- ``slow``: a text stream of about 3 s (many pieces 50 ms apart), to walk away from.
 - ``error-400``, ``error-401``, ``error-429``, ``error-500``: the provider's own error body.
+
+Tests can also make the next requests fail whatever their scenario (``FakeProvider.fail_next``),
+and read ``FakeProvider.disconnects``: streams whose reader went away before the end.
 
 Invalid requests get the provider's 400 shape and are kept in ``FakeProvider.problems`` so a test
 fixture can fail loudly.
@@ -29,6 +33,7 @@ fixture can fail loudly.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections.abc
 import functools
@@ -46,7 +51,7 @@ import httpx2
 import openai
 import pydantic
 import typing_extensions
-from aiohttp import web
+from aiohttp import ClientSession, web
 from anthropic.types import message_create_params
 from google import genai
 from google.genai import errors as genai_errors
@@ -85,6 +90,9 @@ INPUT_TOKENS = 123
 OUTPUT_TOKENS = 45
 REASONING_TOKENS = 17
 
+SLOW_PIECES = 60
+SLOW_TEXT = " ".join(f"w{i}" for i in range(SLOW_PIECES))
+
 ERROR_STATUSES = {"error-400": 400, "error-401": 401, "error-429": 429, "error-500": 500}
 ERROR_MESSAGE = "fake upstream says no"
 
@@ -110,6 +118,16 @@ class Reply:
     reasoning_tokens: int = 0
     # Streams send their first text piece and then the provider's in-stream error event.
     fail_midstream: bool = False
+    # Streams send the text in SLOW_PIECES pieces, 50 ms apart.
+    slow: bool = False
+
+    @property
+    def parts(self) -> int:
+        return SLOW_PIECES if self.slow else 3
+
+    async def pace(self) -> None:
+        if self.slow:
+            await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -164,10 +182,26 @@ class FakeProvider:
         self.ids = provider_ids
         self.exchanges: list[Exchange] = []
         self.problems: list[str] = []
+        self.failures: list[int] = []
+        self.disconnects = 0
 
     def reset(self) -> None:
         self.exchanges.clear()
         self.problems.clear()
+        self.failures.clear()
+        self.disconnects = 0
+
+    def fail_next(self, *statuses: int) -> None:
+        """Answers the next requests with these error statuses, whatever their scenario."""
+        self.failures.extend(statuses)
+
+    async def streamed(self, stream: typing.Awaitable[web.StreamResponse]) -> web.StreamResponse:
+        """Runs a stream writer, counting readers that went away before its end."""
+        try:
+            return await stream
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.disconnects += 1
+            raise
 
     @property
     def last(self) -> Exchange:
@@ -176,6 +210,10 @@ class FakeProvider:
 
     def plan(self, seen: Seen) -> Reply | int:
         """Picks the reply (or the error status) for a parsed request."""
+        if self.failures:
+            return self.failures.pop(0)
+        if seen.scenario == "slow":
+            return Reply(text=SLOW_TEXT, slow=True)
         if seen.scenario in ERROR_STATUSES:
             return ERROR_STATUSES[seen.scenario]
         if seen.scenario == "image":
@@ -481,7 +519,9 @@ class FakeOpenAI(FakeProvider):
         if isinstance(plan, int):
             return self.error_response(plan, ERROR_MESSAGE)
         if seen.stream:
-            return await self.stream(request, body["model"], plan, seen.include_usage)
+            return await self.streamed(
+                self.stream(request, body["model"], plan, seen.include_usage)
+            )
         return web.json_response(self.completion(body["model"], plan))
 
     @staticmethod
@@ -551,8 +591,9 @@ class FakeOpenAI(FakeProvider):
         await resp.write(sse(chunk({"role": "assistant", "content": ""})))
         for piece in split_text(reply.reasoning) if reply.reasoning else []:
             await resp.write(sse(chunk({"reasoning_content": piece})))
-        for piece in split_text(reply.text) if reply.text else []:
+        for piece in split_text(reply.text, reply.parts) if reply.text else []:
             await resp.write(sse(chunk({"content": piece})))
+            await reply.pace()
             if reply.fail_midstream:
                 error = {"message": ERROR_MESSAGE, "type": "server_error", "param": None}
                 await resp.write(sse({"error": {**error, "code": None}}))
@@ -709,7 +750,7 @@ class FakeAnthropic(FakeProvider):
         if isinstance(plan, int):
             return self.error_response(plan, ERROR_MESSAGE)
         if seen.stream:
-            return await self.stream(request, body["model"], plan)
+            return await self.streamed(self.stream(request, body["model"], plan))
         return web.json_response(self.message(body["model"], plan))
 
     @staticmethod
@@ -763,7 +804,10 @@ class FakeAnthropic(FakeProvider):
                 deltas.append({"type": "signature_delta", "signature": ANTHROPIC_SIGNATURE})
             elif block["type"] == "text":
                 start = {"type": "text", "text": ""}
-                deltas = [{"type": "text_delta", "text": p} for p in split_text(block["text"])]
+                deltas = [
+                    {"type": "text_delta", "text": p}
+                    for p in split_text(block["text"], reply.parts)
+                ]
             else:
                 start = {**block, "input": {}}
                 deltas = [
@@ -773,6 +817,7 @@ class FakeAnthropic(FakeProvider):
             await send("content_block_start", index=index, content_block=start)
             for delta in deltas:
                 await send("content_block_delta", index=index, delta=delta)
+                await reply.pace()
                 if reply.fail_midstream:
                     error = {"type": "overloaded_error", "message": ERROR_MESSAGE}
                     await send("error", error=error)
@@ -915,7 +960,7 @@ class FakeGemini(FakeProvider):
         if isinstance(plan, int):
             return self.error_response(plan, ERROR_MESSAGE)
         if seen.stream:
-            return await self.stream(request, model, plan)
+            return await self.streamed(self.stream(request, model, plan))
         return web.json_response(self.response(model, self.parts(plan), plan))
 
     @staticmethod
@@ -965,7 +1010,7 @@ class FakeGemini(FakeProvider):
             chunks += [[{"text": p, "thought": True}] for p in split_text(reply.reasoning)]
         first_answer = len(chunks)
         if reply.text:
-            chunks += [[{"text": p}] for p in split_text(reply.text)]
+            chunks += [[{"text": p}] for p in split_text(reply.text, reply.parts)]
         if reply.tool_calls:
             # Gemini sends each function call whole, never split across chunks.
             chunks.append(
@@ -983,6 +1028,7 @@ class FakeGemini(FakeProvider):
                 await resp.write(f"data: {json.dumps({'error': error})}\r\n\r\n".encode())
                 break
             event = self.response(model, parts, reply, done=(i + 1) / len(chunks))
+            await reply.pace()
             await resp.write(f"data: {json.dumps(event)}\r\n\r\n".encode())
         await resp.write_eof()
         return resp
@@ -1455,6 +1501,54 @@ async def ask(client: str, clients: Clients, model: str, prompt: str, stream: bo
         chunks = await models.generate_content_stream(model=model, contents=prompt)
         return "".join([c.text or "" async for c in chunks])
     return (await models.generate_content(model=model, contents=prompt)).text or ""
+
+
+async def read_first_text_then_leave(
+    client: str, clients: Clients, roots: dict[str, str], model: str, key: str = CLIENT_KEY
+) -> str:
+    """Starts a ``slow`` stream, reads until the first text arrives, then closes it.
+
+    Args:
+        client: client format, a key of ``DRIVERS``.
+        clients: SDK clients pointed at the server under test.
+        roots: the server root per client kind (the Gemini client leaves over plain HTTP).
+        model: model name the client asks for.
+        key: the API key the plain-HTTP Gemini request sends.
+
+    Raises:
+        AssertionError: the stream ended before any text.
+    """
+    prompt = "scenario:slow"
+    if client == "openai":
+        stream = await clients.openai.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], stream=True
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                await stream.close()
+                return chunk.choices[0].delta.content
+    elif client == "anthropic":
+        kwargs = {
+            "model": model,
+            "max_tokens": 64,
+            "messages": [{"role": "user", "content": prompt}],
+        }
+        async with clients.anthropic.messages.stream(**kwargs) as events:
+            async for event in events:
+                if event.type == "text":
+                    return event.text
+    else:
+        # google-genai 3.4 does not close the HTTP stream when a reader stops early (aclose of
+        # its nested generators fails), so this client leaves over plain HTTP instead.
+        url = f"{roots['gemini']}/v1beta/models/{model}:streamGenerateContent?alt=sse"
+        body = {"contents": [{"role": "user", "parts": [{"text": prompt}]}]}
+        async with ClientSession() as http:
+            async with http.post(url, json=body, headers={"x-goog-api-key": key}) as r:
+                async for line in r.content:
+                    if line.startswith(b"data:"):
+                        chunk = json.loads(line[5:])
+                        return chunk["candidates"][0]["content"]["parts"][0]["text"]
+    raise AssertionError("the stream ended before any text")
 
 
 # What each SDK raises for its provider's in-stream error event.

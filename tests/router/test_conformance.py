@@ -10,6 +10,7 @@ both by the SDKs' own parsers and by the grammar checkers over the raw bytes.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import anthropic
@@ -28,10 +29,12 @@ from tests.router.fakes import (
     GEMINI_KEYS,
     MIDSTREAM_ERRORS,
     OPENAI_KEYS,
+    SLOW_TEXT,
     TEXT_ANSWER,
     Clients,
     ask,
     make_clients,
+    read_first_text_then_leave,
     run_scenario,
 )
 
@@ -56,6 +59,19 @@ def router_config(roots: dict[str, str]) -> dict:
             "m-openai": [{"provider": "oai", "model": UPSTREAM_MODELS["openai"]}],
             "m-anthropic": [{"provider": "claude", "model": UPSTREAM_MODELS["anthropic"]}],
             "m-gemini": [{"provider": "gem", "model": UPSTREAM_MODELS["gemini"]}],
+            # Each provider first, then another: the fallback order.
+            "m-fallback-openai": [
+                {"provider": "oai", "model": UPSTREAM_MODELS["openai"]},
+                {"provider": "claude", "model": UPSTREAM_MODELS["anthropic"]},
+            ],
+            "m-fallback-anthropic": [
+                {"provider": "claude", "model": UPSTREAM_MODELS["anthropic"]},
+                {"provider": "gem", "model": UPSTREAM_MODELS["gemini"]},
+            ],
+            "m-fallback-gemini": [
+                {"provider": "gem", "model": UPSTREAM_MODELS["gemini"]},
+                {"provider": "oai", "model": UPSTREAM_MODELS["openai"]},
+            ],
         },
     }
 
@@ -87,13 +103,18 @@ async def clients(router) -> AsyncIterator[Clients]:
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def fresh_clients(upstreams) -> AsyncIterator[Clients]:
-    """Clients of a router of their own: error tests cool keys down, which must not leak."""
+async def fresh_router(upstreams) -> AsyncIterator[dict[str, str]]:
+    """A router of the test's own: error tests cool keys down, which must not leak."""
     server = await start_router(upstreams.roots)
-    made = make_clients(client_roots(server))
+    yield client_roots(server)
+    await server.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def fresh_clients(fresh_router) -> AsyncIterator[Clients]:
+    made = make_clients(fresh_router)
     yield made
     await made.close()
-    await server.close()
 
 
 @module_loop
@@ -228,3 +249,54 @@ async def test_genai_default_api_version(fakes, router):
     finally:
         await default_clients.close()
     assert answer == TEXT_ANSWER
+
+
+NEXT_PROVIDER = {"openai": "anthropic", "anthropic": "gemini", "gemini": "openai"}
+
+
+@module_loop
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("status", [429, 500])
+@pytest.mark.parametrize("upstream", KINDS, ids=lambda k: f"to-{k}")
+@pytest.mark.parametrize("client", KINDS, ids=lambda k: f"from-{k}")
+async def test_failed_provider_falls_back(fakes, fresh_clients, client, upstream, status, stream):
+    """A 429/500 from the first provider of a model's list is answered by the next one."""
+    first, second = fakes.by_name(upstream), fakes.by_name(NEXT_PROVIDER[upstream])
+    first.fail_next(*[status] * len(first.keys))
+    answer = await ask(client, fresh_clients, f"m-fallback-{upstream}", "scenario:text", stream)
+    assert answer == TEXT_ANSWER
+    assert len(first.exchanges) >= 1 and len(second.exchanges) == 1, (
+        f"{upstream} saw {len(first.exchanges)}, {second.name} saw {len(second.exchanges)}"
+    )
+
+
+@module_loop
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("client", KINDS)
+async def test_rate_limited_key_rotates_to_next_key(fakes, fresh_clients, client, stream):
+    """Anthropic has two keys: a 429 on one is retried on the other, and the client never knows."""
+    fakes.anthropic.fail_next(429)
+    answer = await ask(client, fresh_clients, "m-anthropic", "scenario:text", stream)
+    assert answer == TEXT_ANSWER
+    keys = [e.key for e in fakes.anthropic.exchanges]
+    assert len(keys) == 2 and keys[0] != keys[1], f"keys used: {keys}"
+
+
+@module_loop
+@pytest.mark.parametrize("upstream", KINDS, ids=lambda k: f"to-{k}")
+@pytest.mark.parametrize("client", KINDS, ids=lambda k: f"from-{k}")
+async def test_client_disconnect_cancels_upstream(
+    fakes, fresh_router, fresh_clients, client, upstream
+):
+    """A client that walks away mid-stream makes the router drop the upstream stream too
+    (hard case 13: upstreams kept generating for minutes)."""
+    fake = fakes.by_name(upstream)
+    first = await read_first_text_then_leave(client, fresh_clients, fresh_router, f"m-{upstream}")
+    assert SLOW_TEXT.startswith(first.strip()), first
+    for _ in range(40):
+        if fake.disconnects:
+            break
+        await asyncio.sleep(0.05)
+    assert fake.disconnects == 1, (
+        "the upstream stream was still being read 2 s after the client left"
+    )

@@ -7,6 +7,7 @@ shown to reject the known-bad cases they exist to catch.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import aiohttp
@@ -26,6 +27,7 @@ from tests.router.fakes import (
     ask,
     check_typed,
     make_clients,
+    read_first_text_then_leave,
     run_scenario,
 )
 
@@ -93,6 +95,21 @@ async def test_midstream_error_raises_in_sdk(fakes, kind):
             await ask(kind, clients, "m", "scenario:midstream-error", stream=True)
     finally:
         await clients.close()
+
+
+@module_loop
+@pytest.mark.parametrize("kind", KINDS)
+async def test_fakes_notice_a_reader_leaving(fakes, kind):
+    clients = direct_clients(fakes)
+    try:
+        await read_first_text_then_leave(kind, clients, fakes.roots, "m", GEMINI_KEYS[0])
+    finally:
+        await clients.close()
+    for _ in range(40):
+        if fakes.by_name(kind).disconnects:
+            break
+        await asyncio.sleep(0.05)
+    assert fakes.by_name(kind).disconnects == 1
 
 
 @module_loop
