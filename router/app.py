@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import ModuleType
@@ -97,7 +98,7 @@ def error_response(adapter: ModuleType, err: GatewayError) -> web.Response:
     status, body = adapter.render_error(err)
     headers = {}
     if err.retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(err.retry_after)))
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -410,14 +411,10 @@ async def _gemini(request: web.Request) -> web.StreamResponse:
     raise NotFoundError(f"unsupported Gemini method {method!r}")
 
 
-def _model_names(cfg: Config) -> list[str]:
-    return list(cfg.models)
-
-
 async def _list_models(request: web.Request) -> web.Response:
     if "x-goog-api-key" in request.headers or "key" in request.query:
         return await _list_models_gemini(request)
-    names = _model_names(request.app[CONFIG])
+    names = list(request.app[CONFIG].models)
     if "anthropic-version" in request.headers:
         data = [
             {"type": "model", "id": n, "display_name": n, "created_at": "1970-01-01T00:00:00Z"}
@@ -439,6 +436,6 @@ async def _list_models_gemini(request: web.Request) -> web.Response:
     methods = ["generateContent", "streamGenerateContent", "countTokens"]
     models = [
         {"name": f"models/{n}", "displayName": n, "supportedGenerationMethods": methods}
-        for n in _model_names(request.app[CONFIG])
+        for n in request.app[CONFIG].models
     ]
     return web.json_response({"models": models})

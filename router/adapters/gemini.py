@@ -540,7 +540,9 @@ def _render_output_part(part: ir.Part, index: int) -> dict | None:
         try:
             args = parse_arguments(part.arguments, f"parts[{index}]")
         except InvalidRequestError as err:
-            raise UpstreamError(f"upstream sent tool call {part.name!r} with {err.message}") from err
+            raise UpstreamError(
+                f"upstream sent tool call {part.name!r} with {err.message}"
+            ) from err
         call = {"id": part.id, "name": part.name, "args": args}
         return _with_signature({"functionCall": call}, part.signature)
     return None

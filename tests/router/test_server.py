@@ -12,6 +12,8 @@ import pytest
 
 from router.app import create_app
 from router.config import Config, ConfigError, load_config
+from router.errors import RateLimitError
+from router.keys import KeyPool
 from router.sse import SSEDecoder
 from tests.router.helpers import (
     PNG_BYTES,
@@ -798,3 +800,19 @@ async def test_malformed_upstream_response_is_502(client, fake, body):
     resp = await client.post("/v1/messages", json={**ANTHROPIC_BODY, "model": "gpt"})
     assert resp.status == 502
     assert (await resp.json())["error"]["type"] == "api_error"
+
+
+def test_key_pool_round_robin_and_cool_down():
+    now = [100.0]
+    pool = KeyPool("p", ["a", "b", "c"], clock=lambda: now[0])
+    assert [pool.acquire() for _ in range(4)] == ["a", "b", "c", "a"]
+    pool.cool_down("b", 5)
+    assert [pool.acquire() for _ in range(3)] == ["c", "a", "c"]
+    pool.cool_down("a", 2)
+    pool.cool_down("c", 9)
+    with pytest.raises(RateLimitError) as info:
+        pool.acquire()
+    assert info.value.retry_after == pytest.approx(2.0)
+    now[0] += 2
+    assert pool.acquire() == "a"
+    assert KeyPool("local", []).acquire() is None
