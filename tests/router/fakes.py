@@ -1075,6 +1075,7 @@ NATIVE_FINISH = {
     "openai": ("stop", "tool_calls"),
     "anthropic": ("end_turn", "tool_use"),
     "gemini": ("STOP", "STOP"),
+    "responses": ("completed", "completed"),
 }
 
 
@@ -1467,6 +1468,76 @@ class GeminiDriver:
         return out
 
 
+class ResponsesDriver:
+    """A stateless Responses API conversation (``store=False``) through ``openai.AsyncOpenAI``:
+    the output items of each turn go back as input items, as agents do."""
+
+    kind = "responses"
+
+    def __init__(self, clients: Clients, model: str) -> None:
+        self.clients = clients
+        self.model = model
+        self.items: list[dict[str, Any]] = []
+
+    def add_user(self, text: str, image: bytes | None = None) -> None:
+        content: list[dict[str, Any]] = [{"type": "input_text", "text": text}]
+        if image is not None:
+            url = "data:image/png;base64," + base64.b64encode(image).decode()
+            content.append({"type": "input_image", "image_url": url, "detail": "auto"})
+        self.items.append({"role": "user", "content": content})
+
+    def add_tool_results(self, calls: list[ToolCall]) -> None:
+        for call in calls:
+            self.items.append(
+                {
+                    "type": "function_call_output",
+                    "call_id": call.id,
+                    "output": TOOL_RESULTS[call.name],
+                }
+            )
+
+    async def send(self, stream: bool, tools: bool = False, reasoning: bool = False) -> Outcome:
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "instructions": SYSTEM_PROMPT,
+            "input": self.items,
+            "store": False,
+        }
+        if tools:
+            kwargs["tools"] = [
+                {"type": "function", "name": n, "description": d, "parameters": p, "strict": False}
+                for n, d, p in TOOL_SPECS
+            ]
+        if reasoning:
+            kwargs["reasoning"] = {"effort": "low", "summary": "auto"}
+            kwargs["include"] = ["reasoning.encrypted_content"]
+        out = Outcome()
+        if stream:
+            async with self.clients.openai.responses.stream(**kwargs) as events:
+                async for _ in events:
+                    pass
+                response = await events.get_final_response()
+            out.raw = self.clients.tee.last_body
+        else:
+            response = await self.clients.openai.responses.create(**kwargs)
+        for item in response.output:
+            if item.type == "message":
+                out.text += "".join(c.text for c in item.content if c.type == "output_text")
+            elif item.type == "reasoning":
+                out.reasoning += "".join(part.text for part in item.summary)
+                out.signature += item.encrypted_content or ""
+            elif item.type == "function_call":
+                out.tool_calls.append(
+                    ToolCall(item.call_id, item.name, json.loads(item.arguments or "{}"))
+                )
+            self.items.append(item.model_dump(exclude_none=True))
+        out.finish = response.status or ""
+        if response.usage is not None:
+            out.input_tokens = response.usage.input_tokens
+            out.output_tokens = response.usage.output_tokens
+        return out
+
+
 async def ask(client: str, clients: Clients, model: str, prompt: str, stream: bool) -> str:
     """Sends one user message through a client SDK and returns the answer text.
 
@@ -1489,6 +1560,13 @@ async def ask(client: str, clients: Clients, model: str, prompt: str, stream: bo
             return "".join([c.choices[0].delta.content or "" async for c in response if c.choices])
         response = await clients.openai.chat.completions.create(model=model, messages=messages)
         return response.choices[0].message.content or ""
+    if client == "responses":
+        if stream:
+            async with clients.openai.responses.stream(model=model, input=prompt) as events:
+                async for _ in events:
+                    pass
+                return (await events.get_final_response()).output_text
+        return (await clients.openai.responses.create(model=model, input=prompt)).output_text
     if client == "anthropic":
         kwargs = {"model": model, "max_tokens": 64, "messages": messages}
         if stream:
@@ -1558,13 +1636,19 @@ MIDSTREAM_ERRORS = {
     "gemini": genai_errors.APIError,
 }
 
-DRIVERS = {"openai": OpenAIDriver, "anthropic": AnthropicDriver, "gemini": GeminiDriver}
-Driver = OpenAIDriver | AnthropicDriver | GeminiDriver
+DRIVERS = {
+    "openai": OpenAIDriver,
+    "anthropic": AnthropicDriver,
+    "gemini": GeminiDriver,
+    "responses": ResponsesDriver,
+}
+Driver = OpenAIDriver | AnthropicDriver | GeminiDriver | ResponsesDriver
 
 STREAM_CHECKERS = {
     "openai": lambda raw: grammar.check_openai_stream(raw, expect_usage=True),
     "anthropic": grammar.check_anthropic_stream,
     "gemini": grammar.check_gemini_stream,
+    "responses": grammar.check_responses_stream,
 }
 
 

@@ -280,3 +280,111 @@ def check_gemini_stream(raw: bytes) -> list[dict[str, Any]]:
     if not payloads[-1].get("usageMetadata"):
         raise GrammarError(f"last event must carry usageMetadata: {payloads[-1]}")
     return payloads
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI Responses
+# ---------------------------------------------------------------------------------------------
+
+TERMINAL_RESPONSE_EVENTS = {"response.completed", "response.incomplete", "response.failed"}
+# Events that belong to the open output item, and the item types they may appear in.
+ITEM_EVENTS = {
+    "response.content_part.added": {"message"},
+    "response.content_part.done": {"message"},
+    "response.output_text.delta": {"message"},
+    "response.output_text.done": {"message"},
+    "response.output_text.annotation.added": {"message"},
+    "response.refusal.delta": {"message"},
+    "response.refusal.done": {"message"},
+    "response.function_call_arguments.delta": {"function_call"},
+    "response.function_call_arguments.done": {"function_call"},
+    "response.reasoning_summary_part.added": {"reasoning"},
+    "response.reasoning_summary_part.done": {"reasoning"},
+    "response.reasoning_summary_text.delta": {"reasoning"},
+    "response.reasoning_summary_text.done": {"reasoning"},
+    "response.reasoning_text.delta": {"reasoning"},
+    "response.reasoning_text.done": {"reasoning"},
+}
+
+
+def check_responses_stream(raw: bytes) -> list[dict[str, Any]]:
+    """Checks a Responses API event stream and returns its event payloads.
+
+    Args:
+        raw: the body bytes.
+
+    Raises:
+        GrammarError: a rule is broken; the message names the event.
+    """
+    events = parse_sse(raw)
+    payloads = [e.json() for e in events]
+    if not payloads:
+        raise GrammarError("empty Responses stream")
+    for i, (event, p) in enumerate(zip(events, payloads, strict=False)):
+        if event.event and event.event != p.get("type"):
+            raise GrammarError(f"event {i}: name {event.event!r} != data type {p.get('type')!r}")
+        if p.get("sequence_number") != i:
+            raise GrammarError(f"event {i}: sequence_number {p.get('sequence_number')}, want {i}")
+    kinds = [p["type"] for p in payloads]
+    if kinds[0] != "response.created":
+        raise GrammarError(f"first event must be response.created, got {kinds[0]!r}")
+    terminal = [i for i, k in enumerate(kinds) if k in TERMINAL_RESPONSE_EVENTS]
+    if terminal != [len(kinds) - 1]:
+        raise GrammarError(f"exactly one terminal event, last; got {terminal} of {len(kinds)}")
+    ids = {p["response"]["id"] for p in payloads if "response" in p}
+    if len(ids) != 1:
+        raise GrammarError(f"events describe several responses: {ids}")
+
+    items: list[dict[str, Any]] = []
+    open_item: dict[str, Any] | None = None
+    open_parts: set[int] = set()
+    for i, p in enumerate(payloads):
+        kind = p["type"]
+        if kind == "response.output_item.added":
+            if open_item is not None:
+                raise GrammarError(f"event {i}: item {p['output_index']} added inside open item")
+            if p.get("output_index") != len(items):
+                raise GrammarError(
+                    f"event {i}: output_index {p.get('output_index')}, want {len(items)}"
+                )
+            open_item = p["item"]
+            items.append(open_item)
+            if open_item["type"] == "function_call" and not (
+                open_item.get("call_id") and open_item.get("name")
+            ):
+                raise GrammarError(f"event {i}: function_call item without call_id/name: {p}")
+        elif kind == "response.output_item.done":
+            if open_item is None or p.get("output_index") != len(items) - 1:
+                raise GrammarError(f"event {i}: done for item {p.get('output_index')} not open")
+            if open_parts:
+                raise GrammarError(f"event {i}: item done with content parts {open_parts} open")
+            if p["item"]["type"] != open_item["type"]:
+                raise GrammarError(f"event {i}: item type changed to {p['item']['type']!r}")
+            open_item = None
+        elif kind in ITEM_EVENTS:
+            if open_item is None or p.get("output_index") != len(items) - 1:
+                raise GrammarError(f"event {i}: {kind} for item {p.get('output_index')} not open")
+            if open_item["type"] not in ITEM_EVENTS[kind]:
+                raise GrammarError(f"event {i}: {kind} inside a {open_item['type']} item")
+            if "item_id" in p and open_item.get("id") and p["item_id"] != open_item["id"]:
+                raise GrammarError(f"event {i}: item_id {p['item_id']} != {open_item['id']}")
+            if kind == "response.content_part.added":
+                open_parts.add(p["content_index"])
+            elif kind == "response.content_part.done":
+                open_parts.discard(p["content_index"])
+            elif (
+                kind.startswith("response.output_text") and p.get("content_index") not in open_parts
+            ):
+                raise GrammarError(
+                    f"event {i}: text for content part {p.get('content_index')} not open"
+                )
+        elif kind not in ("response.created", "response.in_progress", *TERMINAL_RESPONSE_EVENTS):
+            raise GrammarError(f"event {i}: unexpected event type {kind!r}")
+    if open_item is not None:
+        raise GrammarError(f"stream ended with item {len(items) - 1} open")
+    final = payloads[-1]["response"]
+    if len(final.get("output", [])) != len(items):
+        raise GrammarError(
+            f"final response has {len(final.get('output', []))} items, stream {len(items)}"
+        )
+    return payloads

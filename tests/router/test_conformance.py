@@ -42,6 +42,8 @@ from tests.router.fakes import (
 module_loop = pytest.mark.asyncio(loop_scope="module")
 
 KINDS = ["openai", "anthropic", "gemini"]
+# Client formats: the providers' three plus OpenAI's Responses API.
+CLIENTS = [*KINDS, "responses"]
 SCENARIOS = ["text", "image", "tool", "parallel", "reasoning", "reasoning-tool"]
 UPSTREAM_MODELS = {"openai": "gpt-fake", "anthropic": "claude-fake", "gemini": "gemini-fake"}
 
@@ -121,7 +123,7 @@ async def fresh_clients(fresh_router) -> AsyncIterator[Clients]:
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @pytest.mark.parametrize("upstream", KINDS, ids=lambda k: f"to-{k}")
-@pytest.mark.parametrize("client", KINDS, ids=lambda k: f"from-{k}")
+@pytest.mark.parametrize("client", CLIENTS, ids=lambda k: f"from-{k}")
 async def test_matrix(fakes, clients, client, upstream, scenario, stream):
     fake = fakes.by_name(upstream)
     await run_scenario(client, clients, f"m-{upstream}", scenario, stream, fake)
@@ -150,13 +152,14 @@ ERROR_CLASSES = {
         500: genai_errors.ServerError,
     },
 }
+ERROR_CLASSES["responses"] = ERROR_CLASSES["openai"]
 
 
 @module_loop
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("status", [400, 401, 429, 500])
 @pytest.mark.parametrize("upstream", KINDS, ids=lambda k: f"to-{k}")
-@pytest.mark.parametrize("client", KINDS, ids=lambda k: f"from-{k}")
+@pytest.mark.parametrize("client", CLIENTS, ids=lambda k: f"from-{k}")
 async def test_upstream_errors_reach_client_sdk(
     fakes, fresh_clients, client, upstream, status, stream
 ):
@@ -173,12 +176,23 @@ async def test_upstream_errors_reach_client_sdk(
 
 @module_loop
 @pytest.mark.parametrize("upstream", KINDS, ids=lambda k: f"to-{k}")
-@pytest.mark.parametrize("client", KINDS, ids=lambda k: f"from-{k}")
+@pytest.mark.parametrize("client", CLIENTS, ids=lambda k: f"from-{k}")
 async def test_midstream_error_reaches_client(fakes, fresh_clients, client, upstream):
     """An error event after the first delta (no retry possible) ends the client's stream with
     its own format's error, which its SDK raises; never a silently truncated success."""
+    model, prompt = f"m-{upstream}", "scenario:midstream-error"
+    if client == "responses":
+        # The openai SDK yields Responses `error` events instead of raising; its stream helper
+        # needs a terminal event (response.failed) to hand the failure to the caller.
+        async with fresh_clients.openai.responses.stream(model=model, input=prompt) as events:
+            seen = [event async for event in events]
+            errors = [e.message for e in seen if e.type == "error"]
+            final = await events.get_final_response()
+        assert any(ERROR_MESSAGE in m for m in errors), f"no error event: {[e.type for e in seen]}"
+        assert final.status == "failed" and ERROR_MESSAGE in final.error.message, final
+        return
     with pytest.raises(MIDSTREAM_ERRORS[client], match=ERROR_MESSAGE):
-        await ask(client, fresh_clients, f"m-{upstream}", "scenario:midstream-error", stream=True)
+        await ask(client, fresh_clients, model, prompt, stream=True)
 
 
 @module_loop

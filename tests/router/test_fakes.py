@@ -498,3 +498,72 @@ def test_parse_sse_handles_crlf_comments_and_multiline_data():
     assert [(e.event, e.data) for e in events] == [("x", "a\nb"), ("", "c")]
     with pytest.raises(grammar.GrammarError, match="ended inside"):
         grammar.parse_sse(b"data: cut")
+
+
+def responses_sse(*payloads: dict) -> bytes:
+    out = b""
+    for seq, p in enumerate(payloads):
+        p = {**p, "sequence_number": seq}
+        out += f"event: {p['type']}\ndata: {json.dumps(p)}\n\n".encode()
+    return out
+
+
+RESPONSE = {"id": "resp_1", "object": "response", "status": "in_progress", "output": []}
+CALL = {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "a", "arguments": ""}
+
+
+def call_events(index: int) -> list[dict]:
+    item = {**CALL, "id": f"fc_{index}", "call_id": f"call_{index}"}
+    return [
+        {"type": "response.output_item.added", "output_index": index, "item": item},
+        {
+            "type": "response.function_call_arguments.delta",
+            "output_index": index,
+            "item_id": item["id"],
+            "delta": "{}",
+        },
+        {"type": "response.output_item.done", "output_index": index, "item": item},
+    ]
+
+
+def completed(items: int) -> dict:
+    return {"type": "response.completed", "response": {**RESPONSE, "output": [CALL] * items}}
+
+
+def test_responses_grammar_accepts_two_calls():
+    raw = responses_sse(
+        {"type": "response.created", "response": RESPONSE},
+        *call_events(0),
+        *call_events(1),
+        completed(2),
+    )
+    assert len(grammar.check_responses_stream(raw)) == 8
+
+
+@pytest.mark.parametrize(
+    ("events", "why"),
+    [
+        ([*call_events(0), completed(1)], "response.created"),
+        ([{"type": "response.created", "response": RESPONSE}, *call_events(0)], "terminal"),
+        (
+            [{"type": "response.created", "response": RESPONSE}, *call_events(1), completed(1)],
+            "output_index 1, want 0",
+        ),
+        (
+            [
+                {"type": "response.created", "response": RESPONSE},
+                *call_events(0)[:2],
+                *call_events(1),
+                completed(2),
+            ],
+            "inside open item",
+        ),
+        (
+            [{"type": "response.created", "response": RESPONSE}, *call_events(0), completed(2)],
+            "final response has 2 items",
+        ),
+    ],
+)
+def test_responses_grammar_rejects(events, why):
+    with pytest.raises(grammar.GrammarError, match=why):
+        grammar.check_responses_stream(responses_sse(*events))
