@@ -76,3 +76,126 @@ class KVCache:
         n = min(self.offset, n)
         self.offset -= n
         return n
+
+
+class BatchKVCache:
+    """Per-layer key/value store of a batch of sequences, left-padded to a common end.
+
+    In the style of mlx-lm's ``BatchKVCache``: keys and values have the layout
+    ``(B, n_kv_heads, T, head_dim)``; row ``b`` holds its own positions ``0 .. n_b - 1`` in the
+    columns ``left_padding[b] .. idx - 1`` and zeros before them. A decode step writes column
+    ``idx`` of every row. ``offset`` is each row's own position (``[B]`` int32, for per-row
+    RoPE) and ``make_mask`` hides every row's padding, so padding never changes a row's result.
+    """
+
+    step = 256
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+        self.idx = 0
+        self.left_padding: list[int] = []
+        self.offset = mx.zeros((0,), dtype=mx.int32)
+
+    def __len__(self) -> int:
+        return len(self.left_padding)
+
+    def _set_padding(self, left_padding: list[int]) -> None:
+        self.left_padding = left_padding
+        self.offset = mx.array([self.idx - p for p in left_padding], dtype=mx.int32)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append the same number of new positions to every row; return all columns so far.
+
+        Args:
+            keys: ``(B, n_kv_heads, L, head_dim)`` keys of the new positions.
+            values: ``(B, n_kv_heads, L, head_dim)`` values of the new positions.
+
+        Raises:
+            ValueError: If the batch is empty or ``keys`` has a different number of rows.
+        """
+        B, n_kv_heads, L, k_dim = keys.shape
+        if self.keys is None or B != len(self):
+            raise ValueError(f"update of {B} rows for a batch cache of {len(self)} rows")
+        prev = self.idx
+        if prev + L > self.keys.shape[2]:
+            n_steps = (self.step + L - 1) // self.step
+            grow = (B, n_kv_heads, n_steps * self.step)
+            self.keys = mx.concatenate(
+                [self.keys[..., :prev, :], mx.zeros((*grow, k_dim), keys.dtype)], axis=2
+            )
+            self.values = mx.concatenate(
+                [self.values[..., :prev, :], mx.zeros((*grow, values.shape[3]), values.dtype)],
+                axis=2,
+            )
+        self.idx += L
+        self.offset = self.offset + L
+        self.keys[..., prev : self.idx, :] = keys
+        self.values[..., prev : self.idx, :] = values
+        return self.keys[..., : self.idx, :], self.values[..., : self.idx, :]
+
+    def make_mask(self, L: int = 1) -> mx.array | None:
+        """The attention mask for ``L`` new positions: causal, padding hidden.
+
+        Args:
+            L: The number of positions the next ``update_and_fetch`` adds.
+
+        Returns:
+            Boolean ``(B, 1, L, idx + L)`` (True attends), or None when no row is padded and
+            ``L`` is 1 (nothing to hide).
+        """
+        if L == 1 and not any(self.left_padding):
+            return None
+        columns = mx.arange(self.idx + L)
+        padding = mx.array(self.left_padding)[:, None, None, None]
+        causal = columns[None, :] <= (self.idx + mx.arange(L))[:, None]
+        return (columns >= padding) & causal
+
+    def add(self, keys: mx.array, values: mx.array) -> None:
+        """Append one sequence as the last row, left-padding whichever side is shorter.
+
+        Args:
+            keys: ``(1, n_kv_heads, n, head_dim)`` the sequence's keys (e.g. a ``KVCache.state``).
+            values: ``(1, n_kv_heads, n, head_dim)`` its values.
+        """
+        n = keys.shape[2]
+        if self.keys is None:
+            self.keys, self.values, self.idx = keys, values, n
+            self._set_padding([0])
+            return
+        old_k, old_v = self.keys[..., : self.idx, :], self.values[..., : self.idx, :]
+        padding = list(self.left_padding)
+        if n > self.idx:
+            old_k, old_v = _pad_left(old_k, n - self.idx), _pad_left(old_v, n - self.idx)
+            padding = [p + n - self.idx for p in padding]
+            self.idx = n
+        self.keys = mx.concatenate([old_k, _pad_left(keys, self.idx - n)])
+        self.values = mx.concatenate([old_v, _pad_left(values, self.idx - n)])
+        self._set_padding(padding + [self.idx - n])
+
+    def filter(self, keep: list[int]) -> None:
+        """Keep only the rows ``keep`` (in that order) and drop padding no row needs.
+
+        Args:
+            keep: Row indices to keep.
+        """
+        if not keep:
+            self.keys = self.values = None
+            self.idx = 0
+            self._set_padding([])
+            return
+        rows = mx.array(keep)
+        padding = [self.left_padding[i] for i in keep]
+        trim = min(padding)
+        self.keys = self.keys[rows, :, trim : self.idx, :]
+        self.values = self.values[rows, :, trim : self.idx, :]
+        self.idx -= trim
+        self._set_padding([p - trim for p in padding])
+
+
+def _pad_left(x: mx.array, n: int) -> mx.array:
+    """Prepend ``n`` zero columns on the time axis of ``(B, H, T, D)``."""
+    if n == 0:
+        return x
+    B, H, _, D = x.shape
+    return mx.concatenate([mx.zeros((B, H, n, D), x.dtype), x], axis=2)

@@ -1,0 +1,650 @@
+"""An inference engine that serves many concurrent requests with continuous batching.
+
+The engine owns the model on a thread of its own, so an asyncio event loop never waits on
+MLX. Requests arrive through a queue; each is prefilled alone (its images through the
+`ImageFeatureCache`, its tokens in chunks of `prefill_step_size` between decode steps) and
+then joins the running batch, whose decode steps run all sequences at once on a left-padded
+`BatchKVCache` with per-row RoPE positions and a padding mask. A sequence leaves the batch
+when it finishes or its consumer goes away, at the next step. Each request has its own
+sampler, logits processors, stop conditions and streaming detokenizer (`TextStream`), and its
+results reach its event loop through `loop.call_soon_threadsafe`.
+
+Admission control: at most `max_sequences` sequences decode at once; at most `max_queue`
+more wait (preprocessing included), past that `generate` raises `QueueFullError`; a prompt
+that does not fit `max_context_tokens` raises `ContextLengthError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import random
+import shutil
+import tempfile
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+from .cache import BatchKVCache
+from .generate import (
+    ImageFeatureCache,
+    PreparedPrompt,
+    TextStream,
+    encode_tiles,
+    input_keys,
+    prepare_prompt,
+)
+from .load import HUB_PATTERNS, WEIGHTS_FILE, load_model, resolve_model_path
+from .processing import Processor
+from .random_weights import make_random_checkpoint
+from .sample import LogitsProcessor, Sampler, make_repetition_penalty, make_sampler
+
+logger = logging.getLogger(__name__)
+
+# Errors one request's inputs can cause in the engine thread (shapes, features, memory): they
+# fail that request only.
+REQUEST_ERRORS = (ValueError, RuntimeError, MemoryError)
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is stopped (or stopping) and takes no more requests."""
+
+
+class ContextLengthError(ValueError):
+    """The prompt does not fit the context."""
+
+
+@dataclass
+class EngineConfig:
+    """Limits and batching options of an `Engine`.
+
+    Args:
+        max_sequences: Sequences decoded together (the batch size, prefilling one included).
+        max_queue: Requests accepted beyond those, waiting for a slot; more are refused.
+        max_context_tokens: Prompt plus generated tokens per sequence; None is the model's
+            `max_position_embeddings`.
+        prefill_step_size: Prompt tokens prefilled between two decode steps of the batch.
+        image_cache_tiles: Encoded image tiles kept for reuse across requests.
+        retry_after_s: The wait suggested to refused requests.
+    """
+
+    max_sequences: int = 8
+    max_queue: int = 32
+    max_context_tokens: int | None = None
+    prefill_step_size: int = 512
+    image_cache_tiles: int = 256
+    retry_after_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_sequences", "prefill_step_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_queue", "image_cache_tiles"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_context_tokens is not None and self.max_context_tokens < 2:
+            raise ValueError(f"max_context_tokens must be >= 2, got {self.max_context_tokens}")
+        if self.retry_after_s < 0:
+            raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
+
+
+@dataclass
+class SamplingParams:
+    """One request's sampling options and stop conditions (as `stream_generate`'s).
+
+    Args:
+        max_tokens: Most tokens to generate; fewer if the context fills up first.
+        temperature, top_p, top_k, min_p: Sampling options (temperature 0 is greedy).
+        repetition_penalty: transformers' repetition penalty (None or 1 disables it).
+        seed: Makes sampling reproducible: the same seed gives the same tokens, whatever
+            else is in the batch.
+        stop: Strings that end generation; only the text before the first one is returned.
+        ignore_eos: Keep generating past end-of-sequence tokens (for benchmarks and tests).
+    """
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass
+class EngineOutput:
+    """A piece of one request's answer; the last one has `finish_reason` set.
+
+    Args:
+        text: New text (may be empty on the last output).
+        prompt_tokens: Tokens of the prompt, image tokens included.
+        generation_tokens: Tokens generated so far (an end-of-sequence token included).
+        finish_reason: "stop" (EOS or a stop string) or "length" on the last output.
+        stop_sequence: The stop string that ended generation, if one did.
+        tokens: Every generated token id, on the last output.
+    """
+
+    text: str
+    prompt_tokens: int
+    generation_tokens: int
+    finish_reason: str | None = None
+    stop_sequence: str | None = None
+    tokens: list[int] | None = None
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's load."""
+
+    running: int
+    waiting: int
+    steps: int
+
+
+class _Sequence:
+    """One request inside the engine: its prompt, sampler, text and way back to its loop."""
+
+    def __init__(
+        self,
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        max_tokens: int,
+        eos_token_ids: list[int],
+        tokenizer: Any,
+        loop: asyncio.AbstractEventLoop,
+    ):
+        self.prompt = prompt
+        self.sampler: Sampler = make_sampler(
+            params.temperature, params.top_p, params.top_k, params.min_p
+        )
+        self.greedy = params.temperature == 0
+        self.processors: list[LogitsProcessor] = []
+        if params.repetition_penalty not in (None, 1.0):
+            self.processors.append(make_repetition_penalty(params.repetition_penalty))
+        self.seed = params.seed
+        self.text = TextStream(
+            tokenizer, max_tokens, params.stop, () if params.ignore_eos else eos_token_ids
+        )
+        self.history = mx.array(prompt.input_ids, dtype=mx.int32) if self.processors else None
+        self.loop = loop
+        self.outputs: asyncio.Queue[EngineOutput | BaseException] = asyncio.Queue()
+        self.cancelled = False  # set by the consumer's thread, read by the engine's
+        self.done = False
+
+    @property
+    def simple(self) -> bool:
+        """Greedy without logits processors: can share one argmax with the batch."""
+        return self.greedy and not self.processors
+
+    def sample(self, logits: mx.array) -> mx.array:
+        """The next token `[1]` from this sequence's logits `[1, vocab]` (lazy)."""
+        for process in self.processors:
+            logits = process(self.history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if self.seed is not None:
+            # A seed per (request, step): reproducible whatever else shares the batch.
+            mx.random.seed(hash((self.seed, len(self.text.tokens))) & 0x7FFFFFFFFFFFFFFF)
+        token = self.sampler(logprobs)
+        if self.history is not None:
+            self.history = mx.concatenate([self.history, token.astype(mx.int32)])
+        return token
+
+    def send(self, item: EngineOutput | BaseException) -> None:
+        """Hand a result to the consumer's event loop (from the engine thread)."""
+        if isinstance(item, BaseException) or item.finish_reason is not None:
+            self.done = True
+        try:
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+@dataclass
+class _Prefill:
+    """A sequence being prefilled alone, a chunk at a time, before it joins the batch."""
+
+    seq: _Sequence
+    cache: list[Any]
+    tiles_done: int = 0
+    features: list[mx.array] = field(default_factory=list)
+    tokens_done: int = 0
+    image_rows_done: int = 0
+
+
+class Engine:
+    """Continuous-batching generation for concurrent requests, on a thread of its own.
+
+    Args:
+        model: The `Model` from `mlx_smolvlm.load`.
+        processor: The `Processor` from `mlx_smolvlm.load`.
+        config: Limits and batching options.
+    """
+
+    def __init__(self, model: Any, processor: Any, config: EngineConfig | None = None):
+        self.model = model
+        self.processor = processor
+        self.config = config or EngineConfig()
+        context = model.config.text_config.max_position_embeddings
+        self.max_context = min(self.config.max_context_tokens or context, context)
+        self.feature_cache = ImageFeatureCache(self.config.image_cache_tiles)
+        self._inbox: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._queued = 0  # accepted and not yet in a slot (preprocessing included)
+        self._closed = False
+        self._prep = ThreadPoolExecutor(1, thread_name_prefix="mlx-prep")
+        self._rng = random.Random(os.urandom(16))
+        # Engine-thread state.
+        self._waiting: deque[_Sequence] = deque()
+        self._rows: list[_Sequence] = []
+        self._cache: list[BatchKVCache] = []
+        self._next: mx.array | None = None  # tokens [rows] of the step in flight
+        self._prefill: _Prefill | None = None
+        self._steps = 0
+        self._thread = threading.Thread(target=self._run, name="mlx-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the consumer's side (any event loop) --------------------------------------------
+
+    def stats(self) -> EngineStats:
+        """How many sequences run (prefilling included) and wait, and the decode steps so far."""
+        running = len(self._rows) + (self._prefill is not None)
+        with self._lock:
+            return EngineStats(running, self._queued, self._steps)
+
+    def prepare(
+        self, prompt: str | list[dict], images: list[Any] | None = None, video: Any = None
+    ) -> PreparedPrompt:
+        """Apply the chat template, preprocess the media and tokenize (blocking).
+
+        Args:
+            prompt: Chat messages (the checkpoint's template is applied) or a prompt string.
+            images: Image sources in prompt order.
+            video: A video file path or its bytes.
+
+        Raises:
+            ValueError: The processor rejects the prompt or a medium.
+        """
+        prepared = prepare_prompt(self.processor, prompt, images, video)
+        input_keys(prepared, self.processor.tokenizer.image_token_id, self.processor.image_seq_len)
+        return prepared
+
+    async def generate(
+        self,
+        prompt: str | list[dict] | PreparedPrompt,
+        images: list[Any] | None = None,
+        video: Any = None,
+        params: SamplingParams | None = None,
+    ) -> AsyncIterator[EngineOutput]:
+        """Generate an answer, yielding text pieces as the batch produces them.
+
+        Close the iterator (``aclose``, or ``contextlib.aclosing``) to stop early: the
+        sequence then leaves the batch at the next step.
+
+        Args:
+            prompt: Chat messages, a prompt string (one `<image>` per image) or a
+                `PreparedPrompt`.
+            images: Image sources in prompt order.
+            video: A video file path or its bytes.
+            params: Sampling options and stop conditions.
+
+        Raises:
+            QueueFullError: `max_queue` requests are already waiting.
+            EngineClosedError: The engine is stopped.
+            ContextLengthError: The prompt does not fit the context.
+            ValueError: Bad sampling options, or the processor rejects an input.
+            RuntimeError: MLX failed on this request.
+        """
+        params = params or SamplingParams()
+        if params.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        self._admit()
+        queued = True
+        try:
+            if not isinstance(prompt, PreparedPrompt):
+                loop = asyncio.get_running_loop()
+                prompt = await loop.run_in_executor(self._prep, self.prepare, prompt, images, video)
+            seq = self._make_sequence(prompt, params)
+            queued = False  # the engine thread takes over the count
+            self._inbox.put(seq)
+        finally:
+            if queued:
+                self._release()
+        try:
+            while True:
+                item = await seq.outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            seq.cancelled = True
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop the engine: unfinished requests get `EngineClosedError`.
+
+        Args:
+            timeout: Seconds to wait for the engine thread.
+        """
+        with self._lock:
+            self._closed = True
+        self._inbox.put(None)
+        self._thread.join(timeout)
+        self._prep.shutdown(wait=True, cancel_futures=True)
+
+    def _admit(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise EngineClosedError("the engine is stopped")
+            if self._queued >= self.config.max_queue:
+                raise QueueFullError(
+                    f"{self._queued} requests are already waiting for the model "
+                    f"(max_queue {self.config.max_queue}, max_sequences "
+                    f"{self.config.max_sequences})",
+                    self.config.retry_after_s,
+                )
+            self._queued += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self._queued -= 1
+
+    def _make_sequence(self, prompt: PreparedPrompt, params: SamplingParams) -> _Sequence:
+        n = len(prompt.input_ids)
+        if n >= self.max_context:
+            raise ContextLengthError(
+                f"the prompt is {n} tokens (images included) but the context holds "
+                f"{self.max_context}"
+            )
+        tokenizer = self.processor.tokenizer
+        return _Sequence(
+            prompt,
+            params,
+            min(params.max_tokens, self.max_context - n),
+            tokenizer.eos_token_ids,
+            tokenizer,
+            asyncio.get_running_loop(),
+        )
+
+    # ---- the engine thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                busy = self._rows or self._prefill or self._waiting
+                items = [] if busy else [self._inbox.get()]
+                while True:
+                    try:
+                        items.append(self._inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                for item in items:
+                    if item is None:
+                        return
+                    self._waiting.append(item)
+                self._step()
+        finally:
+            # Also after a bug: no request may wait forever on a dead engine.
+            with self._lock:
+                self._closed = True
+            self._shut_down()
+
+    def _step(self) -> None:
+        """One decode step of the batch, then one unit of prefill work."""
+        self._drop_cancelled_waiting()
+        pending, rows = self._next, list(self._rows)
+        if rows:
+            try:
+                self._next = self._decode(pending)
+                tokens = pending.tolist()
+            except REQUEST_ERRORS as err:
+                logger.exception("a decode step failed; failing the %d sequences in it", len(rows))
+                for seq in rows:
+                    seq.send(err)
+                self._set_rows([])
+                return
+            for seq, token in zip(rows, tokens, strict=True):
+                if not seq.cancelled:
+                    self._emit(seq, token)
+            keep = [i for i, seq in enumerate(rows) if not (seq.done or seq.cancelled)]
+            if len(keep) < len(rows):
+                self._keep_rows(keep)
+        self._advance_prefill()
+
+    def _decode(self, tokens: mx.array) -> mx.array:
+        """Queue one decode step for every row; return its sampled tokens `[rows]` (lazy)."""
+        mask = self._cache[0].make_mask()
+        logits = self.model(tokens[:, None], cache=self._cache, mask=mask)[:, -1, :]
+        self._steps += 1
+        next_tokens = self._sample(logits, self._rows).astype(mx.int32)
+        mx.async_eval(next_tokens)
+        return next_tokens
+
+    def _sample(self, logits: mx.array, rows: list[_Sequence]) -> mx.array:
+        """Tokens `[rows]` from logits `[rows, vocab]`, each row with its own sampler."""
+        if all(seq.simple for seq in rows):
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            return mx.argmax(logprobs, axis=-1)
+        tokens = mx.concatenate([seq.sample(logits[i : i + 1]) for i, seq in enumerate(rows)])
+        if any(seq.seed is not None for seq in rows):
+            mx.random.seed(self._rng.getrandbits(63))  # unseeded rows stay unpredictable
+        return tokens
+
+    def _emit(self, seq: _Sequence, token: int) -> None:
+        text = seq.text.add(token)
+        finished = seq.text.finish_reason is not None
+        if finished:
+            text += seq.text.flush()
+        if text or finished:
+            seq.send(
+                EngineOutput(
+                    text,
+                    len(seq.prompt.input_ids),
+                    len(seq.text.tokens),
+                    seq.text.finish_reason,
+                    seq.text.stop_sequence,
+                    list(seq.text.tokens) if finished else None,
+                )
+            )
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        for layer_cache in self._cache:
+            layer_cache.filter(keep)
+        self._next = self._next[mx.array(keep)] if keep else None
+        self._set_rows([self._rows[i] for i in keep])
+
+    def _set_rows(self, rows: list[_Sequence]) -> None:
+        self._rows = rows
+        if not rows:
+            self._cache, self._next = [], None
+            if self._prefill is None:
+                mx.clear_cache()
+
+    def _drop_cancelled_waiting(self) -> None:
+        cancelled = [seq for seq in self._waiting if seq.cancelled]
+        for seq in cancelled:
+            self._waiting.remove(seq)
+            self._release()
+
+    def _advance_prefill(self) -> None:
+        """Start the next waiting sequence if a slot is free, and do one unit of its prefill."""
+        if self._prefill is None:
+            if not self._waiting or len(self._rows) >= self.config.max_sequences:
+                return
+            seq = self._waiting.popleft()
+            self._release()
+            self._prefill = _Prefill(seq, self.model.make_cache())
+        prefill = self._prefill
+        if prefill.seq.cancelled:
+            self._prefill = None
+            return
+        try:
+            first_token = self._prefill_unit(prefill)
+        except REQUEST_ERRORS as err:
+            logger.warning("prefill failed for a request: %s", err)
+            prefill.seq.send(err)
+            self._prefill = None
+            return
+        if first_token is not None:
+            self._join(prefill, first_token)
+
+    def _prefill_unit(self, prefill: _Prefill) -> mx.array | None:
+        """Encode a group of tiles or prefill a chunk of tokens; the first token when done."""
+        prompt, step = prefill.seq.prompt, self.config.prefill_step_size
+        n_tiles = len(prompt.tile_hashes)
+        if prefill.tiles_done < n_tiles:
+            group = max(1, step // self.processor.image_seq_len)
+            wanted = list(range(prefill.tiles_done, min(n_tiles, prefill.tiles_done + group)))
+            features, _ = encode_tiles(self.model, prompt, wanted, self.feature_cache)
+            mx.eval(features)
+            prefill.features.append(features.reshape(-1, features.shape[-1]))
+            prefill.tiles_done += len(wanted)
+            return None
+        ids = prompt.input_ids[prefill.tokens_done : prefill.tokens_done + step]
+        image_rows = sum(t == self.processor.tokenizer.image_token_id for t in ids)
+        features = None
+        if image_rows:
+            if len(prefill.features) > 1:
+                prefill.features = [mx.concatenate(prefill.features)]
+            start = prefill.image_rows_done
+            features = prefill.features[0][start : start + image_rows]
+        logits = self.model(
+            mx.array(ids, dtype=mx.int32)[None], cache=prefill.cache, image_features=features
+        )
+        prefill.tokens_done += len(ids)
+        prefill.image_rows_done += image_rows
+        if prefill.tokens_done < len(prompt.input_ids):
+            mx.eval([c.state for c in prefill.cache])
+            return None
+        token = prefill.seq.sample(logits[:, -1, :])
+        mx.eval(token)
+        return token
+
+    def _join(self, prefill: _Prefill, first_token: mx.array) -> None:
+        """Move a prefilled sequence into the batch; its first token goes out with the next step."""
+        if not self._rows:
+            self._cache = [BatchKVCache() for _ in prefill.cache]
+        for batch_cache, row_cache in zip(self._cache, prefill.cache, strict=True):
+            batch_cache.add(*row_cache.state)
+        first = first_token.astype(mx.int32)
+        self._next = first if self._next is None else mx.concatenate([self._next, first])
+        self._rows = self._rows + [prefill.seq]
+        self._prefill = None
+
+    def _shut_down(self) -> None:
+        error = EngineClosedError("the engine was stopped")
+        outstanding = list(self._waiting) + list(self._rows)
+        if self._prefill is not None:
+            outstanding.append(self._prefill.seq)
+        for seq in outstanding:
+            if not seq.done:
+                seq.send(error)
+        self._waiting.clear()
+        self._prefill = None
+        self._set_rows([])
+        logger.info("the engine stopped")
+
+
+@dataclass
+class ServedModel:
+    """A model loaded for serving, and whether its weights are random."""
+
+    model: Any
+    processor: Any
+    path: Path
+    random_weights: bool
+
+
+def cache_dir() -> Path:
+    """Where this package keeps generated files: ``$XDG_CACHE_HOME/mlx_smolvlm``
+    (``~/.cache/mlx_smolvlm`` by default)."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "mlx_smolvlm"
+
+
+def random_checkpoint(shape: str = "256m", dtype: str = "float32") -> Path:
+    """A random-weight checkpoint of a real SmolVLM2 architecture, made once and cached.
+
+    Args:
+        shape: One of ``256m``, ``500m``, ``2.2b``.
+        dtype: The weight dtype.
+
+    Raises:
+        ValueError: If ``shape`` or ``dtype`` is unknown.
+    """
+    path = cache_dir() / f"random-{shape}-{dtype}"
+    if not (path / WEIGHTS_FILE).is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside and renamed into place, so a crash never leaves half a checkpoint.
+        scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            make_random_checkpoint(shape, scratch, dtype)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(scratch, path)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+def load_for_serving(
+    model: str, *, random_weights_fallback: bool = False, dtype: str | None = None
+) -> ServedModel:
+    """Load the model to serve: a directory, a Hub id, or random weights as a last resort.
+
+    With ``random_weights_fallback``, a Hub id is looked up in the Hugging Face cache only
+    (nothing is downloaded), and when it is not there a random-weight checkpoint of the
+    SmolVLM2-256M architecture is served, with a WARNING. Without it, a Hub id not in the
+    cache is downloaded.
+
+    Args:
+        model: A checkpoint directory or a Hugging Face Hub id.
+        random_weights_fallback: Serve random weights when ``model`` is not on this machine.
+        dtype: Cast the weights to this dtype name (e.g. ``float32``); None keeps them.
+
+    Raises:
+        FileNotFoundError, ConfigError, WeightsError: As `load_model`, when the model cannot
+            be loaded (and random weights are not allowed).
+        ValueError: If ``dtype`` is not a floating-point dtype name.
+    """
+    path = Path(model).expanduser()
+    random_weights = False
+    if not path.is_dir():
+        if random_weights_fallback:
+            try:
+                path = Path(
+                    snapshot_download(model, allow_patterns=HUB_PATTERNS, local_files_only=True)
+                )
+            except (LocalEntryNotFoundError, HFValidationError):
+                path = random_checkpoint("256m", dtype or "float32")
+                random_weights = True
+                logger.warning(
+                    "%s is not on this machine: serving a RANDOM-WEIGHT checkpoint of the "
+                    "SmolVLM2-256M architecture (%s). Its answers are meaningless; put the "
+                    "model in the Hugging Face cache or configure a checkpoint directory.",
+                    model,
+                    path,
+                )
+        else:
+            path = resolve_model_path(model)
+    loaded, path = load_model(str(path), dtype)
+    return ServedModel(loaded, Processor.from_pretrained(path), path, random_weights)
