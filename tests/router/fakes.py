@@ -116,8 +116,8 @@ class Reply:
     input_tokens: int = INPUT_TOKENS
     output_tokens: int = OUTPUT_TOKENS
     reasoning_tokens: int = 0
-    # Streams send their first text piece and then the provider's in-stream error event.
-    fail_midstream: bool = False
+    # Streams send this many text pieces and then the provider's in-stream error event.
+    fail_after: int | None = None
     # Streams send the text in SLOW_PIECES pieces, 50 ms apart.
     slow: bool = False
 
@@ -183,17 +183,24 @@ class FakeProvider:
         self.exchanges: list[Exchange] = []
         self.problems: list[str] = []
         self.failures: list[int] = []
+        self.stream_failures = 0
         self.disconnects = 0
 
     def reset(self) -> None:
         self.exchanges.clear()
         self.problems.clear()
         self.failures.clear()
+        self.stream_failures = 0
         self.disconnects = 0
 
     def fail_next(self, *statuses: int) -> None:
         """Answers the next requests with these error statuses, whatever their scenario."""
         self.failures.extend(statuses)
+
+    def fail_stream_next(self, count: int) -> None:
+        """Answers the next ``count`` streams with HTTP 200 and then, before any content, the
+        provider's in-stream error event (Anthropic's overloaded_error after message_start)."""
+        self.stream_failures += count
 
     async def streamed(self, stream: typing.Awaitable[web.StreamResponse]) -> web.StreamResponse:
         """Runs a stream writer, counting readers that went away before its end."""
@@ -212,6 +219,9 @@ class FakeProvider:
         """Picks the reply (or the error status) for a parsed request."""
         if self.failures:
             return self.failures.pop(0)
+        if self.stream_failures and seen.stream:
+            self.stream_failures -= 1
+            return Reply(text=TEXT_ANSWER, fail_after=0)
         if seen.scenario == "slow":
             return Reply(text=SLOW_TEXT, slow=True)
         if seen.scenario in ERROR_STATUSES:
@@ -248,7 +258,7 @@ class FakeProvider:
         if seen.scenario == "followup":
             return Reply(text=FOLLOWUP_ANSWER)
         if seen.scenario == "midstream-error":
-            return Reply(text=TEXT_ANSWER, fail_midstream=True) if seen.stream else 500
+            return Reply(text=TEXT_ANSWER, fail_after=1) if seen.stream else 500
         return Reply(text=TEXT_ANSWER)
 
     def _call(self, index: int, name: str, args: dict[str, Any]) -> ToolCall:
@@ -591,14 +601,14 @@ class FakeOpenAI(FakeProvider):
         await resp.write(sse(chunk({"role": "assistant", "content": ""})))
         for piece in split_text(reply.reasoning) if reply.reasoning else []:
             await resp.write(sse(chunk({"reasoning_content": piece})))
-        for piece in split_text(reply.text, reply.parts) if reply.text else []:
-            await resp.write(sse(chunk({"content": piece})))
-            await reply.pace()
-            if reply.fail_midstream:
+        for i, piece in enumerate(split_text(reply.text, reply.parts) if reply.text else []):
+            if reply.fail_after == i:
                 error = {"message": ERROR_MESSAGE, "type": "server_error", "param": None}
                 await resp.write(sse({"error": {**error, "code": None}}))
                 await resp.write_eof()
                 return resp
+            await resp.write(sse(chunk({"content": piece})))
+            await reply.pace()
         for index, tc in enumerate(reply.tool_calls):
             first = {
                 "index": index,
@@ -795,6 +805,12 @@ class FakeAnthropic(FakeProvider):
 
         await send("message_start", message=self.message(model, reply, streaming=True))
         await send("ping")
+        overloaded = {"type": "overloaded_error", "message": ERROR_MESSAGE}
+        if reply.fail_after == 0:
+            # Anthropic can fail a 200 stream before any content (hard case 14).
+            await send("error", error=overloaded)
+            await resp.write_eof()
+            return resp
         for index, block in enumerate(self.blocks(reply)):
             if block["type"] == "thinking":
                 start = {"type": "thinking", "thinking": "", "signature": ""}
@@ -815,14 +831,13 @@ class FakeAnthropic(FakeProvider):
                     for p in split_text(json.dumps(block["input"]))
                 ]
             await send("content_block_start", index=index, content_block=start)
-            for delta in deltas:
-                await send("content_block_delta", index=index, delta=delta)
-                await reply.pace()
-                if reply.fail_midstream:
-                    error = {"type": "overloaded_error", "message": ERROR_MESSAGE}
-                    await send("error", error=error)
+            for i, delta in enumerate(deltas):
+                if reply.fail_after == i:
+                    await send("error", error=overloaded)
                     await resp.write_eof()
                     return resp
+                await send("content_block_delta", index=index, delta=delta)
+                await reply.pace()
             await send("content_block_stop", index=index)
         stop = "tool_use" if reply.tool_calls else "end_turn"
         await send(
@@ -1023,7 +1038,7 @@ class FakeGemini(FakeProvider):
             # Gemini signs the first part after the thought summary (a text or functionCall).
             chunks[first_answer][0]["thoughtSignature"] = GEMINI_SIGNATURE
         for i, parts in enumerate(chunks):
-            if reply.fail_midstream and i == 1:
+            if reply.fail_after == i:
                 error = {"code": 500, "message": ERROR_MESSAGE, "status": "INTERNAL"}
                 await resp.write(f"data: {json.dumps({'error': error})}\r\n\r\n".encode())
                 break

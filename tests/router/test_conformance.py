@@ -314,3 +314,16 @@ async def test_client_disconnect_cancels_upstream(
     assert fake.disconnects == 1, (
         "the upstream stream was still being read 2 s after the client left"
     )
+
+
+@module_loop
+@pytest.mark.parametrize("upstream", KINDS, ids=lambda k: f"to-{k}")
+@pytest.mark.parametrize("client", CLIENTS, ids=lambda k: f"from-{k}")
+async def test_error_before_first_delta_is_retried(fakes, fresh_clients, client, upstream):
+    """A 200 stream that fails before any content (Anthropic's overloaded_error after
+    message_start) is retried, on the fallback provider, before the client sees a byte of it."""
+    first, second = fakes.by_name(upstream), fakes.by_name(NEXT_PROVIDER[upstream])
+    first.fail_stream_next(len(first.keys))
+    answer = await ask(client, fresh_clients, f"m-fallback-{upstream}", "scenario:text", True)
+    assert answer == TEXT_ANSWER
+    assert len(second.exchanges) == 1, f"{second.name} saw {len(second.exchanges)} requests"
