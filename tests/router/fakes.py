@@ -7,7 +7,8 @@ marker (``scenario:<name>``) found in the user text, so the same test sent throu
 format drives the same upstream behaviour:
 
 - ``text``: a plain text answer.
-- ``image``: the request must carry an image; the fake records the decoded bytes.
+- ``image``: the request must carry an image; the fake records the decoded bytes (or the URL
+  where the provider takes URLs). The OpenAI fake also serves the image at ``/red.png``.
 - ``tool``: one call of ``get_weather``.
 - ``parallel``: two calls (``get_weather`` and ``get_time``); when the request ends with the
   tool results, the fake records them and answers with text.
@@ -463,7 +464,12 @@ class FakeOpenAI(FakeProvider):
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/red.png", self.image)
         return app
+
+    @staticmethod
+    async def image(request: web.Request) -> web.Response:
+        return web.Response(body=RED_PIXEL_PNG, content_type="image/png")
 
     def error_response(self, status: int, message: str) -> web.Response:
         kind, code = OPENAI_ERROR_TYPES.get(status, ("server_error", None))
@@ -1221,11 +1227,12 @@ class OpenAIDriver:
         self.model = model
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT}]
 
-    def add_user(self, text: str, image: bytes | None = None) -> None:
+    def add_user(self, text: str, image: bytes | None = None, image_url: str = "") -> None:
         content: list[dict[str, Any]] = [{"type": "text", "text": text}]
         if image is not None:
-            url = "data:image/png;base64," + base64.b64encode(image).decode()
-            content.append({"type": "image_url", "image_url": {"url": url}})
+            image_url = "data:image/png;base64," + base64.b64encode(image).decode()
+        if image_url:
+            content.append({"type": "image_url", "image_url": {"url": image_url}})
         self.messages.append({"role": "user", "content": content})
 
     def add_tool_results(self, calls: list[ToolCall]) -> None:
@@ -1336,7 +1343,7 @@ class AnthropicDriver:
         self.model = model
         self.messages: list[dict[str, Any]] = []
 
-    def add_user(self, text: str, image: bytes | None = None) -> None:
+    def add_user(self, text: str, image: bytes | None = None, image_url: str = "") -> None:
         content: list[dict[str, Any]] = [{"type": "text", "text": text}]
         if image is not None:
             source = {
@@ -1345,6 +1352,8 @@ class AnthropicDriver:
                 "data": base64.b64encode(image).decode(),
             }
             content.append({"type": "image", "source": source})
+        if image_url:
+            content.append({"type": "image", "source": {"type": "url", "url": image_url}})
         self.messages.append({"role": "user", "content": content})
 
     def add_tool_results(self, calls: list[ToolCall]) -> None:
@@ -1409,10 +1418,12 @@ class GeminiDriver:
         self.model = model
         self.contents: list[genai_types.Content] = []
 
-    def add_user(self, text: str, image: bytes | None = None) -> None:
+    def add_user(self, text: str, image: bytes | None = None, image_url: str = "") -> None:
         parts = [genai_types.Part(text=text)]
         if image is not None:
             parts.append(genai_types.Part.from_bytes(data=image, mime_type="image/png"))
+        if image_url:
+            parts.append(genai_types.Part.from_uri(file_uri=image_url, mime_type="image/png"))
         self.contents.append(genai_types.Content(role="user", parts=parts))
 
     def add_tool_results(self, calls: list[ToolCall]) -> None:
@@ -1494,11 +1505,12 @@ class ResponsesDriver:
         self.model = model
         self.items: list[dict[str, Any]] = []
 
-    def add_user(self, text: str, image: bytes | None = None) -> None:
+    def add_user(self, text: str, image: bytes | None = None, image_url: str = "") -> None:
         content: list[dict[str, Any]] = [{"type": "input_text", "text": text}]
         if image is not None:
-            url = "data:image/png;base64," + base64.b64encode(image).decode()
-            content.append({"type": "input_image", "image_url": url, "detail": "auto"})
+            image_url = "data:image/png;base64," + base64.b64encode(image).decode()
+        if image_url:
+            content.append({"type": "input_image", "image_url": image_url, "detail": "auto"})
         self.items.append({"role": "user", "content": content})
 
     def add_tool_results(self, calls: list[ToolCall]) -> None:

@@ -25,10 +25,13 @@ from router.app import create_app
 from router.config import Config
 from tests.router.fakes import (
     ANTHROPIC_KEYS,
+    DRIVERS,
     ERROR_MESSAGE,
     GEMINI_KEYS,
+    IMAGE_ANSWER,
     MIDSTREAM_ERRORS,
     OPENAI_KEYS,
+    RED_PIXEL_PNG,
     SLOW_TEXT,
     TEXT_ANSWER,
     Clients,
@@ -327,3 +330,21 @@ async def test_error_before_first_delta_is_retried(fakes, fresh_clients, client,
     answer = await ask(client, fresh_clients, f"m-fallback-{upstream}", "scenario:text", True)
     assert answer == TEXT_ANSWER
     assert len(second.exchanges) == 1, f"{second.name} saw {len(second.exchanges)} requests"
+
+
+@module_loop
+@pytest.mark.parametrize("upstream", KINDS, ids=lambda k: f"to-{k}")
+@pytest.mark.parametrize("client", ["openai", "anthropic", "responses"], ids=lambda k: f"from-{k}")
+async def test_image_url(fakes, clients, client, upstream):
+    """An image given by URL reaches the provider: inlined for Gemini, which rejects arbitrary
+    URLs (hard case 9); inlined or as the same URL for the others."""
+    url = f"{fakes.roots['openai']}/red.png"
+    driver = DRIVERS[client](clients, f"m-{upstream}")
+    driver.add_user("What is this? scenario:image", image_url=url)
+    out = await driver.send(stream=False)
+    assert out.text == IMAGE_ANSWER
+    seen = fakes.by_name(upstream).last.seen
+    if upstream == "gemini":
+        assert seen.images == [RED_PIXEL_PNG], f"images {seen.images}, urls {seen.image_urls}"
+    else:
+        assert seen.images == [RED_PIXEL_PNG] or seen.image_urls == [url], seen
