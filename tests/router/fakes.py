@@ -53,7 +53,7 @@ import openai
 import pydantic
 import typing_extensions
 from aiohttp import ClientSession, web
-from anthropic.types import message_create_params
+from anthropic.types import message_count_tokens_params, message_create_params
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
@@ -660,7 +660,22 @@ class FakeAnthropic(FakeProvider):
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         return app
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """Answers every valid count with ``INPUT_TOKENS``."""
+        key = request.headers.get("x-api-key") or request.headers.get(
+            "Authorization", ""
+        ).removeprefix("Bearer ")
+        if key not in self.keys:
+            return self.error_response(401, "invalid x-api-key")
+        body = await request.json()
+        problem = check_typed(body, message_count_tokens_params.MessageCountTokensParams, set())
+        if problem:
+            return self.invalid(f"count_tokens: {problem}")
+        self.exchanges.append(Exchange(request.path_qs, key, body, self.parse(body), 0))
+        return web.json_response({"input_tokens": INPUT_TOKENS})
 
     def error_response(self, status: int, message: str) -> web.Response:
         kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error")
@@ -964,6 +979,8 @@ class FakeGemini(FakeProvider):
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         model, _, method = request.match_info["target"].partition(":")
+        if method == "countTokens":
+            return await self.count_tokens(request)
         if method not in ("generateContent", "streamGenerateContent"):
             return self.error_response(404, f"method {method!r} not served by the fake")
         key = request.headers.get("x-goog-api-key") or request.query.get("key", "")
@@ -983,6 +1000,28 @@ class FakeGemini(FakeProvider):
         if seen.stream:
             return await self.streamed(self.stream(request, model, plan))
         return web.json_response(self.response(model, self.parts(plan), plan))
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """``:countTokens`` with ``contents`` or a whole ``generateContentRequest``."""
+        key = request.headers.get("x-goog-api-key") or request.query.get("key", "")
+        if key not in self.keys:
+            return self.error_response(400, "API key not valid. Please pass a valid API key.")
+        body = await request.json()
+        if set(body) - {"contents", "generateContentRequest"} or len(body) != 1:
+            return self.invalid(f"countTokens: want contents or generateContentRequest: {body}")
+        inner = body.get("generateContentRequest") or {"contents": body["contents"]}
+        if "generateContentRequest" in body:
+            model = inner.pop("model", "")
+            if not model.startswith("models/"):
+                return self.invalid(
+                    "GenerateContentRequest.model: unexpected model name format "
+                    f"{model!r} (want models/{{model}})"
+                )
+        problem = self.validate(inner)
+        if problem:
+            return self.invalid(f"countTokens: {problem}")
+        self.exchanges.append(Exchange(request.path_qs, key, body, self.parse(inner), 0))
+        return web.json_response({"totalTokens": INPUT_TOKENS})
 
     @staticmethod
     def parts(reply: Reply) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from tests.router.fakes import (
     ERROR_MESSAGE,
     GEMINI_KEYS,
     IMAGE_ANSWER,
+    INPUT_TOKENS,
     MIDSTREAM_ERRORS,
     OPENAI_KEYS,
     RED_PIXEL_PNG,
@@ -348,3 +349,26 @@ async def test_image_url(fakes, clients, client, upstream):
         assert seen.images == [RED_PIXEL_PNG], f"images {seen.images}, urls {seen.image_urls}"
     else:
         assert seen.images == [RED_PIXEL_PNG] or seen.image_urls == [url], seen
+
+
+@module_loop
+@pytest.mark.parametrize("upstream", KINDS, ids=lambda k: f"to-{k}")
+@pytest.mark.parametrize("client", ["anthropic", "gemini"], ids=lambda k: f"from-{k}")
+async def test_count_tokens(fakes, clients, client, upstream):
+    """Anthropic and Gemini count the prompt upstream; OpenAI has no endpoint, so an estimate."""
+    prompt = "How many tokens is this prompt? scenario:text"
+    if client == "anthropic":
+        counted = await clients.anthropic.messages.count_tokens(
+            model=f"m-{upstream}", messages=[{"role": "user", "content": prompt}]
+        )
+        tokens = counted.input_tokens
+    else:
+        counted = await clients.gemini.aio.models.count_tokens(
+            model=f"m-{upstream}", contents=prompt
+        )
+        tokens = counted.total_tokens
+    if upstream == "openai":
+        assert tokens and tokens > 0, counted
+    else:
+        assert tokens == INPUT_TOKENS, f"counted {tokens}, upstream said {INPUT_TOKENS}"
+        assert prompt in fakes.by_name(upstream).last.seen.user_texts

@@ -21,6 +21,7 @@ from tests.router.fakes import (
     ANTHROPIC_KEYS,
     ERROR_MESSAGE,
     GEMINI_KEYS,
+    INPUT_TOKENS,
     MIDSTREAM_ERRORS,
     OPENAI_KEYS,
     Clients,
@@ -110,6 +111,19 @@ async def test_fakes_notice_a_reader_leaving(fakes, kind):
             break
         await asyncio.sleep(0.05)
     assert fakes.by_name(kind).disconnects == 1
+
+
+@module_loop
+async def test_count_tokens_against_fakes(fakes):
+    clients = direct_clients(fakes)
+    try:
+        messages = [{"role": "user", "content": "hi"}]
+        counted = await clients.anthropic.messages.count_tokens(model="m", messages=messages)
+        assert counted.input_tokens == INPUT_TOKENS
+        gemini = await clients.gemini.aio.models.count_tokens(model="m", contents="hi")
+        assert gemini.total_tokens == INPUT_TOKENS
+    finally:
+        await clients.close()
 
 
 @module_loop
