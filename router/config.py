@@ -19,6 +19,15 @@ DEFAULT_BASE_URLS = {
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
+# The default configuration: the local SmolVLM2-256M, plus each cloud provider whose key is set.
+LOCAL_MODEL = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
+LOCAL_MODEL_ALIAS = "smolvlm2-256m"
+CLOUD_KEY_VARS = {
+    "openai": "OPENAI_API_KEY",
+    "anthropic": "ANTHROPIC_API_KEY",
+    "gemini": "GEMINI_API_KEY",
+}
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the offending key."""
@@ -43,6 +52,32 @@ class LimitsConfig:
 
 
 @dataclass
+class MLXConfig:
+    """The ``mlx`` mapping of a provider of type ``mlx``: the local model and its limits."""
+
+    # A checkpoint directory or a Hugging Face Hub id.
+    model: str = LOCAL_MODEL
+    # When the model is neither a directory nor in the Hugging Face cache, serve a random-weight
+    # checkpoint of the SmolVLM2-256M architecture instead (for demos; answers are gibberish).
+    random_weights_fallback: bool = False
+    # Cast the weights (e.g. float32, the fast path on CPUs); None keeps the checkpoint's.
+    dtype: str | None = None
+    # Sequences decoded together; requests beyond them wait in a queue of max_queue, past
+    # which the router answers 429 with Retry-After.
+    max_sequences: int = 8
+    max_queue: int = 32
+    # Prompt plus answer per request; None is the model's own context length.
+    max_context_tokens: int | None = None
+    # Prompt tokens prefilled between two decode steps of the running batch.
+    prefill_step_size: int = 512
+    image_cache_tiles: int = 256
+    retry_after_s: float = 1.0
+    # Used when the client sends none (0 is greedy). Without max_tokens from the client or
+    # the provider's default_max_tokens, answers end at EOS or the end of the context.
+    default_temperature: float = 0.0
+
+
+@dataclass
 class ProviderConfig:
     name: str
     type: str
@@ -55,6 +90,8 @@ class ProviderConfig:
     default_max_tokens: int | None = None
     # Extra headers for every upstream request (e.g. OpenAI-Organization).
     headers: dict[str, str] = field(default_factory=dict)
+    # The local model's options (type mlx only).
+    mlx: MLXConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.base_url:
@@ -100,7 +137,13 @@ class Config:
             _require_mapping(raw, where)
             if "type" not in raw:
                 raise ConfigError(f"{where}: missing required key 'type'")
-            provider = _build(ProviderConfig, {**raw, "name": str(name)}, where)
+            raw = {**raw, "name": str(name)}
+            mlx = raw.pop("mlx", None)
+            provider = _build(ProviderConfig, raw, where)
+            if provider.type == "mlx":
+                provider.mlx = _build(MLXConfig, mlx or {}, f"{where}.mlx")
+            elif mlx is not None:
+                raise ConfigError(f"{where}.mlx: only providers of type 'mlx' take this key")
             if importlib.util.find_spec(f"router.providers.{provider.type}") is None:
                 raise ConfigError(f"{where}.type: unknown provider type {provider.type!r}")
             if not all(isinstance(k, str) and k for k in provider.keys):
@@ -121,6 +164,27 @@ class Config:
                     )
             models[str(alias)] = built
         return cls(providers=providers, models=models, listen=listen, limits=limits)
+
+
+def default_config() -> Config:
+    """The configuration of ``smolvlm-router`` without ``--config``.
+
+    The local model ``smolvlm2-256m`` is SmolVLM2-256M-Video-Instruct when it is in the
+    Hugging Face cache, else a random-weight checkpoint of its architecture. Each cloud provider
+    whose API key variable is set (``OPENAI_API_KEY``, ``ANTHROPIC_API_KEY``, ``GEMINI_API_KEY``)
+    is added too; clients reach its models as ``provider/model`` (``openai/gpt-4o-mini``).
+    """
+    providers: dict = {
+        "local": {
+            "type": "mlx",
+            "mlx": {"model": LOCAL_MODEL, "random_weights_fallback": True, "dtype": "float32"},
+        }
+    }
+    for kind, var in CLOUD_KEY_VARS.items():
+        if os.environ.get(var):
+            providers[kind] = {"type": kind, "keys": [os.environ[var]]}
+    models = {LOCAL_MODEL_ALIAS: [{"provider": "local", "model": LOCAL_MODEL_ALIAS}]}
+    return Config.from_dict({"providers": providers, "models": models})
 
 
 def expand_env(value: object, where: str = "config") -> object:

@@ -1,0 +1,250 @@
+"""The local SmolVLM2 model on MLX, served in process by a continuous-batching `Engine`.
+
+Images from every client format (OpenAI image parts, Anthropic image blocks, Gemini
+``inline_data``; http(s) URLs are fetched first) and one video per request reach the processor;
+the prompt is the checkpoint's chat template over the conversation, system messages included
+(the template renders any role as ``Role: text``). Usage is the real token count: the prompt's
+tokens, image tokens included, and every generated token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import aiohttp
+
+from mlx_smolvlm.engine import (
+    ContextLengthError,
+    Engine,
+    EngineClosedError,
+    EngineConfig,
+    EngineOutput,
+    QueueFullError,
+    SamplingParams,
+    load_for_serving,
+)
+
+from .. import ir
+from ..adapters import new_id
+from ..config import ConfigError, LimitsConfig, MLXConfig, ProviderConfig
+from ..errors import InvalidRequestError, OverloadedError, RateLimitError, UpstreamError
+from ..images import inline_remote_media
+from .base import BaseProvider
+
+RANDOM_WEIGHTS_SUFFIX = "-RANDOM-WEIGHTS"
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """A request as the processor takes it: HF-style messages and the media in order."""
+
+    messages: list[dict]
+    images: list[bytes]
+    video: bytes | None
+
+
+class Provider(BaseProvider):
+    """The local model. It loads when the app starts and needs no keys.
+
+    Args:
+        config: This provider's config; ``config.mlx`` holds the model and its limits.
+        session: The app's HTTP session (to fetch image URLs).
+        limits: The router's limits.
+
+    Raises:
+        ConfigError: The engine options are out of range.
+        FileNotFoundError, ValueError: The model cannot be loaded (see `load_for_serving`).
+    """
+
+    def __init__(
+        self, config: ProviderConfig, session: aiohttp.ClientSession, limits: LimitsConfig
+    ) -> None:
+        super().__init__(config, session, limits)
+        self.options = config.mlx or MLXConfig()
+        try:
+            engine_config = EngineConfig(
+                max_sequences=self.options.max_sequences,
+                max_queue=self.options.max_queue,
+                max_context_tokens=self.options.max_context_tokens,
+                prefill_step_size=self.options.prefill_step_size,
+                image_cache_tiles=self.options.image_cache_tiles,
+                retry_after_s=self.options.retry_after_s,
+            )
+        except ValueError as err:
+            raise ConfigError(f"providers.{config.name}.mlx: {err}") from err
+        served = load_for_serving(
+            self.options.model,
+            random_weights_fallback=self.options.random_weights_fallback,
+            dtype=self.options.dtype,
+        )
+        self.random_weights = served.random_weights
+        self.engine = Engine(served.model, served.processor, engine_config)
+
+    async def close(self) -> None:
+        """Stop the engine (unfinished requests fail with 503)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
+
+    def served_name(self, model: str) -> str:
+        """The model name in responses; it says so when the weights are random.
+
+        Args:
+            model: The name the router's config gives this model.
+        """
+        return model + RANDOM_WEIGHTS_SUFFIX if self.random_weights else model
+
+    async def complete(self, request: ir.Request, key: str | None) -> ir.Response:
+        """See `BaseProvider.complete`."""
+        events = [event async for event in self.stream(request, key)]
+        return ir.collect_stream(events)
+
+    async def stream(self, request: ir.Request, key: str | None) -> AsyncIterator[ir.StreamEvent]:
+        """See `BaseProvider.stream`. Nothing is yielded before the first token, so admission
+        and input errors reach the client as HTTP errors."""
+        request = self.with_defaults(request)
+        inputs = await self._inputs(request)
+        params = self._params(request)
+        started = False
+        async with aclosing(self._generate(inputs, params)) as outputs:
+            async for output in outputs:
+                usage = ir.Usage(output.prompt_tokens, output.generation_tokens)
+                if not started:
+                    started = True
+                    model = self.served_name(request.model)
+                    yield ir.StreamStart(new_id("local"), model, int(time.time()), usage)
+                    yield ir.PartStart(0, ir.TextPart(""))
+                if output.text:
+                    yield ir.PartDelta(0, text=output.text)
+                if output.finish_reason is not None:
+                    finish = "stop_sequence" if output.stop_sequence is not None else None
+                    yield ir.StreamEnd(finish or output.finish_reason, output.stop_sequence, usage)
+
+    async def count_tokens(self, request: ir.Request, key: str | None) -> int:
+        """The prompt's real token count, image tokens included.
+
+        Args:
+            request: The IR request.
+            key: Unused.
+        """
+        inputs = await self._inputs(request)
+        loop = asyncio.get_running_loop()
+        try:
+            prompt = await loop.run_in_executor(
+                None, self.engine.prepare, inputs.messages, inputs.images, inputs.video
+            )
+        except ValueError as err:
+            raise InvalidRequestError(f"{self.config.name}: {err}") from err
+        return len(prompt.input_ids)
+
+    async def _generate(
+        self, inputs: _Inputs, params: SamplingParams
+    ) -> AsyncIterator[EngineOutput]:
+        """The engine's outputs, its errors as router errors."""
+        name = self.config.name
+        try:
+            async with aclosing(
+                self.engine.generate(inputs.messages, inputs.images, inputs.video, params)
+            ) as outputs:
+                async for output in outputs:
+                    yield output
+        except QueueFullError as err:
+            raise RateLimitError(f"{name}: {err}", retry_after=err.retry_after) from err
+        except EngineClosedError as err:
+            raise OverloadedError(f"{name}: {err}", retry_after=self.options.retry_after_s) from err
+        except ContextLengthError as err:
+            raise InvalidRequestError(f"{name}: {err}", param="messages") from err
+        except ValueError as err:
+            raise InvalidRequestError(f"{name}: {err}") from err
+        except (RuntimeError, MemoryError) as err:
+            raise UpstreamError(f"{name}: the local model failed: {err}") from err
+
+    def _params(self, request: ir.Request) -> SamplingParams:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(request, name):
+                raise InvalidRequestError(
+                    f"{name} is not supported by the local model {request.model!r}", param=name
+                )
+        context = self.engine.max_context
+        return SamplingParams(
+            max_tokens=request.max_tokens or context,
+            temperature=(
+                self.options.default_temperature
+                if request.temperature is None
+                else request.temperature
+            ),
+            top_p=1.0 if request.top_p is None else request.top_p,
+            top_k=request.top_k or 0,
+            seed=request.seed,
+            stop=list(request.stop),
+        )
+
+    async def _inputs(self, request: ir.Request) -> _Inputs:
+        """The conversation as HF-style messages plus decoded media.
+
+        Raises:
+            InvalidRequestError: Tools, structured output, tool calls or media the model
+                cannot take; the message names the part.
+        """
+        if request.tools:
+            raise InvalidRequestError(
+                f"the local model {request.model!r} does not support tools", param="tools"
+            )
+        if request.response_format is not None and request.response_format.type != "text":
+            raise InvalidRequestError(
+                f"the local model {request.model!r} does not support response_format "
+                f"{request.response_format.type!r}",
+                param="response_format",
+            )
+        await inline_remote_media(request, self.session, self.limits)
+        messages, images, video = [], [], None
+        for i, message in enumerate(request.messages):
+            content = []
+            for j, part in enumerate(message.parts):
+                where = f"messages[{i}].content[{j}]"
+                if isinstance(part, ir.TextPart):
+                    content.append({"type": "text", "text": part.text})
+                elif isinstance(part, ir.ThinkingPart):
+                    continue  # earlier reasoning from another model: SmolVLM2 has none
+                elif isinstance(part, ir.MediaPart):
+                    data = _media_bytes(part, where)
+                    if part.media_type.startswith("image/"):
+                        images.append(data)
+                        content.append({"type": "image"})
+                    elif part.media_type.startswith("video/") and video is None:
+                        video = data
+                        content.append({"type": "video"})
+                    else:
+                        raise InvalidRequestError(
+                            f"{where}: the local model takes images and one video, "
+                            f"not {part.media_type!r}",
+                            param=where,
+                        )
+                else:
+                    raise InvalidRequestError(
+                        f"{where}: the local model does not support tool calls or results",
+                        param=where,
+                    )
+            if content:
+                messages.append({"role": message.role, "content": content})
+        if not messages:
+            raise InvalidRequestError("the request has no text or media", param="messages")
+        return _Inputs(messages, images, video)
+
+
+def _media_bytes(part: ir.MediaPart, where: str) -> bytes:
+    if part.data is None:
+        raise InvalidRequestError(
+            f"{where}: the local model needs inline data or an http(s) URL, got {part.url!r}",
+            param=where,
+        )
+    try:
+        return base64.b64decode(part.data, validate=True)
+    except binascii.Error as err:
+        raise InvalidRequestError(
+            f"{where}: the data is not valid base64: {err}", param=where
+        ) from err
