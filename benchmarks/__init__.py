@@ -1,0 +1,1 @@
+"""Benchmarks of mlx_smolvlm (run as modules: `python -m benchmarks.<name>`)."""
