@@ -11,6 +11,7 @@ each finished block with its signature. Gemini's signature on a function call tr
 
 from __future__ import annotations
 
+import base64
 import time
 
 from .. import ir
@@ -336,15 +337,17 @@ def _render_messages(request: ir.Request, compatible: bool) -> list[dict]:
             out.append(_render_assistant(message.parts, compatible, where))
         else:
             results = [p for p in message.parts if isinstance(p, ir.ToolResultPart)]
+            # Tool messages carry only text: media a tool returned follows in a user message.
+            media = [m for r in results for m in r.content if isinstance(m, ir.MediaPart)]
             for result in results:
                 out.append(
                     {
                         "role": "tool",
                         "tool_call_id": result.call_id,
-                        "content": _render_tool_result(result, where),
+                        "content": _render_tool_result(result),
                     }
                 )
-            rest = [p for p in message.parts if not isinstance(p, ir.ToolResultPart)]
+            rest = media + [p for p in message.parts if not isinstance(p, ir.ToolResultPart)]
             if rest or not results:
                 out.append({"role": "user", "content": _render_user_content(rest, where)})
     return out
@@ -361,13 +364,12 @@ def _join_text(parts: list, where: str) -> str:
     return "\n\n".join(texts)
 
 
-def _render_tool_result(result: ir.ToolResultPart, where: str) -> str | list[dict]:
-    if all(isinstance(p, ir.TextPart) for p in result.content):
-        return "".join(p.text for p in result.content)
-    raise InvalidRequestError(
-        f"{where}: OpenAI tool results can only carry text, not images or files",
-        param=where,
-    )
+def _render_tool_result(result: ir.ToolResultPart) -> str:
+    text = "".join(p.text for p in result.content if isinstance(p, ir.TextPart))
+    count = sum(isinstance(p, ir.MediaPart) for p in result.content)
+    if count:
+        text += f"{chr(10) if text else ''}[{count} attachment(s) in the next message]"
+    return text
 
 
 def _render_user_content(parts: list, where: str) -> str | list[dict]:
@@ -383,6 +385,8 @@ def _render_user_part(part: ir.Part, where: str) -> dict:
         if part.kind == "image":
             url = part.url or f"data:{part.media_type};base64,{part.data}"
             return {"type": "image_url", "image_url": {"url": url}}
+        if part.media_type == "text/plain" and part.data is not None:
+            return {"type": "text", "text": base64.b64decode(part.data).decode("utf-8", "replace")}
         if part.kind == "audio" and part.data is not None:
             formats = {v: k for k, v in _AUDIO_FORMATS.items()}
             if part.media_type in formats:

@@ -396,19 +396,19 @@ class StreamRenderer:
         return out + [self._event(name, response=body)]
 
     def render_error(self, err: GatewayError) -> list[SSEEvent]:
-        """The in-stream ``error`` event.
+        """The ``error`` event, then the terminal ``response.failed`` as OpenAI ends a failed
+        stream (the SDK's stream helper needs a terminal event).
 
         Args:
             err: The error that ended the stream.
         """
         error = _render_openai_error(err)[1]["error"]
+        code = error["code"] or error["type"]
+        failed = self._head("failed", None, None)
+        failed["error"] = {"code": code, "message": error["message"]}
         return [
-            self._event(
-                "error",
-                code=error["code"] or error["type"],
-                message=error["message"],
-                param=error["param"],
-            )
+            self._event("error", code=code, message=error["message"], param=error["param"]),
+            self._event("response.failed", response=failed),
         ]
 
     def _head(self, status: str, usage: dict | None, finish: ir.FinishReason | None) -> dict:

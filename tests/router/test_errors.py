@@ -104,10 +104,18 @@ def test_unknown_model_code_in_openai_format():
 )
 def test_in_stream_error_event_per_format(adapter, expect):
     renderer = adapter.StreamRenderer(ir.Request(model="m", messages=[]))
-    [event] = renderer.render_error(errors.RateLimitError("slow"))
+    event, *rest = renderer.render_error(errors.RateLimitError("slow"))
     assert expect(json.loads(event.data))
     if adapter is anthropic:
         assert event.event == "error"
+    if adapter is openai_responses:
+        # OpenAI ends a failed Responses stream with the terminal response.failed.
+        [failed] = rest
+        body = json.loads(failed.data)
+        assert body["type"] == "response.failed" and body["response"]["status"] == "failed"
+        assert body["response"]["error"] == {"code": "rate_limit_exceeded", "message": "slow"}
+    else:
+        assert rest == []
 
 
 @pytest.mark.parametrize(

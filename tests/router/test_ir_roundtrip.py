@@ -1026,3 +1026,51 @@ def test_gemini_stream_start_carries_prompt_tokens():
     start = parser.parse_stream_event(first)[0]
     assert isinstance(start, ir.StreamStart)
     assert (start.usage.input_tokens, start.usage.output_tokens) == (40, 0)
+
+
+def test_images_in_tool_results_follow_as_a_user_message_for_openai():
+    request = anthropic.parse_request(
+        {
+            "model": "m",
+            "max_tokens": 10,
+            "messages": [
+                {"role": "user", "content": "screenshot please"},
+                {
+                    "role": "assistant",
+                    "content": [{"type": "tool_use", "id": "t1", "name": "shot", "input": {}}],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "t1",
+                            "content": [
+                                {"type": "text", "text": "done"},
+                                {
+                                    "type": "image",
+                                    "source": {
+                                        "type": "base64",
+                                        "media_type": "image/png",
+                                        "data": PNG,
+                                    },
+                                },
+                            ],
+                        }
+                    ],
+                },
+            ],
+        }
+    )
+    messages = openai.render_request(request, compatible=False)["messages"]
+    assert messages[2] == {
+        "role": "tool",
+        "tool_call_id": "t1",
+        "content": "done\n[1 attachment(s) in the next message]",
+    }
+    assert messages[3] == {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}],
+    }
+    parts = gemini.render_request(request)["contents"][2]["parts"]
+    assert parts[1] == {"inlineData": {"mimeType": "image/png", "data": PNG}}
