@@ -96,6 +96,8 @@ SLOW_TEXT = " ".join(f"w{i}" for i in range(SLOW_PIECES))
 
 ERROR_STATUSES = {"error-400": 400, "error-401": 401, "error-429": 429, "error-500": 500}
 ERROR_MESSAGE = "fake upstream says no"
+# Sent with every 429 (Retry-After header; Gemini's RetryInfo detail).
+RETRY_AFTER_S = 7
 
 
 @dataclass
@@ -474,7 +476,8 @@ class FakeOpenAI(FakeProvider):
     def error_response(self, status: int, message: str) -> web.Response:
         kind, code = OPENAI_ERROR_TYPES.get(status, ("server_error", None))
         body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-        return web.json_response(body, status=status)
+        headers = {"retry-after": str(RETRY_AFTER_S)} if status == 429 else {}
+        return web.json_response(body, status=status, headers=headers)
 
     def parse(self, body: dict[str, Any]) -> Seen:
         seen = Seen(stream=bool(body.get("stream")), max_tokens=body.get("max_tokens"))
@@ -680,7 +683,10 @@ class FakeAnthropic(FakeProvider):
     def error_response(self, status: int, message: str) -> web.Response:
         kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error")
         body = {"type": "error", "error": {"type": kind, "message": message}}
-        return web.json_response(body, status=status, headers={"request-id": "req_fake"})
+        headers = {"request-id": "req_fake"}
+        if status == 429:
+            headers["retry-after"] = str(RETRY_AFTER_S)
+        return web.json_response(body, status=status, headers=headers)
 
     def parse(self, body: dict[str, Any]) -> Seen:
         seen = Seen(stream=bool(body.get("stream")), max_tokens=body.get("max_tokens"))
@@ -920,6 +926,13 @@ class FakeGemini(FakeProvider):
                 "status": GEMINI_STATUSES.get(status, "UNKNOWN"),
             }
         }
+        if status == 429:
+            body["error"]["details"] = [
+                {
+                    "@type": "type.googleapis.com/google.rpc.RetryInfo",
+                    "retryDelay": f"{RETRY_AFTER_S}s",
+                }
+            ]
         return web.json_response(body, status=status)
 
     @staticmethod

@@ -11,8 +11,10 @@ both by the SDKs' own parsers and by the grammar checkers over the raw bytes.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -25,6 +27,7 @@ from router.app import create_app
 from router.config import Config
 from tests.router.fakes import (
     ANTHROPIC_KEYS,
+    CLIENT_KEY,
     DRIVERS,
     ERROR_MESSAGE,
     GEMINI_KEYS,
@@ -33,7 +36,9 @@ from tests.router.fakes import (
     MIDSTREAM_ERRORS,
     OPENAI_KEYS,
     RED_PIXEL_PNG,
+    RETRY_AFTER_S,
     SLOW_TEXT,
+    SYSTEM_PROMPT,
     TEXT_ANSWER,
     Clients,
     ask,
@@ -372,3 +377,85 @@ async def test_count_tokens(fakes, clients, client, upstream):
     else:
         assert tokens == INPUT_TOKENS, f"counted {tokens}, upstream said {INPUT_TOKENS}"
         assert prompt in fakes.by_name(upstream).last.seen.user_texts
+
+
+@module_loop
+@pytest.mark.parametrize("upstream", KINDS, ids=lambda k: f"to-{k}")
+@pytest.mark.parametrize("client", CLIENTS, ids=lambda k: f"from-{k}")
+async def test_rate_limit_tells_client_when_to_retry(fakes, fresh_clients, client, upstream):
+    """When every key is rate limited the client gets 429 with the upstream's Retry-After."""
+    fake = fakes.by_name(upstream)
+    fake.fail_next(*[429] * len(fake.keys))
+    with pytest.raises(ERROR_CLASSES[client][429]) as info:
+        await ask(client, fresh_clients, f"m-{upstream}", "scenario:text", stream=False)
+    headers = info.value.response.headers
+    assert headers.get("retry-after") is not None, f"no Retry-After: {dict(headers)}"
+    assert 1 <= float(headers["retry-after"]) <= RETRY_AFTER_S, headers["retry-after"]
+
+
+SECOND_SYSTEM = "Answer in English."
+
+
+@module_loop
+@pytest.mark.parametrize("upstream", KINDS, ids=lambda k: f"to-{k}")
+@pytest.mark.parametrize("client", KINDS, ids=lambda k: f"from-{k}")
+async def test_every_system_text_arrives_in_order(fakes, clients, client, upstream):
+    """Two system texts both reach the provider, in order (hard case 10: several system
+    messages were collapsed to the last one)."""
+    model, prompt = f"m-{upstream}", "scenario:text"
+    if client == "openai":
+        await clients.openai.chat.completions.create(
+            model=model,
+            messages=[
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "system", "content": SECOND_SYSTEM},
+                {"role": "user", "content": prompt},
+            ],
+        )
+    elif client == "anthropic":
+        await clients.anthropic.messages.create(
+            model=model,
+            max_tokens=64,
+            system=[
+                {"type": "text", "text": SYSTEM_PROMPT},
+                {"type": "text", "text": SECOND_SYSTEM},
+            ],
+            messages=[{"role": "user", "content": prompt}],
+        )
+    else:
+        system = genai_types.Content(
+            parts=[genai_types.Part(text=SYSTEM_PROMPT), genai_types.Part(text=SECOND_SYSTEM)]
+        )
+        await clients.gemini.aio.models.generate_content(
+            model=model,
+            contents=prompt,
+            config=genai_types.GenerateContentConfig(system_instruction=system),
+        )
+    system_seen = fakes.by_name(upstream).last.seen.system
+    assert SYSTEM_PROMPT in system_seen and SECOND_SYSTEM in system_seen, system_seen
+    assert system_seen.index(SYSTEM_PROMPT) < system_seen.index(SECOND_SYSTEM), system_seen
+
+
+@module_loop
+@pytest.mark.parametrize("upstream", KINDS, ids=lambda k: f"to-{k}")
+async def test_gemini_stream_without_alt_sse_is_a_json_array(fakes, router, upstream):
+    """``:streamGenerateContent`` without ``alt=sse`` answers one JSON array, as Google does."""
+    url = f"{router['gemini']}/v1beta/models/m-{upstream}:streamGenerateContent"
+    body = {"contents": [{"role": "user", "parts": [{"text": "scenario:text"}]}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, json=body, headers={"x-goog-api-key": CLIENT_KEY}) as r:
+            assert r.status == 200, await r.text()
+            chunks = json.loads(await r.read())
+    assert isinstance(chunks, list) and chunks, chunks
+    for chunk in chunks:
+        genai_types.GenerateContentResponse.model_validate_json(json.dumps(chunk))
+    parts = [
+        p
+        for c in chunks
+        for cand in c.get("candidates", [])
+        for p in cand.get("content", {}).get("parts", [])
+    ]
+    text = "".join(p.get("text", "") for p in parts)
+    assert text == TEXT_ANSWER
+    assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
+    assert chunks[-1]["usageMetadata"]["promptTokenCount"] == INPUT_TOKENS
