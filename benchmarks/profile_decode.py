@@ -1,0 +1,185 @@
+"""Where one decode step of mlx_smolvlm spends its time, per operation, measured.
+
+Runs the decoder token by token on a cached prefix, evaluating after every operation so that
+each one's time is its own, and prints the total per operation kind over all layers, next to
+the time of the same step without the extra synchronisations and a NumPy (BLAS) version of the
+step that bounds what the matrix-vector products alone cost.
+
+    python -m benchmarks.profile_decode --shape 256m --prefix 104 --steps 20
+"""
+
+# ruff: noqa: I001 (mlx_smolvlm must be imported before mlx.core: it loads the BLAS first)
+import argparse
+import logging
+import time
+from collections import defaultdict
+
+from mlx_smolvlm.bench import random_checkpoint
+from mlx_smolvlm.blas import gemv_shim_calls
+from mlx_smolvlm.load import load_model
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class OpTimer:
+    """Evaluates each recorded operation and adds its time to a per-name total."""
+
+    def __init__(self):
+        self.totals = defaultdict(float)
+        self.tic = 0.0
+
+    def start(self):
+        self.tic = time.perf_counter()
+
+    def __call__(self, name, x):
+        mx.eval(x)
+        now = time.perf_counter()
+        self.totals[name] += now - self.tic
+        self.tic = now
+        return x
+
+
+def profiled_step(model, token, cache, t):
+    """One decode step written out operation by operation (same math as TextModel)."""
+    text = model.text_model
+    t.start()
+    h = t("embed", text.embed_tokens(token))
+    for layer, c in zip(text.layers, cache, strict=True):
+        attn = layer.self_attn
+        B, L, _ = h.shape
+        x = t("rms_norm", layer.input_layernorm(h))
+        q = t("q_proj", attn.q_proj(x))
+        k = t("k_proj", attn.k_proj(x))
+        v = t("v_proj", attn.v_proj(x))
+        q = q.reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
+        k = k.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = t(
+            "rope",
+            mx.fast.rope(
+                q,
+                attn.head_dim,
+                traditional=False,
+                base=attn.rope_theta,
+                scale=1.0,
+                offset=c.offset,
+            ),
+        )
+        k = t(
+            "rope",
+            mx.fast.rope(
+                k,
+                attn.head_dim,
+                traditional=False,
+                base=attn.rope_theta,
+                scale=1.0,
+                offset=c.offset,
+            ),
+        )
+        k, v = c.update_and_fetch(k, v)
+        t("kv_cache_update", (k, v))
+        o = t("sdpa", mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale))
+        o = t("o_proj", attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1)))
+        h = t("residual_add", h + o)
+        x = t("rms_norm", layer.post_attention_layernorm(h))
+        g = t("gate_proj", layer.mlp.gate_proj(x))
+        u = t("up_proj", layer.mlp.up_proj(x))
+        a = t("silu_mul", nn.silu(g) * u)
+        d = t("down_proj", layer.mlp.down_proj(a))
+        h = t("residual_add", h + d)
+    h = t("rms_norm", text.norm(h))
+    logits = t(
+        "lm_head", model.lm_head(h) if "lm_head" in model else text.embed_tokens.as_linear(h)
+    )
+    logits = logits[:, -1, :]
+    logprobs = t("logsumexp", logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    return t("argmax", mx.argmax(logprobs, axis=-1, keepdims=True).astype(mx.int32))
+
+
+def numpy_step(weights, x, x_mlp):
+    """The decoder's matrix-vector products and the head in NumPy, for a BLAS-only bound."""
+    for wq, wk, wv, wo, wg, wu, wd in weights["layers"]:
+        wq @ x, wk @ x, wv @ x, wo @ x, wg @ x, wu @ x, wd @ x_mlp
+    return weights["head"] @ x
+
+
+def median_ms(fn, n):
+    fn()
+    times = []
+    for _ in range(n):
+        tic = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tic)
+    return float(np.median(times)) * 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="a checkpoint (default: random --shape)")
+    parser.add_argument("--shape", default="256m")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--prefix", type=int, default=104, help="tokens already in the cache")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    model, _ = load_model(args.model or str(random_checkpoint(args.shape)), dtype=args.dtype)
+    cache = model.make_cache()
+    prompt = mx.array(np.random.default_rng(0).integers(0, 49000, (1, args.prefix)), dtype=mx.int32)
+    mx.eval(model(prompt, cache=cache))
+    token = mx.array([[5]], dtype=mx.int32)
+
+    def plain_step():
+        nonlocal token
+        logits = model(token, cache=cache)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = mx.argmax(logprobs, axis=-1, keepdims=True).astype(mx.int32)
+        mx.eval(token)
+
+    plain = median_ms(plain_step, args.steps)
+    timer = OpTimer()
+    for _ in range(args.steps):
+        token = profiled_step(model, token, cache, timer)
+    profiled = sum(timer.totals.values()) / args.steps * 1e3
+
+    layers = []
+    for layer in model.text_model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        mats = [
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+            mlp.gate_proj,
+            mlp.up_proj,
+            mlp.down_proj,
+        ]
+        layers.append([np.array(m.weight.astype(mx.float32)) for m in mats])
+    head = model.lm_head if "lm_head" in model else model.text_model.embed_tokens
+    weights = {"layers": layers, "head": np.array(head.weight.astype(mx.float32))}
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(model.config.text_config.hidden_size, dtype=np.float32)
+    x_mlp = rng.standard_normal(model.config.text_config.intermediate_size, dtype=np.float32)
+    numpy_ms = median_ms(lambda: numpy_step(weights, x, x_mlp), args.steps)
+
+    logger.info(
+        "decode step at %d cached tokens, %s, median of %d", args.prefix, args.dtype, args.steps
+    )
+    logger.info("GEMV shim calls so far: %s (None: shim not loaded)", gemv_shim_calls())
+    logger.info("%-16s %9s %7s", "operation", "ms/token", "share")
+    for name, total in sorted(timer.totals.items(), key=lambda kv: -kv[1]):
+        ms = total / args.steps * 1e3
+        logger.info("%-16s %9.2f %6.1f%%", name, ms, 100 * ms / profiled)
+    logger.info("%-16s %9.2f   (each op evaluated on its own)", "sum", profiled)
+    logger.info("%-16s %9.2f   (%.1f tok/s)", "plain MLX step", plain, 1e3 / plain)
+    logger.info(
+        "%-16s %9.2f   (the same matrix-vector products and head in NumPy)", "NumPy GEMVs", numpy_ms
+    )
+
+
+if __name__ == "__main__":
+    main()
