@@ -67,7 +67,11 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
             name: make_provider(p, session, cfg.limits) for name, p in cfg.providers.items()
         }
         app[KEY_POOLS] = {name: KeyPool(name, p.keys) for name, p in cfg.providers.items()}
-        yield
+        try:
+            yield
+        finally:
+            for provider in app[PROVIDERS].values():
+                await provider.close()
 
 
 # ---- errors ---------------------------------------------------------------------------------

@@ -53,6 +53,11 @@ class BaseProvider(ABC):
         self.session = session
         self.limits = limits
 
+    async def close(self) -> None:
+        """Release what the provider holds; the app calls it at shutdown (HTTP providers hold
+        nothing of their own: the session belongs to the app)."""
+        logger.debug("provider %s closed", self.config.name)
+
     def with_defaults(self, request: ir.Request) -> ir.Request:
         """Apply this provider's ``default_max_tokens`` when the client gave none.
 
