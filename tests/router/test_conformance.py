@@ -53,7 +53,17 @@ module_loop = pytest.mark.asyncio(loop_scope="module")
 KINDS = ["openai", "anthropic", "gemini"]
 # Client formats: the providers' three plus OpenAI's Responses API.
 CLIENTS = [*KINDS, "responses"]
-SCENARIOS = ["text", "image", "tool", "parallel", "reasoning", "reasoning-tool"]
+SCENARIOS = [
+    "text",
+    "image",
+    "truncated",
+    "tool",
+    "parallel",
+    "parallel-same",
+    "parallel-interleaved",
+    "reasoning",
+    "reasoning-tool",
+]
 UPSTREAM_MODELS = {"openai": "gpt-fake", "anthropic": "claude-fake", "gemini": "gemini-fake"}
 
 
@@ -191,14 +201,15 @@ async def test_midstream_error_reaches_client(fakes, fresh_clients, client, upst
     its own format's error, which its SDK raises; never a silently truncated success."""
     model, prompt = f"m-{upstream}", "scenario:midstream-error"
     if client == "responses":
-        # The openai SDK yields Responses `error` events instead of raising; its stream helper
-        # needs a terminal event (response.failed) to hand the failure to the caller.
-        async with fresh_clients.openai.responses.stream(model=model, input=prompt) as events:
-            seen = [event async for event in events]
-            errors = [e.message for e in seen if e.type == "error"]
-            final = await events.get_final_response()
-        assert any(ERROR_MESSAGE in m for m in errors), f"no error event: {[e.type for e in seen]}"
-        assert final.status == "failed" and ERROR_MESSAGE in final.error.message, final
+        # The openai SDK yields Responses `error` events instead of raising them.
+        stream = await fresh_clients.openai.responses.create(model=model, input=prompt, stream=True)
+        events = [event async for event in stream]
+        kinds = [e.type for e in events]
+        messages = [e.message for e in events if e.type == "error"] + [
+            e.response.error.message for e in events if e.type == "response.failed"
+        ]
+        assert any(ERROR_MESSAGE in m for m in messages), f"no error event: {kinds}"
+        assert "response.completed" not in kinds, kinds
         return
     with pytest.raises(MIDSTREAM_ERRORS[client], match=ERROR_MESSAGE):
         await ask(client, fresh_clients, model, prompt, stream=True)
@@ -459,3 +470,42 @@ async def test_gemini_stream_without_alt_sse_is_a_json_array(fakes, router, upst
     assert text == TEXT_ANSWER
     assert chunks[-1]["candidates"][0]["finishReason"] == "STOP"
     assert chunks[-1]["usageMetadata"]["promptTokenCount"] == INPUT_TOKENS
+
+
+@module_loop
+@pytest.mark.parametrize("upstream", KINDS, ids=lambda k: f"to-{k}")
+@pytest.mark.parametrize("client", CLIENTS, ids=lambda k: f"from-{k}")
+async def test_sampling_parameters_map(fakes, clients, client, upstream):
+    """max tokens, temperature and stop sequences reach the provider under its own names
+    (temperature only where the provider takes one)."""
+    model, prompt = f"m-{upstream}", "scenario:text"
+    messages = [{"role": "user", "content": prompt}]
+    if client == "openai":
+        await clients.openai.chat.completions.create(
+            model=model, messages=messages, max_tokens=77, temperature=0.25, stop=["END"]
+        )
+    elif client == "anthropic":
+        # anthropic SDK 2.x takes no temperature.
+        await clients.anthropic.messages.create(
+            model=model, messages=messages, max_tokens=77, stop_sequences=["END"]
+        )
+    elif client == "gemini":
+        config = genai_types.GenerateContentConfig(
+            max_output_tokens=77, temperature=0.25, stop_sequences=["END"]
+        )
+        await clients.gemini.aio.models.generate_content(
+            model=model, contents=prompt, config=config
+        )
+    else:
+        await clients.openai.responses.create(
+            model=model, input=prompt, max_output_tokens=77, temperature=0.25
+        )
+    seen = fakes.by_name(upstream).last.seen
+    assert seen.max_tokens == 77, seen
+    if upstream == "anthropic":
+        # anthropic SDK 2.x's MessageCreateParams has no temperature/top_p/top_k.
+        assert seen.temperature is None, f"temperature sent to Anthropic: {seen.temperature}"
+    elif client != "anthropic":
+        assert seen.temperature == 0.25, seen
+    if client != "responses":
+        assert seen.stop == ["END"], seen.stop

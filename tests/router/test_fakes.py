@@ -35,7 +35,17 @@ from tests.router.fakes import (
 # Async tests share the module-scoped fakes, so they run on the module's event loop.
 module_loop = pytest.mark.asyncio(loop_scope="module")
 
-SCENARIOS = ["text", "image", "tool", "parallel", "reasoning", "reasoning-tool"]
+SCENARIOS = [
+    "text",
+    "image",
+    "truncated",
+    "tool",
+    "parallel",
+    "parallel-same",
+    "parallel-interleaved",
+    "reasoning",
+    "reasoning-tool",
+]
 KINDS = ["openai", "anthropic", "gemini"]
 
 
