@@ -19,8 +19,8 @@ Rules (see ``layer_quantization``):
   divides it (the 2.2B vision ``fc2``, 4304 = 16 x 269 inputs: MLX's CPU backend rejects
   group 16), it stays in the export dtype.
 - Recipe ``uniform``: every quantized layer at ``bits``. Recipe ``mixed``: ``bits`` with
-  8 bits for the layers that measurement on the 256M architecture found most sensitive
-  (``is_sensitive``).
+  8 bits for the parts that measurement on the 256M architecture found most sensitive
+  (``is_sensitive``: the vision tower, the connector, the token embeddings and ``lm_head``).
 
 On load, a module is quantized iff ``<path>.scales`` is among the weights (as in mlx-vlm and
 MLX Swift), with its bits and group size from the config's ``quantization`` block.
@@ -29,7 +29,6 @@ MLX Swift), with its bits and group size from the config's ``quantization`` bloc
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,11 +44,14 @@ SUPPORTED_GROUP_SIZES = (128, 64, 32)
 RECIPES = ("uniform", "mixed")
 HIGH_BITS = 8
 # Kept unquantized whatever the recipe (the patch conv and norms have no `to_quantized`).
-KEEP_PATTERNS = (re.compile(r"^vision_model\.embeddings\.position_embedding$"),)
-# The `mixed` recipe's 8-bit layers, chosen from the sensitivity measurement in
-# benchmarks/quant_agreement.py on the 256M architecture (see `is_sensitive`).
-SENSITIVE_MODULES = ("lm_head", "connector.modality_projection.proj")
-_EDGE_DECODER_LAYER = re.compile(r"^text_model\.layers\.(\d+)\.(self_attn\.v_proj|mlp\.down_proj)$")
+KEEP_MODULES = ("vision_model.embeddings.position_embedding",)
+# The `mixed` recipe's 8-bit layers: the vision tower, the connector, the token embeddings and
+# `lm_head`. Measured on the 256M architecture (benchmarks/export_sizes.py agreement): keeping
+# the vision tower in full precision halves the 4-bit KL, lm_head / embed_tokens / connector
+# each cut it by 7-15 %, all decoder v_proj or all down_proj (what llama.cpp and mlx-vlm favour)
+# by 2-3 %, the whole first or last decoder layer by under 1 %.
+SENSITIVE_PREFIXES = ("vision_model.",)
+SENSITIVE_MODULES = ("lm_head", "text_model.embed_tokens", "connector.modality_projection.proj")
 # Our module paths <-> the exported names that mlx-vlm and MLX Swift use as is.
 _TO_EXPORT = (("lm_head", "language_model.lm_head"), ("text_model", "language_model"))
 
@@ -124,44 +126,31 @@ def _fitting_group_size(group_size: int, input_dims: int) -> int | None:
     return next((g for g in SUPPORTED_GROUP_SIZES if input_dims % g == 0), None)
 
 
-def is_sensitive(path: str, n_layers: int) -> bool:
+def is_sensitive(path: str) -> bool:
     """Whether the ``mixed`` recipe keeps this module at 8 bits.
-
-    That is ``lm_head``, the connector, and ``v_proj``/``down_proj`` of the first and last
-    eighth of the decoder layers.
 
     Args:
         path: The module's path in our ``Model``.
-        n_layers: Number of decoder layers.
     """
-    if path in SENSITIVE_MODULES:
-        return True
-    match = _EDGE_DECODER_LAYER.match(path)
-    if match is None:
-        return False
-    index, edge = int(match[1]), max(n_layers // 8, 1)
-    return index < edge or index >= n_layers - edge
+    return path in SENSITIVE_MODULES or path.startswith(SENSITIVE_PREFIXES)
 
 
-def layer_quantization(
-    spec: QuantizationSpec, path: str, module: nn.Module, n_layers: int
-) -> dict | None:
+def layer_quantization(spec: QuantizationSpec, path: str, module: nn.Module) -> dict | None:
     """The ``{"group_size", "bits"}`` for one module under ``spec``, or None to keep it.
 
     Args:
         spec: The quantization settings.
         path: The module's path in our ``Model`` (``text_model.layers.0.self_attn.q_proj``).
         module: The module.
-        n_layers: Number of decoder layers (for the ``mixed`` recipe).
     """
     if not isinstance(module, (nn.Linear, nn.Embedding)):
         return None
-    if any(p.match(path) for p in KEEP_PATTERNS):
+    if path in KEEP_MODULES:
         return None
     if not spec.quantize_vision and path.startswith("vision_model."):
         return None
     bits = spec.bits
-    if spec.recipe == "mixed" and is_sensitive(path, n_layers):
+    if spec.recipe == "mixed" and is_sensitive(path):
         bits = max(bits, HIGH_BITS)
     group_size = _fitting_group_size(spec.group_size, module.weight.shape[-1])
     if group_size is None:
@@ -186,10 +175,9 @@ def quantize_model(model: nn.Module, spec: QuantizationSpec) -> dict[str, Any]:
         under its exported name, for every layer whose settings differ from them.
     """
     block: dict[str, Any] = {"group_size": spec.group_size, "bits": spec.bits, "mode": MODE}
-    n_layers = len(model.text_model.layers)
 
     def predicate(path: str, module: nn.Module) -> bool | dict:
-        params = layer_quantization(spec, path, module, n_layers)
+        params = layer_quantization(spec, path, module)
         if params is None:
             return False
         if params != {"group_size": spec.group_size, "bits": spec.bits}:

@@ -64,55 +64,52 @@ def test_export_paths_round_trip():
 def test_layer_rules():
     spec = QuantizationSpec()
     linear = nn.Linear(128, 64)
-    assert layer_quantization(spec, "text_model.layers.0.mlp.up_proj", linear, 30) == {
+    assert layer_quantization(spec, "text_model.layers.0.mlp.up_proj", linear) == {
         "group_size": 64,
         "bits": 4,
     }
     # Kept: convolution, norms, the vision position embedding.
     assert (
-        layer_quantization(
-            spec, "vision_model.embeddings.patch_embedding", nn.Conv2d(3, 64, 16), 30
-        )
+        layer_quantization(spec, "vision_model.embeddings.patch_embedding", nn.Conv2d(3, 64, 16))
         is None
     )
-    assert layer_quantization(spec, "text_model.norm", nn.RMSNorm(64), 30) is None
-    assert layer_quantization(spec, "vision_model.post_layernorm", nn.LayerNorm(64), 30) is None
+    assert layer_quantization(spec, "text_model.norm", nn.RMSNorm(64)) is None
+    assert layer_quantization(spec, "vision_model.post_layernorm", nn.LayerNorm(64)) is None
     position = nn.Embedding(1024, 64)
-    assert (
-        layer_quantization(spec, "vision_model.embeddings.position_embedding", position, 30) is None
-    )
-    assert (
-        layer_quantization(spec, "text_model.embed_tokens", nn.Embedding(100, 64), 30) is not None
-    )
+    assert layer_quantization(spec, "vision_model.embeddings.position_embedding", position) is None
+    assert layer_quantization(spec, "text_model.embed_tokens", nn.Embedding(100, 64)) is not None
     # Group fallback: 96 inputs take group 32; 4304 (2.2B vision fc2) fits no supported group.
-    assert layer_quantization(spec, "text_model.layers.0.mlp.down_proj", nn.Linear(96, 64), 30) == {
+    assert layer_quantization(spec, "text_model.layers.0.mlp.down_proj", nn.Linear(96, 64)) == {
         "group_size": 32,
         "bits": 4,
     }
     fc2 = nn.Linear(4304, 1152)
-    assert layer_quantization(spec, "vision_model.encoder.layers.0.mlp.fc2", fc2, 30) is None
+    assert layer_quantization(spec, "vision_model.encoder.layers.0.mlp.fc2", fc2) is None
     # skip_vision leaves the tower but not the connector.
     no_vision = QuantizationSpec(quantize_vision=False)
-    assert (
-        layer_quantization(no_vision, "vision_model.encoder.layers.0.mlp.fc1", linear, 30) is None
-    )
-    assert (
-        layer_quantization(no_vision, "connector.modality_projection.proj", linear, 30) is not None
-    )
+    assert layer_quantization(no_vision, "vision_model.encoder.layers.0.mlp.fc1", linear) is None
+    assert layer_quantization(no_vision, "connector.modality_projection.proj", linear) is not None
 
 
 def test_mixed_recipe_keeps_sensitive_layers_at_8_bits():
-    edge = [i for i in range(30) if is_sensitive(f"text_model.layers.{i}.mlp.down_proj", 30)]
-    assert edge == [0, 1, 2, 27, 28, 29]
-    assert is_sensitive("text_model.layers.0.self_attn.v_proj", 30)
-    assert not is_sensitive("text_model.layers.0.self_attn.q_proj", 30)
-    assert is_sensitive("lm_head", 30) and is_sensitive("connector.modality_projection.proj", 30)
-    assert not is_sensitive("text_model.embed_tokens", 30)
-    assert is_sensitive("text_model.layers.1.mlp.down_proj", 2)  # tiny models: first and last
+    for path in (
+        "lm_head",
+        "text_model.embed_tokens",
+        "connector.modality_projection.proj",
+        "vision_model.encoder.layers.3.mlp.fc1",
+    ):
+        assert is_sensitive(path), path
+    assert not is_sensitive("text_model.layers.0.mlp.down_proj")
     mixed = QuantizationSpec(recipe="mixed")
     linear = nn.Linear(128, 64)
-    assert layer_quantization(mixed, "lm_head", linear, 30)["bits"] == 8
-    assert layer_quantization(mixed, "text_model.layers.15.mlp.down_proj", linear, 30)["bits"] == 4
+    assert layer_quantization(mixed, "lm_head", linear)["bits"] == 8
+    assert (
+        layer_quantization(mixed, "vision_model.encoder.layers.0.self_attn.q_proj", linear)["bits"]
+        == 8
+    )
+    assert layer_quantization(mixed, "text_model.layers.15.mlp.down_proj", linear)["bits"] == 4
+    position = nn.Embedding(1024, 64)
+    assert layer_quantization(mixed, "vision_model.embeddings.position_embedding", position) is None
 
 
 def test_quantize_model_block_lists_only_overrides_under_export_names():
@@ -124,14 +121,17 @@ def test_quantize_model_block_lists_only_overrides_under_export_names():
         "mode": "affine",
     }
     overrides = {k for k in block if k not in ("group_size", "bits", "mode")}
-    assert "language_model.lm_head" in overrides
-    assert "connector.modality_projection.proj" in overrides
-    assert "language_model.layers.29.mlp.down_proj" in overrides
+    assert {
+        "language_model.lm_head",
+        "language_model.embed_tokens",
+        "connector.modality_projection.proj",
+        "vision_model.encoder.layers.11.mlp.fc2",
+    } <= overrides
+    assert not any(k.startswith("language_model.layers.") for k in overrides)
     assert all(block[k] == {"group_size": 64, "bits": 8, "mode": "affine"} for k in overrides)
     layers = quantized_layers(model)
-    assert layers["text_model.layers.29.mlp.down_proj"] == (8, 64)
-    assert layers["text_model.layers.10.mlp.down_proj"] == (4, 64)
-    assert layers["vision_model.encoder.layers.11.mlp.fc2"] == (4, 64)
+    assert layers["text_model.layers.29.mlp.down_proj"] == (4, 64)
+    assert layers["vision_model.encoder.layers.11.mlp.fc2"] == (8, 64)
     assert "vision_model.embeddings.position_embedding" not in layers
     # Every Linear and the token embedding are quantized; nothing else is.
     assert not any(type(m) is nn.Linear for _, m in model.named_modules())
@@ -204,7 +204,7 @@ def test_4bit_predictions_agree_with_full_precision(hf_checkpoint, tmp_path):
     """Tiny checkpoint (std 0.1 weights), text plus one image, 64 positions.
 
     Random logits over 49280 tokens are flat, so top-1 is fragile here (measured: 4-bit 0.48,
-    mixed 0.62, 8-bit 0.95; KL 0.026 / 0.016 / 0.0001); the bounds leave room for platform
+    mixed 0.53, 8-bit 0.95; KL 0.026 / 0.018 / 0.0001); the bounds leave room for platform
     differences but fail on wrong scales, group sizes or layer mapping (top-1 near 0).
     """
     source = hf_checkpoint()
