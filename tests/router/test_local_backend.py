@@ -1,0 +1,411 @@
+"""The local MLX model behind the router, through the official async SDKs on loopback.
+
+The router serves a tiny random SmolVLM checkpoint (built by transformers, see
+``tests/mlx_smolvlm/conftest.py``) with the ``mlx`` provider. Answers and usage are compared
+with `generate` run directly on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anthropic
+import mlx.core as mx
+import openai
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestServer
+from google.genai import errors as genai_errors
+from google.genai import types as genai_types
+
+from mlx_smolvlm import engine as engine_module
+from mlx_smolvlm.generate import GenerationResponse, generate
+from mlx_smolvlm.load import load
+from router.app import create_app
+from router.appkeys import PROVIDERS
+from router.config import Config, ConfigError, default_config
+from tests.mlx_smolvlm.conftest import build_hf_checkpoint
+from tests.router.fakes import Clients, make_clients
+
+IMAGE = Path(__file__).parents[2] / "mlx_smolvlm" / "assets" / "example.jpg"
+IMAGE_BYTES = IMAGE.read_bytes()
+IMAGE_B64 = base64.b64encode(IMAGE_BYTES).decode()
+QUESTION = "What is in this picture?"
+MODEL = "tiny-vlm"
+MAX_TOKENS = 8
+KINDS = ["openai", "anthropic", "gemini"]
+
+module_loop = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return build_hf_checkpoint(tmp_path_factory.mktemp("tiny_vlm"))
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return load(str(checkpoint))
+
+
+def local_config(checkpoint: Path | str, **mlx) -> Config:
+    options = {"model": str(checkpoint), "max_context_tokens": 256, **mlx}
+    return Config.from_dict(
+        {
+            "providers": {"local": {"type": "mlx", "mlx": options}},
+            "models": {MODEL: [{"provider": "local", "model": MODEL}]},
+        }
+    )
+
+
+async def start_router(cfg: Config) -> TestServer:
+    app = create_app(cfg)
+
+    async def close_providers(app) -> None:  # idempotent; the app may close them too
+        for provider in app[PROVIDERS].values():
+            await provider.close()
+
+    app.on_cleanup.append(close_providers)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+def roots(server: TestServer) -> dict[str, str]:
+    root = str(server.make_url("")).rstrip("/")
+    return {kind: root for kind in KINDS}
+
+
+def engine_of(server: TestServer) -> engine_module.Engine:
+    return server.app[PROVIDERS]["local"].engine
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def router(checkpoint) -> AsyncIterator[TestServer]:
+    server = await start_router(local_config(checkpoint))
+    yield server
+    await server.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def clients(router) -> AsyncIterator[Clients]:
+    made = make_clients(roots(router))
+    yield made
+    await made.close()
+
+
+def expected_answer(loaded, messages: list[dict], images: list[bytes]) -> GenerationResponse:
+    model, processor = loaded
+    return generate(model, processor, messages, images=images, max_tokens=MAX_TOKENS)
+
+
+async def ask_image(clients: Clients, client: str, stream: bool, image: str = IMAGE_B64):
+    """One image question; returns (text, input tokens, output tokens, model name)."""
+    if client == "openai":
+        content = [
+            {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{image}"}},
+            {"type": "text", "text": QUESTION},
+        ]
+        args = dict(model=MODEL, messages=[{"role": "user", "content": content}])
+        if not stream:
+            r = await clients.openai.chat.completions.create(**args, max_tokens=MAX_TOKENS)
+            u = r.usage
+            return r.choices[0].message.content, u.prompt_tokens, u.completion_tokens, r.model
+        chunks = [
+            c
+            async for c in await clients.openai.chat.completions.create(
+                **args,
+                max_tokens=MAX_TOKENS,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        ]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        u = chunks[-1].usage
+        return text, u.prompt_tokens, u.completion_tokens, chunks[0].model
+    if client == "anthropic":
+        source = {"type": "base64", "media_type": "image/jpeg", "data": image}
+        content = [{"type": "image", "source": source}, {"type": "text", "text": QUESTION}]
+        args = dict(
+            model=MODEL, max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": content}]
+        )
+        if stream:
+            async with clients.anthropic.messages.stream(**args) as s:
+                message = await s.get_final_message()
+        else:
+            message = await clients.anthropic.messages.create(**args)
+        text = "".join(b.text for b in message.content if b.type == "text")
+        return text, message.usage.input_tokens, message.usage.output_tokens, message.model
+    parts = [
+        genai_types.Part.from_bytes(data=base64.b64decode(image), mime_type="image/jpeg"),
+        genai_types.Part.from_text(text=QUESTION),
+    ]
+    args = dict(
+        model=MODEL,
+        contents=[genai_types.Content(role="user", parts=parts)],
+        config=genai_types.GenerateContentConfig(max_output_tokens=MAX_TOKENS),
+    )
+    if stream:
+        chunks = [c async for c in await clients.gemini.aio.models.generate_content_stream(**args)]
+        text = "".join(c.text or "" for c in chunks)
+        meta, version = chunks[-1].usage_metadata, chunks[-1].model_version
+    else:
+        r = await clients.gemini.aio.models.generate_content(**args)
+        text, meta, version = r.text or "", r.usage_metadata, r.model_version
+    return text, meta.prompt_token_count, meta.candidates_token_count, version
+
+
+@module_loop
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("client", KINDS)
+async def test_image_question_is_answered_by_the_local_model(clients, loaded, client, stream):
+    content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+    expected = expected_answer(loaded, [{"role": "user", "content": content}], [IMAGE_BYTES])
+    text, input_tokens, output_tokens, model = await ask_image(clients, client, stream)
+    assert text == expected.text
+    assert input_tokens == expected.prompt_tokens  # image tokens included
+    assert output_tokens == expected.generation_tokens
+    assert model == MODEL
+
+
+@module_loop
+async def test_system_message_uses_the_checkpoint_template(clients, loaded):
+    messages = [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "Hello there"},
+    ]
+    response = await clients.openai.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=MAX_TOKENS
+    )
+    expected = expected_answer(loaded, messages, [])
+    assert response.choices[0].message.content == expected.text
+    assert response.usage.prompt_tokens == expected.prompt_tokens
+    model, processor = loaded
+    prompt = processor.apply_chat_template(messages)
+    assert prompt.startswith("<|im_start|>System: Answer in French.<end_of_utterance>\nUser:")
+
+
+@module_loop
+async def test_count_tokens_is_the_real_prompt_length(clients, loaded):
+    content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+    expected = expected_answer(loaded, [{"role": "user", "content": content}], [IMAGE_BYTES])
+    source = {"type": "base64", "media_type": "image/jpeg", "data": IMAGE_B64}
+    counted = await clients.anthropic.messages.count_tokens(
+        model=MODEL,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "source": source},
+                    {"type": "text", "text": QUESTION},
+                ],
+            }
+        ],
+    )
+    assert counted.input_tokens == expected.prompt_tokens
+
+
+BAD_IMAGE = base64.b64encode(b"this is not an image").decode()
+
+
+@module_loop
+@pytest.mark.parametrize("client", KINDS)
+async def test_bad_image_is_a_400_in_the_client_format_and_others_go_on(clients, client):
+    good = asyncio.create_task(ask_image(clients, "openai", stream=True))
+    errors = {
+        "openai": openai.BadRequestError,
+        "anthropic": anthropic.BadRequestError,
+        "gemini": genai_errors.ClientError,
+    }
+    with pytest.raises(errors[client]) as caught:
+        await ask_image(clients, client, stream=False, image=BAD_IMAGE)
+    if client == "gemini":
+        assert caught.value.code == 400 and caught.value.status == "INVALID_ARGUMENT"
+    else:
+        assert caught.value.status_code == 400
+    assert "image" in str(caught.value).lower()
+    text, _, output_tokens, _ = await good
+    assert output_tokens > 0
+
+
+@module_loop
+@pytest.mark.parametrize("client", KINDS)
+async def test_prompt_longer_than_the_context_is_a_400(clients, client):
+    long = "tell me about cats " * 100
+    with pytest.raises(
+        (openai.BadRequestError, anthropic.BadRequestError, genai_errors.ClientError)
+    ) as caught:
+        if client == "openai":
+            await clients.openai.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": long}], max_tokens=4
+            )
+        elif client == "anthropic":
+            await clients.anthropic.messages.create(
+                model=MODEL, messages=[{"role": "user", "content": long}], max_tokens=4
+            )
+        else:
+            await clients.gemini.aio.models.generate_content(model=MODEL, contents=long)
+    assert "context holds 256" in str(caught.value)
+    text, _, output_tokens, _ = await ask_image(clients, client, stream=False)
+    assert output_tokens > 0
+
+
+@module_loop
+async def test_tools_are_refused_clearly(clients):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError, match="does not support tools"):
+        await clients.openai.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], tools=[tool]
+        )
+
+
+async def hundred_at_once(clients: Clients, client: str) -> list:
+    async def one(k: int):
+        prompt = f"Say {k}"
+        if client == "openai":
+            return await clients.openai.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=3
+            )
+        if client == "anthropic":
+            return await clients.anthropic.messages.create(
+                model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=3
+            )
+        config = genai_types.GenerateContentConfig(max_output_tokens=3)
+        return await clients.gemini.aio.models.generate_content(
+            model=MODEL, contents=prompt, config=config
+        )
+
+    return await asyncio.gather(*(one(k) for k in range(100)), return_exceptions=True)
+
+
+@pytest.mark.parametrize("client", KINDS)
+async def test_hundred_requests_against_a_queue_of_eight(checkpoint, client):
+    server = await start_router(local_config(checkpoint, max_sequences=2, max_queue=8))
+    made = make_clients(roots(server))
+    try:
+        results = await hundred_at_once(made, client)
+        errors = [r for r in results if isinstance(r, Exception)]
+        served = len(results) - len(errors)
+        assert served >= 8 and len(errors) >= 50
+        for err in errors:
+            if client == "gemini":
+                assert isinstance(err, genai_errors.ClientError), repr(err)
+                assert err.code == 429 and err.status == "RESOURCE_EXHAUSTED"
+            else:
+                assert err.status_code == 429, repr(err)
+                assert err.response.headers["retry-after"] == "1"
+            assert "max_queue 8" in str(err)
+        # The engine keeps serving afterwards.
+        after = await hundred_at_once(made, client)
+        assert not all(isinstance(r, Exception) for r in after)
+        assert engine_of(server).stats().steps > 0
+    finally:
+        await made.close()
+        await server.close()
+
+
+async def test_client_disconnect_frees_the_slot_and_memory(checkpoint):
+    server = await start_router(local_config(checkpoint, max_sequences=1, max_context_tokens=None))
+    made = make_clients(roots(server))
+    engine = engine_of(server)
+    try:
+        warm = await made.openai.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "warm up"}], max_tokens=2
+        )
+        assert warm.choices
+        gc.collect()  # models of earlier tests' routers must not be freed during the test
+        before = mx.get_active_memory()
+        stream = await made.openai.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Tell me everything"}],
+            max_tokens=5000,
+            stream=True,
+        )
+        seen = 0
+        async for chunk in stream:
+            seen += bool(chunk.choices and chunk.choices[0].delta.content)
+            if seen == 3:
+                break
+        queued = asyncio.create_task(
+            made.openai.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "next"}], max_tokens=4
+            )
+        )
+        await asyncio.sleep(0.2)
+        assert not queued.done() and engine.stats().waiting == 1
+        await stream.close()  # the client goes away mid-generation
+        answer = await asyncio.wait_for(queued, 10)
+        assert answer.usage.completion_tokens >= 1
+        deadline = time.monotonic() + 5
+        while engine.stats().running or mx.get_active_memory() > before:
+            assert time.monotonic() < deadline, "the slot or memory was not freed"
+            await asyncio.sleep(0.01)
+        assert mx.get_active_memory() == before
+        assert engine.stats().steps < 500  # the 5000-token stream stopped early
+    finally:
+        await made.close()
+        await server.close()
+
+
+async def test_random_weights_say_so_in_every_model_name(checkpoint, monkeypatch):
+    monkeypatch.setattr(engine_module, "random_checkpoint", lambda shape, dtype: checkpoint)
+    cfg = Config.from_dict(
+        {
+            "providers": {
+                "local": {
+                    "type": "mlx",
+                    "mlx": {
+                        "model": "HuggingFaceTB/NotOnThisMachine",
+                        "random_weights_fallback": True,
+                    },
+                }
+            },
+            "models": {"smolvlm2-256m": [{"provider": "local", "model": "smolvlm2-256m"}]},
+        }
+    )
+    server = await start_router(cfg)
+    made = make_clients(roots(server))
+    try:
+        r = await made.openai.chat.completions.create(
+            model="smolvlm2-256m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        assert r.model == "smolvlm2-256m-RANDOM-WEIGHTS"
+        m = await made.anthropic.messages.create(
+            model="smolvlm2-256m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        assert m.model == "smolvlm2-256m-RANDOM-WEIGHTS"
+    finally:
+        await made.close()
+        await server.close()
+
+
+def test_default_config_serves_the_local_model_and_keyed_clouds(monkeypatch):
+    for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = default_config()
+    assert list(cfg.providers) == ["local"] and list(cfg.models) == ["smolvlm2-256m"]
+    local = cfg.providers["local"]
+    assert local.type == "mlx" and local.mlx.random_weights_fallback
+    assert local.mlx.model == "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    cfg = default_config()
+    assert cfg.providers["anthropic"].keys == ["sk-ant-test"]
+
+
+def test_mlx_options_are_checked_strictly(checkpoint):
+    with pytest.raises(ConfigError, match=r"providers\.local\.mlx: unknown key\(s\) max_seqs"):
+        local_config(checkpoint, max_seqs=2)
+    with pytest.raises(ConfigError, match=r"providers\.local\.mlx\.max_queue: expected int"):
+        local_config(checkpoint, max_queue="many")
+    with pytest.raises(ConfigError, match=r"providers\.oai\.mlx: only providers of type 'mlx'"):
+        Config.from_dict(
+            {
+                "providers": {"oai": {"type": "openai", "mlx": {}}},
+                "models": {"m": [{"provider": "oai", "model": "x"}]},
+            }
+        )
