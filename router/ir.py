@@ -18,6 +18,7 @@ produce them. Conventions:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -221,7 +222,7 @@ def collect_stream(events: list[StreamEvent]) -> Response:
     parts: list = []
     for event in events:
         if isinstance(event, PartStart):
-            parts.append(event.part)
+            parts.append(dataclasses.replace(event.part))  # the events stay unchanged
         elif isinstance(event, PartDelta):
             part = parts[event.index]
             if isinstance(part, ToolCallPart):

@@ -583,8 +583,11 @@ class StreamParser:
 
     Robust to what OpenAI-compatible servers really send: a call's ``id``/``name`` only on its
     first delta, ``arguments`` as an object instead of a string, every call at ``index`` 0
-    (a new ``id`` then starts a new call), ``finish_reason: "stop"`` after tool calls, and the
-    usage in a trailing chunk with empty ``choices``.
+    (a new ``id`` then starts a new call), ``finish_reason: "stop"`` after tool calls, the
+    usage in a trailing chunk with empty ``choices``, and argument deltas of parallel calls
+    interleaved (index 0, 1, 0, 1...). For the last: the IR stream is strictly sequential, so
+    the first call streams live and every part after it is held and emitted, in order, when
+    the upstream stream ends (a late delta for the first call still has its part open).
     """
 
     def __init__(self) -> None:
@@ -595,6 +598,8 @@ class StreamParser:
         self._had_calls = False
         self._finish: ir.FinishReason | None = None
         self._usage = ir.Usage()
+        self._live_call: int | None = None
+        self._held: list[ir.StreamEvent] = []
 
     def parse_stream_event(self, chunk: dict) -> list[ir.StreamEvent]:
         """Translate one chunk.
@@ -632,7 +637,20 @@ class StreamParser:
                 events += self._tool_call(call, position)
             if choice.get("finish_reason"):
                 self._finish = _FINISH_FROM_WIRE.get(choice["finish_reason"], "stop")
-        return events
+        return self._route(events)
+
+    def _route(self, events: list[ir.StreamEvent]) -> list[ir.StreamEvent]:
+        """Pass events through, holding those of parts after the first tool call."""
+        out = []
+        for event in events:
+            index = getattr(event, "index", None)
+            if self._live_call is None or index is None or index == self._live_call:
+                out.append(event)
+                if isinstance(event, ir.PartStart) and isinstance(event.part, ir.ToolCallPart):
+                    self._live_call = event.index
+            else:
+                self._held.append(event)
+        return out
 
     def finish(self) -> list[ir.StreamEvent]:
         """Events at the end of the upstream stream (the single StreamEnd).
@@ -645,7 +663,9 @@ class StreamParser:
             raise UpstreamError("upstream stream ended without a finish_reason")
         if finish == "stop" and self._had_calls:
             finish = "tool_calls"
-        return [ir.StreamEnd(finish, usage=self._usage)]
+        # A stable sort: each held part's start and deltas keep their order.
+        held = sorted(self._held, key=lambda e: e.index)
+        return [*held, ir.StreamEnd(finish, usage=self._usage)]
 
     def _text(self, kind: str, text: str) -> list[ir.StreamEvent]:
         events: list[ir.StreamEvent] = []

@@ -1074,3 +1074,43 @@ def test_images_in_tool_results_follow_as_a_user_message_for_openai():
     }
     parts = gemini.render_request(request)["contents"][2]["parts"]
     assert parts[1] == {"inlineData": {"mimeType": "image/png", "data": PNG}}
+
+
+def test_openai_interleaved_parallel_call_deltas_become_sequential_parts():
+    def call(index: int, arguments: str, **first: str) -> dict:
+        fn = {"arguments": arguments, **({"name": first["name"]} if first else {})}
+        wire = {"index": index, "function": fn}
+        if first:
+            wire.update(id=first["id"], type="function")
+        return _chunk({"tool_calls": [wire]})
+
+    chunks = [
+        _chunk({"role": "assistant", "content": "Let me check."}),
+        call(0, "", id="a", name="weather"),
+        call(1, "", id="b", name="time"),
+        call(0, '{"city":'),
+        call(1, '{"tz":'),
+        call(0, '"Paris"}'),
+        call(1, '"UTC"}'),
+        _chunk({}, "tool_calls"),
+    ]
+    events = _parse_openai_stream(chunks)
+    starts = [e.index for e in events if isinstance(e, ir.PartStart)]
+    assert starts == [0, 1, 2]
+    # Once part 2 starts, no event refers to an earlier part.
+    seen_max = 0
+    for event in events:
+        index = getattr(event, "index", None)
+        if index is not None:
+            assert index >= seen_max
+            seen_max = max(seen_max, index)
+    response = ir.collect_stream(events)
+    calls = [(p.id, p.name, p.arguments) for p in response.parts[1:]]
+    assert calls == [("a", "weather", '{"city":"Paris"}'), ("b", "time", '{"tz":"UTC"}')]
+    renderer = anthropic.StreamRenderer(_request())
+    out = [json.loads(e.data) for ev in events for e in renderer.render_stream_event(ev)]
+    inputs = {}
+    for event in out:
+        if event["type"] == "content_block_delta" and "partial_json" in event["delta"]:
+            inputs[event["index"]] = inputs.get(event["index"], "") + event["delta"]["partial_json"]
+    assert inputs == {1: '{"city":"Paris"}', 2: '{"tz":"UTC"}'}
