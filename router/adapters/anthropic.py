@@ -12,6 +12,9 @@ Notes on what Anthropic cannot express and how it is rendered:
 - JSON output: ``json_schema`` maps to ``output_config.format``; ``json_object`` (JSON without
   a schema) has no Anthropic equivalent and is a 400.
 - Audio input is a 400; empty text blocks are dropped (Anthropic rejects them).
+- Sampling: the current Messages API takes no ``temperature``/``top_p``/``top_k`` (they are
+  absent from the anthropic SDK 2.x request types and rejected as unknown fields), so they are
+  not forwarded; the client's ``max_tokens`` and stop sequences are.
 """
 
 from __future__ import annotations
@@ -337,17 +340,11 @@ def render_request(request: ir.Request) -> dict:
             body["max_tokens"] = budget + body["max_tokens"]
     elif request.reasoning is not None:
         body["thinking"] = {"type": "disabled"}
-    # With thinking on Anthropic accepts no temperature/top_k and top_p only >= 0.95.
-    if request.temperature is not None and not thinking:
-        body["temperature"] = request.temperature
-    if (
-        request.top_p is not None
-        and "temperature" not in body
-        and (not thinking or request.top_p >= 0.95)
-    ):
-        body["top_p"] = request.top_p
-    if request.top_k is not None and not thinking:
-        body["top_k"] = request.top_k
+    # The Messages API (anthropic SDK 2.x request types) has no sampling parameters: a
+    # client's temperature/top_p/top_k are not forwarded (see the module notes).
+    dropped = [k for k in ("temperature", "top_p", "top_k") if getattr(request, k) is not None]
+    if dropped:
+        logger.debug("not forwarding %s to Anthropic", ", ".join(dropped))
     if request.response_format is not None and request.response_format.type != "text":
         fmt = request.response_format
         if fmt.type == "json_object" or fmt.schema is None:
