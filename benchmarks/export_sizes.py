@@ -3,8 +3,8 @@
 Random weights from ``make_random_checkpoint`` (the 2.2B source in bfloat16 to save disk and
 time). Two measurements:
 
-``sizes``: for each shape, convert to full precision, 8-bit and 4-bit (vision quantized),
-then measure the export's size on disk and ``mx.get_peak_memory()`` right after
+``sizes``: for each shape, convert to full precision, 8-bit, 4-bit and 4-bit ``mixed`` (vision
+quantized in all), then measure the export's size on disk and ``mx.get_peak_memory()`` right after
 ``load_model`` in a fresh process.
 
 ``agreement``: on the 256M architecture, next-token predictions of the 4-bit model (default
@@ -15,6 +15,7 @@ mean KL(full || quantized). Activations and scales are fp32 (the fast path on th
 Usage::
 
     python -m benchmarks.export_sizes sizes --json sizes.json [--shapes 256m 500m 2.2b]
+        [--variants full 8bit 4bit 4bit-mixed] [--dtype bfloat16]
     python -m benchmarks.export_sizes agreement --json agreement.json
 """
 
@@ -40,7 +41,12 @@ from mlx_smolvlm.load import load_model
 from mlx_smolvlm.quantize import QuantizationSpec, layer_quantization, quantize_model
 from mlx_smolvlm.random_weights import ASSETS, make_random_checkpoint
 
-VARIANTS = {"full": {}, "8bit": {"quantize": True, "q_bits": 8}, "4bit": {"quantize": True}}
+VARIANTS = {
+    "full": {},
+    "8bit": {"quantize": True, "q_bits": 8},
+    "4bit": {"quantize": True},
+    "4bit-mixed": {"quantize": True, "recipe": "mixed"},
+}
 PEAK_SCRIPT = (
     "import sys, mlx_smolvlm, mlx.core as mx; from mlx_smolvlm.load import load_model; "
     "mx.reset_peak_memory(); load_model(sys.argv[1]); print(mx.get_peak_memory())"
@@ -55,7 +61,7 @@ def weight_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def measure_sizes(shapes: list[str], dtype: str, workdir: Path) -> list[dict]:
+def measure_sizes(shapes: list[str], variants: list[str], dtype: str, workdir: Path) -> list[dict]:
     rows = []
     for shape in shapes:
         src_dtype = "bfloat16" if shape == "2.2b" else "float32"
@@ -63,7 +69,8 @@ def measure_sizes(shapes: list[str], dtype: str, workdir: Path) -> list[dict]:
         start = time.perf_counter()
         make_random_checkpoint(shape, src, dtype=src_dtype)
         print(f"{shape}: random {src_dtype} source in {time.perf_counter() - start:.1f} s")
-        for name, kwargs in VARIANTS.items():
+        for name in variants:
+            kwargs = VARIANTS[name]
             dst = workdir / f"{shape}-{name}"
             start = time.perf_counter()
             convert(str(src), dst, dtype=dtype, force=True, **kwargs)
@@ -206,11 +213,11 @@ def measure_agreement(workdir: Path) -> list[dict]:
 
 def print_size_table(rows: list[dict]) -> None:
     print(
-        f"{'shape':6} {'variant':6} {'dtype':9} {'export GB':>10} {'weights GB':>11} {'peak load GB':>13}"
+        f"{'shape':6} {'variant':10} {'dtype':9} {'export GB':>10} {'weights GB':>11} {'peak load GB':>13}"
     )
     for r in rows:
         print(
-            f"{r['shape']:6} {r['variant']:6} {r['dtype']:9} {r['dir_bytes'] / 1e9:10.3f} "
+            f"{r['shape']:6} {r['variant']:10} {r['dtype']:9} {r['dir_bytes'] / 1e9:10.3f} "
             f"{r['weight_bytes'] / 1e9:11.3f} {r['peak_load_bytes'] / 1e9:13.3f}"
         )
 
@@ -219,13 +226,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=["sizes", "agreement"])
     parser.add_argument("--shapes", nargs="+", default=["256m", "500m", "2.2b"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--dtype", default="bfloat16", help="export dtype (sizes)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         if args.what == "sizes":
-            rows = measure_sizes(args.shapes, args.dtype, Path(tmp))
+            rows = measure_sizes(args.shapes, args.variants, args.dtype, Path(tmp))
             print_size_table(rows)
         else:
             rows = measure_agreement(Path(tmp))
