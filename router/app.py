@@ -232,14 +232,15 @@ async def run_with_fallback(app: web.Application, request: ir.Request, call: Cal
 async def _open_stream(
     provider: BaseProvider, request: ir.Request, key: str | None
 ) -> tuple[list[ir.StreamEvent], AsyncIterator[ir.StreamEvent]]:
-    """Start an upstream stream and buffer it up to its first content event, so that a
-    failure before any content (e.g. an overloaded error inside a 200) can still fall back."""
+    """Start an upstream stream and buffer it up to its first delta (or its end), so that a
+    failure before any content (e.g. an overloaded error inside a 200, right after
+    ``message_start`` and ``content_block_start``) can still fall back."""
     events = provider.stream(request, key)
     buffered: list[ir.StreamEvent] = []
     try:
         async for event in events:
             buffered.append(event)
-            if not isinstance(event, ir.StreamStart):
+            if isinstance(event, ir.PartDelta | ir.StreamEnd):
                 break
     except BaseException:
         await events.aclose()

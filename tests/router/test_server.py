@@ -816,3 +816,19 @@ def test_key_pool_round_robin_and_cool_down():
     now[0] += 2
     assert pool.acquire() == "a"
     assert KeyPool("local", []).acquire() is None
+
+
+async def test_stream_falls_back_when_overloaded_after_block_start(aiohttp_client, fake):
+    cfg = make_config(fake.base_url)
+    cfg.models["claude-first"] = [cfg.models["claude"][0], cfg.models["gpt"][0]]
+    client = await aiohttp_client(create_app(cfg))
+    busy = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
+    broken = anthropic_events(({"type": "text", "text": ""}, []))[:3] + [("error", busy)]
+    fake.queue("anthropic", Answer(events=broken))
+    body = {**ANTHROPIC_BODY, "model": "claude-first", "stream": True}
+    resp = await client.post("/v1/messages", json=body)
+    assert resp.status == 200
+    events = await sse_events(resp)
+    text = "".join(d["delta"].get("text", "") for n, d in events if n == "content_block_delta")
+    assert text == "hello" and events[-1][0] == "message_stop"
+    assert [s.path for s in fake.seen] == ["/v1/messages", "/v1/chat/completions"]
