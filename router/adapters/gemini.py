@@ -293,7 +293,7 @@ def _parse_thinking(raw: dict | None) -> ir.Reasoning | None:
     budget = _get(raw, "thinkingBudget", int, where)
     level = _get(raw, "thinkingLevel", str, where)
     if budget == 0:
-        return ir.Reasoning(enabled=False)
+        return ir.Reasoning(enabled=False, budget_tokens=0)
     return ir.Reasoning(
         effort=level.lower() if level else None,
         budget_tokens=budget if budget and budget > 0 else None,
@@ -374,7 +374,10 @@ def _render_generation_config(request: ir.Request) -> dict:
     reasoning = request.reasoning
     if reasoning is not None:
         if not reasoning.enabled:
-            config["thinkingConfig"] = {"thinkingBudget": 0}
+            # Only a Gemini client's own budget 0 is sent: models that cannot turn thinking
+            # off (2.5 Pro, 3) reject it, and their default is always valid.
+            if reasoning.budget_tokens == 0:
+                config["thinkingConfig"] = {"thinkingBudget": 0}
         else:
             budget = reasoning.budget_tokens or effort_to_budget(reasoning.effort or "")
             config["thinkingConfig"] = {"includeThoughts": True, "thinkingBudget": budget}

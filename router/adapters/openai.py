@@ -108,9 +108,7 @@ def parse_request(body: dict) -> ir.Request:
 def _parse_effort(effort: str | None) -> ir.Reasoning | None:
     if effort is None:
         return None
-    if effort == "none":
-        return ir.Reasoning(enabled=False)
-    return ir.Reasoning(effort=effort)
+    return ir.Reasoning(enabled=effort != "none", effort=effort)
 
 
 def _parse_message(
@@ -312,18 +310,23 @@ def render_request(request: ir.Request, *, compatible: bool) -> dict:
     if request.response_format is not None:
         body["response_format"] = _render_response_format(request.response_format)
     if request.reasoning is not None:
-        body["reasoning_effort"] = _render_effort(request.reasoning)
+        effort = _render_effort(request.reasoning)
+        if effort is not None:
+            body["reasoning_effort"] = effort
     if request.stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     return body
 
 
-def _render_effort(reasoning: ir.Reasoning) -> str:
-    if not reasoning.enabled:
-        return "none"
+def _render_effort(reasoning: ir.Reasoning) -> str | None:
+    """The client's own effort, or one derived from a budget. "Thinking off" from another
+    format sends nothing: only some OpenAI models accept ``"none"``, and every model's
+    default is valid."""
     if reasoning.effort is not None:
         return reasoning.effort
+    if not reasoning.enabled:
+        return None
     return budget_to_effort(reasoning.budget_tokens) if reasoning.budget_tokens else "medium"
 
 

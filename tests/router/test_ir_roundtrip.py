@@ -1114,3 +1114,21 @@ def test_openai_interleaved_parallel_call_deltas_become_sequential_parts():
         if event["type"] == "content_block_delta" and "partial_json" in event["delta"]:
             inputs[event["index"]] = inputs.get(event["index"], "") + event["delta"]["partial_json"]
     assert inputs == {1: '{"city":"Paris"}', 2: '{"tz":"UTC"}'}
+
+
+def test_reasoning_off_is_sent_only_in_the_clients_own_terms():
+    base = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    request = openai.parse_request({**base, "reasoning_effort": "none"})
+    assert openai.render_request(request, compatible=False)["reasoning_effort"] == "none"
+    assert anthropic.render_request(request)["thinking"] == {"type": "disabled"}
+    assert "thinkingConfig" not in gemini.render_request(request).get("generationConfig", {})
+    off = anthropic.parse_request({**base, "max_tokens": 5, "thinking": {"type": "disabled"}})
+    assert "reasoning_effort" not in openai.render_request(off, compatible=False)
+    gem = gemini.parse_request(
+        {
+            "contents": [{"parts": [{"text": "x"}]}],
+            "generationConfig": {"thinkingConfig": {"thinkingBudget": 0}},
+        },
+        "m",
+    )
+    assert gemini.render_request(gem)["generationConfig"]["thinkingConfig"] == {"thinkingBudget": 0}
