@@ -377,8 +377,15 @@ async def _responses(request: web.Request) -> web.StreamResponse:
     return await _generate(request, openai_responses, openai_responses.parse_request(body))
 
 
-async def _messages(request: web.Request) -> web.StreamResponse:
+async def _parse_anthropic(request: web.Request) -> ir.Request:
     ir_request = anthropic.parse_request(await _read_json(request))
+    beta = request.headers.get("anthropic-beta", "")
+    ir_request.anthropic_beta = [flag.strip() for flag in beta.split(",") if flag.strip()]
+    return ir_request
+
+
+async def _messages(request: web.Request) -> web.StreamResponse:
+    ir_request = await _parse_anthropic(request)
     if ir_request.max_tokens is None:
         raise InvalidRequestError("max_tokens: field is required", param="max_tokens")
     return await _generate(request, anthropic, ir_request)
@@ -389,7 +396,7 @@ async def _count(provider: BaseProvider, request: ir.Request, key: str | None) -
 
 
 async def _count_tokens_anthropic(request: web.Request) -> web.Response:
-    ir_request = anthropic.parse_request(await _read_json(request))
+    ir_request = await _parse_anthropic(request)
     tokens = await run_with_fallback(request.app, ir_request, _count)
     return web.json_response({"input_tokens": tokens})
 

@@ -146,6 +146,8 @@ class Request:
     # OpenAI ``stream_options.include_usage``: the client wants the usage chunk.
     include_usage: bool = False
     user: str | None = None
+    # Beta flags from an Anthropic client's ``anthropic-beta`` header; sent only to Anthropic.
+    anthropic_beta: list[str] = field(default_factory=list)
 
 
 @dataclass

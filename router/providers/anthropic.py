@@ -30,14 +30,14 @@ class Provider(HTTPProvider):
     async def complete(self, request: ir.Request, key: str | None) -> ir.Response:
         """See `BaseProvider.complete`."""
         url = f"{self.config.base_url}/v1/messages"
-        body = await self.post_json(url, self._body(request), key)
+        body = await self.post_json(url, self._body(request), key, _beta(request))
         return self.upstream_data(wire.parse_response, body)
 
     async def stream(self, request: ir.Request, key: str | None) -> AsyncIterator[ir.StreamEvent]:
         """See `BaseProvider.stream`; an ``error`` event inside the 200 stream is raised."""
         url = f"{self.config.base_url}/v1/messages"
         parser = wire.StreamParser()
-        async for event in self.post_sse(url, self._body(request), key):
+        async for event in self.post_sse(url, self._body(request), key, _beta(request)):
             data = self.decode_event(event)
             for item in self.upstream_data(parser.parse_stream_event, event.event, data):
                 yield item
@@ -56,8 +56,13 @@ class Provider(HTTPProvider):
         body = self._body(request)
         body = {k: v for k, v in body.items() if k in _COUNT_FIELDS}
         url = f"{self.config.base_url}/v1/messages/count_tokens"
-        answer = await self.post_json(url, body, key)
+        answer = await self.post_json(url, body, key, _beta(request))
         return int(answer.get("input_tokens") or 0)
 
     def _body(self, request: ir.Request) -> dict:
         return wire.render_request(self.with_defaults(request))
+
+
+def _beta(request: ir.Request) -> dict[str, str]:
+    """The client's ``anthropic-beta`` flags, passed through to Anthropic."""
+    return {"anthropic-beta": ",".join(request.anthropic_beta)} if request.anthropic_beta else {}

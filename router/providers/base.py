@@ -138,20 +138,23 @@ class HTTPProvider(BaseProvider):
             total=None, sock_connect=self.config.connect_timeout_s, sock_read=self.config.timeout_s
         )
 
-    async def post_json(self, url: str, body: dict, key: str | None) -> dict:
+    async def post_json(
+        self, url: str, body: dict, key: str | None, headers: dict[str, str] | None = None
+    ) -> dict:
         """POST a JSON body and return the decoded JSON answer.
 
         Args:
             url: The endpoint.
             body: The request body.
             key: The API key.
+            headers: Extra headers for this call.
 
         Raises:
             GatewayError: Mapped from the upstream status, a transport error or bad JSON.
         """
         try:
             async with self.session.post(
-                url, json=body, headers=self._all_headers(key), timeout=self._timeout
+                url, json=body, headers=self._all_headers(key, headers), timeout=self._timeout
             ) as resp:
                 if resp.status >= 400:
                     raise await self._status_error(resp)
@@ -165,20 +168,23 @@ class HTTPProvider(BaseProvider):
         except json.JSONDecodeError as err:
             raise UpstreamError(f"{self.config.name}: upstream sent invalid JSON") from err
 
-    async def post_sse(self, url: str, body: dict, key: str | None) -> AsyncIterator[SSEEvent]:
+    async def post_sse(
+        self, url: str, body: dict, key: str | None, headers: dict[str, str] | None = None
+    ) -> AsyncIterator[SSEEvent]:
         """POST a JSON body and yield the server-sent events of the answer.
 
         Args:
             url: The endpoint.
             body: The request body.
             key: The API key.
+            headers: Extra headers for this call.
 
         Raises:
             GatewayError: Mapped from the upstream status or a transport error.
         """
         try:
             async with self.session.post(
-                url, json=body, headers=self._all_headers(key), timeout=self._timeout
+                url, json=body, headers=self._all_headers(key, headers), timeout=self._timeout
             ) as resp:
                 if resp.status >= 400:
                     raise await self._status_error(resp)
@@ -193,8 +199,8 @@ class HTTPProvider(BaseProvider):
         except aiohttp.ClientError as err:
             raise UpstreamError(f"{self.config.name}: upstream stream failed: {err}") from err
 
-    def _all_headers(self, key: str | None) -> dict[str, str]:
-        return {**self.config.headers, **self.headers(key)}
+    def _all_headers(self, key: str | None, extra: dict[str, str] | None) -> dict[str, str]:
+        return {**self.config.headers, **(extra or {}), **self.headers(key)}
 
     async def _status_error(self, resp: aiohttp.ClientResponse) -> GatewayError:
         raw = await resp.content.read(_ERROR_BODY_LIMIT)

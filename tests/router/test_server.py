@@ -832,3 +832,16 @@ async def test_stream_falls_back_when_overloaded_after_block_start(aiohttp_clien
     text = "".join(d["delta"].get("text", "") for n, d in events if n == "content_block_delta")
     assert text == "hello" and events[-1][0] == "message_stop"
     assert [s.path for s in fake.seen] == ["/v1/messages", "/v1/chat/completions"]
+
+
+async def test_anthropic_beta_header_reaches_anthropic_only(client, fake):
+    headers = {"anthropic-beta": "interleaved-thinking-2025-05-14, context-1m-2025-08-07"}
+    resp = await client.post("/v1/messages", json=ANTHROPIC_BODY, headers=headers)
+    assert resp.status == 200
+    beta = fake.seen[-1].headers["anthropic-beta"]
+    assert beta == "interleaved-thinking-2025-05-14,context-1m-2025-08-07"
+    resp = await client.post(
+        "/v1/messages", json={**ANTHROPIC_BODY, "model": "gpt"}, headers=headers
+    )
+    assert resp.status == 200
+    assert "anthropic-beta" not in fake.seen[-1].headers
