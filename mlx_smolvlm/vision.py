@@ -9,6 +9,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import VisionConfig
+from .kernels import attention, gelu_tanh
 
 
 def torch_arange_f32(start: float, stop: float, step: float) -> np.ndarray:
@@ -104,7 +105,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        out = attention(q, k, v, self.scale, mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -117,7 +118,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu_approx(self.fc1(x)))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class EncoderLayer(nn.Module):

@@ -1,0 +1,137 @@
+"""Attention, GELU and SiLU that pick the fastest implementation for the device and size.
+
+MLX's Linux CPU backend evaluates ``exp``, ``tanh`` and ``sigmoid`` one value at a time (about
+10 ns per value on the project's machines, 15-25x NumPy's vectorized versions), which makes the
+softmax of attention and the GELU of the vision tower most of the time to encode an image. On
+that backend, float32 inputs of at least ``MIN_SIZE`` elements are therefore evaluated, viewed
+by NumPy without a copy, transformed there, and copied back. Smaller inputs (every one-token
+decode step) and every other device (Metal, CUDA) keep MLX's own fused operations, so the decode
+loop never waits on the host and GPU graphs stay lazy.
+
+The choice is automatic; the environment variable ``MLX_SMOLVLM_KERNELS`` overrides it:
+``auto`` (default: NumPy on the CPU device), ``mlx`` (always MLX) or ``numpy`` (NumPy for
+every float32 input of at least ``MIN_SIZE`` elements, on any device). The NumPy path cannot
+run inside ``mx.compile``, ``mx.grad`` or ``mx.vmap`` transformations.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+MODES = ("auto", "mlx", "numpy")
+MIN_SIZE = 1 << 16
+GELU_C = 0.7978845608028654  # sqrt(2 / pi)
+
+
+def kernel_mode() -> str:
+    """The ``MLX_SMOLVLM_KERNELS`` setting.
+
+    Raises:
+        ValueError: If the variable holds an unknown mode.
+    """
+    mode = os.environ.get("MLX_SMOLVLM_KERNELS", "auto")
+    if mode not in MODES:
+        raise ValueError(f"MLX_SMOLVLM_KERNELS={mode!r} is not one of {list(MODES)}")
+    return mode
+
+
+def use_numpy(x: mx.array, size: int | None = None) -> bool:
+    """Whether an operation on ``x`` (or producing ``size`` elements) runs in NumPy.
+
+    Args:
+        x: The input; only float32 goes to NumPy (it has no bfloat16).
+        size: Elements of the largest intermediate, when larger than ``x``.
+    """
+    mode = kernel_mode()
+    if mode == "mlx" or x.dtype != mx.float32 or max(x.size, size or 0) < MIN_SIZE:
+        return False
+    return mode == "numpy" or mx.default_device() == mx.cpu
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis into a new array (``scores`` may be a read-only view)."""
+    out = scores - scores.max(axis=-1, keepdims=True)
+    np.exp(out, out=out)
+    out /= out.sum(axis=-1, keepdims=True)
+    return out
+
+
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None = None
+) -> mx.array:
+    """``mx.fast.scaled_dot_product_attention``, with the softmax in NumPy where that is faster.
+
+    Args:
+        q: ``(B, n_heads, L, head_dim)`` queries.
+        k: ``(B, n_kv_heads, S, head_dim)`` keys; ``n_heads`` is a multiple of ``n_kv_heads``.
+        v: ``(B, n_kv_heads, S, head_dim)`` values.
+        scale: Multiplies the scores.
+        mask: None, ``"causal"`` (aligned lower-right, as MLX does), or an array broadcastable
+            to ``(B, n_heads, L, S)``: boolean (True attends) or additive.
+
+    Returns:
+        ``(B, n_heads, L, head_dim)``.
+    """
+    B, n_heads, L, D = q.shape
+    n_kv, S = k.shape[1], k.shape[2]
+    if not use_numpy(q, B * n_heads * L * S):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    rep = n_heads // n_kv
+    # Grouped heads share their key/value head: (B, n_kv, rep, L, D) against (B, n_kv, 1, S, D).
+    q = q.reshape(B, n_kv, rep, L, D)
+    k, v = k[:, :, None], v[:, :, None]
+    scores = (q * scale) @ k.swapaxes(-1, -2)  # (B, n_kv, rep, L, S)
+    if isinstance(mask, str):
+        # Query i sees keys up to i + S - L.
+        mask = mx.arange(S)[None] <= mx.arange(L)[:, None] + (S - L)
+    if mask is not None:
+        mask = mx.broadcast_to(mask, (B, n_heads, L, S)).reshape(B, n_kv, rep, L, S)
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, -mx.inf)
+        else:
+            scores = scores + mask.astype(scores.dtype)
+    probs = mx.array(_softmax(np.asarray(scores)))
+    return (probs @ v).reshape(B, n_heads, L, D)
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    """GELU with the tanh approximation (``gelu_pytorch_tanh``, ``nn.gelu_approx``).
+
+    Args:
+        x: Any shape.
+    """
+    if not use_numpy(x):
+        return nn.gelu_approx(x)
+    a = np.asarray(x)
+    y = a * a
+    y *= 0.044715 * GELU_C
+    y += GELU_C
+    y *= a
+    np.tanh(y, out=y)
+    y += 1.0
+    y *= a
+    y *= 0.5
+    return mx.array(y)
+
+
+def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
+    """``silu(gate) * up``, the SwiGLU activation.
+
+    Args:
+        gate: Any shape.
+        up: The same shape as ``gate``.
+    """
+    if not use_numpy(gate):
+        return nn.silu(gate) * up
+    g = np.asarray(gate)
+    y = np.negative(g)
+    with np.errstate(over="ignore"):  # exp(-g) = inf for g < -88 gives silu = -0, as it should
+        np.exp(y, out=y)
+    y += 1.0
+    np.divide(g, y, out=y)
+    y *= np.asarray(up)
+    return mx.array(y)
