@@ -63,7 +63,7 @@ def run_server(cfg: Config, host: str | None = None, port: int | None = None) ->
     """
     host = host or cfg.listen.host
     port = port or cfg.listen.port
-    logger.info("models: %s", ", ".join(cfg.models))
+    logger.info("serving %s on http://%s:%d", ", ".join(cfg.models), host, port)
     try:
         # handler_cancellation: a client that disconnects cancels its upstream call.
         web.run_app(

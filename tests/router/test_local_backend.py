@@ -10,6 +10,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -409,3 +413,46 @@ def test_mlx_options_are_checked_strictly(checkpoint):
                 "models": {"m": [{"provider": "oai", "model": "x"}]},
             }
         )
+
+
+@pytest.mark.slow
+def test_smolvlm_router_without_config_serves_random_weights_loudly(tmp_path):
+    """The main command on a machine with no weights: a random 256M checkpoint, said loudly."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    for var in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"):
+        env.pop(var, None)
+    log = tmp_path / "router.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "router", "--port", str(port)], env=env, stderr=out
+        )
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert server.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.5)
+        answer = client.chat.completions.create(
+            model="smolvlm2-256m", messages=[{"role": "user", "content": "Hello"}], max_tokens=4
+        )
+        assert answer.model == "smolvlm2-256m-RANDOM-WEIGHTS"
+        assert answer.usage.completion_tokens == 4
+        text = log.read_text()
+        assert "WARNING" in text and "RANDOM-WEIGHT" in text
+        assert (tmp_path / "cache" / "mlx_smolvlm" / "random-256m-float32").is_dir()
+    finally:
+        server.terminate()
+        server.wait(30)
