@@ -90,12 +90,17 @@ class BatchKVCache:
 
     step = 256
 
-    def __init__(self) -> None:
+    def __init__(self, left_padding: list[int] | None = None) -> None:
+        """An empty cache; ``left_padding`` readies it for a left-padded batch of prompts.
+
+        Args:
+            left_padding: Padding columns in front of each row's prompt (its rows' RoPE
+                positions then start at 0 after the padding).
+        """
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.idx = 0
-        self.left_padding: list[int] = []
-        self.offset = mx.zeros((0,), dtype=mx.int32)
+        self._set_padding(list(left_padding or []))
 
     def __len__(self) -> int:
         return len(self.left_padding)
@@ -115,19 +120,19 @@ class BatchKVCache:
             ValueError: If the batch is empty or ``keys`` has a different number of rows.
         """
         B, n_kv_heads, L, k_dim = keys.shape
-        if self.keys is None or B != len(self):
+        if B != len(self):
             raise ValueError(f"update of {B} rows for a batch cache of {len(self)} rows")
         prev = self.idx
-        if prev + L > self.keys.shape[2]:
+        if self.keys is None or prev + L > self.keys.shape[2]:
             n_steps = (self.step + L - 1) // self.step
             grow = (B, n_kv_heads, n_steps * self.step)
-            self.keys = mx.concatenate(
-                [self.keys[..., :prev, :], mx.zeros((*grow, k_dim), keys.dtype)], axis=2
-            )
-            self.values = mx.concatenate(
-                [self.values[..., :prev, :], mx.zeros((*grow, values.shape[3]), values.dtype)],
-                axis=2,
-            )
+            new_k = mx.zeros((*grow, k_dim), keys.dtype)
+            new_v = mx.zeros((*grow, values.shape[3]), values.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
         self.idx += L
         self.offset = self.offset + L
         self.keys[..., prev : self.idx, :] = keys
@@ -136,6 +141,9 @@ class BatchKVCache:
 
     def make_mask(self, L: int = 1) -> mx.array | None:
         """The attention mask for ``L`` new positions: causal, padding hidden.
+
+        A padding position among the new ones attends to itself only, so that no softmax row
+        is empty (its output is never used).
 
         Args:
             L: The number of positions the next ``update_and_fetch`` adds.
@@ -147,31 +155,46 @@ class BatchKVCache:
         if L == 1 and not any(self.left_padding):
             return None
         columns = mx.arange(self.idx + L)
+        queries = (self.idx + mx.arange(L))[:, None]
         padding = mx.array(self.left_padding)[:, None, None, None]
-        causal = columns[None, :] <= (self.idx + mx.arange(L))[:, None]
-        return (columns >= padding) & causal
+        return ((columns >= padding) & (columns <= queries)) | (columns == queries)
 
     def add(self, keys: mx.array, values: mx.array) -> None:
-        """Append one sequence as the last row, left-padding whichever side is shorter.
+        """Append one sequence as the last row (see ``extend``).
 
         Args:
             keys: ``(1, n_kv_heads, n, head_dim)`` the sequence's keys (e.g. a ``KVCache.state``).
             values: ``(1, n_kv_heads, n, head_dim)`` its values.
         """
-        n = keys.shape[2]
+        row = BatchKVCache([0])
+        row.keys, row.values, row.idx = keys, values, keys.shape[2]
+        row._set_padding([0])
+        self.extend(row)
+
+    def extend(self, other: BatchKVCache) -> None:
+        """Append the rows of ``other``, left-padding whichever side ends earlier.
+
+        Args:
+            other: Another batch cache of the same layer shape.
+        """
+        if other.keys is None:
+            raise ValueError("cannot extend a batch cache with an empty one")
+        new_k, new_v = other.keys[..., : other.idx, :], other.values[..., : other.idx, :]
         if self.keys is None:
-            self.keys, self.values, self.idx = keys, values, n
-            self._set_padding([0])
+            self.keys, self.values, self.idx = new_k, new_v, other.idx
+            self._set_padding(list(other.left_padding))
             return
         old_k, old_v = self.keys[..., : self.idx, :], self.values[..., : self.idx, :]
-        padding = list(self.left_padding)
-        if n > self.idx:
-            old_k, old_v = _pad_left(old_k, n - self.idx), _pad_left(old_v, n - self.idx)
-            padding = [p + n - self.idx for p in padding]
-            self.idx = n
-        self.keys = mx.concatenate([old_k, _pad_left(keys, self.idx - n)])
-        self.values = mx.concatenate([old_v, _pad_left(values, self.idx - n)])
-        self._set_padding(padding + [self.idx - n])
+        padding, new_padding = list(self.left_padding), list(other.left_padding)
+        idx = max(self.idx, other.idx)
+        old_k, old_v = _pad_left(old_k, idx - self.idx), _pad_left(old_v, idx - self.idx)
+        new_k, new_v = _pad_left(new_k, idx - other.idx), _pad_left(new_v, idx - other.idx)
+        padding = [p + idx - self.idx for p in padding]
+        new_padding = [p + idx - other.idx for p in new_padding]
+        self.keys = mx.concatenate([old_k, new_k])
+        self.values = mx.concatenate([old_v, new_v])
+        self.idx = idx
+        self._set_padding(padding + new_padding)
 
     def filter(self, keep: list[int]) -> None:
         """Keep only the rows ``keep`` (in that order) and drop padding no row needs.

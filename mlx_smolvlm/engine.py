@@ -221,14 +221,24 @@ class _Sequence:
 
 @dataclass
 class _Prefill:
-    """A sequence being prefilled alone, a chunk at a time, before it joins the batch."""
+    """Sequences prefilled together, before they join the batch.
 
-    seq: _Sequence
-    cache: list[Any]
-    tiles_done: int = 0
-    features: list[mx.array] = field(default_factory=list)
-    tokens_done: int = 0
-    image_rows_done: int = 0
+    First each sequence's image tiles are encoded, a group of tiles per unit of work; then the
+    prompts, left-padded to a common length, run through the model a chunk of columns at a time.
+    """
+
+    seqs: list[_Sequence]
+    encoded: int = 0  # sequences whose tiles are all encoded
+    tiles_done: int = 0  # tiles encoded of the sequence being encoded
+    features: list[list[mx.array]] = field(default_factory=list)  # per sequence, [rows, hidden]
+    cache: list[BatchKVCache] = field(default_factory=list)
+    ids: list[list[int]] = field(default_factory=list)  # left-padded prompts
+    padding: list[int] = field(default_factory=list)
+    columns_done: int = 0
+    image_rows_done: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.features = [[] for _ in self.seqs]
 
 
 class Engine:
@@ -267,7 +277,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """How many sequences run (prefilling included) and wait, and the decode steps so far."""
-        running = len(self._rows) + (self._prefill is not None)
+        running = len(self._rows) + (len(self._prefill.seqs) if self._prefill else 0)
         with self._lock:
             return EngineStats(running, self._queued, self._steps)
 
@@ -487,75 +497,120 @@ class Engine:
             self._release()
 
     def _advance_prefill(self) -> None:
-        """Start the next waiting sequence if a slot is free, and do one unit of its prefill."""
+        """Start prefilling the waiting sequences that fit the free slots, or do one unit of
+        work of the prefill under way."""
         if self._prefill is None:
-            if not self._waiting or len(self._rows) >= self.config.max_sequences:
+            free = self.config.max_sequences - len(self._rows)
+            if not self._waiting or free <= 0:
                 return
-            seq = self._waiting.popleft()
-            self._release()
-            self._prefill = _Prefill(seq, self.model.make_cache())
+            seqs = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            for _ in seqs:
+                self._release()
+            self._prefill = _Prefill(seqs)
         prefill = self._prefill
-        if prefill.seq.cancelled:
-            self._prefill = None
-            return
         try:
-            first_token = self._prefill_unit(prefill)
+            first_tokens = self._prefill_unit(prefill)
         except REQUEST_ERRORS as err:
-            logger.warning("prefill failed for a request: %s", err)
-            prefill.seq.send(err)
+            logger.warning("prefill failed for %d request(s): %s", len(prefill.seqs), err)
+            for seq in prefill.seqs:
+                seq.send(err)
             self._prefill = None
             return
-        if first_token is not None:
-            self._join(prefill, first_token)
+        if first_tokens is not None:
+            self._join(prefill, first_tokens)
 
     def _prefill_unit(self, prefill: _Prefill) -> mx.array | None:
-        """Encode a group of tiles or prefill a chunk of tokens; the first token when done."""
-        prompt, step = prefill.seq.prompt, self.config.prefill_step_size
-        n_tiles = len(prompt.tile_hashes)
-        if prefill.tiles_done < n_tiles:
-            group = max(1, step // self.processor.image_seq_len)
-            wanted = list(range(prefill.tiles_done, min(n_tiles, prefill.tiles_done + group)))
-            features, _ = encode_tiles(self.model, prompt, wanted, self.feature_cache)
-            mx.eval(features)
-            prefill.features.append(features.reshape(-1, features.shape[-1]))
-            prefill.tiles_done += len(wanted)
+        """Encode a group of tiles or prefill a chunk of columns; the first tokens when done."""
+        step = self.config.prefill_step_size
+        if prefill.encoded < len(prefill.seqs):
+            self._encode_unit(prefill)
             return None
-        ids = prompt.input_ids[prefill.tokens_done : prefill.tokens_done + step]
-        image_rows = sum(t == self.processor.tokenizer.image_token_id for t in ids)
-        features = None
-        if image_rows:
-            if len(prefill.features) > 1:
-                prefill.features = [mx.concatenate(prefill.features)]
-            start = prefill.image_rows_done
-            features = prefill.features[0][start : start + image_rows]
+        if not prefill.cache:
+            self._start_columns(prefill)
+        B, T = len(prefill.ids), len(prefill.ids[0])
+        start, end = prefill.columns_done, min(prefill.columns_done + step, T)
+        chunk = [row[start:end] for row in prefill.ids]
+        image_token = self.processor.tokenizer.image_token_id
+        features = []
+        for i, row in enumerate(chunk):
+            n = sum(t == image_token for t in row[max(0, prefill.padding[i] - start) :])
+            if n:
+                done = prefill.image_rows_done[i]
+                features.append(prefill.features[i][0][done : done + n])
+                prefill.image_rows_done[i] += n
+        # One prompt needs no mask beyond causal (as `stream_generate` prefills it).
+        mask = prefill.cache[0].make_mask(end - start) if B > 1 else None
         logits = self.model(
-            mx.array(ids, dtype=mx.int32)[None], cache=prefill.cache, image_features=features
+            mx.array(chunk, dtype=mx.int32),
+            cache=prefill.cache,
+            image_features=mx.concatenate(features) if features else None,
+            mask=mask,
         )
-        prefill.tokens_done += len(ids)
-        prefill.image_rows_done += image_rows
-        if prefill.tokens_done < len(prompt.input_ids):
-            mx.eval([c.state for c in prefill.cache])
+        prefill.columns_done = end
+        if end < T:
+            mx.eval([layer.keys for layer in prefill.cache])
             return None
-        token = prefill.seq.sample(logits[:, -1, :])
-        mx.eval(token)
-        return token
+        tokens = self._sample(logits[:, -1, :], prefill.seqs).astype(mx.int32)
+        mx.eval(tokens)
+        return tokens
 
-    def _join(self, prefill: _Prefill, first_token: mx.array) -> None:
-        """Move a prefilled sequence into the batch; its first token goes out with the next step."""
+    def _encode_unit(self, prefill: _Prefill) -> None:
+        """Encode the next group of tiles of the first sequence not fully encoded."""
+        seq = prefill.seqs[prefill.encoded]
+        n_tiles = len(seq.prompt.tile_hashes)
+        if prefill.tiles_done < n_tiles:
+            group = max(1, self.config.prefill_step_size // self.processor.image_seq_len)
+            wanted = list(range(prefill.tiles_done, min(n_tiles, prefill.tiles_done + group)))
+            features, _ = encode_tiles(self.model, seq.prompt, wanted, self.feature_cache)
+            mx.eval(features)
+            prefill.features[prefill.encoded].append(features.reshape(-1, features.shape[-1]))
+            prefill.tiles_done += len(wanted)
+        if prefill.tiles_done >= n_tiles:
+            if len(prefill.features[prefill.encoded]) > 1:
+                prefill.features[prefill.encoded] = [
+                    mx.concatenate(prefill.features[prefill.encoded])
+                ]
+            prefill.encoded += 1
+            prefill.tiles_done = 0
+
+    def _start_columns(self, prefill: _Prefill) -> None:
+        """Left-pad the prompts to a common length and make their batch cache."""
+        T = max(len(seq.prompt.input_ids) for seq in prefill.seqs)
+        prefill.padding = [T - len(seq.prompt.input_ids) for seq in prefill.seqs]
+        # Padding columns hold token 0; the mask hides them (image tokens would be merged).
+        prefill.ids = [
+            [0] * pad + seq.prompt.input_ids
+            for pad, seq in zip(prefill.padding, prefill.seqs, strict=True)
+        ]
+        prefill.image_rows_done = [0] * len(prefill.seqs)
+        prefill.cache = [BatchKVCache(prefill.padding) for _ in self.model.text_model.layers]
+
+    def _join(self, prefill: _Prefill, first_tokens: mx.array) -> None:
+        """Move the prefilled sequences still wanted into the batch; their first tokens go out
+        with the next step."""
+        keep = [i for i, seq in enumerate(prefill.seqs) if not seq.cancelled]
+        self._prefill = None
+        if not keep:
+            return
+        if len(keep) < len(prefill.seqs):
+            for layer in prefill.cache:
+                layer.filter(keep)
+            first_tokens = first_tokens[mx.array(keep)]
         if not self._rows:
             self._cache = [BatchKVCache() for _ in prefill.cache]
-        for batch_cache, row_cache in zip(self._cache, prefill.cache, strict=True):
-            batch_cache.add(*row_cache.state)
-        first = first_token.astype(mx.int32)
-        self._next = first if self._next is None else mx.concatenate([self._next, first])
-        self._rows = self._rows + [prefill.seq]
-        self._prefill = None
+        for batch_cache, new_rows in zip(self._cache, prefill.cache, strict=True):
+            batch_cache.extend(new_rows)
+        if self._next is None:
+            self._next = first_tokens
+        else:
+            self._next = mx.concatenate([self._next, first_tokens])
+        self._rows = self._rows + [prefill.seqs[i] for i in keep]
 
     def _shut_down(self) -> None:
         error = EngineClosedError("the engine was stopped")
         outstanding = list(self._waiting) + list(self._rows)
         if self._prefill is not None:
-            outstanding.append(self._prefill.seq)
+            outstanding += self._prefill.seqs
         for seq in outstanding:
             if not seq.done:
                 seq.send(error)
