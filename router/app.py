@@ -51,7 +51,9 @@ def create_app(cfg: Config) -> web.Application:
     app.router.add_get("/v1/models", _list_models)
     app.router.add_post("/v1/messages", _messages)
     app.router.add_post("/v1/messages/count_tokens", _count_tokens_anthropic)
-    app.router.add_get("/v1beta/models", _list_models_gemini)
+    app.router.add_get("/v1beta/models", _list_models)
+    app.router.add_get("/v1beta/models/{model:.+}", _get_model)
+    app.router.add_get("/v1/models/{model:.+}", _get_model)
     app.router.add_post("/v1beta/models/{target:.+}", _gemini)
     # google-genai 3.x defaults to API version v1.
     app.router.add_post("/v1/models/{target:.+}", _gemini)
@@ -423,31 +425,47 @@ async def _gemini(request: web.Request) -> web.StreamResponse:
     raise NotFoundError(f"unsupported Gemini method {method!r}")
 
 
-async def _list_models(request: web.Request) -> web.Response:
+def _client_kind(request: web.Request) -> str:
+    """Which SDK is asking on a shared path (``/v1/models``): by its auth/version headers."""
     if "x-goog-api-key" in request.headers or "key" in request.query:
-        return await _list_models_gemini(request)
+        return "gemini"
+    return "anthropic" if "anthropic-version" in request.headers else "openai"
+
+
+def _model_info(kind: str, name: str) -> dict:
+    if kind == "gemini":
+        methods = ["generateContent", "streamGenerateContent", "countTokens"]
+        return {
+            "name": f"models/{name}",
+            "displayName": name,
+            "supportedGenerationMethods": methods,
+        }
+    if kind == "anthropic":
+        return {
+            "type": "model",
+            "id": name,
+            "display_name": name,
+            "created_at": "1970-01-01T00:00:00Z",
+        }
+    return {"id": name, "object": "model", "created": 0, "owned_by": "router"}
+
+
+async def _list_models(request: web.Request) -> web.Response:
+    kind = "gemini" if request.path.startswith("/v1beta/") else _client_kind(request)
     names = list(request.app[CONFIG].models)
-    if "anthropic-version" in request.headers:
-        data = [
-            {"type": "model", "id": n, "display_name": n, "created_at": "1970-01-01T00:00:00Z"}
-            for n in names
-        ]
+    data = [_model_info(kind, n) for n in names]
+    if kind == "gemini":
+        return web.json_response({"models": data})
+    if kind == "anthropic":
+        first, last = (names[0], names[-1]) if names else (None, None)
         return web.json_response(
-            {
-                "data": data,
-                "has_more": False,
-                "first_id": names[0] if names else None,
-                "last_id": names[-1] if names else None,
-            }
+            {"data": data, "has_more": False, "first_id": first, "last_id": last}
         )
-    data = [{"id": n, "object": "model", "created": 0, "owned_by": "router"} for n in names]
     return web.json_response({"object": "list", "data": data})
 
 
-async def _list_models_gemini(request: web.Request) -> web.Response:
-    methods = ["generateContent", "streamGenerateContent", "countTokens"]
-    models = [
-        {"name": f"models/{n}", "displayName": n, "supportedGenerationMethods": methods}
-        for n in request.app[CONFIG].models
-    ]
-    return web.json_response({"models": models})
+async def _get_model(request: web.Request) -> web.Response:
+    name = request.match_info["model"].removeprefix("models/")
+    resolve_targets(request.app[CONFIG], name)
+    kind = "gemini" if request.path.startswith("/v1beta/") else _client_kind(request)
+    return web.json_response(_model_info(kind, name))

@@ -845,3 +845,14 @@ async def test_anthropic_beta_header_reaches_anthropic_only(client, fake):
     )
     assert resp.status == 200
     assert "anthropic-beta" not in fake.seen[-1].headers
+
+
+async def test_get_one_model_in_each_format(client):
+    assert (await (await client.get("/v1/models/gpt")).json())["id"] == "gpt"
+    anth = await client.get("/v1/models/claude", headers={"anthropic-version": "2023-06-01"})
+    assert (await anth.json())["type"] == "model"
+    gem = await (await client.get("/v1beta/models/gemini")).json()
+    assert gem["name"] == "models/gemini"
+    missing = await client.get("/v1beta/models/nope")
+    assert missing.status == 404 and (await missing.json())["error"]["status"] == "NOT_FOUND"
+    assert (await client.get("/v1/models/nope")).status == 404
