@@ -116,8 +116,9 @@ async def router(upstreams) -> AsyncIterator[dict[str, str]]:
     await server.close()
 
 
-@pytest_asyncio.fixture(loop_scope="module")
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def clients(router) -> AsyncIterator[Clients]:
+    """SDK clients of the shared router, made once per module."""
     made = make_clients(router)
     yield made
     await made.close()
