@@ -195,7 +195,8 @@ def generate_step(
 
     def step(inputs: mx.array, features: mx.array | None = None) -> tuple[mx.array, mx.array]:
         nonlocal tokens
-        logits = model(inputs[None], cache=cache, image_features=features)[:, -1, :]
+        logits = model(inputs[None], cache=cache, image_features=features, logits_to_keep=1)
+        logits = logits[:, -1, :]
         for process in logits_processors:
             logits = process(tokens, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

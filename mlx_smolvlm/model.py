@@ -180,6 +180,7 @@ class Model(nn.Module):
         cache: list[KVCache] | None = None,
         image_features: mx.array | None = None,
         mask: mx.array | None = None,
+        logits_to_keep: int | None = None,
     ) -> mx.array:
         """Logits for ``input_ids``, with images scattered into the ``<image>`` positions.
 
@@ -192,9 +193,11 @@ class Model(nn.Module):
             image_features: Output of ``encode_images``, instead of ``pixel_values``.
             mask: Optional decoder attention mask broadcastable to
                 ``(B, n_heads, L, cache_offset + L)``, boolean or additive; default causal.
+            logits_to_keep: Only compute the logits of the last this many positions (1 during
+                generation: the head over a long prompt is a large share of prefill).
 
         Returns:
-            ``(B, L, vocab)`` logits.
+            ``(B, L, vocab)`` logits (``(B, logits_to_keep, vocab)`` when given).
 
         Raises:
             ValueError: On malformed inputs, or when the number of ``<image>`` tokens differs
@@ -222,6 +225,8 @@ class Model(nn.Module):
             image_features = _as_array(image_features, "image_features")
             inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
         h = self.text_model(inputs_embeds, mask=mask, cache=cache)
+        if logits_to_keep is not None:
+            h = h[:, -logits_to_keep:]
         if self.config.tie_word_embeddings:
             return self.text_model.embed_tokens.as_linear(h)
         return self.lm_head(h)
