@@ -399,9 +399,12 @@ def decode_weight_bytes(model: Any) -> int:
 
 
 def quantize(model: Any, bits: int) -> None:
-    """Quantize ``model`` in place with ``mlx_smolvlm.quantize`` when present, else nn.quantize.
+    """Quantize the decoder and connector of ``model`` in place (group 64, affine).
 
-    The fallback quantizes every Linear and Embedding whose input size group 64 divides.
+    The vision tower stays in full precision, as mlx-vlm leaves it: quantized matmuls run as
+    scalar loops on MLX's Linux CPU backend, which would make image encoding far slower. Uses
+    ``mlx_smolvlm.quantize`` when present, else ``nn.quantize`` on every Linear and Embedding
+    whose input size 64 divides.
 
     Args:
         model: The loaded ``Model``.
@@ -410,12 +413,13 @@ def quantize(model: Any, bits: int) -> None:
     if importlib.util.find_spec("mlx_smolvlm.quantize") is not None:
         from .quantize import QuantizationSpec, quantize_model
 
-        quantize_model(model, QuantizationSpec(bits=bits))
+        quantize_model(model, QuantizationSpec(bits=bits, quantize_vision=False))
         return
     import mlx.nn as nn
 
-    def predicate(_path: str, module: Any) -> bool:
-        return hasattr(module, "to_quantized") and module.weight.shape[-1] % 64 == 0
+    def predicate(path: str, module: Any) -> bool:
+        fits = hasattr(module, "to_quantized") and module.weight.shape[-1] % 64 == 0
+        return fits and not path.startswith("vision_model.")
 
     nn.quantize(model, group_size=64, bits=bits, class_predicate=predicate)
 

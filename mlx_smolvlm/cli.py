@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .bench import build_parser as build_bench_parser
+from .bench import run_from_args as run_bench
 from .chat import ChatSession
 from .generate import GenerationResponse, stream_generate
 
@@ -186,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond them")
     serve.add_argument("--max-context-tokens", type=int, default=None)
     serve.set_defaults(run=run_serve)
+
+    bench = commands.add_parser(
+        "bench", help="tokens per second next to transformers and mlx-vlm (benchmarks/)"
+    )
+    build_bench_parser(bench)
+    bench.set_defaults(run=run_bench)
     return parser
 
 
