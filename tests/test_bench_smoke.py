@@ -1,0 +1,193 @@
+"""Smoke test of the tokens-per-second benchmark on a tiny checkpoint, its bad-input handling,
+and the CPU speed-ups it measures (the GEMV shim and the NumPy kernels) against plain MLX."""
+
+import importlib.util
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_smolvlm import bench, kernels
+from mlx_smolvlm.blas import gemv_shim_calls
+from mlx_smolvlm.config import ModelConfig
+from mlx_smolvlm.load import WEIGHTS_FILE
+from mlx_smolvlm.model import Model
+from mlx_smolvlm.random_weights import init_random, write_assets
+
+METRICS = ("load_s", "preprocess_s", "ttft_s", "prefill_tps", "decode_tps", "peak_memory_gb")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """The 256M files with 2-layer towers, 64x64 tiles and 4 tokens per tile."""
+    path = tmp_path_factory.mktemp("tiny_bench")
+    write_assets("256m", path)
+    config = json.loads((path / "config.json").read_text())
+    config["scale_factor"] = 2
+    config["text_config"].update(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16,
+    )  # fmt: skip
+    config["vision_config"].update(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=64, max_image_size={"longest_edge": 64}, size={"longest_edge": 128},
+    )  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    pre = json.loads((path / "preprocessor_config.json").read_text())
+    pre["max_image_size"] = {"longest_edge": 64}
+    pre["size"] = {"longest_edge": 128}
+    pre["video_sampling"]["video_size"] = {"longest_edge": 64}
+    (path / "preprocessor_config.json").write_text(json.dumps(pre))
+    (path / "processor_config.json").write_text(json.dumps({"image_seq_len": 4}))
+    model = Model(ModelConfig.from_dict(config))
+    init_random(model)
+    mx.save_safetensors(str(path / WEIGHTS_FILE), model.hf_weights(), metadata={"format": "pt"})
+    return path
+
+
+def test_benchmark_runs_every_workload_and_writes_json(tiny_checkpoint, tmp_path):
+    config = bench.BenchConfig(
+        model=str(tiny_checkpoint),
+        precisions=("fp32", "fp64"),
+        peers=("no-such-peer",),
+        out=str(tmp_path),
+        max_tokens=3,
+        timeout_s=300,
+    )
+    report = bench.run_benchmark(config)
+
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["results"] == report["results"]
+    assert written["bandwidth"]["gemv_gbps"] > 0
+    results = {(r["system"], r["workload"]): r for r in report["results"]}
+    for workload in ("a", "b", "c"):
+        ours = results[("mlx_smolvlm fp32", workload)]
+        assert ours["status"] == "ok", ours
+        for metric in METRICS:
+            assert ours[metric] is not None and ours[metric] > 0, (workload, metric)
+        assert ours["generated_tokens"] == 3
+        assert 0 < ours["bandwidth_fraction"]
+        assert (ours["vision_s"] is None) == (workload == "b")
+        # Bad systems get a clear status and do not stop the others.
+        assert "unknown precision 'fp64'" in results[("mlx_smolvlm fp64", workload)]["status"]
+        assert "unknown peer 'no-such-peer'" in results[("no-such-peer", workload)]["status"]
+    assert results[("mlx_smolvlm fp32", "b")]["prompt_tokens"] == bench.TEXT_PROMPT_TOKENS
+    table = bench.format_table([bench.RunResult(**r) for r in report["results"]])
+    assert "mlx_smolvlm fp32" in table and "decode tok/s" in table
+    assert "ours_best_decode" in report["summary"]["a"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_missing_model_unknown_shape_and_missing_peer_are_reported(monkeypatch, tmp_path):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "mlx_vlm" else real_find_spec(name, *a),
+    )
+    config = bench.BenchConfig(
+        model=str(tmp_path / "nowhere"), peers=("mlx-vlm",), workloads=("b",)
+    )
+    model_dir, systems, errors = bench.check_config(config)
+    assert model_dir is None and systems == []
+    statuses = {r.system: r.status for r in errors}
+    assert statuses["mlx-vlm"] == "error: mlx-vlm is not installed (pip install mlx-vlm)"
+    assert "nowhere is not a checkpoint directory" in statuses["mlx_smolvlm fp32"]
+
+    _, _, errors = bench.check_config(bench.BenchConfig(shape="1b", peers=(), workloads=("b",)))
+    assert "Unknown shape '1b'" in errors[0].status
+    with pytest.raises(ValueError, match="Unknown workloads"):
+        bench.check_config(bench.BenchConfig(workloads=("z",)))
+
+
+def test_worker_time_limit_is_a_status(tiny_checkpoint, tmp_path):
+    spec = {"system": "mlx_smolvlm", "config": "fp32", "model": str(tiny_checkpoint),
+            "workload": "b", "inputs_dir": str(tmp_path), "max_tokens": 2}  # fmt: skip
+    result = bench.run_isolated(bench.System("mlx_smolvlm", "fp32"), spec, timeout_s=0.2)
+    assert result.status == "timed out after 0 s"
+
+
+def test_chart_without_matplotlib_is_a_message(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert not bench.draw_chart([bench.RunResult("x", "a")], tmp_path / "c.png")
+    assert "matplotlib is not installed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape", "transpose_a", "transpose_b"),
+    [
+        ((1, 96), (96, 80), False, False),
+        ((1, 96), (80, 96), False, True),
+        ((96, 1), (96, 80), True, False),
+        ((80, 96), (96, 1), False, False),
+        ((96, 80), (96, 1), True, False),
+        ((80, 96), (1, 96), False, True),
+        ((3, 1, 96), (3, 96, 80), False, False),
+    ],
+)
+def test_gemv_shim_products_equal_numpy(a_shape, b_shape, transpose_a, transpose_b):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(a_shape, dtype=np.float32)
+    b = rng.standard_normal(b_shape, dtype=np.float32)
+    a_mx, b_mx = mx.array(a), mx.array(b)
+    if transpose_a:
+        a, a_mx = a.swapaxes(-1, -2), a_mx.swapaxes(-1, -2)
+    if transpose_b:
+        b, b_mx = b.swapaxes(-1, -2), b_mx.swapaxes(-1, -2)
+    before = gemv_shim_calls()
+    out = a_mx @ b_mx
+    mx.eval(out)
+    np.testing.assert_allclose(np.array(out), a @ b, rtol=1e-5, atol=1e-5)
+    if before is not None:
+        assert gemv_shim_calls() > before
+
+
+@pytest.mark.parametrize(
+    ("n_heads", "n_kv", "L", "S", "mask"),
+    [(4, 4, 96, 96, None), (6, 2, 96, 96, "causal"), (6, 2, 40, 200, "causal"),
+     (4, 4, 128, 128, "bool"), (4, 2, 96, 160, "additive")],
+)  # fmt: skip
+def test_numpy_attention_equals_mlx(monkeypatch, n_heads, n_kv, L, S, mask):
+    monkeypatch.setenv("MLX_SMOLVLM_KERNELS", "numpy")
+    rng = np.random.default_rng(1)
+    q = mx.array(rng.standard_normal((2, n_heads, L, 64), dtype=np.float32))
+    k = mx.array(rng.standard_normal((2, n_kv, S, 64), dtype=np.float32))
+    v = mx.array(rng.standard_normal((2, n_kv, S, 64), dtype=np.float32))
+    if mask == "bool":
+        mask = mx.array(rng.random((2, 1, 1, S)) > 0.3)
+    elif mask == "additive":
+        mask = mx.array(rng.standard_normal((1, 1, L, S), dtype=np.float32))
+    assert kernels.use_numpy(q, 2 * n_heads * L * S)
+    out = kernels.attention(q, k, v, 0.125, mask)
+    expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+    np.testing.assert_allclose(np.array(out), np.array(expected), atol=2e-6)
+
+
+def test_numpy_activations_equal_mlx(monkeypatch):
+    monkeypatch.setenv("MLX_SMOLVLM_KERNELS", "numpy")
+    rng = np.random.default_rng(2)
+    x = mx.array(rng.standard_normal((64, 2048), dtype=np.float32) * 6)
+    up = mx.array(rng.standard_normal((64, 2048), dtype=np.float32))
+    np.testing.assert_allclose(
+        np.array(kernels.gelu_tanh(x)), np.array(nn.gelu_approx(x)), atol=2e-6
+    )
+    x = x * 20  # silu's exp(-x) overflows for x < -88
+    np.testing.assert_allclose(
+        np.array(kernels.silu_mul(x, up)), np.array(nn.silu(x) * up), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_kernel_choice(monkeypatch):
+    small, large = mx.zeros((4, 4)), mx.zeros((512, 512))
+    monkeypatch.setenv("MLX_SMOLVLM_KERNELS", "auto")
+    assert not kernels.use_numpy(small)
+    assert kernels.use_numpy(large) == (mx.default_device() == mx.cpu)
+    assert not kernels.use_numpy(large.astype(mx.bfloat16))
+    monkeypatch.setenv("MLX_SMOLVLM_KERNELS", "mlx")
+    assert not kernels.use_numpy(large)
+    monkeypatch.setenv("MLX_SMOLVLM_KERNELS", "fast")
+    with pytest.raises(ValueError, match="MLX_SMOLVLM_KERNELS='fast'"):
+        kernels.use_numpy(large)
