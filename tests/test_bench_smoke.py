@@ -191,3 +191,14 @@ def test_kernel_choice(monkeypatch):
     monkeypatch.setenv("MLX_SMOLVLM_KERNELS", "fast")
     with pytest.raises(ValueError, match="MLX_SMOLVLM_KERNELS='fast'"):
         kernels.use_numpy(large)
+
+
+def test_compute_dtype(monkeypatch):
+    monkeypatch.delenv("MLX_SMOLVLM_DTYPE", raising=False)
+    on_cpu = mx.default_device() == mx.cpu
+    assert kernels.compute_dtype(mx.bfloat16) == (mx.float32 if on_cpu else mx.bfloat16)
+    monkeypatch.setenv("MLX_SMOLVLM_DTYPE", "float16")
+    assert kernels.compute_dtype(mx.bfloat16) == mx.float16
+    monkeypatch.setenv("MLX_SMOLVLM_DTYPE", "fp8")
+    with pytest.raises(ValueError, match="MLX_SMOLVLM_DTYPE='fp8'"):
+        kernels.compute_dtype(mx.float32)
