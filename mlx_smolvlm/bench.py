@@ -127,6 +127,9 @@ class BenchConfig:
         workloads: Workload names (``a``, ``b``, ``c``).
         out: Output directory for the JSON, the chart and the generated inputs.
         timeout_s: Time limit of one system on one workload (load included).
+        default_timeout_s: A lower limit for mlx-vlm's default configuration (bf16 weights,
+            bundled BLAS), which takes minutes per image tile on the CPU backend; None for
+            ``timeout_s``.
         max_tokens: Override every workload's token count (for smoke tests).
         repeats: Runs of each system and workload; the table shows the median run.
     """
@@ -138,6 +141,7 @@ class BenchConfig:
     workloads: tuple[str, ...] = ("a", "b", "c")
     out: str = "benchmarks/results"
     timeout_s: float = 600.0
+    default_timeout_s: float | None = None
     max_tokens: int | None = None
     repeats: int = 1
 
@@ -466,13 +470,15 @@ def _run_transformers(spec: dict, result: RunResult) -> None:
         kwargs["pixel_attention_mask"] = torch.from_numpy(inputs["pixel_attention_mask"])
     result.prompt_tokens = int(kwargs["input_ids"].shape[1])
     marks: dict[str, float] = {}
-    inner = model.model
-    inner.vision_model.register_forward_pre_hook(
-        lambda *_: marks.setdefault("vision", time.perf_counter())
-    )
-    inner.connector.register_forward_hook(
-        lambda *_: marks.setdefault("connector", time.perf_counter())
-    )
+
+    def mark(name: str) -> Any:
+        def hook(*_: Any) -> None:  # a hook that returns None leaves inputs and outputs alone
+            marks.setdefault(name, time.perf_counter())
+
+        return hook
+
+    model.model.vision_model.register_forward_pre_hook(mark("vision"))
+    model.model.connector.register_forward_hook(mark("connector"))
     with torch.inference_mode():
         start = time.perf_counter()
         out = model(**kwargs, use_cache=True)
@@ -729,7 +735,10 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
                 runs = []
                 for _ in range(config.repeats):
                     logger.info("Running %s on workload %s", system.label, name)
-                    runs.append(run_isolated(system, spec, config.timeout_s))
+                    limit = config.timeout_s
+                    if system == System("mlx-vlm", "bf16") and config.default_timeout_s:
+                        limit = min(limit, config.default_timeout_s)
+                    runs.append(run_isolated(system, spec, limit))
                     logger.info("  %s", runs[-1].status)
                 results.append(_median_run(runs))
     for result in results:
@@ -914,6 +923,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds per system and workload"
     )
+    parser.add_argument(
+        "--default-timeout",
+        type=float,
+        default=None,
+        help="a lower limit for mlx-vlm's default (bf16) configuration",
+    )
     parser.add_argument("--max-tokens", type=int, default=None, help="override every workload's")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each; the median is shown")
     return parser
@@ -937,6 +952,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         workloads=_split(args.workloads),
         out=args.out,
         timeout_s=args.timeout,
+        default_timeout_s=args.default_timeout,
         max_tokens=args.max_tokens,
         repeats=args.repeats,
     )
