@@ -182,6 +182,7 @@ class _Sequence:
         if params.repetition_penalty not in (None, 1.0):
             self.processors.append(make_repetition_penalty(params.repetition_penalty))
         self.seed = params.seed
+        self.draws = 0  # tokens sampled so far (ahead of the tokens consumed)
         self.text = TextStream(
             tokenizer, max_tokens, params.stop, () if params.ignore_eos else eos_token_ids
         )
@@ -203,7 +204,8 @@ class _Sequence:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if self.seed is not None:
             # A seed per (request, step): reproducible whatever else shares the batch.
-            mx.random.seed(hash((self.seed, len(self.text.tokens))) & 0x7FFFFFFFFFFFFFFF)
+            mx.random.seed(hash((self.seed, self.draws)) & 0x7FFFFFFFFFFFFFFF)
+        self.draws += 1
         token = self.sampler(logprobs)
         if self.history is not None:
             self.history = mx.concatenate([self.history, token.astype(mx.int32)])
@@ -334,8 +336,11 @@ class Engine:
                 loop = asyncio.get_running_loop()
                 prompt = await loop.run_in_executor(self._prep, self.prepare, prompt, images, video)
             seq = self._make_sequence(prompt, params)
-            queued = False  # the engine thread takes over the count
-            self._inbox.put(seq)
+            with self._lock:  # never into the inbox of an engine that has shut down
+                if self._closed:
+                    raise EngineClosedError("the engine is stopped")
+                queued = False  # the engine thread takes over the count
+                self._inbox.put(seq)
         finally:
             if queued:
                 self._release()
@@ -508,6 +513,9 @@ class Engine:
                 self._release()
             self._prefill = _Prefill(seqs)
         prefill = self._prefill
+        if all(seq.cancelled for seq in prefill.seqs):
+            self._prefill = None
+            return
         try:
             first_tokens = self._prefill_unit(prefill)
         except REQUEST_ERRORS as err:
@@ -609,6 +617,13 @@ class Engine:
     def _shut_down(self) -> None:
         error = EngineClosedError("the engine was stopped")
         outstanding = list(self._waiting) + list(self._rows)
+        while True:  # `_closed` is set: nothing more comes in
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                outstanding.append(item)
         if self._prefill is not None:
             outstanding += self._prefill.seqs
         for seq in outstanding:

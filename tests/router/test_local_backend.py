@@ -68,14 +68,8 @@ def local_config(checkpoint: Path | str, **mlx) -> Config:
 
 
 async def start_router(cfg: Config) -> TestServer:
-    app = create_app(cfg)
-
-    async def close_providers(app) -> None:  # idempotent; the app may close them too
-        for provider in app[PROVIDERS].values():
-            await provider.close()
-
-    app.on_cleanup.append(close_providers)
-    server = TestServer(app, host="127.0.0.1")
+    """The router on loopback; closing it stops the engine (the app closes its providers)."""
+    server = TestServer(create_app(cfg), host="127.0.0.1")
     await server.start_server()
     return server
 
