@@ -33,6 +33,10 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the offending key."""
 
 
+# How a provider's key pool picks the next key (see router/keys.py).
+STRATEGIES = ("round_robin", "least_busy", "weighted", "priority")
+
+
 @dataclass
 class ListenConfig:
     host: str = "127.0.0.1"
@@ -78,11 +82,48 @@ class MLXConfig:
 
 
 @dataclass
+class KeyConfig:
+    """One API key of a provider and its limits (a plain string in YAML is ``{key: ...}``)."""
+
+    key: str = field(repr=False)
+    # Share of the traffic under the ``weighted`` strategy.
+    weight: float = 1.0
+    # Under the ``priority`` strategy, higher-priority keys are used while any is available.
+    priority: int = 0
+    # Requests in flight on this key at once (None: unlimited); more wait in the pool's queue.
+    max_concurrent: int | None = None
+    # Requests and tokens (from the responses' usage) per rolling minute (None: unlimited).
+    rpm: int | None = None
+    tpm: int | None = None
+
+    def __post_init__(self) -> None:
+        # Messages name the field only: the key itself must never reach logs or errors.
+        if not self.key:
+            raise ConfigError("key: must be a non-empty string")
+        if self.weight <= 0:
+            raise ConfigError(f"weight: must be > 0, got {self.weight}")
+        limits = {"max_concurrent": self.max_concurrent, "rpm": self.rpm, "tpm": self.tpm}
+        for name, value in limits.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}: must be >= 1 or null, got {value}")
+
+
+@dataclass
 class ProviderConfig:
     name: str
     type: str
     base_url: str = ""
-    keys: list[str] = field(default_factory=list)
+    # API keys as strings or {key, weight, priority, max_concurrent, rpm, tpm} mappings, as
+    # written in the config; parsed into ``key_configs``.
+    keys: list[str | dict] = field(default_factory=list, repr=False)
+    # Key choice: round_robin, least_busy, weighted or priority.
+    strategy: str = "round_robin"
+    # Requests waiting for a key at its max_concurrent (or over its rpm/tpm), and how long
+    # each may wait; past either the client gets 429 with Retry-After.
+    max_queue: int = 100
+    queue_timeout_s: float = 30.0
+    # How long a key whose quota or credit is exhausted is parked when no reset time is known.
+    park_s: float = 3600.0
     # Total time for one upstream call (streams included) and for connecting.
     timeout_s: float = 600.0
     connect_timeout_s: float = 10.0
@@ -93,10 +134,20 @@ class ProviderConfig:
     # The local model's options (type mlx only).
     mlx: MLXConfig | None = None
 
+    key_configs: list[KeyConfig] = field(init=False, repr=False)
+
     def __post_init__(self) -> None:
         if not self.base_url:
             self.base_url = DEFAULT_BASE_URLS.get(self.type, "")
         self.base_url = self.base_url.rstrip("/")
+        where = f"providers.{self.name}"
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"{where}.strategy: {self.strategy!r} is not one of {', '.join(STRATEGIES)}"
+            )
+        if self.max_queue < 0 or self.queue_timeout_s < 0 or self.park_s <= 0:
+            raise ConfigError(f"{where}: max_queue and queue_timeout_s must be >= 0 and park_s > 0")
+        self.key_configs = [_key_config(k, f"{where}.keys[{i}]") for i, k in enumerate(self.keys)]
 
 
 @dataclass
@@ -108,11 +159,27 @@ class Target:
 
 
 @dataclass
+class RetryConfig:
+    """Bounds on one client request's upstream attempts (all keys and fallback targets)."""
+
+    max_attempts: int = 4
+    # No new attempt (nor a wait for a key) starts after this many seconds.
+    max_time_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError(f"retry.max_attempts: must be >= 1, got {self.max_attempts}")
+        if self.max_time_s <= 0:
+            raise ConfigError(f"retry.max_time_s: must be > 0, got {self.max_time_s}")
+
+
+@dataclass
 class Config:
     providers: dict[str, ProviderConfig]
     models: dict[str, list[Target]]
     listen: ListenConfig = field(default_factory=ListenConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
 
     @classmethod
     def from_dict(cls, data: dict) -> Config:
@@ -126,9 +193,10 @@ class Config:
                 or a model that names an undefined provider.
         """
         _require_mapping(data, "config")
-        _reject_unknown(data, {"listen", "providers", "models", "limits"}, "config")
+        _reject_unknown(data, {"listen", "providers", "models", "limits", "retry"}, "config")
         listen = _build(ListenConfig, data.get("listen") or {}, "listen")
         limits = _build(LimitsConfig, data.get("limits") or {}, "limits")
+        retry = _build(RetryConfig, data.get("retry") or {}, "retry")
         raw_providers = data.get("providers")
         _require_mapping(raw_providers, "providers")
         providers = {}
@@ -146,8 +214,6 @@ class Config:
                 raise ConfigError(f"{where}.mlx: only providers of type 'mlx' take this key")
             if importlib.util.find_spec(f"router.providers.{provider.type}") is None:
                 raise ConfigError(f"{where}.type: unknown provider type {provider.type!r}")
-            if not all(isinstance(k, str) and k for k in provider.keys):
-                raise ConfigError(f"{where}.keys: every key must be a non-empty string")
             providers[str(name)] = provider
         raw_models = data.get("models")
         _require_mapping(raw_models, "models")
@@ -163,7 +229,7 @@ class Config:
                         f"{where}[{i}].provider: unknown provider {target.provider!r}"
                     )
             models[str(alias)] = built
-        return cls(providers=providers, models=models, listen=listen, limits=limits)
+        return cls(providers=providers, models=models, listen=listen, limits=limits, retry=retry)
 
 
 def default_config() -> Config:
@@ -252,7 +318,7 @@ _TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
 def _build(cls: type, data: object, where: str) -> object:
     """Instantiate a config dataclass strictly: unknown keys, missing keys, wrong types fail."""
     _require_mapping(data, where)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     _reject_unknown(data, set(fields), where)
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -261,6 +327,17 @@ def _build(cls: type, data: object, where: str) -> object:
         if name in data:
             _check_type(data[name], str(f.type), f"{where}.{name}")
     return cls(**data)
+
+
+def _key_config(entry: object, where: str) -> KeyConfig:
+    """One entry of a provider's ``keys``: a string, or a mapping with ``key`` and limits."""
+    if isinstance(entry, str):
+        entry = {"key": entry}
+    try:
+        return _build(KeyConfig, entry, where)
+    except ConfigError as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith(where) else f"{where}.{message}") from err
 
 
 def _check_type(value: object, annotation: str, where: str) -> None:
