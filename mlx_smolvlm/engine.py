@@ -296,9 +296,7 @@ class Engine:
         Raises:
             ValueError: The processor rejects the prompt or a medium.
         """
-        prepared = prepare_prompt(self.processor, prompt, images, video)
-        input_keys(prepared, self.processor.tokenizer.image_token_id, self.processor.image_seq_len)
-        return prepared
+        return prepare_prompt(self.processor, prompt, images, video)
 
     async def generate(
         self,
@@ -385,13 +383,14 @@ class Engine:
             self._queued -= 1
 
     def _make_sequence(self, prompt: PreparedPrompt, params: SamplingParams) -> _Sequence:
+        tokenizer = self.processor.tokenizer
+        input_keys(prompt, tokenizer.image_token_id, self.processor.image_seq_len)  # tiles fit
         n = len(prompt.input_ids)
         if n >= self.max_context:
             raise ContextLengthError(
                 f"the prompt is {n} tokens (images included) but the context holds "
                 f"{self.max_context}"
             )
-        tokenizer = self.processor.tokenizer
         return _Sequence(
             prompt,
             params,

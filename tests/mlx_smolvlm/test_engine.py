@@ -24,7 +24,7 @@ from mlx_smolvlm.engine import (
     SamplingParams,
     load_for_serving,
 )
-from mlx_smolvlm.generate import generate, prepare_prompt
+from mlx_smolvlm.generate import PreparedPrompt, generate, prepare_prompt
 from mlx_smolvlm.load import load
 
 IMAGE = str(Path(__file__).parents[2] / "mlx_smolvlm" / "assets" / "example.jpg")
@@ -236,6 +236,22 @@ async def test_a_bad_image_fails_only_its_request(make_engine, tmp_path):
         await collect(engine, ask("What is this?", 1), [str(bad)], max_tokens=4)
     assert (await good)[-1].generation_tokens == 20
     assert (await collect(engine, ask("Again"), max_tokens=3, ignore_eos=True))[-1].tokens
+
+
+async def test_a_prepared_prompt_whose_tiles_do_not_fit_is_refused(loaded, make_engine):
+    _, processor = loaded
+    good = prepare_prompt(processor, ask("Hi", 1), [IMAGE])
+    image_token = processor.tokenizer.image_token_id
+    bad = PreparedPrompt(
+        [t for t in good.input_ids if t != image_token][:20] + [image_token] * 3,
+        good.pixel_values,
+        good.pixel_attention_mask,
+        good.tile_hashes,
+    )
+    engine = make_engine()
+    with pytest.raises(ValueError, match="3 <image> tokens but its images give 13 tiles"):
+        await collect(engine, bad)
+    assert (await collect(engine, good, max_tokens=2, ignore_eos=True))[-1].tokens
 
 
 async def test_a_prompt_longer_than_the_context_is_refused(loaded, make_engine):
