@@ -19,7 +19,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anthropic
+import av
 import mlx.core as mx
+import numpy as np
 import openai
 import pytest
 import pytest_asyncio
@@ -186,6 +188,43 @@ async def test_system_message_uses_the_checkpoint_template(clients, loaded):
     model, processor = loaded
     prompt = processor.apply_chat_template(messages)
     assert prompt.startswith("<|im_start|>System: Answer in French.<end_of_utterance>\nUser:")
+
+
+def small_video(path: Path) -> bytes:
+    """A 3 s, 4 fps MPEG-4 clip whose colour changes every second."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height = 96, 64
+        for n in range(12):
+            frame = np.full((64, 96, 3), (n // 4) * 80, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path.read_bytes()
+
+
+@module_loop
+async def test_video_from_gemini_inline_data_is_answered(clients, loaded, tmp_path):
+    video = small_video(tmp_path / "clip.mp4")
+    model, processor = loaded
+    content = [{"type": "video"}, {"type": "text", "text": "What happens?"}]
+    expected = generate(
+        model,
+        processor,
+        [{"role": "user", "content": content}],
+        video=str(tmp_path / "clip.mp4"),
+        max_tokens=MAX_TOKENS,
+    )
+    parts = [
+        genai_types.Part.from_bytes(data=video, mime_type="video/mp4"),
+        genai_types.Part.from_text(text="What happens?"),
+    ]
+    response = await clients.gemini.aio.models.generate_content(
+        model=MODEL,
+        contents=[genai_types.Content(role="user", parts=parts)],
+        config=genai_types.GenerateContentConfig(max_output_tokens=MAX_TOKENS),
+    )
+    assert (response.text or "") == expected.text
+    assert response.usage_metadata.prompt_token_count == expected.prompt_tokens
 
 
 @module_loop
