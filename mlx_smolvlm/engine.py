@@ -552,6 +552,7 @@ class Engine:
             cache=prefill.cache,
             image_features=mx.concatenate(features) if features else None,
             mask=mask,
+            logits_to_keep=1,
         )
         prefill.columns_done = end
         if end < T:
