@@ -251,16 +251,17 @@ def load_model(path_or_hub_id: str, dtype: mx.Dtype | str | None = None) -> tupl
     return model, model_dir
 
 
-def load(path_or_hub_id: str) -> tuple[Model, Processor]:
+def load(path_or_hub_id: str, dtype: mx.Dtype | str | None = None) -> tuple[Model, Processor]:
     """Load the model and its processor.
 
     Args:
         path_or_hub_id: A local checkpoint directory or a Hugging Face Hub repo id.
+        dtype: As ``load_model``.
 
     Raises:
         FileNotFoundError, ConfigError, WeightsError: As ``load_model``.
     """
     from .processing import Processor
 
-    model, model_dir = load_model(path_or_hub_id)
+    model, model_dir = load_model(path_or_hub_id, dtype)
     return model, Processor.from_pretrained(model_dir)
