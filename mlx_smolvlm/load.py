@@ -26,7 +26,6 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .config import ConfigError, load_config
 from .model import Model
 from .quantize import apply_quantization, from_export_path
-from .vision import VisionModel
 
 if TYPE_CHECKING:
     from .processing import Processor
@@ -128,7 +127,7 @@ def load_weights(model_dir: Path) -> dict[str, mx.array]:
 
 
 def from_mlx_layout(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Map an MLX export (mlx-vlm / MLX Swift names and layouts) back to Hugging Face's.
+    """Map an MLX export's names (mlx-vlm / MLX Swift) back to Hugging Face's.
 
     Checkpoints whose names do not start with ``language_model.`` are returned as they are.
 
@@ -137,9 +136,7 @@ def from_mlx_layout(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """
     if not any(k.startswith("language_model.") for k in weights):
         return weights
-    # The export keeps MLX's channels-last patch convolution, which `Model.sanitize` expects in
-    # PyTorch's layout.
-    return VisionModel.unsanitize({from_export_path(k): v for k, v in weights.items()})
+    return {from_export_path(k): v for k, v in weights.items()}
 
 
 def read_quantization(model_dir: Path) -> dict | None:

@@ -149,6 +149,15 @@ class Encoder(nn.Module):
         return x
 
 
+def _is_torch_conv_layout(weight: mx.array) -> bool:
+    """Whether a patch convolution is (out, in, k, k) rather than channels-last (out, k, k, in).
+
+    The kernel is square and has more taps per side than the image has channels, so the two
+    layouts differ in which pair of axes is equal.
+    """
+    return weight.ndim == 4 and weight.shape[2] == weight.shape[3] != weight.shape[1]
+
+
 class VisionModel(nn.Module):
     """SigLIP encoder over variable-resolution (padded) images."""
 
@@ -188,9 +197,9 @@ class VisionModel(nn.Module):
         for k, v in weights.items():
             if k.endswith("embeddings.position_ids"):
                 continue  # a buffer some checkpoints saved; recomputed from the mask here
-            if k.endswith("patch_embedding.weight") and v.ndim == 4:
+            if k.endswith("patch_embedding.weight") and _is_torch_conv_layout(v):
                 # PyTorch Conv2d weights are (out, in, kH, kW); MLX Conv2d is channels-last and
-                # wants (out, kH, kW, in).
+                # wants (out, kH, kW, in). MLX exports (ours, mlx-vlm's) are already so.
                 v = v.transpose(0, 2, 3, 1)
             out[k] = v
         return out
