@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import os
 import re
@@ -174,12 +175,132 @@ class RetryConfig:
 
 
 @dataclass
+class TimeoutsConfig:
+    """Bounds on each upstream call; each expiry is a retryable 504 for the fallback loop."""
+
+    # Default for providers that set no connect_timeout_s of their own.
+    connect_s: float = 10.0
+    # Until the first stream event, or until the whole answer of a non-streaming call.
+    first_byte_s: float = 300.0
+    # Longest silence between two events of a stream once it has started.
+    idle_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        for name in ("connect_s", "first_byte_s", "idle_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"timeouts.{name}: must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
+class ClientKeyConfig:
+    """A router key for clients: ``sha256:<hex>`` (see ``smolvlm-router hash-key``) or a plain
+    key (e.g. ``${ROUTER_KEY}``), hashed at load; ``models`` are patterns (``*``, ``gpt-*``)."""
+
+    key: str = field(repr=False)
+    models: list[str] = field(default_factory=lambda: ["*"])
+    # Names the client in logs and metrics (default ``client{index}``).
+    name: str = ""
+
+    digest: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Messages name the field only: the key itself must never reach logs or errors.
+        self.digest = key_digest(self.key, "key")
+        if not self.models or not all(isinstance(m, str) and m for m in self.models):
+            raise ConfigError("models: expected a non-empty list of model names or patterns")
+
+
+@dataclass
+class AuthConfig:
+    """Client keys (none: no client auth, allowed on loopback only) and the admin API's key."""
+
+    client_keys: list[dict] = field(default_factory=list, repr=False)
+    admin_key: str | None = field(default=None, repr=False)
+
+    clients: list[ClientKeyConfig] = field(init=False, repr=False)
+    admin_digest: bytes | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.clients = []
+        for i, entry in enumerate(self.client_keys):
+            where = f"auth.client_keys[{i}]"
+            if isinstance(entry, str):
+                entry = {"key": entry}
+            try:
+                client = _build(ClientKeyConfig, entry, where)
+            except ConfigError as err:
+                message = str(err)
+                raise ConfigError(
+                    message if message.startswith(where) else f"{where}.{message}"
+                ) from err
+            client.name = client.name or f"client{i}"
+            self.clients.append(client)
+        names = [c.name for c in self.clients]
+        if len(set(names)) != len(names):
+            raise ConfigError("auth.client_keys: names must be unique")
+        self.admin_digest = None
+        if self.admin_key is not None:
+            self.admin_digest = key_digest(self.admin_key, "auth.admin_key")
+
+
+LOG_FORMATS = ("json", "text")
+
+
+@dataclass
+class LogConfig:
+    format: str = "json"
+    level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.format not in LOG_FORMATS:
+            raise ConfigError(f"log.format: {self.format!r} is not one of json, text")
+        self.level = self.level.upper()
+        if self.level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError(f"log.level: {self.level!r} is not a logging level")
+
+
+def hash_key(key: str) -> str:
+    """The form of a router key stored in the config: ``sha256:<hex>``.
+
+    Args:
+        key: The plain key.
+    """
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_digest(value: str, where: str) -> bytes:
+    """The SHA-256 digest of a configured key: parsed from ``sha256:<hex>``, else of the plain
+    key.
+
+    Args:
+        value: The configured string.
+        where: The config key, for errors (which never quote the value).
+
+    Raises:
+        ConfigError: If the value is empty or a malformed ``sha256:`` digest.
+    """
+    if not value:
+        raise ConfigError(f"{where}: must be a non-empty string")
+    if value.startswith("sha256:"):
+        digest = value.removeprefix("sha256:")
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            raise ConfigError(f"{where}: a sha256: digest must be 64 hex digits")
+        return bytes.fromhex(digest)
+    return hashlib.sha256(value.encode()).digest()
+
+
+@dataclass
 class Config:
     providers: dict[str, ProviderConfig]
     models: dict[str, list[Target]]
     listen: ListenConfig = field(default_factory=ListenConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    # On SIGTERM/SIGINT, in-flight requests get this long to finish.
+    shutdown_grace_s: float = 30.0
+    log: LogConfig = field(default_factory=LogConfig)
 
     @classmethod
     def from_dict(cls, data: dict) -> Config:
@@ -193,10 +314,18 @@ class Config:
                 or a model that names an undefined provider.
         """
         _require_mapping(data, "config")
-        _reject_unknown(data, {"listen", "providers", "models", "limits", "retry"}, "config")
+        sections = {"listen", "providers", "models", "limits", "retry", "auth", "timeouts"}
+        _reject_unknown(data, sections | {"shutdown_grace_s", "log"}, "config")
         listen = _build(ListenConfig, data.get("listen") or {}, "listen")
         limits = _build(LimitsConfig, data.get("limits") or {}, "limits")
         retry = _build(RetryConfig, data.get("retry") or {}, "retry")
+        auth = _build(AuthConfig, data.get("auth") or {}, "auth")
+        timeouts = _build(TimeoutsConfig, data.get("timeouts") or {}, "timeouts")
+        log = _build(LogConfig, data.get("log") or {}, "log")
+        grace = data.get("shutdown_grace_s", 30.0)
+        _check_type(grace, "float", "shutdown_grace_s")
+        if grace < 0:
+            raise ConfigError(f"shutdown_grace_s: must be >= 0, got {grace}")
         raw_providers = data.get("providers")
         _require_mapping(raw_providers, "providers")
         providers = {}
@@ -207,6 +336,7 @@ class Config:
                 raise ConfigError(f"{where}: missing required key 'type'")
             raw = {**raw, "name": str(name)}
             mlx = raw.pop("mlx", None)
+            raw.setdefault("connect_timeout_s", timeouts.connect_s)
             provider = _build(ProviderConfig, raw, where)
             if provider.type == "mlx":
                 provider.mlx = _build(MLXConfig, mlx or {}, f"{where}.mlx")
@@ -229,7 +359,17 @@ class Config:
                         f"{where}[{i}].provider: unknown provider {target.provider!r}"
                     )
             models[str(alias)] = built
-        return cls(providers=providers, models=models, listen=listen, limits=limits, retry=retry)
+        return cls(
+            providers=providers,
+            models=models,
+            listen=listen,
+            limits=limits,
+            retry=retry,
+            auth=auth,
+            timeouts=timeouts,
+            shutdown_grace_s=float(grace),
+            log=log,
+        )
 
 
 def default_config() -> Config:
