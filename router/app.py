@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import json
 import logging
@@ -24,9 +25,8 @@ from .errors import (
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
-    RateLimitError,
 )
-from .keys import KeyPool
+from .keys import ACTIVE, KeyPool, Lease, classify_failure
 from .providers import make_provider
 from .providers.base import BaseProvider
 from .sse import encode_comment, encode_event
@@ -34,7 +34,17 @@ from .sse import encode_comment, encode_event
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Call = Callable[[BaseProvider, ir.Request, str | None], Awaitable[T]]
+Call = Callable[[BaseProvider, ir.Request, Lease], Awaitable[T]]
+
+# Headers naming a conversation, for key affinity (else the request's user / metadata.user_id).
+AFFINITY_HEADERS = ("x-conversation-id", "x-session-affinity")
+
+# The response headers of the current upstream attempt, filled by the session's trace hook:
+# a provider's error carries its status and Retry-After, the rate-limit reset headers come
+# from here.
+_ATTEMPT_HEADERS: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "attempt_headers", default=None
+)
 
 
 def create_app(cfg: Config) -> web.Application:
@@ -63,12 +73,14 @@ def create_app(cfg: Config) -> web.Application:
 async def _backends(app: web.Application) -> AsyncIterator[None]:
     """One ClientSession, the providers and the key pools, for the app's lifetime."""
     cfg = app[CONFIG]
-    async with aiohttp.ClientSession() as session:
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(_record_headers)
+    async with aiohttp.ClientSession(trace_configs=[trace]) as session:
         app[SESSION] = session
         app[PROVIDERS] = {
             name: make_provider(p, session, cfg.limits) for name, p in cfg.providers.items()
         }
-        app[KEY_POOLS] = {name: KeyPool(name, p.keys) for name, p in cfg.providers.items()}
+        app[KEY_POOLS] = {name: KeyPool(p) for name, p in cfg.providers.items()}
         try:
             yield
         finally:
@@ -176,68 +188,123 @@ def resolve_targets(cfg: Config, model: str) -> list[Target]:
     raise NotFoundError(f"model {model!r} is not configured on this router", param="model")
 
 
-async def run_with_fallback(app: web.Application, request: ir.Request, call: Call) -> T:
-    """Try the model's targets in order, and a provider's other keys after a 429.
+async def run_with_fallback(
+    app: web.Application, request: ir.Request, call: Call, affinity: str | None = None
+) -> T:
+    """Try the model's targets in order, each on as many of its keys as needed.
 
-    Retryable errors (connection failures, timeouts, 429, 5xx, 529) move on; any other error
-    is the client's answer at once. ``call`` must not have sent anything to the client.
+    Each failure is classified for its key (`classify_failure`): a rate-limited, exhausted or
+    rejected key leaves the pool for its time and the request moves to another key; a 5xx,
+    overload or timeout (the provider's trouble, not the key's) moves to the next target
+    without blaming the key; any other error is the client's answer at once. Attempts
+    and time are bounded by the config's ``retry``. ``call`` must not have sent anything to
+    the client, and releases its lease when it succeeds.
 
     Args:
         app: The application.
         request: The IR request (``model`` is the client's name).
-        call: What to run against one provider, request copy and key.
+        call: What to run against one provider, request copy and key lease.
+        affinity: A conversation id that keeps the conversation's requests on one key.
 
     Raises:
-        GatewayError: The first non-retryable error, or the last retryable one.
+        GatewayError: The first non-retryable error, else the last upstream error (or, when
+            no upstream was reached, why no key was available).
     """
-    targets = resolve_targets(app[CONFIG], request.model)
+    cfg = app[CONFIG]
+    targets = resolve_targets(cfg, request.model)
+    deadline = time.monotonic() + cfg.retry.max_time_s
+    attempts = 0
     last: GatewayError | None = None
     for target in targets:
         provider = app[PROVIDERS][target.provider]
         pool = app[KEY_POOLS][target.provider]
-        for _ in range(len(pool)):
+        tried: list[str] = []
+        while attempts < cfg.retry.max_attempts and time.monotonic() < deadline:
             try:
-                key = pool.acquire()
-            except RateLimitError as err:
-                last = err
+                lease = await pool.acquire(affinity, tried, deadline)
+            except GatewayError as err:
+                logger.info("model=%s provider=%s: %s", request.model, target.provider, err)
+                last = last or err
                 break
+            attempts += 1
+            headers: dict[str, str] = {}
+            token = _ATTEMPT_HEADERS.set(headers)
             started = time.monotonic()
             try:
-                result = await call(provider, dataclasses.replace(request, model=target.model), key)
+                result = await call(
+                    provider, dataclasses.replace(request, model=target.model), lease
+                )
             except GatewayError as err:
+                verdict = classify_failure(err, headers)
+                lease.fail(verdict)
+                err.message = lease.scrub(err.message)
                 logger.warning(
-                    "model=%s provider=%s upstream_model=%s failed: %s",
+                    "model=%s provider=%s key=%s upstream_model=%s failed: %s",
                     request.model,
                     target.provider,
+                    lease.key_id,
                     target.model,
                     err.message,
                 )
-                if not err.retryable:
+                if verdict.state == ACTIVE and not err.retryable:
                     raise
                 last = err
-                if isinstance(err, RateLimitError):
-                    pool.cool_down(key, err.retry_after)
-                    continue
-                break
+                if verdict.state == ACTIVE or lease.key_id is None:
+                    break
+                tried.append(lease.key_id)
+                continue
+            except BaseException:
+                lease.release()
+                raise
+            finally:
+                _ATTEMPT_HEADERS.reset(token)
             logger.info(
-                "model=%s provider=%s upstream_model=%s stream=%s ms=%.1f",
+                "model=%s provider=%s key=%s upstream_model=%s stream=%s attempt=%d ms=%.1f",
                 request.model,
                 target.provider,
+                lease.key_id,
                 target.model,
                 request.stream,
+                attempts,
                 (time.monotonic() - started) * 1000,
             )
             return result
     raise last
 
 
+async def _record_headers(
+    session: aiohttp.ClientSession,
+    context: object,
+    params: aiohttp.TraceRequestEndParams,
+) -> None:
+    """Trace hook: keep the upstream response's headers for the attempt in progress."""
+    headers = _ATTEMPT_HEADERS.get()
+    if headers is not None:
+        headers.clear()
+        headers.update((k.lower(), v) for k, v in params.response.headers.items())
+
+
+def request_affinity(request: web.Request, ir_request: ir.Request) -> str | None:
+    """The conversation a request belongs to, for key affinity.
+
+    Args:
+        request: The HTTP request (``x-conversation-id`` / ``x-session-affinity`` headers).
+        ir_request: Its IR (``user``: OpenAI ``user``, Anthropic ``metadata.user_id``).
+    """
+    for name in AFFINITY_HEADERS:
+        if request.headers.get(name):
+            return request.headers[name]
+    return ir_request.user or None
+
+
 async def _open_stream(
-    provider: BaseProvider, request: ir.Request, key: str | None
+    provider: BaseProvider, request: ir.Request, lease: Lease
 ) -> tuple[list[ir.StreamEvent], AsyncIterator[ir.StreamEvent]]:
     """Start an upstream stream and buffer it up to its first delta (or its end), so that a
     failure before any content (e.g. an overloaded error inside a 200, right after
-    ``message_start`` and ``content_block_start``) can still fall back."""
-    events = provider.stream(request, key)
+    ``message_start`` and ``content_block_start``) can still fall back. The rest of the stream
+    holds the key's lease until the stream ends."""
+    events = provider.stream(request, lease.key)
     buffered: list[ir.StreamEvent] = []
     try:
         async for event in events:
@@ -247,7 +314,28 @@ async def _open_stream(
     except BaseException:
         await events.aclose()
         raise
-    return buffered, events
+    return buffered, _leased(buffered, events, lease)
+
+
+async def _leased(
+    buffered: list[ir.StreamEvent], events: AsyncIterator[ir.StreamEvent], lease: Lease
+) -> AsyncIterator[ir.StreamEvent]:
+    """The rest of a stream; its end releases the key with the usage the stream reported."""
+    ends = [e for e in buffered if isinstance(e, ir.StreamEnd)]
+    tokens = ends[-1].usage.total_tokens if ends else 0
+    try:
+        async for event in events:
+            if isinstance(event, ir.StreamEnd):
+                tokens = event.usage.total_tokens
+            yield event
+    except GatewayError as err:
+        # Past the first delta there is no retry, but a rate limit still cools the key.
+        lease.fail(classify_failure(err))
+        err.message = lease.scrub(err.message)
+        raise
+    finally:
+        await events.aclose()
+        lease.release(tokens)
 
 
 # ---- generation -----------------------------------------------------------------------------
@@ -258,7 +346,8 @@ async def _generate(
 ) -> web.StreamResponse:
     app = request.app
     if not ir_request.stream:
-        response = await run_with_fallback(app, ir_request, _complete)
+        affinity = request_affinity(request, ir_request)
+        response = await run_with_fallback(app, ir_request, _complete, affinity)
         return web.json_response(adapter.render_response(response, ir_request))
     renderer = adapter.StreamRenderer(ir_request)
     content_type = "text/event-stream" if sse else "application/json"
@@ -276,9 +365,9 @@ async def _generate(
         await writer.close()
         return out
     buffered, events = started
-    if not out.prepared:
-        await out.prepare(request)
     try:
+        if not out.prepared:
+            await out.prepare(request)
         for event in buffered:
             await writer.write(renderer.render_stream_event(event))
         async for event in events:
@@ -313,7 +402,8 @@ async def _first_events(
         The buffered first events and the rest of the stream, or the final error if the
         headers were already sent (before that, the error is raised).
     """
-    task = asyncio.ensure_future(run_with_fallback(request.app, ir_request, _open_stream))
+    affinity = request_affinity(request, ir_request)
+    task = asyncio.ensure_future(run_with_fallback(request.app, ir_request, _open_stream, affinity))
     try:
         while not task.done():
             await asyncio.wait({task}, timeout=keepalive or None)
@@ -333,8 +423,10 @@ async def _first_events(
         return err
 
 
-async def _complete(provider: BaseProvider, request: ir.Request, key: str | None) -> ir.Response:
-    return await provider.complete(request, key)
+async def _complete(provider: BaseProvider, request: ir.Request, lease: Lease) -> ir.Response:
+    response = await provider.complete(request, lease.key)
+    lease.release(response.usage.total_tokens)
+    return response
 
 
 class _SSEWriter:
@@ -393,13 +485,16 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     return await _generate(request, anthropic, ir_request)
 
 
-async def _count(provider: BaseProvider, request: ir.Request, key: str | None) -> int:
-    return await provider.count_tokens(request, key)
+async def _count(provider: BaseProvider, request: ir.Request, lease: Lease) -> int:
+    tokens = await provider.count_tokens(request, lease.key)
+    lease.release()
+    return tokens
 
 
 async def _count_tokens_anthropic(request: web.Request) -> web.Response:
     ir_request = await _parse_anthropic(request)
-    tokens = await run_with_fallback(request.app, ir_request, _count)
+    affinity = request_affinity(request, ir_request)
+    tokens = await run_with_fallback(request.app, ir_request, _count, affinity)
     return web.json_response({"input_tokens": tokens})
 
 
@@ -420,7 +515,9 @@ async def _gemini(request: web.Request) -> web.StreamResponse:
             body = inner
         elif "contents" not in body:
             raise InvalidRequestError("contents: field is required", param="contents")
-        tokens = await run_with_fallback(request.app, gemini.parse_request(body, model), _count)
+        ir_request = gemini.parse_request(body, model)
+        affinity = request_affinity(request, ir_request)
+        tokens = await run_with_fallback(request.app, ir_request, _count, affinity)
         return web.json_response({"totalTokens": tokens})
     raise NotFoundError(f"unsupported Gemini method {method!r}")
 
