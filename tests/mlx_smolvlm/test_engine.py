@@ -66,6 +66,32 @@ async def collect(engine: Engine, prompt, images=None, **params) -> list:
     return [out async for out in engine.generate(prompt, images, params=SamplingParams(**params))]
 
 
+def assert_same_greedy_tokens(loaded, prompt, batched: list[int], alone: list[int]) -> None:
+    """Batched greedy tokens equal the lone run's, token for token.
+
+    The batch changes only float rounding (padded rows, other matrix shapes), so a difference
+    is allowed only where the lone run's two best tokens tie to within 1e-4 in log-probability
+    and the batch picked the other one; everything before it must be equal.
+    """
+    if batched == alone:
+        return
+    model, processor = loaded
+    at = next(i for i, (a, b) in enumerate(zip(batched, alone, strict=False)) if a != b)
+    if not isinstance(prompt, PreparedPrompt):
+        prompt = prepare_prompt(processor, *prompt)
+    cache = model.make_cache()
+    features = None
+    if prompt.tile_hashes:
+        features = model.encode_images(prompt.pixel_values[None], prompt.pixel_attention_mask[None])
+    ids = mx.array(prompt.input_ids + alone[:at])
+    logits = model(ids[None], cache=cache, image_features=features)[0, -1]
+    best, second = mx.argsort(logits)[-2:][::-1].tolist()
+    gap = (logits[best] - logits[second]).item()
+    assert best == alone[at] and batched[at] == second and gap < 1e-4, (
+        f"token {at} differs: batch {batched[at]}, alone {alone[at]} (gap {gap:.2e})"
+    )
+
+
 def wait_for(predicate, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -114,10 +140,11 @@ async def test_concurrent_greedy_requests_equal_each_alone(loaded, make_engine):
     results = await asyncio.gather(
         *(collect(engine, m, i, max_tokens=n, ignore_eos=True) for m, i in REQUESTS)
     )
-    for expected, outputs in zip(alone, results, strict=True):
+    for request, expected, outputs in zip(REQUESTS, alone, results, strict=True):
         last = outputs[-1]
-        assert last.tokens == expected.tokens
-        assert "".join(o.text for o in outputs) == expected.text
+        assert_same_greedy_tokens(loaded, request, last.tokens, expected.tokens)
+        if last.tokens == expected.tokens:
+            assert "".join(o.text for o in outputs) == expected.text
         assert last.finish_reason == "length" and last.generation_tokens == n
         assert last.prompt_tokens == expected.prompt_tokens
     # Batched: far fewer decode steps than tokens.
@@ -142,13 +169,14 @@ async def test_prompts_prefilled_together_equal_each_alone(loaded, make_engine, 
         *(collect(engine, p, max_tokens=12, ignore_eos=True) for p in prompts)
     )
     assert groups == [4]
-    assert [r[-1].tokens for r in results] == [a.tokens for a in alone]
+    for prompt, result, expected in zip(prompts, results, alone, strict=True):
+        assert_same_greedy_tokens(loaded, prompt, result[-1].tokens, expected.tokens)
 
 
 async def test_requests_join_and_leave_a_running_batch(loaded, make_engine):
     model, processor = loaded
     engine = make_engine(max_sequences=3)
-    lengths = [20, 5, 12, 20]  # request 0 has a near tie (1.9e-6) at its 24th token
+    lengths = [30, 5, 12, 20]  # request 0 has a near tie (1.9e-6) at its 24th token
     alone = [
         generate(model, processor, m, images=i, max_tokens=k, ignore_eos=True).tokens
         for (m, i), k in zip(REQUESTS, lengths, strict=True)
@@ -160,7 +188,8 @@ async def test_requests_join_and_leave_a_running_batch(loaded, make_engine):
         return await collect(engine, m, i, max_tokens=lengths[index], ignore_eos=True)
 
     results = await asyncio.gather(*(later(k, 0.02 * k) for k in range(4)))
-    assert [r[-1].tokens for r in results] == alone
+    for request, result, expected in zip(REQUESTS, results, alone, strict=True):
+        assert_same_greedy_tokens(loaded, request, result[-1].tokens, expected)
 
 
 async def test_chunked_prefill_equals_one_pass(loaded, make_engine):
