@@ -35,6 +35,7 @@ import mlx.core as mx
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+from .blas import cache_dir
 from .cache import BatchKVCache
 from .generate import (
     ImageFeatureCache,
@@ -643,13 +644,6 @@ class ServedModel:
     processor: Any
     path: Path
     random_weights: bool
-
-
-def cache_dir() -> Path:
-    """Where this package keeps generated files: ``$XDG_CACHE_HOME/mlx_smolvlm``
-    (``~/.cache/mlx_smolvlm`` by default)."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "mlx_smolvlm"
 
 
 def random_checkpoint(shape: str = "256m", dtype: str = "float32") -> Path:
