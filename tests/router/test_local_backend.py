@@ -34,7 +34,7 @@ from mlx_smolvlm.generate import GenerationResponse, generate
 from mlx_smolvlm.load import load
 from router.app import create_app
 from router.appkeys import PROVIDERS
-from router.config import Config, ConfigError, default_config
+from router.config import Config, ConfigError, Target, default_config
 from tests.mlx_smolvlm.conftest import build_hf_checkpoint
 from tests.router.fakes import Clients, make_clients
 
@@ -489,3 +489,18 @@ def test_smolvlm_router_without_config_serves_random_weights_loudly(tmp_path):
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_mlx_smolvlm_serve_runs_the_router_with_the_local_model_alone(checkpoint, monkeypatch):
+    import router.__main__ as router_main
+    from mlx_smolvlm.cli import main
+
+    served = []
+    monkeypatch.setattr(router_main, "run_server", lambda cfg: served.append(cfg) or 0)
+    args = ["serve", "--model", str(checkpoint), "--port", "9001", "--max-sequences", "3"]
+    assert main(args) == 0
+    (cfg,) = served
+    assert cfg.listen.port == 9001 and list(cfg.providers) == ["local"]
+    assert cfg.models == {checkpoint.name.lower(): [Target("local", checkpoint.name.lower())]}
+    assert cfg.providers["local"].mlx.model == str(checkpoint)
+    assert cfg.providers["local"].mlx.max_sequences == 3
