@@ -36,8 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from .blas import cache_dir
-
 logger = logging.getLogger(__name__)
 
 SHAPES = ("256m", "500m", "2.2b")
@@ -159,6 +157,8 @@ def random_checkpoint(shape: str) -> Path:
     Raises:
         ValueError: If ``shape`` is unknown.
     """
+    from .blas import cache_dir
+
     if shape not in SHAPES:
         raise ValueError(f"Unknown shape {shape!r}; expected one of {list(SHAPES)}")
     path = cache_dir() / "random" / f"{shape}-float32"
@@ -592,7 +592,19 @@ def run_isolated(system: System, spec: dict, timeout_s: float) -> RunResult:
         spec: The worker spec (see ``run_worker``).
         timeout_s: Seconds before the worker is killed.
     """
-    cmd = [sys.executable, "-m", "mlx_smolvlm.bench", "--worker", json.dumps(spec)]
+    if system.name == "transformers":
+        # Load this file alone, without the mlx_smolvlm package: importing mlx.core into a
+        # PyTorch process made its fp32 matmuls 2-10x slower.
+        loader = (
+            "import importlib.util, sys; "
+            f"spec = importlib.util.spec_from_file_location('smolvlm_bench', {__file__!r}); "
+            "bench = sys.modules['smolvlm_bench'] = importlib.util.module_from_spec(spec); "
+            "spec.loader.exec_module(bench); "
+            "sys.exit(bench.main())"
+        )
+        cmd = [sys.executable, "-c", loader, "--worker", json.dumps(spec)]
+    else:
+        cmd = [sys.executable, "-m", "mlx_smolvlm.bench", "--worker", json.dumps(spec)]
     result = RunResult(system=system.label, workload=spec["workload"])
     try:
         proc = subprocess.run(
