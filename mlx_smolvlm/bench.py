@@ -14,6 +14,10 @@ Figures per system and workload: load time, preprocessing, vision encoding, time
 memory. The run also measures the machine's memory bandwidth (a 256 MB fp32 GEMV) and reports
 decode speed as a fraction of the bandwidth limit (weight bytes read per token / bandwidth).
 
+Workers of our port load OpenBLAS and the GEMV shim (the package defaults); mlx-vlm's default
+runs with MLX's bundled BLAS, its fp32 configuration with plain OpenBLAS loaded first; the
+transformers workers never import MLX (it slowed PyTorch's fp32 matmuls down).
+
 Run it as ``python -m benchmarks.tokens_per_second`` or ``mlx-smolvlm bench``.
 """
 
@@ -767,6 +771,8 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
             "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
+            # Forcing an older OpenBLAS kernel (this variable) changes fp32 GEMM speed ~2x.
+            "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
         },
         "checkpoint": str(model_dir) if model_dir else config.model,
         "shape": None if config.model else config.shape,
