@@ -18,18 +18,23 @@ from aiohttp import web
 
 from . import ir
 from .adapters import anthropic, gemini, openai, openai_responses
+from .admin import observe_middleware, setup_ops
 from .appkeys import CONFIG, KEY_POOLS, PROVIDERS, SESSION
-from .config import Config, Target
+from .auth import auth_middleware
+from .config import Config, Target, TimeoutsConfig
 from .errors import (
     GatewayError,
+    GatewayTimeoutError,
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
 )
 from .keys import ACTIVE, KeyPool, Lease, classify_failure
+from .logs import current_request
+from .metrics import count_usage, record_attempt
 from .providers import make_provider
 from .providers.base import BaseProvider
-from .sse import encode_comment, encode_event
+from .sse import SSEEvent, encode_comment, encode_event
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +58,12 @@ def create_app(cfg: Config) -> web.Application:
     Args:
         cfg: The router configuration.
     """
-    app = web.Application(client_max_size=cfg.limits.max_body_bytes, middlewares=[error_middleware])
+    # The observer sees the final status; auth errors are rendered by the error middleware.
+    middlewares = [observe_middleware, error_middleware, auth_middleware]
+    app = web.Application(client_max_size=cfg.limits.max_body_bytes, middlewares=middlewares)
     app[CONFIG] = cfg
     app.cleanup_ctx.append(_backends)
+    setup_ops(app)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/responses", _responses)
     app.router.add_get("/v1/models", _list_models)
@@ -297,6 +305,7 @@ def request_affinity(request: web.Request, ir_request: ir.Request) -> str | None
     return ir_request.user or None
 
 
+@record_attempt
 async def _open_stream(
     provider: BaseProvider, request: ir.Request, lease: Lease
 ) -> tuple[list[ir.StreamEvent], AsyncIterator[ir.StreamEvent]]:
@@ -304,7 +313,7 @@ async def _open_stream(
     failure before any content (e.g. an overloaded error inside a 200, right after
     ``message_start`` and ``content_block_start``) can still fall back. The rest of the stream
     holds the key's lease until the stream ends."""
-    events = provider.stream(request, lease.key)
+    events = _bounded(provider.stream(request, lease.key), provider.config.name)
     buffered: list[ir.StreamEvent] = []
     try:
         async for event in events:
@@ -315,6 +324,48 @@ async def _open_stream(
         await events.aclose()
         raise
     return buffered, _leased(buffered, events, lease)
+
+
+def _timeouts() -> TimeoutsConfig:
+    context = current_request()
+    return context.timeouts if context is not None else TimeoutsConfig()
+
+
+async def _bounded(
+    events: AsyncIterator[ir.StreamEvent], name: str
+) -> AsyncIterator[ir.StreamEvent]:
+    """An upstream stream under the first-byte and idle timeouts (each a retryable 504 while
+    nothing was sent to the client); its final usage goes to the request's metrics."""
+    timeouts = _timeouts()
+    limit, waiting_for = timeouts.first_byte_s, "first byte"
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(anext(events), limit)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError as err:
+                raise GatewayTimeoutError(
+                    f"{name}: no {waiting_for} from the upstream within {limit:g} s"
+                ) from err
+            if isinstance(event, ir.StreamEnd):
+                count_usage(event.usage)
+            yield event
+            limit, waiting_for = timeouts.idle_s, "data"
+    finally:
+        await events.aclose()
+
+
+async def _first_byte(call: Awaitable[T], name: str) -> T:
+    """A non-streaming upstream call under the first-byte timeout (its answer is its first
+    byte)."""
+    limit = _timeouts().first_byte_s
+    try:
+        return await asyncio.wait_for(call, limit)
+    except asyncio.TimeoutError as err:
+        raise GatewayTimeoutError(
+            f"{name}: no answer from the upstream within {limit:g} s"
+        ) from err
 
 
 async def _leased(
@@ -411,7 +462,7 @@ async def _first_events(
                 break
             if not out.prepared:
                 await out.prepare(request)
-            await out.write(encode_comment("keep-alive"))
+            await out.write(_keepalive_bytes(request))
     finally:
         if not task.done():
             task.cancel()
@@ -423,8 +474,16 @@ async def _first_events(
         return err
 
 
+def _keepalive_bytes(request: web.Request) -> bytes:
+    """``: ping`` (an SSE comment), or Anthropic's own ``ping`` event that its SDKs skip."""
+    if adapter_for_path(request.path) is anthropic:
+        return encode_event(SSEEvent('{"type": "ping"}', "ping"))
+    return encode_comment("ping")
+
+
+@record_attempt
 async def _complete(provider: BaseProvider, request: ir.Request, lease: Lease) -> ir.Response:
-    response = await provider.complete(request, lease.key)
+    response = await _first_byte(provider.complete(request, lease.key), provider.config.name)
     lease.release(response.usage.total_tokens)
     return response
 
@@ -485,8 +544,9 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     return await _generate(request, anthropic, ir_request)
 
 
+@record_attempt
 async def _count(provider: BaseProvider, request: ir.Request, lease: Lease) -> int:
-    tokens = await provider.count_tokens(request, lease.key)
+    tokens = await _first_byte(provider.count_tokens(request, lease.key), provider.config.name)
     lease.release()
     return tokens
 

@@ -1,0 +1,191 @@
+"""Structured logs: the per-request context (request id and what served it), a JSON or text
+formatter carrying the request id, and redaction of secrets from every line.
+
+Library modules only log through ``logging.getLogger(__name__)``; `configure_logging` (called
+by the command line, again after a config reload) installs the router's handler.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from .config import Config, LogConfig, TimeoutsConfig
+
+# Client-sent request ids are kept when they look like ids; anything else is replaced.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# The attributes every LogRecord has; the others came from ``extra=`` and are logged as fields.
+_STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
+_HANDLER_NAME = "router"
+
+
+@dataclass
+class RequestContext:
+    """What one client request did, filled in as it runs (for the access log and metrics).
+
+    Args:
+        id: The request id (``x-request-id``).
+        started: Monotonic start time.
+    """
+
+    id: str
+    started: float = field(default_factory=time.monotonic)
+    model: str | None = None
+    client: str | None = None
+    # Providers of the upstream attempts, in order.
+    attempts: list[str] = field(default_factory=list)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    # The upstream timeouts in force when the request started.
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+
+    @property
+    def provider(self) -> str | None:
+        """The provider of the last attempt (the one that answered, if any did)."""
+        return self.attempts[-1] if self.attempts else None
+
+
+_CURRENT: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(
+    "router_request", default=None
+)
+
+
+def start_request(header: str | None) -> RequestContext:
+    """Open the context of a new request in the current task (tasks it starts inherit it).
+
+    Args:
+        header: The client's ``x-request-id``, kept when it looks like an id.
+    """
+    rid = header if header and _REQUEST_ID.fullmatch(header) else uuid.uuid4().hex
+    context = RequestContext(rid)
+    _CURRENT.set(context)
+    return context
+
+
+def current_request() -> RequestContext | None:
+    """The context of the request being served, or None outside of one."""
+    return _CURRENT.get()
+
+
+def secrets_of(cfg: Config) -> list[str]:
+    """Every secret string a config holds: provider keys, and router keys given in plain.
+
+    Args:
+        cfg: The config.
+    """
+    found = [k.key for p in cfg.providers.values() for k in p.key_configs]
+    found += [c.key for c in cfg.auth.clients if not c.key.startswith("sha256:")]
+    if cfg.auth.admin_key and not cfg.auth.admin_key.startswith("sha256:"):
+        found.append(cfg.auth.admin_key)
+    return found
+
+
+class Redactor:
+    """Replaces known secrets in text with ``[redacted]``.
+
+    Args:
+        secrets: The strings to hide.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self.update(secrets)
+
+    def update(self, secrets: Iterable[str]) -> None:
+        """Replace the set of secrets (after a config reload).
+
+        Args:
+            secrets: The strings to hide.
+        """
+        # Longest first, so that a key containing another is hidden whole.
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def scrub(self, text: str) -> str:
+        """``text`` without any secret.
+
+        Args:
+            text: Any text.
+        """
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "[redacted]")
+        return text
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``msg``, ``request_id``, the
+    record's ``extra=`` fields and ``exc`` (the traceback), all with secrets redacted.
+
+    Args:
+        redactor: Hides secrets.
+    """
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def format(self, record: logging.LogRecord) -> str:
+        """See `logging.Formatter.format`."""
+        out = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        context = current_request()
+        if context is not None:
+            out["request_id"] = context.id
+        for name, value in vars(record).items():
+            if name not in _STANDARD_ATTRS:
+                out[name] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return self.redactor.scrub(json.dumps(out, default=str))
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger [request id] message``, with secrets redacted.
+
+    Args:
+        redactor: Hides secrets.
+    """
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+        self.redactor = redactor
+
+    def format(self, record: logging.LogRecord) -> str:
+        """See `logging.Formatter.format`."""
+        text = super().format(record)
+        context = current_request()
+        if context is not None:
+            text = f"{text} request_id={context.id}"
+        return self.redactor.scrub(text)
+
+
+def configure_logging(cfg: LogConfig, secrets: Iterable[str], stream: TextIO | None = None) -> None:
+    """Install (or replace) the router's log handler on the root logger.
+
+    Args:
+        cfg: Format (json or text) and level.
+        secrets: Strings no log line may contain (see `secrets_of`).
+        stream: Where to write (default stderr).
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    redactor = Redactor(secrets)
+    handler.setFormatter(
+        JSONFormatter(redactor) if cfg.format == "json" else TextFormatter(redactor)
+    )
+    root.addHandler(handler)
+    root.setLevel(cfg.level)

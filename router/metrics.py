@@ -1,0 +1,194 @@
+"""Prometheus metrics of one app (its own registry, no process globals), and the hooks that
+feed them: the per-request middleware and the key pools' state changes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import TypeVar
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from . import ir
+from .keys import KeyPool
+from .logs import current_request
+
+logger = logging.getLogger(__name__)
+
+KEY_STATES = ("active", "cooling", "parked", "disabled")
+# Generation requests last from milliseconds (errors) to minutes (long streams).
+LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+T = TypeVar("T")
+
+
+class Metrics:
+    """The router's metrics, in a registry of their own.
+
+    Args:
+        pools: Returns the current key pools (read at every scrape, so reloads show).
+    """
+
+    def __init__(self, pools: Callable[[], dict[str, KeyPool]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "router_requests",
+            "Client requests by route, model, provider that answered and HTTP status.",
+            ["route", "model", "provider", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "router_request_duration_seconds",
+            "Client request latency, streams until their last byte.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "router_tokens",
+            "Tokens reported by upstream usage, by model, provider and direction (in/out).",
+            ["model", "provider", "direction"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "router_retries",
+            "Upstream attempts beyond a request's first (another key or provider).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "router_fallbacks",
+            "Requests that moved on to another provider of their model's fallback list.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "router_requests_in_flight", "Client requests being served.", registry=self.registry
+        )
+        self.key_changes = Counter(
+            "router_key_state_changes",
+            "Key state changes, by key id and new state.",
+            ["provider", "key", "state"],
+            registry=self.registry,
+        )
+        self.registry.register(_KeyStates(pools))
+
+    def on_key_change(
+        self, provider: str, key_id: str, old_state: str, new_state: str, reason: str
+    ) -> None:
+        """The key pools' state-change hook: count it and log it (ids only, never the key).
+
+        Args:
+            provider: The provider's name.
+            key_id: ``{provider}/{index}``.
+            old_state: The state before.
+            new_state: The state now.
+            reason: Why.
+        """
+        self.key_changes.labels(provider, key_id, new_state).inc()
+        level = logging.WARNING if new_state in ("disabled", "parked") else logging.INFO
+        logger.log(
+            level,
+            "key %s: %s -> %s (%s)",
+            key_id,
+            old_state,
+            new_state,
+            reason,
+            extra={"key_id": key_id, "key_state": new_state},
+        )
+
+    def observe(self, route: str, model: str, status: int, seconds: float) -> None:
+        """Record one finished client request (its context gives provider, attempts, tokens).
+
+        Args:
+            route: The matched route pattern.
+            model: The model label (``other`` for names not configured).
+            status: The HTTP status sent.
+            seconds: How long it took.
+        """
+        context = current_request()
+        provider = (context.provider if context else None) or "none"
+        self.requests.labels(route, model, provider, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+        if context is None or not context.attempts:
+            return
+        if len(context.attempts) > 1:
+            self.retries.labels(model).inc(len(context.attempts) - 1)
+        if len(set(context.attempts)) > 1:
+            self.fallbacks.labels(model).inc()
+        if context.input_tokens:
+            self.tokens.labels(model, provider, "in").inc(context.input_tokens)
+        if context.output_tokens:
+            self.tokens.labels(model, provider, "out").inc(context.output_tokens)
+
+    def render(self) -> web.Response:
+        """The Prometheus text exposition."""
+        response = web.Response(body=generate_latest(self.registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+
+class _KeyStates:
+    """``router_key_state{provider,key,state}``: 1 for each key's current state, else 0, read
+    from the pools' snapshots at scrape time (so expired cool-downs show as active)."""
+
+    def __init__(self, pools: Callable[[], dict[str, KeyPool]]) -> None:
+        self._pools = pools
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        family = self._family()
+        for name, pool in self._pools().items():
+            for key in pool.snapshot():
+                for state in KEY_STATES:
+                    family.add_metric([name, key["id"], state], float(key["state"] == state))
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "router_key_state",
+            "Each provider key's state (1 for the current one), by key id.",
+            labels=["provider", "key", "state"],
+        )
+
+
+def record_attempt(
+    call: Callable[..., Awaitable[T]],
+) -> Callable[..., Awaitable[T]]:
+    """Decorate a fallback-loop call (``call(provider, request, lease)``) so each attempt is
+    counted in the request's context, with the usage of a non-streaming answer.
+
+    Args:
+        call: The call to wrap.
+    """
+
+    @wraps(call)
+    async def attempt(provider: object, *args: object) -> T:
+        context = current_request()
+        if context is not None:
+            context.attempts.append(provider.config.name)
+        result = await call(provider, *args)
+        if context is not None and isinstance(result, ir.Response):
+            count_usage(result.usage)
+        return result
+
+    return attempt
+
+
+def count_usage(usage: ir.Usage) -> None:
+    """Add an answer's token usage to the current request's context.
+
+    Args:
+        usage: The usage the upstream reported.
+    """
+    context = current_request()
+    if context is not None:
+        context.input_tokens += usage.input_tokens
+        context.output_tokens += usage.output_tokens
