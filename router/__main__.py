@@ -1,33 +1,50 @@
-"""Command line: ``smolvlm-router [--config router.yaml]`` or ``python -m router``.
+"""Command line: ``smolvlm-router [--config router.yaml]`` or ``python -m router``, and
+``smolvlm-router hash-key`` to make the stored form of a router key.
 
 Without ``--config`` the router runs `default_config`: the local SmolVLM2-256M model (random
 weights, said loudly, when the real one is not on this machine) plus every cloud provider
 whose API key variable is set.
+
+Signals: SIGHUP reloads the config file (an invalid one is logged and the running config
+kept); SIGTERM and SIGINT stop accepting connections and give in-flight requests up to
+``shutdown_grace_s`` to finish.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
+import getpass
 import logging
+import signal
 import sys
+from collections.abc import Callable
 
 from aiohttp import web
 
+from .admin import reload_config
 from .app import create_app
-from .config import Config, ConfigError, default_config, load_config
+from .appkeys import CONFIG_LOADER, RELOAD_HOOKS
+from .auth import check_bind
+from .config import Config, ConfigError, LogConfig, default_config, hash_key, load_config
+from .logs import configure_logging, secrets_of
 
 logger = logging.getLogger("router")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the router until interrupted.
+    """Run the router until interrupted (or run ``hash-key``).
 
     Args:
         argv: Command-line arguments (defaults to ``sys.argv[1:]``).
 
     Returns:
-        The process exit status (2 for a bad config).
+        The process exit status (2 for a bad config or a refused listen address).
     """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hash-key"]:
+        return hash_key_command(argv[1:])
     parser = argparse.ArgumentParser(prog="smolvlm-router", description=__doc__)
     parser.add_argument(
         "--config",
@@ -36,48 +53,137 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--host", help="override listen.host")
     parser.add_argument("--port", type=int, help="override listen.port")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", help="override log.level (default INFO)")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    try:
+    # Until the config's own log settings are known.
+    configure_logging(LogConfig(format="text", level=args.log_level or "INFO"), [])
+
+    def load() -> Config:
         cfg = load_config(args.config) if args.config else default_config()
+        if args.log_level:
+            cfg.log.level = args.log_level.upper()
+        return cfg
+
+    try:
+        cfg = load()
     except ConfigError as err:
         logger.error("%s", err)
         return 2
-    return run_server(cfg, args.host, args.port)
+    return run_server(cfg, args.host, args.port, load if args.config else None)
 
 
-def run_server(cfg: Config, host: str | None = None, port: int | None = None) -> int:
-    """Serve ``cfg`` until interrupted.
+def hash_key_command(argv: list[str]) -> int:
+    """``hash-key [KEY]``: print ``sha256:<hex>`` for ``auth.client_keys`` or
+    ``auth.admin_key`` (the key is read from the terminal, or stdin, when not given).
+
+    Args:
+        argv: The arguments after ``hash-key``.
+
+    Returns:
+        0, or 2 for an empty key.
+    """
+    parser = argparse.ArgumentParser(
+        prog="smolvlm-router hash-key", description=hash_key_command.__doc__
+    )
+    parser.add_argument("key", nargs="?", help="the key (prefer the prompt: argv is visible)")
+    args = parser.parse_args(argv)
+    if args.key is not None:
+        key = args.key
+    elif sys.stdin.isatty():
+        key = getpass.getpass("router key: ")
+    else:
+        key = sys.stdin.readline().strip()
+    if not key:
+        sys.stderr.write("hash-key: the key is empty\n")
+        return 2
+    sys.stdout.write(hash_key(key) + "\n")
+    return 0
+
+
+def run_server(
+    cfg: Config,
+    host: str | None = None,
+    port: int | None = None,
+    loader: Callable[[], Config] | None = None,
+) -> int:
+    """Serve ``cfg`` until SIGTERM or SIGINT.
 
     Args:
         cfg: The router configuration.
         host: Overrides ``cfg.listen.host``.
         port: Overrides ``cfg.listen.port``.
+        loader: Re-reads the config on SIGHUP and ``POST /admin/reload`` (None: no reload).
 
     Returns:
-        The process exit status (1 when a backend fails to start).
+        The process exit status (1 when a backend fails to start, 2 when the listen address
+        needs client keys).
     """
-    host = host or cfg.listen.host
-    port = port or cfg.listen.port
-    logger.info("serving %s on http://%s:%d", ", ".join(cfg.models), host, port)
+    listen = dataclasses.replace(
+        cfg.listen, host=host or cfg.listen.host, port=port or cfg.listen.port
+    )
+    cfg.listen = listen
     try:
-        # handler_cancellation: a client that disconnects cancels its upstream call.
-        web.run_app(
-            create_app(cfg),
-            host=host,
-            port=port,
-            handler_cancellation=True,
-            print=None,
-            access_log=logging.getLogger("router.access"),
-        )
+        check_bind(listen.host, cfg.auth)
+    except ConfigError as err:
+        logger.error("%s", err)
+        return 2
+    configure_logging(cfg.log, secrets_of(cfg))
+
+    def load() -> Config:
+        new = loader()
+        new.listen = listen
+        return new
+
+    try:
+        asyncio.run(_serve(cfg, load if loader else None))
     except (ValueError, OSError) as err:  # a backend that cannot start (e.g. a bad model)
         logger.error("%s", err)
         return 1
     return 0
+
+
+async def _serve(cfg: Config, loader: Callable[[], Config] | None) -> None:
+    grace = cfg.shutdown_grace_s
+    app = create_app(cfg)
+    if loader is not None:
+        app[CONFIG_LOADER] = loader
+    app[RELOAD_HOOKS].append(lambda new: configure_logging(new.log, secrets_of(new)))
+    # handler_cancellation: a client that disconnects cancels its upstream call. The grace
+    # period is the one at start (a reload does not change it).
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=grace,
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port)
+        await site.start()
+        logger.info(
+            "serving %s on http://%s:%d", ", ".join(cfg.models), cfg.listen.host, cfg.listen.port
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, _reload, app)
+        await stop.wait()
+        logger.info("shutting down: no new connections, in-flight requests get up to %g s", grace)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+    logger.info("stopped")
+
+
+def _reload(app: web.Application) -> None:
+    """SIGHUP: apply the config file again; an invalid one leaves the running config."""
+    try:
+        reload_config(app)
+    except ConfigError as err:
+        logger.error("reload failed, the running config is kept: %s", err)
 
 
 if __name__ == "__main__":

@@ -171,7 +171,8 @@ class TextFormatter(logging.Formatter):
 
 
 def configure_logging(cfg: LogConfig, secrets: Iterable[str], stream: TextIO | None = None) -> None:
-    """Install (or replace) the router's log handler on the root logger.
+    """Install (or replace) the router's log handler on the root logger; a handler
+    ``logging.basicConfig`` put there is replaced too, so lines are not written twice.
 
     Args:
         cfg: Format (json or text) and level.
@@ -179,8 +180,11 @@ def configure_logging(cfg: LogConfig, secrets: Iterable[str], stream: TextIO | N
         stream: Where to write (default stderr).
     """
     root = logging.getLogger()
-    for handler in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
-        root.removeHandler(handler)
+    # Ours from before, and a plain stderr handler (``logging.basicConfig``'s), are replaced.
+    for handler in list(root.handlers):
+        plain = type(handler) is logging.StreamHandler and handler.stream is sys.stderr
+        if handler.get_name() == _HANDLER_NAME or plain:
+            root.removeHandler(handler)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.set_name(_HANDLER_NAME)
     redactor = Redactor(secrets)
