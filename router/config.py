@@ -120,9 +120,11 @@ class ProviderConfig:
     # Key choice: round_robin, least_busy, weighted or priority.
     strategy: str = "round_robin"
     # Requests waiting for a key at its max_concurrent (or over its rpm/tpm), and how long
-    # each may wait; past either the client gets 429 with Retry-After.
+    # each may wait; past either the client gets 429 with Retry-After. Keep the wait below
+    # limits.keepalive_s: a stream that waits longer has sent its headers, and then gets the
+    # format's error event instead of the 429.
     max_queue: int = 100
-    queue_timeout_s: float = 30.0
+    queue_timeout_s: float = 10.0
     # How long a key whose quota or credit is exhausted is parked when no reset time is known.
     park_s: float = 3600.0
     # Total time for one upstream call (streams included) and for connecting.
