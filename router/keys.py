@@ -418,22 +418,24 @@ class KeyPool:
                 self._queued -= 1
 
     def _choose(self, ready: list[_Key], affinity: str | None) -> _Key:
+        eligible = ready
         if self.config.strategy == "priority":
             top = max(k.config.priority for k in ready)
-            ready = [k for k in ready if k.config.priority == top]
+            eligible = [k for k in ready if k.config.priority == top]
         if affinity is None:
-            return self._by_strategy(ready)
+            return self._by_strategy(eligible)
         mapped = self._affinity.get(affinity)
         if mapped is not None and mapped.state == ACTIVE:
             self._affinity.move_to_end(affinity)
-            if mapped in ready:
+            if mapped in eligible:
                 return mapped
-            # The conversation's key is healthy but busy: serve this request elsewhere and
-            # keep the conversation where its prompt cache is.
-            return self._by_strategy(ready)
+            if mapped not in ready:
+                # The conversation's key is healthy but busy: serve this request elsewhere
+                # and keep the conversation where its prompt cache is.
+                return self._by_strategy(eligible)
         # Rendezvous hashing: a conversation lands on the same key whenever the same keys are
         # available, and only conversations of a key that went away move.
-        chosen = max(ready, key=lambda k: _rendezvous(affinity, k.id))
+        chosen = max(eligible, key=lambda k: _rendezvous(affinity, k.id))
         self._affinity[affinity] = chosen
         self._affinity.move_to_end(affinity)
         if len(self._affinity) > AFFINITY_ENTRIES:

@@ -494,6 +494,25 @@ async def test_affinity_sticks_and_moves_when_its_key_cools():
     assert await pick(pool, 3, affinity="conv-1") == [moved] * 3, "it did not stay moved"
 
 
+async def test_affinity_returns_to_the_top_priority_tier():
+    clock = Clock()
+    keys = [{"key": "low" * 4, "priority": 0}, {"key": "top" * 4, "priority": 1}]
+    pool = make_pool(keys, clock, strategy="priority")
+    (await pool.acquire()).fail(Verdict(COOLING, 5, "429"))
+    assert await pick(pool, 2, affinity="conv") == ["p/0", "p/0"]
+    clock.now += 5
+    assert await pick(pool, 2, affinity="conv") == ["p/1", "p/1"]
+
+
+async def test_affinity_does_not_move_for_a_busy_key():
+    pool = make_pool([{"key": "a" * 12, "max_concurrent": 1}, "b" * 12])
+    home = await pool.acquire(affinity="conv")
+    assert home.key_id == "p/0"
+    assert (await pool.acquire(affinity="conv")).key_id == "p/1"  # p/0 is busy: served elsewhere
+    home.release()
+    assert await pick(pool, 2, affinity="conv") == ["p/0", "p/0"]
+
+
 # ---- config -----------------------------------------------------------------------------------
 
 
