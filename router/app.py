@@ -29,7 +29,7 @@ from .errors import (
     NotFoundError,
     PayloadTooLargeError,
 )
-from .keys import ACTIVE, KeyPool, Lease, classify_failure
+from .keys import ACTIVE, KeyPool, Lease, classify_failure, exhausted_limit_reset
 from .logs import current_request
 from .metrics import count_usage, record_attempt
 from .providers import make_provider
@@ -276,6 +276,10 @@ async def run_with_fallback(
                 attempts,
                 (time.monotonic() - started) * 1000,
             )
+            rest = exhausted_limit_reset(headers, time.time())
+            if rest:
+                # The upstream says this key's limit is used up: no more traffic until reset.
+                lease.rest(rest, "rate limit used up (remaining 0)")
             return result
     raise last
 

@@ -153,6 +153,30 @@ def reset_hint(headers: Mapping[str, str], now: float) -> float | None:
             return max(0.0, float(lower["retry-after-ms"]) / 1000)
         except ValueError:
             pass
+    exhausted, others = _limit_resets(lower, now)
+    if exhausted:
+        return max(exhausted)
+    return min(others) if others else None
+
+
+def exhausted_limit_reset(headers: Mapping[str, str], now: float) -> float | None:
+    """Seconds until a limit that a successful response reports used up (remaining ``0``)
+    resets, so the key rests before it earns a 429.
+
+    Args:
+        headers: The response headers (lower-case keys).
+        now: The current epoch time.
+
+    Returns:
+        The latest reset among the exhausted limits, or None when none is exhausted.
+    """
+    exhausted, _ = _limit_resets(headers, now)
+    return max(exhausted) if exhausted else None
+
+
+def _limit_resets(lower: Mapping[str, str], now: float) -> tuple[list[float], list[float]]:
+    """Seconds to each reset in OpenAI's and Anthropic's rate-limit headers, split into the
+    limits whose remaining count is ``0`` and the others."""
     exhausted, others = [], []
     limits = [(r, s, parse_duration) for r, s in _OPENAI_LIMITS]
     limits += [(r, s, lambda v: parse_reset_time(v, now)) for r, s in _ANTHROPIC_LIMITS]
@@ -160,9 +184,7 @@ def reset_hint(headers: Mapping[str, str], now: float) -> float | None:
         seconds = parse(lower[reset]) if reset in lower else None
         if seconds is not None:
             (exhausted if lower.get(remaining, "").strip() == "0" else others).append(seconds)
-    if exhausted:
-        return max(exhausted)
-    return min(others) if others else None
+    return exhausted, others
 
 
 def _google_details(body: object) -> list[dict]:
@@ -311,6 +333,17 @@ class Lease:
         if not self._done:
             self._done = True
             self._pool._finish(self._key, 0, verdict)
+
+    def rest(self, seconds: float, reason: str) -> None:
+        """Cool the key for ``seconds`` although this request succeeded (its response said a
+        limit is used up); the request itself keeps the key until it is released.
+
+        Args:
+            seconds: How long the key rests.
+            reason: Why, for logs and the admin API.
+        """
+        if self._key is not None:
+            self._pool._set_state(self._key, COOLING, self._pool._clock() + seconds, reason)
 
     def scrub(self, text: str) -> str:
         """``text`` with this lease's key string replaced by its masked form.

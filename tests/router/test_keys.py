@@ -32,6 +32,7 @@ from router.keys import (
     KeyPool,
     Verdict,
     classify_failure,
+    exhausted_limit_reset,
     mask_key,
     parse_duration,
     parse_reset_time,
@@ -161,6 +162,14 @@ def test_anthropic_reset_times():
 def test_reset_hint_from_each_provider(headers, seconds):
     got = reset_hint(headers, NOW)
     assert got == (None if seconds is None else pytest.approx(seconds))
+
+
+def test_exhausted_limit_reset_only_for_a_used_up_limit():
+    used_up = {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1m30s"}
+    assert exhausted_limit_reset(used_up, NOW) == pytest.approx(90)
+    left = {"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "2s"}
+    assert exhausted_limit_reset(left, NOW) is None
+    assert exhausted_limit_reset({}, NOW) is None
 
 
 # ---- verdicts ---------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ class _Instrumented:
 
     def instrument(self) -> None:
         self.rate_limit_headers: dict[str, str | None] = {}
+        # Added to the next successful JSON answer only.
+        self.success_headers: dict[str, str] = {}
         self.delay_s = 0.0
         self.in_flight: Counter[str] = Counter()
         self.peak: Counter[str] = Counter()
@@ -59,7 +61,11 @@ class _Instrumented:
         self.peak[key] = max(self.peak[key], self.in_flight[key])
         try:
             await asyncio.sleep(self.delay_s)
-            return await handler(request)
+            response = await handler(request)
+            if response.status == 200 and not response.prepared:
+                response.headers.update(self.success_headers)
+                self.success_headers = {}
+            return response
         finally:
             self.in_flight[key] -= 1
 
@@ -289,6 +295,21 @@ async def test_provider_reset_headers_set_the_cool_down(start, ups, fake, header
     await ok(client, model=model)
     assert ups.keys_used(fake)[:2] == [0, 1]
     assert seconds - 2 < seconds_left(client, f"{name}/0", name) <= seconds
+
+
+async def test_a_used_up_limit_rests_the_key_before_any_429(start, ups):
+    """OpenAI reports ``remaining 0`` on the success that used the last request: the key
+    gets no more traffic until the reset, instead of earning a 429."""
+    client = await start(oai={"keys": OPENAI_KEYS[:2]})
+    ups.openai.success_headers = {
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "20s",
+    }
+    await ok(client)
+    assert state(client, "oai/0") == "cooling" and 18 < seconds_left(client, "oai/0") <= 20
+    for _ in range(3):
+        await ok(client)
+    assert ups.keys_used() == [0, 1, 1, 1]
 
 
 async def test_401_disables_the_key_and_the_snapshot_shows_it(start, ups):
