@@ -326,6 +326,49 @@ async def test_keepalive_pings_while_waiting_for_the_first_byte(
         assert names[0] == "ping" and "message_start" in names and names[-1] == "message_stop"
 
 
+@module_loop
+async def test_idle_timeout_mid_stream_ends_it_with_an_error_event(fakes, upstreams):
+    """Once content went out there is no retry: a silent upstream ends the client's stream with
+    the format's error event, and the upstream request is dropped."""
+    cfg = Config.from_dict(
+        {
+            "providers": {
+                "oai": {
+                    "type": "openai",
+                    "base_url": f"{upstreams.roots['openai']}/v1",
+                    "keys": OPENAI_KEYS,
+                }
+            },
+            "models": {"m": [{"provider": "oai", "model": "gpt-fake"}]},
+            # The slow scenario pauses 50 ms between pieces.
+            "timeouts": {"idle_s": 0.02},
+        }
+    )
+    server = TestServer(create_app(cfg))
+    await server.start_server()
+    try:
+        body = {
+            "model": "m",
+            "stream": True,
+            "messages": [{"role": "user", "content": "scenario:slow"}],
+        }
+        async with aiohttp.ClientSession() as http:
+            async with http.post(server.make_url("/v1/chat/completions"), json=body) as resp:
+                raw = await resp.read()
+        decoder = SSEDecoder()
+        chunks = [json.loads(e.data) for e in decoder.feed(raw) + decoder.flush()]
+        assert chunks[1]["choices"][0]["delta"]["content"].strip() == "w0"
+        error = chunks[-1]["error"]
+        assert "no data from the upstream within 0.02 s" in error["message"], chunks[-1]
+        for _ in range(50):
+            if fakes.openai.disconnects:
+                break
+            await asyncio.sleep(0.02)
+        assert [len(fakes.openai.exchanges), fakes.openai.disconnects] == [1, 1]
+    finally:
+        await server.close()
+
+
 # ---- cancellation -----------------------------------------------------------------------------------
 
 
