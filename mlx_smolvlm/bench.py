@@ -739,24 +739,25 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         write_inputs(model_dir, inputs_dir, config.workloads)
         for name in config.workloads:
             tokens = config.max_tokens or WORKLOADS[name].max_tokens
-            for system in systems:
-                spec = {
-                    "system": system.name,
-                    "config": system.config,
-                    "model": str(model_dir),
-                    "workload": name,
-                    "inputs_dir": str(inputs_dir),
-                    "max_tokens": tokens,
-                }
-                runs = []
-                for _ in range(config.repeats):
+            runs: dict[System, list[RunResult]] = {system: [] for system in systems}
+            # Repeats go round all systems, so load from other jobs hits them alike.
+            for _ in range(config.repeats):
+                for system in systems:
+                    spec = {
+                        "system": system.name,
+                        "config": system.config,
+                        "model": str(model_dir),
+                        "workload": name,
+                        "inputs_dir": str(inputs_dir),
+                        "max_tokens": tokens,
+                    }
                     logger.info("Running %s on workload %s", system.label, name)
                     limit = config.timeout_s
                     if system == System("mlx-vlm", "bf16") and config.default_timeout_s:
                         limit = min(limit, config.default_timeout_s)
-                    runs.append(run_isolated(system, spec, limit))
-                    logger.info("  %s", runs[-1].status)
-                results.append(_median_run(runs))
+                    runs[system].append(run_isolated(system, spec, limit))
+                    logger.info("  %s", runs[system][-1].status)
+            results.extend(_median_run(system_runs) for system_runs in runs.values())
     for result in results:
         if result.decode_tps is None or model_dir is None:
             continue
