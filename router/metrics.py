@@ -16,6 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from . import ir
 from .keys import KeyPool
 from .logs import current_request
+from .providers.base import BaseProvider
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def record_attempt(
     """
 
     @wraps(call)
-    async def attempt(provider: object, *args: object) -> T:
+    async def attempt(provider: BaseProvider, *args: object) -> T:
         context = current_request()
         if context is not None:
             context.attempts.append(provider.config.name)
