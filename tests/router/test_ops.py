@@ -405,7 +405,8 @@ async def test_client_leaving_mid_stream_cancels_the_upstream_within_1s(fakes, u
         await server.close()
 
 
-async def test_client_leaving_before_the_first_byte_cancels_the_upstream(aiohttp_server):
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+async def test_client_leaving_before_the_first_byte_cancels_the_upstream(aiohttp_server, stream):
     """During the keep-alive wait nothing is written for a while: the disconnect itself must
     cancel the upstream request (hard case 13)."""
     cancelled = asyncio.Event()
@@ -430,7 +431,7 @@ async def test_client_leaving_before_the_first_byte_cancels_the_upstream(aiohttp
         async with aiohttp.ClientSession() as http:
             task = asyncio.ensure_future(
                 http.post(
-                    server.make_url("/v1/chat/completions"), json={**OPENAI_BODY, "stream": True}
+                    server.make_url("/v1/chat/completions"), json={**OPENAI_BODY, "stream": stream}
                 )
             )
             await asyncio.wait_for(started.wait(), 5)
