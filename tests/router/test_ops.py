@@ -5,6 +5,7 @@ process reloading on SIGHUP and finishing streams on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import json
 import logging
@@ -24,8 +25,8 @@ from aiohttp.test_utils import TestServer
 
 from router.app import create_app
 from router.appkeys import CONFIG_LOADER, KEY_POOLS
-from router.config import Config, LogConfig
-from router.logs import configure_logging, secrets_of
+from router.config import Config, ConfigError, LogConfig
+from router.logs import configure_logging, secrets_of, start_request
 from router.sse import SSEDecoder
 from tests.router.fakes import OPENAI_KEYS, SLOW_TEXT, read_first_text_then_leave
 from tests.router.helpers import Answer, FakeUpstream, anthropic_events, make_config
@@ -717,3 +718,69 @@ async def test_sigterm_finishes_the_inflight_stream_then_exits(fakes, upstreams,
         assert "stopped" in router.log.read_text()
     finally:
         await router.stop()
+
+
+# ---- config ---------------------------------------------------------------------------------------
+
+
+def test_timeouts_connect_is_the_default_of_each_provider():
+    cfg = Config.from_dict(
+        {
+            "providers": {
+                "a": {"type": "openai", "base_url": "http://127.0.0.1:1/v1"},
+                "b": {
+                    "type": "openai",
+                    "base_url": "http://127.0.0.1:1/v1",
+                    "connect_timeout_s": 7,
+                },
+            },
+            "models": {},
+            "timeouts": {"connect_s": 3, "first_byte_s": 30, "idle_s": 5},
+        }
+    )
+    assert cfg.providers["a"].connect_timeout_s == 3 and cfg.providers["b"].connect_timeout_s == 7
+    assert (cfg.timeouts.first_byte_s, cfg.timeouts.idle_s) == (30, 5)
+    default = Config.from_dict({"providers": {}, "models": {}})
+    assert (default.shutdown_grace_s, default.log.format, default.log.level) == (
+        30.0,
+        "json",
+        "INFO",
+    )
+
+
+@pytest.mark.parametrize(
+    "data, culprit",
+    [
+        ({"timeouts": {"idle_s": 0}}, r"timeouts\.idle_s: must be > 0"),
+        ({"timeouts": {"read_s": 1}}, r"timeouts: unknown key\(s\) read_s"),
+        ({"shutdown_grace_s": -1}, r"shutdown_grace_s: must be >= 0"),
+        ({"shutdown_grace_s": "soon"}, r"shutdown_grace_s: expected float"),
+        ({"log": {"format": "xml"}}, r"log\.format: 'xml' is not one of json, text"),
+        ({"log": {"level": "loud"}}, r"log\.level: 'LOUD' is not a logging level"),
+        ({"auth": {"admin_key": "sha256:12"}}, r"auth\.admin_key: a sha256: digest must be 64"),
+    ],
+)
+def test_bad_ops_config_names_the_culprit(data, culprit):
+    with pytest.raises(ConfigError, match=culprit):
+        Config.from_dict({"providers": {}, "models": {}, **data})
+
+
+def test_text_logs_carry_the_request_id_and_hide_secrets():
+    captured = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        configure_logging(LogConfig(format="text", level="INFO"), ["sk-hide-me"], stream=captured)
+
+        def in_a_request() -> None:
+            start_request("rid-7")
+            logging.getLogger("router.test").info("upstream echoed %s", "sk-hide-me")
+
+        # In a context of its own, so the request id does not outlive this test.
+        contextvars.copy_context().run(in_a_request)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    line = captured.getvalue()
+    assert "upstream echoed [redacted]" in line and "request_id=rid-7" in line
+    assert "sk-hide-me" not in line
