@@ -450,8 +450,9 @@ async def _first_events(
     request: web.Request, ir_request: ir.Request, out: web.StreamResponse, keepalive: float
 ) -> tuple[list[ir.StreamEvent], AsyncIterator[ir.StreamEvent]] | GatewayError:
     """Open the stream with fallback. While no target has produced content for ``keepalive``
-    seconds, send the headers and an SSE comment every ``keepalive`` seconds, so proxies with
-    idle timeouts keep the connection; fallback still works since no content was sent.
+    seconds, send the headers and a ping (`_keepalive_bytes`) every ``keepalive`` seconds, so
+    proxies with idle timeouts keep the connection; fallback still works since no content was
+    sent.
 
     Returns:
         The buffered first events and the rest of the stream, or the final error if the

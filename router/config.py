@@ -51,8 +51,8 @@ class LimitsConfig:
     # Images fetched from https URLs to inline them for providers that need inline data.
     image_max_bytes: int = 20 * 1024 * 1024
     image_timeout_s: float = 10.0
-    # While a stream waits for its first token, an SSE comment every this many seconds keeps
-    # proxies with idle timeouts from closing it (0 disables).
+    # While a stream waits for its first token, a ping (``: ping``; Anthropic: ``event: ping``)
+    # every this many seconds keeps proxies with idle timeouts from closing it (0 disables).
     keepalive_s: float = 15.0
 
 
