@@ -289,6 +289,7 @@ class _Key:
     # Request start times and (time, tokens) spent, within the last WINDOW_S.
     starts: deque[float] = field(default_factory=deque)
     spent: deque[tuple[float, int]] = field(default_factory=deque)
+    spent_total: int = 0
 
 
 class Lease:
@@ -506,12 +507,12 @@ class KeyPool:
         while key.starts and key.starts[0] <= now - WINDOW_S:
             key.starts.popleft()
         while key.spent and key.spent[0][0] <= now - WINDOW_S:
-            key.spent.popleft()
+            key.spent_total -= key.spent.popleft()[1]
         if cfg.max_concurrent is not None and key.in_flight >= cfg.max_concurrent:
             return False
         if cfg.rpm is not None and len(key.starts) >= cfg.rpm:
             return False
-        return cfg.tpm is None or sum(t for _, t in key.spent) < cfg.tpm
+        return cfg.tpm is None or key.spent_total < cfg.tpm
 
     def _next_change(self, healthy: list[_Key], now: float) -> float:
         """The earliest time a budget window frees or a cooling/parked key returns."""
@@ -559,6 +560,7 @@ class KeyPool:
         now = self._clock()
         if tokens > 0:
             key.spent.append((now, tokens))
+            key.spent_total += tokens
         if verdict is None:
             key.strikes = 0
         else:
