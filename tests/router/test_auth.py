@@ -7,12 +7,17 @@ import io
 import logging
 import sys
 
+import anthropic
+import openai
 import pytest
+from aiohttp.test_utils import TestServer
+from google.genai import errors as genai_errors
 
 from router.__main__ import main
 from router.app import create_app
 from router.auth import check_bind, find_client, is_loopback
 from router.config import Config, ConfigError, hash_key
+from tests.router.fakes import ANTHROPIC_KEYS, OPENAI_KEYS, TEXT_ANSWER, ask, make_clients
 from tests.router.helpers import FakeUpstream
 
 FULL_KEY = "rk-full-access-0001"
@@ -244,3 +249,58 @@ def test_hash_key_command(monkeypatch, capsys):
         {"providers": {}, "models": {}, "auth": {"client_keys": [{"key": printed}]}}
     )
     assert find_client(cfg.auth.clients, "my-router-key") is not None
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "gemini"])
+async def test_official_sdks_authenticate_and_read_401_and_403(fakes, upstreams, kind):
+    """Each SDK sends its key its own way and raises its own 401/403 classes on the router's
+    answers."""
+    roots = upstreams.roots
+    cfg = Config.from_dict(
+        {
+            "providers": {
+                "oai": {"type": "openai", "base_url": f"{roots['openai']}/v1", "keys": OPENAI_KEYS},
+                "claude": {
+                    "type": "anthropic",
+                    "base_url": roots["anthropic"],
+                    "keys": ANTHROPIC_KEYS,
+                },
+            },
+            "models": {
+                "gpt": [{"provider": "oai", "model": "gpt-fake"}],
+                "claude": [{"provider": "claude", "model": "claude-fake"}],
+            },
+            "auth": {"client_keys": [{"key": FULL_KEY}, {"key": GPT_ONLY_KEY, "models": ["gpt"]}]},
+        }
+    )
+    server = TestServer(create_app(cfg))
+    await server.start_server()
+    root = str(server.make_url("")).rstrip("/")
+    errors = {
+        "openai": (openai.AuthenticationError, openai.PermissionDeniedError),
+        "anthropic": (anthropic.AuthenticationError, anthropic.PermissionDeniedError),
+        "gemini": (genai_errors.ClientError, genai_errors.ClientError),
+    }[kind]
+    made = []
+    try:
+        for key, model, expected, status in [
+            (FULL_KEY, "claude", None, 200),
+            ("rk-wrong", "gpt", errors[0], 401),
+            (GPT_ONLY_KEY, "claude", errors[1], 403),
+        ]:
+            clients = make_clients(
+                {k: root for k in ("openai", "anthropic", "gemini")}, {kind: key}
+            )
+            made.append(clients)
+            if expected is None:
+                assert await ask(kind, clients, model, "scenario:text", False) == TEXT_ANSWER
+                continue
+            with pytest.raises(expected) as info:
+                await ask(kind, clients, model, "scenario:text", False)
+            got = info.value.code if kind == "gemini" else info.value.status_code
+            assert got == status
+    finally:
+        for clients in made:
+            await clients.close()
+        await server.close()
