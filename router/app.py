@@ -327,7 +327,7 @@ async def _open_stream(
     except BaseException:
         await events.aclose()
         raise
-    return buffered, _leased(buffered, events, lease)
+    return buffered, _LeasedStream(buffered, events, lease)
 
 
 def _timeouts() -> TimeoutsConfig:
@@ -372,25 +372,50 @@ async def _first_byte(call: Awaitable[T], name: str) -> T:
         ) from err
 
 
-async def _leased(
-    buffered: list[ir.StreamEvent], events: AsyncIterator[ir.StreamEvent], lease: Lease
-) -> AsyncIterator[ir.StreamEvent]:
-    """The rest of a stream; its end releases the key with the usage the stream reported."""
-    ends = [e for e in buffered if isinstance(e, ir.StreamEnd)]
-    tokens = ends[-1].usage.total_tokens if ends else 0
-    try:
-        async for event in events:
-            if isinstance(event, ir.StreamEnd):
-                tokens = event.usage.total_tokens
-            yield event
-    except GatewayError as err:
-        # Past the first delta there is no retry, but a rate limit still cools the key.
-        lease.fail(classify_failure(err))
-        err.message = lease.scrub(err.message)
-        raise
-    finally:
-        await events.aclose()
-        lease.release(tokens)
+class _LeasedStream:
+    """The rest of a stream, holding its key's lease until the stream ends or is closed.
+
+    A class rather than an async generator: ``aclose`` on a generator that never started
+    skips its ``finally``, and a client that leaves before the first buffered event is written
+    would leak the key's concurrency slot.
+    """
+
+    def __init__(
+        self, buffered: list[ir.StreamEvent], events: AsyncIterator[ir.StreamEvent], lease: Lease
+    ) -> None:
+        ends = [e for e in buffered if isinstance(e, ir.StreamEnd)]
+        self._tokens = ends[-1].usage.total_tokens if ends else 0
+        self._events = events
+        self._lease = lease
+
+    def __aiter__(self) -> _LeasedStream:
+        return self
+
+    async def __anext__(self) -> ir.StreamEvent:
+        try:
+            event = await anext(self._events)
+        except StopAsyncIteration:
+            await self.aclose()
+            raise
+        except GatewayError as err:
+            # Past the first delta there is no retry, but a rate limit still cools the key.
+            self._lease.fail(classify_failure(err))
+            err.message = self._lease.scrub(err.message)
+            await self.aclose()
+            raise
+        if isinstance(event, ir.StreamEnd):
+            self._tokens = event.usage.total_tokens
+        return event
+
+    async def aclose(self) -> None:
+        """Release the key (with the usage the stream reported) and close the upstream."""
+        self._lease.release(self._tokens)
+        await self._events.aclose()
+
+    def __del__(self) -> None:
+        # A stream dropped without aclose (its handler cancelled as the stream opened) must
+        # still give its key's slot back; asyncio finalizes the upstream generator itself.
+        self._lease.release(self._tokens)
 
 
 # ---- generation -----------------------------------------------------------------------------

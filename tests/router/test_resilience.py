@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import email.utils
+import gc
 import json
 import time
 from collections import Counter
@@ -17,10 +18,12 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from router.app import create_app
+from router import ir
+from router.app import _open_stream, create_app
 from router.appkeys import KEY_POOLS
-from router.config import Config
+from router.config import Config, LimitsConfig, ProviderConfig
 from router.keys import KeyPool
+from router.providers.base import BaseProvider
 from tests.router.fakes import (
     ANTHROPIC_KEYS,
     ERROR_MESSAGE,
@@ -392,6 +395,43 @@ async def test_overload_after_first_delta_is_a_stream_error_event(start, ups, cl
     # Content had reached the client: no retry, not even on the fallback target.
     assert len(ups.anthropic.exchanges) == 1 and not ups.openai.exchanges
     assert [k["in_flight"] for k in pool(client, "ant").snapshot()] == [0, 0]
+
+
+class _TwoDeltas(BaseProvider):
+    """A provider whose stream has two text deltas."""
+
+    async def complete(self, request: ir.Request, key: str | None) -> ir.Response:
+        raise NotImplementedError
+
+    async def stream(self, request: ir.Request, key: str | None) -> AsyncIterator[ir.StreamEvent]:
+        yield ir.StreamStart("id", "m")
+        yield ir.PartStart(0, ir.TextPart(""))
+        yield ir.PartDelta(0, "a")
+        yield ir.PartDelta(0, "b")
+        yield ir.StreamEnd(usage=ir.Usage(3, 2))
+
+
+async def test_a_stream_closed_or_dropped_before_it_is_read_gives_its_key_back():
+    """A client may leave before the router reads past the buffered first delta."""
+    cfg = ProviderConfig(name="p", type="openai", keys=[{"key": "k" * 12, "max_concurrent": 1}])
+    pool = KeyPool(cfg)
+    provider = _TwoDeltas(cfg, None, LimitsConfig())
+    request = ir.Request("m", [ir.Message("user", [ir.TextPart("hi")])], stream=True)
+
+    def in_flight() -> int:
+        return pool.snapshot()[0]["in_flight"]
+
+    buffered, rest = await _open_stream(provider, request, await pool.acquire())
+    assert isinstance(buffered[-1], ir.PartDelta) and in_flight() == 1
+    await rest.aclose()
+    assert in_flight() == 0
+    buffered, rest = await _open_stream(provider, request, await pool.acquire())
+    del rest
+    gc.collect()
+    assert in_flight() == 0
+    buffered, rest = await _open_stream(provider, request, await pool.acquire())
+    assert [type(e) async for e in rest] == [ir.PartDelta, ir.StreamEnd]
+    assert in_flight() == 0
 
 
 # ---- limits -----------------------------------------------------------------------------------
