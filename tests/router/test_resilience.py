@@ -522,3 +522,18 @@ async def test_affinity_keeps_a_conversation_on_one_key_and_moves_it_when_it_coo
     for _ in range(3):
         await ok(client, headers={"x-session-affinity": "conv-A"})
     assert ups.keys_used()[-3:] == [moved] * 3
+
+
+async def test_anthropic_metadata_user_id_is_a_conversation(start, ups):
+    client = await start()
+    body = {
+        "model": "m-ant",
+        "max_tokens": 64,
+        "metadata": {"user_id": "user-42"},
+        "messages": [{"role": "user", "content": PROMPT}],
+    }
+    for _ in range(4):
+        async with client.post("/v1/messages", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+    # Round robin alone would alternate between the two keys.
+    assert len(set(ups.keys_used("anthropic"))) == 1, ups.keys_used("anthropic")
