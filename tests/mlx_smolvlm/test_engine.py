@@ -253,7 +253,7 @@ async def test_a_closed_consumer_frees_its_slot_and_memory(make_engine):
     wait_for(lambda: engine.stats().running == 0 and engine.stats().waiting == 0)
     assert engine.stats().steps < 200
     wait_for(lambda: mx.get_active_memory() <= before, timeout=2)
-    assert mx.get_active_memory() == before
+    assert mx.get_active_memory() <= before  # nothing the request allocated is left
 
 
 async def test_a_bad_image_fails_only_its_request(make_engine, tmp_path):

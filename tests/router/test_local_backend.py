@@ -382,7 +382,7 @@ async def test_client_disconnect_frees_the_slot_and_memory(checkpoint):
         while engine.stats().running or mx.get_active_memory() > before:
             assert time.monotonic() < deadline, "the slot or memory was not freed"
             await asyncio.sleep(0.01)
-        assert mx.get_active_memory() == before
+        assert mx.get_active_memory() <= before  # nothing the request allocated is left
         assert engine.stats().steps < 500  # the 5000-token stream stopped early
     finally:
         await made.close()
