@@ -243,7 +243,7 @@ async def run_with_fallback(
                     provider, dataclasses.replace(request, model=target.model), lease
                 )
             except GatewayError as err:
-                verdict = classify_failure(err, headers)
+                verdict = classify_failure(err, headers, err.upstream_body)
                 lease.fail(verdict)
                 err.message = lease.scrub(err.message)
                 logger.warning(

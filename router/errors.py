@@ -18,6 +18,8 @@ class GatewayError(Exception):
         message: Human-readable text shown to the client.
         param: The request field at fault, when there is one (e.g. ``messages[2].content``).
         retry_after: Seconds the client should wait, when known.
+        upstream_body: The upstream's decoded error body, when the error came from one (the key
+            pool reads quota details from it); never shown to the client.
     """
 
     status = 500
@@ -25,12 +27,18 @@ class GatewayError(Exception):
     retryable = False
 
     def __init__(
-        self, message: str, *, param: str | None = None, retry_after: float | None = None
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: float | None = None,
+        upstream_body: object = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.retry_after = retry_after
+        self.upstream_body = upstream_body
 
 
 class InvalidRequestError(GatewayError):
@@ -105,18 +113,21 @@ UPSTREAM_ERRORS: dict[int, type[GatewayError]] = {
 }
 
 
-def error_for_status(status: int, message: str, retry_after: float | None = None) -> GatewayError:
+def error_for_status(
+    status: int, message: str, retry_after: float | None = None, upstream_body: object = None
+) -> GatewayError:
     """Build the router error for an upstream HTTP status.
 
     Args:
         status: The upstream's HTTP status code.
         message: Text for the client (should name the provider).
         retry_after: Parsed ``Retry-After`` seconds, if the upstream sent one.
+        upstream_body: The upstream's decoded error body, if it sent JSON.
     """
     cls = UPSTREAM_ERRORS.get(status)
     if cls is None:
         cls = UpstreamError if status >= 500 else InvalidRequestError
-    err = cls(message, retry_after=retry_after)
+    err = cls(message, retry_after=retry_after, upstream_body=upstream_body)
     if status >= 500 and status != 529:
         # Keep the upstream's own server-error status (529 is Anthropic-only: 503 elsewhere).
         err.status = status

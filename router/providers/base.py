@@ -206,6 +206,7 @@ class HTTPProvider(BaseProvider):
         raw = await resp.content.read(_ERROR_BODY_LIMIT)
         text = raw.decode("utf-8", "replace")
         retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        body = None
         try:
             body = json.loads(text)
         except json.JSONDecodeError:
@@ -214,11 +215,12 @@ class HTTPProvider(BaseProvider):
             message = error_message(body)
             if retry_after is None:
                 retry_after = _google_retry_delay(body)
-        logger.info("upstream %s returned %d: %s", self.config.name, resp.status, message)
+        # Not logged here: the message may echo the key, and the caller logs it scrubbed.
         return error_for_status(
             resp.status,
             f"{self.config.name} ({self.config.type}) returned HTTP {resp.status}: {message}",
             retry_after=retry_after,
+            upstream_body=body,
         )
 
     def upstream_data(self, parse: object, *args: object) -> object:

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from router.app import create_app
+from router.appkeys import KEY_POOLS
 from router.config import Config, ConfigError, load_config
 from router.sse import SSEDecoder
 from tests.router.helpers import (
@@ -631,6 +632,29 @@ async def test_google_retry_info_sets_the_cool_down(client, fake):
     resp = await client.post("/v1/chat/completions", json={**OPENAI_BODY, "model": "gemini"})
     assert resp.status == 429
     assert resp.headers["Retry-After"] == "31"
+
+
+async def test_gemini_daily_quota_parks_the_key_until_the_reset(client, fake):
+    body = {
+        "error": {
+            "code": 429,
+            "message": "You exceeded your current quota, please check your plan.",
+            "status": "RESOURCE_EXHAUSTED",
+            "details": [
+                {
+                    "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                    "violations": [{"quotaId": "GenerateRequestsPerDayPerProjectPerModel"}],
+                },
+                {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "28s"},
+            ],
+        }
+    }
+    fake.queue("gemini", Answer(status=429, body=body))
+    resp = await client.post("/v1/chat/completions", json={**OPENAI_BODY, "model": "gemini"})
+    assert resp.status == 429
+    (key,) = client.app[KEY_POOLS]["gem"].snapshot()
+    # Parked until Google's daily reset (midnight Pacific), not cooled for the 28 s retry delay.
+    assert key["state"] == "parked" and key["until"] - time.time() > 60
 
 
 async def test_responses_stream_with_parallel_function_calls(client, fake):
