@@ -24,6 +24,7 @@ from huggingface_hub.errors import (
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ConfigError, load_config
+from .kernels import compute_dtype
 from .model import Model
 from .quantize import apply_quantization, from_export_path
 
@@ -200,7 +201,10 @@ def load_model(path_or_hub_id: str, dtype: mx.Dtype | str | None = None) -> tupl
     Args:
         path_or_hub_id: A local checkpoint directory or a Hugging Face Hub repo id.
         dtype: Cast floating-point weights to this dtype (``mx.float32`` or a name such as
-            ``"bfloat16"``); default keeps the checkpoint's dtype.
+            ``"bfloat16"``); ``"auto"`` is the device's compute dtype (``kernels.compute_dtype``:
+            float32 on the CPU backend, where bf16/fp16 matmuls are scalar loops, and the
+            checkpoint's dtype on GPUs; ``MLX_SMOLVLM_DTYPE`` overrides it); None keeps the
+            checkpoint's dtype.
 
     Returns:
         The evaluated model and the resolved local directory.
@@ -213,11 +217,12 @@ def load_model(path_or_hub_id: str, dtype: mx.Dtype | str | None = None) -> tupl
         ValueError: If ``dtype`` is not a floating-point dtype.
     """
     model_dir = resolve_model_path(path_or_hub_id)
-    if isinstance(dtype, str):
+    auto = isinstance(dtype, str) and dtype == "auto"
+    if isinstance(dtype, str) and not auto:
         if not isinstance(getattr(mx, dtype, None), mx.Dtype):
             raise ValueError(f"Unknown dtype {dtype!r}")
         dtype = getattr(mx, dtype)
-    if dtype is not None and not mx.issubdtype(dtype, mx.floating):
+    if dtype is not None and not auto and not mx.issubdtype(dtype, mx.floating):
         raise ValueError(f"dtype must be a floating-point type, got {dtype}")
     config = load_config(model_dir)
     model = Model(config)
@@ -231,9 +236,12 @@ def load_model(path_or_hub_id: str, dtype: mx.Dtype | str | None = None) -> tupl
             "'quantization' block"
         )
     check_weights(model, weights, model_dir)
+    if auto:
+        stored = next(v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating))
+        dtype = compute_dtype(stored)
     if dtype is not None:
         weights = {
-            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v
             for k, v in weights.items()
         }
     model.update(tree_unflatten(list(weights.items())))
@@ -248,12 +256,12 @@ def load_model(path_or_hub_id: str, dtype: mx.Dtype | str | None = None) -> tupl
     return model, model_dir
 
 
-def load(path_or_hub_id: str, dtype: mx.Dtype | str | None = None) -> tuple[Model, Processor]:
-    """Load the model and its processor.
+def load(path_or_hub_id: str, dtype: mx.Dtype | str | None = "auto") -> tuple[Model, Processor]:
+    """Load the model, in the device's compute dtype unless told otherwise, and its processor.
 
     Args:
         path_or_hub_id: A local checkpoint directory or a Hugging Face Hub repo id.
-        dtype: As ``load_model``.
+        dtype: As ``load_model``; by default the device's (float32 on the Linux CPU backend).
 
     Raises:
         FileNotFoundError, ConfigError, WeightsError: As ``load_model``.

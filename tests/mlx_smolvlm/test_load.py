@@ -233,17 +233,23 @@ def test_missing_directory_offline_hub(monkeypatch, tmp_path):
         load_model(str(tmp_path / "no" / "such" / "dir"))
 
 
-def test_dtype_option(hf_checkpoint, tmp_path):
+def test_dtype_option(hf_checkpoint, tmp_path, monkeypatch):
     path = hf_checkpoint()
     model, resolved = load_model(str(path))
     assert resolved == path
     assert {v.dtype for _, v in tree_flatten(model.parameters())} == {mx.float32}
     bf16, _ = load_model(str(path), dtype="bfloat16")
     assert {v.dtype for _, v in tree_flatten(bf16.parameters())} == {mx.bfloat16}
-    # A bf16 checkpoint stays bf16 by default; pixels of any dtype are cast to it.
+    # A bf16 checkpoint stays bf16 by default; "auto" is the device's compute dtype (fp32 on
+    # the CPU backend) unless MLX_SMOLVLM_DTYPE says otherwise. Pixels are cast to the model's.
     dst = tmp_path / "bf16"
     shutil.copytree(path, dst)
     rewrite_weights(dst, lambda w: w.update({k: v.astype(mx.bfloat16) for k, v in w.items()}))
+    auto, _ = load_model(str(dst), dtype="auto")
+    expected = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+    assert {v.dtype for _, v in tree_flatten(auto.parameters())} == {expected}
+    monkeypatch.setenv("MLX_SMOLVLM_DTYPE", "bfloat16")
+    assert load_model(str(dst), dtype="auto")[0].text_model.norm.weight.dtype == mx.bfloat16
     model16, _ = load_model(str(dst))
     assert {v.dtype for _, v in tree_flatten(model16.parameters())} == {mx.bfloat16}
     ids = np.array([[5] + [49189] + [49190] * 4 + [49189]])
