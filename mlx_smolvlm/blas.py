@@ -62,6 +62,16 @@ def cache_dir() -> Path:
     return Path(root) / "mlx_smolvlm"
 
 
+def _cpu_flags() -> bytes:
+    """The CPU's model and feature flags (Linux), for naming builds made for this CPU."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine().encode()
+    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join(dict.fromkeys(wanted)).encode()
+
+
 def build_gemv_shim() -> Path | None:
     """Compile `blas_shim.c` into a shared library, or reuse the cached build.
 
@@ -73,14 +83,16 @@ def build_gemv_shim() -> Path | None:
         logger.info("GEMV shim skipped: no C compiler or no %s", SHIM_SOURCE.name)
         return None
     source = SHIM_SOURCE.read_bytes()
-    digest = hashlib.sha256(source + compiler.encode()).hexdigest()[:16]
+    # Built for this CPU (-march=native), so the cache key names the CPU too.
+    digest = hashlib.sha256(source + compiler.encode() + _cpu_flags()).hexdigest()[:16]
     target = cache_dir() / f"blas_shim-{digest}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        cmd = [compiler, "-O2", "-shared", "-fPIC", "-o", str(built), str(SHIM_SOURCE), "-ldl"]
+        cmd = [compiler, "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"]
+        cmd += ["-o", str(built), str(SHIM_SOURCE), "-ldl", "-lpthread"]
         try:
             subprocess.run(cmd, check=True, capture_output=True, timeout=COMPILE_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError) as err:

@@ -11,6 +11,80 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <string.h>
+#include <pthread.h>
+
+/* Small-M products C (M x N) = A (M x K) B^T with B stored N x K, as batched decoding makes them
+ * (a few rows times a Linear weight). OpenBLAS 0.3.21 packs all of B on every such call; here
+ * every row of B is read once, while it sits in L1, and dotted with the M rows of A. */
+#define SMALL_M_MAX 16
+
+typedef struct {
+  int M, K, lda, ldb, ldc, n0, n1;
+  const float *A, *B;
+  float *C;
+  float alpha, beta;
+} small_job;
+
+static inline void small_m_store(const small_job *j, int m, int n, float s) {
+  float *c = j->C + (long)m * j->ldc + n;
+  *c = j->alpha * s + (j->beta == 0.0f ? 0.0f : j->beta * *c);
+}
+
+static void *small_m_run(void *arg) {
+  const small_job *j = (const small_job *)arg;
+  const int K = j->K;
+  int n = j->n0;
+  for (; n + 4 <= j->n1; n += 4) { /* four rows of B per pass over each row of A */
+    const float *w0 = j->B + (long)n * j->ldb, *w1 = w0 + j->ldb, *w2 = w1 + j->ldb,
+                *w3 = w2 + j->ldb;
+    for (int m = 0; m < j->M; m++) {
+      const float *a = j->A + (long)m * j->lda;
+      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int k = 0; k < K; k++) {
+        s0 += w0[k] * a[k];
+        s1 += w1[k] * a[k];
+        s2 += w2[k] * a[k];
+        s3 += w3[k] * a[k];
+      }
+      small_m_store(j, m, n, s0);
+      small_m_store(j, m, n + 1, s1);
+      small_m_store(j, m, n + 2, s2);
+      small_m_store(j, m, n + 3, s3);
+    }
+  }
+  for (; n < j->n1; n++) {
+    const float *w = j->B + (long)n * j->ldb;
+    for (int m = 0; m < j->M; m++) {
+      const float *a = j->A + (long)m * j->lda;
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int k = 0; k < K; k++) s += w[k] * a[k];
+      small_m_store(j, m, n, s);
+    }
+  }
+  return NULL;
+}
+
+/* Weights of 256K values or more are split over two threads by rows of B (same sums, so the
+ * result does not depend on the split). */
+static void small_m(int M, int N, int K, float alpha, const float *A, int lda, const float *B,
+                    int ldb, float beta, float *C, int ldc) {
+  small_job jobs[2];
+  int threads = ((long)N * K >= (1L << 20)) ? 2 : 1;
+  for (int t = 0; t < threads; t++) {
+    small_job j = {M, K, lda, ldb, ldc, (int)((long)N * t / threads),
+                   (int)((long)N * (t + 1) / threads), A, B, C, alpha, beta};
+    jobs[t] = j;
+  }
+  pthread_t helper;
+  if (threads == 2 && pthread_create(&helper, NULL, small_m_run, &jobs[1]) != 0) {
+    jobs[0].n1 = N;
+    threads = 1;
+  }
+  small_m_run(&jobs[0]);
+  if (threads == 2) pthread_join(helper, NULL);
+}
 
 enum { ROW_MAJOR = 101, COL_MAJOR = 102 };
 enum { NO_TRANS = 111 };
@@ -85,6 +159,10 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
         real_sgemv(ROW_MAJOR, 112, K, M, alpha, A, lda, B, inc_b, beta, C, ldc);
     }
     gemv_calls++;
+    return;
+  }
+  if (K > 0 && M <= SMALL_M_MAX && trans_a == NO_TRANS && trans_b != NO_TRANS) {
+    small_m(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
   real_sgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
