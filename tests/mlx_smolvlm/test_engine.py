@@ -70,8 +70,8 @@ def assert_same_greedy_tokens(loaded, prompt, batched: list[int], alone: list[in
     """Batched greedy tokens equal the lone run's, token for token.
 
     The batch changes only float rounding (padded rows, other matrix shapes), so a difference
-    is allowed only where the lone run's two best tokens tie to within 1e-4 in log-probability
-    and the batch picked the other one; everything before it must be equal.
+    is allowed only where the two tokens are the two best and tie to within 1e-4 in logit;
+    everything before it must be equal.
     """
     if batched == alone:
         return
@@ -87,8 +87,10 @@ def assert_same_greedy_tokens(loaded, prompt, batched: list[int], alone: list[in
     logits = model(ids[None], cache=cache, image_features=features)[0, -1]
     best, second = mx.argsort(logits)[-2:][::-1].tolist()
     gap = (logits[best] - logits[second]).item()
-    assert best == alone[at] and batched[at] == second and gap < 1e-4, (
-        f"token {at} differs: batch {batched[at]}, alone {alone[at]} (gap {gap:.2e})"
+    # Which of two tied tokens wins depends on the rounding of each path, this check's too.
+    assert {batched[at], alone[at]} == {best, second} and gap < 1e-4, (
+        f"token {at} differs: batch {batched[at]}, alone {alone[at]}, top two {best} and "
+        f"{second} (gap {gap:.2e})"
     )
 
 
