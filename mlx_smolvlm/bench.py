@@ -452,6 +452,16 @@ def _hf_preprocess(model_dir: Path, workload: Workload, inputs_dir: Path) -> flo
     return time.perf_counter() - tic
 
 
+def _peer_inputs(spec: dict, model_dir: Path, result: RunResult) -> dict[str, np.ndarray]:
+    """A peer's shared inputs, after timing transformers' preprocessing of the same workload."""
+    workload = WORKLOADS[spec["workload"]]
+    inputs_dir = Path(spec["inputs_dir"])
+    result.preprocess_s = _hf_preprocess(model_dir, workload, inputs_dir)
+    if result.preprocess_s is None:
+        result.notes = "preprocessing: transformers' video processor needs torchvision"
+    return _load_inputs(inputs_dir, workload.name)
+
+
 def _run_transformers(spec: dict, result: RunResult) -> None:
     import torch
     from transformers import SmolVLMForConditionalGeneration
@@ -461,13 +471,7 @@ def _run_transformers(spec: dict, result: RunResult) -> None:
     tic = time.perf_counter()
     model = SmolVLMForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
     result.load_s = time.perf_counter() - tic
-    workload = WORKLOADS[spec["workload"]]
-    inputs_dir = Path(spec["inputs_dir"])
-    result.preprocess_s = _hf_preprocess(model_dir, workload, inputs_dir)
-    if result.preprocess_s is None:
-        result.notes = "preprocessing: transformers' video processor needs torchvision"
-
-    inputs = _load_inputs(inputs_dir, workload.name)
+    inputs = _peer_inputs(spec, model_dir, result)
     kwargs = {"input_ids": torch.from_numpy(inputs["input_ids"])}
     if "pixel_values" in inputs:
         kwargs["pixel_values"] = torch.from_numpy(inputs["pixel_values"]).to(dtype)
@@ -513,13 +517,7 @@ def _run_mlx_vlm(spec: dict, result: RunResult) -> None:
         model.set_dtype(mx.bfloat16)
         mx.eval(model.parameters())
     result.load_s = time.perf_counter() - tic
-    workload = WORKLOADS[spec["workload"]]
-    inputs_dir = Path(spec["inputs_dir"])
-    result.preprocess_s = _hf_preprocess(model_dir, workload, inputs_dir)
-    if result.preprocess_s is None:
-        result.notes = "preprocessing: transformers' video processor needs torchvision"
-
-    inputs = _load_inputs(inputs_dir, workload.name)
+    inputs = _peer_inputs(spec, model_dir, result)
     ids = mx.array(inputs["input_ids"].astype(np.int32))
     result.prompt_tokens = int(ids.shape[1])
     pixel_values, kwargs = None, {}
