@@ -28,6 +28,8 @@ import aiohttp
 
 ANSWER, ERROR, TORN, HANG = "answer", "error", "torn", "hang"
 CLIENT_FORMATS = ("openai", "anthropic")
+# The key clients present to the gateways (both are configured with it; the fake ignores it).
+CLIENT_KEY = "sk-bench-client-key"
 PATHS = {"openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
 
 
@@ -189,7 +191,10 @@ async def send(
         timeout_s: A response not complete by then is a ``hang``.
     """
     body = request_body(client, model, stream, ident)
-    headers = {"anthropic-version": "2023-06-01"} if client == "anthropic" else {}
+    if client == "anthropic":
+        headers = {"anthropic-version": "2023-06-01", "x-api-key": CLIENT_KEY}
+    else:
+        headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
     start = time.monotonic_ns()
     state: dict = {"status": 0}
     try:

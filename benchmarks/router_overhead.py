@@ -67,6 +67,7 @@ from benchmarks.fake_provider import FakeConfig, FakeState
 from benchmarks.loadgen import (
     ANSWER,
     CLIENT_FORMATS,
+    CLIENT_KEY,
     ERROR,
     HANG,
     TORN,
@@ -93,13 +94,16 @@ LITELLM_SETTINGS = {
         "disable_spend_logs": True,
         "disable_error_logs": True,
         "allow_requests_on_db_unavailable": True,
+        # LiteLLM refuses to start without one; the router gets the same client key.
+        "master_key": CLIENT_KEY,
     },
     "router_settings": {"routing_strategy": "simple-shuffle"},
 }
 LITELLM_ENV = {"LITELLM_LOG": "ERROR", "LITELLM_MODE": "PRODUCTION"}
 START_TIMEOUT_S = 120.0
-# aiohttp's client keep-alive timeout: idle pooled connections close after it.
-POOL_KEEPALIVE_S = 15.0
+# aiohttp's client keep-alive timeout: its pool closes idle connections at the first cleanup
+# pass (one every 15 s) after they have been idle this long, so within 30 s.
+POOL_KEEPALIVE_S = 30.0
 
 
 class PeerUnavailable(RuntimeError):
@@ -162,7 +166,7 @@ class SoakOptions:
     fault_rate: float = 0.05
     seed: int = 8
     warmup_share: float = 0.1
-    settle_s: float = 20.0
+    settle_s: float = 35.0
     rss_tolerance: float = 0.10
     timeout_s: float = 30.0
 
@@ -322,6 +326,7 @@ def router_config(fake_url: str, port: int, soak: bool = False) -> dict:
             providers[name] = {"type": kind, "base_url": base, "keys": keys}
         models[model] = [{"provider": name, "model": upstream} for name in names]
     config = {"listen": {"host": "127.0.0.1", "port": port}, "providers": providers}
+    config["auth"] = {"client_keys": [{"key": CLIENT_KEY, "name": "bench"}]}
     config["models"] = models
     if soak:
         config["timeouts"] = {"first_byte_s": 0.5}
@@ -614,6 +619,7 @@ async def run_benchmark(options: BenchOptions) -> dict:
         ),
         "litellm_version": None,
         "litellm_settings": {**LITELLM_SETTINGS, "env": LITELLM_ENV, "num_workers": 1},
+        "client_key": "both gateways check one client key (LiteLLM: master_key)",
         "router_settings": "python -m router, default logging (INFO, JSON lines to a file)",
         "rows": [],
         "servers": {},
@@ -844,9 +850,10 @@ def count_fds(pid: int, own_port: int, upstream_port: int) -> dict:
             kinds["listening"] += 1
         elif local == own_port:
             kinds["clients"] += 1
+        elif remote == upstream_port and state == "ESTABLISHED":
+            kinds["upstream"] += 1
         elif remote == upstream_port:
-            kinds["upstream"] += 1 if state == "ESTABLISHED" else 0
-            kinds[f"upstream_{state.lower()}"] += 0 if state == "ESTABLISHED" else 1
+            kinds[f"upstream_{state.lower()}"] += 1
         else:
             kinds["other_sockets"] += 1
     return {"fds": total, "non_socket_fds": total - len(inodes), **kinds}
