@@ -255,6 +255,67 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU time (user + system) of ``pid`` and its living descendants, in seconds.
+
+    Args:
+        pid: The root process.
+    """
+    total = 0
+    for member in process_tree(pid):
+        try:
+            stat = Path(f"/proc/{member}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _HZ
+
+
+def machine_busy_s() -> float:
+    """CPU time all processes of the machine used since boot (all CPUs), in seconds."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    return (sum(values[:8]) - idle) / _HZ
+
+
+@dataclass
+class CpuMeter:
+    """CPU used during a stretch of time: by the server, by the fake and load generator, and
+    by every other process on the machine (other people's work on a shared machine).
+
+    Args:
+        server: The server's pid.
+        helpers: The fake's and the load generator's pids.
+    """
+
+    server: int
+    helpers: tuple[int, ...]
+
+    def read(self) -> tuple[float, float, float, float]:
+        """(wall, machine busy, server, helpers) in seconds, to subtract two readings."""
+        helpers = sum(tree_cpu_s(p) for p in set(self.helpers) - {self.server})
+        return time.monotonic(), machine_busy_s(), tree_cpu_s(self.server), helpers
+
+    @staticmethod
+    def shares(start: tuple, end: tuple) -> dict:
+        """CPUs used on average between two readings (1.0: one CPU busy all the time).
+
+        Args:
+            start: A `read` before.
+            end: A `read` after.
+        """
+        wall, busy, server, helpers = (b - a for a, b in zip(start, end, strict=True))
+        wall = max(wall, 1e-9)
+        return {
+            "server_cpus": server / wall,
+            "others_cpus": max(0.0, busy - server - helpers) / wall,
+        }
+
+
 async def sample_rss(server: Server, interval_s: float = 0.1) -> None:
     """Record ``server``'s RSS every ``interval_s`` until cancelled.
 
@@ -530,14 +591,18 @@ def add_overheads(rows: list[dict]) -> None:
 # ---- the benchmark --------------------------------------------------------------------------
 
 
-async def measure_system(server: Server, options: BenchOptions, direct: bool) -> list[dict]:
+async def measure_system(
+    server: Server, options: BenchOptions, direct: bool, fake_pid: int
+) -> list[dict]:
     """Both workloads at every concurrency against one system.
 
     Args:
         server: The system (the fake itself when ``direct``).
         options: The run's options.
         direct: Whether ``server`` is the fake (its stream baseline is its Anthropic stream).
+        fake_pid: The fake's process (for the CPU accounting).
     """
+    meter = CpuMeter(server.proc.pid, (fake_pid, os.getpid()))
     rows = []
     for concurrency in options.concurrency:
         connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
@@ -557,11 +622,12 @@ async def measure_system(server: Server, options: BenchOptions, direct: bool) ->
                         session, server.url, client, model, stream, f"r{n}", options.chunks, 60.0
                     )
 
+                before = meter.read()
                 run = await drive(
                     one, concurrency, options.warmup_s, options.duration_s, options.requests
                 )
                 row = {"system": server.name, "workload": workload, "concurrency": concurrency}
-                row |= summarize(run)
+                row |= summarize(run) | CpuMeter.shares(before, meter.read())
                 rows.append(row)
                 logger.info(
                     "%s %s c=%d: %.0f req/s, p50 %s ms, outcomes %s",
@@ -629,12 +695,10 @@ async def run_benchmark(options: BenchOptions) -> dict:
         fake = start_fake(fake_config, client_cpus, workdir)
         try:
             fake.name = "direct"
-            report["rows"] += await measure_system(fake, options, direct=True)
+            report["rows"] += await measure_system(fake, options, True, fake.proc.pid)
             for name in options.systems:
                 try:
-                    rows, info = await _measure_gateway(
-                        name, fake.url, options, workdir, server_cpus
-                    )
+                    rows, info = await _measure_gateway(name, fake, options, workdir, server_cpus)
                 except PeerUnavailable as err:
                     logger.error("%s: skipped: %s", name, err)
                     report["unavailable"][name] = str(err)
@@ -651,18 +715,18 @@ async def run_benchmark(options: BenchOptions) -> dict:
 
 
 async def _measure_gateway(
-    name: str, fake_url: str, options: BenchOptions, workdir: Path, cpus: set[int] | None
+    name: str, fake: Server, options: BenchOptions, workdir: Path, cpus: set[int] | None
 ) -> tuple[list[dict], dict]:
     if name == "litellm":
         exe = litellm_executable(options.litellm)
-        server = start_litellm(exe, fake_url, workdir, cpus)
+        server = start_litellm(exe, fake.url, workdir, cpus)
     else:
-        server = start_router(fake_url, workdir, cpus)
+        server = start_router(fake.url, workdir, cpus)
     sampler = asyncio.ensure_future(sample_rss(server))
     try:
         async with aiohttp.ClientSession() as session:
             await wait_ready(server, session, options.chunks)
-        rows = await measure_system(server, options, direct=False)
+        rows = await measure_system(server, options, False, fake.proc.pid)
     finally:
         sampler.cancel()
         server.stop()
@@ -716,7 +780,7 @@ def print_report(report: dict) -> None:
     print(
         f"{'system':8} {'workload':8} {'conc':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'+p50':>7} {'+p99':>7} {'ttfb50':>7} {'+ttfb50':>8} {'+ttfb99':>8} "
-        f"{'+pc50':>7} {'+pc99':>7} {'lg cpu':>6} {'not ok':>6}"
+        f"{'+pc50':>7} {'+pc99':>7} {'srv cpu':>7} {'others':>6} {'lg cpu':>6} {'not ok':>6}"
     )
     for r in report["rows"]:
         bad = r["requests"] - r["outcomes"].get(ANSWER, 0)
@@ -728,6 +792,7 @@ def print_report(report: dict) -> None:
             f"{_fmt(r.get('added_ttfb_p99_ms')):>8} "
             f"{_fmt(r.get('added_piece_delay_p50_ms')):>7} "
             f"{_fmt(r.get('added_piece_delay_p99_ms')):>7} "
+            f"{r['server_cpus']:>7.0%} {r['others_cpus']:>6.0%} "
             f"{r['loadgen_cpu_share']:>6.0%} {bad:>6}"
         )
     for name, info in report["servers"].items():
