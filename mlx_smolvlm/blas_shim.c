@@ -12,11 +12,26 @@
 #include <dlfcn.h>
 #include <string.h>
 #include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+#include <unistd.h>
 
-/* Small-M products C (M x N) = A (M x K) B^T with B stored N x K, as batched decoding makes them
- * (a few rows times a Linear weight). OpenBLAS 0.3.21 packs all of B on every such call; here
- * every row of B is read once, while it sits in L1, and dotted with the M rows of A. */
+/* Small-M products C (M x N) = A (M x K) B^T with B stored N x K, as decoding makes them (one
+ * or a few rows times a Linear weight). OpenBLAS 0.3.21 packs all of B on every such call. Here
+ * each tile of NR rows of B is read once, while it sits in L1, and dotted with MR rows of A at a
+ * time, accumulating in MR x NR vector registers. Every dot product is summed in the same order
+ * whatever M is and however N is split, so a row's result does not depend on its batch. */
 #define SMALL_M_MAX 16
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+#define MR 4
+#define NR 4
+typedef float vec __attribute__((vector_size(LANES * sizeof(float)), aligned(sizeof(float))));
 
 typedef struct {
   int M, K, lda, ldb, ldc, n0, n1;
@@ -25,65 +40,154 @@ typedef struct {
   float alpha, beta;
 } small_job;
 
-static inline void small_m_store(const small_job *j, int m, int n, float s) {
-  float *c = j->C + (long)m * j->ldc + n;
-  *c = j->alpha * s + (j->beta == 0.0f ? 0.0f : j->beta * *c);
+static inline float hsum(vec v) {
+  float s = 0.0f;
+  for (int l = 0; l < LANES; l++) s += v[l];
+  return s;
 }
 
-static void *small_m_run(void *arg) {
-  const small_job *j = (const small_job *)arg;
-  const int K = j->K;
-  int n = j->n0;
-  for (; n + 4 <= j->n1; n += 4) { /* four rows of B per pass over each row of A */
-    const float *w0 = j->B + (long)n * j->ldb, *w1 = w0 + j->ldb, *w2 = w1 + j->ldb,
-                *w3 = w2 + j->ldb;
-    for (int m = 0; m < j->M; m++) {
-      const float *a = j->A + (long)m * j->lda;
-      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int k = 0; k < K; k++) {
-        s0 += w0[k] * a[k];
-        s1 += w1[k] * a[k];
-        s2 += w2[k] * a[k];
-        s3 += w3[k] * a[k];
-      }
-      small_m_store(j, m, n, s0);
-      small_m_store(j, m, n + 1, s1);
-      small_m_store(j, m, n + 2, s2);
-      small_m_store(j, m, n + 3, s3);
+/* C[m0:m0+mr, n:n+nr]; mr and nr are constants at each call, so the loops unroll into
+ * registers. */
+static inline __attribute__((always_inline)) void tile(const small_job *j, int m0, int mr, int n,
+                                                      int nr) {
+  const float *a[MR], *w[NR];
+  vec acc[MR][NR];
+  for (int i = 0; i < mr; i++) a[i] = j->A + (long)(m0 + i) * j->lda;
+  for (int q = 0; q < nr; q++) w[q] = j->B + (long)(n + q) * j->ldb;
+  for (int i = 0; i < mr; i++)
+    for (int q = 0; q < nr; q++) acc[i][q] = (vec){0};
+  int full = j->K / LANES * LANES;
+  for (int k = 0; k < j->K; k += LANES) {
+    const float *wk[NR], *ak[MR];
+    float pad[MR + NR][LANES];
+    for (int q = 0; q < nr; q++) wk[q] = w[q] + k;
+    for (int i = 0; i < mr; i++) ak[i] = a[i] + k;
+    if (k == full) { /* zero-pad the partial last vector: the tail is summed like the rest */
+      memset(pad, 0, sizeof(pad));
+      for (int q = 0; q < nr; q++) wk[q] = memcpy(pad[MR + q], wk[q], (j->K - k) * sizeof(float));
+      for (int i = 0; i < mr; i++) ak[i] = memcpy(pad[i], ak[i], (j->K - k) * sizeof(float));
+    }
+    vec wv[NR];
+    for (int q = 0; q < nr; q++) wv[q] = *(const vec *)wk[q];
+    for (int i = 0; i < mr; i++) {
+      vec av = *(const vec *)ak[i];
+      for (int q = 0; q < nr; q++) acc[i][q] += av * wv[q];
     }
   }
-  for (; n < j->n1; n++) {
-    const float *w = j->B + (long)n * j->ldb;
-    for (int m = 0; m < j->M; m++) {
-      const float *a = j->A + (long)m * j->lda;
-      float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-      for (int k = 0; k < K; k++) s += w[k] * a[k];
-      small_m_store(j, m, n, s);
+  for (int i = 0; i < mr; i++)
+    for (int q = 0; q < nr; q++) {
+      float *c = j->C + (long)(m0 + i) * j->ldc + n + q;
+      float s = j->alpha * hsum(acc[i][q]);
+      *c = j->beta == 0.0f ? s : s + j->beta * *c;
     }
+}
+
+static inline __attribute__((always_inline)) void tile_rows(const small_job *j, int n, int nr) {
+  int m = 0;
+  for (; m + MR <= j->M; m += MR) tile(j, m, MR, n, nr);
+  switch (j->M - m) {
+    case 3: tile(j, m, 3, n, nr); break;
+    case 2: tile(j, m, 2, n, nr); break;
+    case 1: tile(j, m, 1, n, nr); break;
+  }
+}
+
+static void small_m_run(const small_job *j) {
+  int n = j->n0;
+  for (; n + NR <= j->n1; n += NR) tile_rows(j, n, NR);
+  for (; n < j->n1; n++) tile_rows(j, n, 1);
+}
+
+/* One persistent helper thread takes half of each large enough product. Creating a thread per
+ * call costs more than the products of a small model take, so the helper spins for a while
+ * after each job (decoding calls again within microseconds), then sleeps on a condition. */
+#define SPLIT_MIN_FMAS (1L << 16)
+#define SPIN_NS 200000L
+
+static struct {
+  pthread_t thread;
+  pid_t pid; /* the process that started the helper (a forked child must start its own) */
+  small_job job;
+  atomic_uint posted, finished;
+  atomic_int sleeping, busy;
+  pthread_mutex_t lock;
+  pthread_cond_t wake;
+} helper = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+
+static long now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static void *helper_main(void *arg) {
+  (void)arg;
+  unsigned seen = atomic_load(&helper.finished); /* posted == finished between jobs */
+  for (;;) {
+    long spin_end = now_ns() + SPIN_NS;
+    for (int spins = 0; atomic_load(&helper.posted) == seen; spins++) {
+      if ((spins & 255) == 0 && now_ns() > spin_end) {
+        pthread_mutex_lock(&helper.lock);
+        atomic_store(&helper.sleeping, 1);
+        while (atomic_load(&helper.posted) == seen) pthread_cond_wait(&helper.wake, &helper.lock);
+        atomic_store(&helper.sleeping, 0);
+        pthread_mutex_unlock(&helper.lock);
+      }
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+    seen = atomic_load(&helper.posted);
+    small_m_run(&helper.job);
+    atomic_store(&helper.finished, seen);
   }
   return NULL;
 }
 
-/* Weights of 256K values or more are split over two threads by rows of B (same sums, so the
- * result does not depend on the split). */
+/* Whether the helper runs in this process (started on first use, again after a fork). */
+static int helper_ready(void) {
+  if (helper.pid == getpid()) return 1;
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  int ok = pthread_create(&helper.thread, &attr, helper_main, NULL) == 0;
+  pthread_attr_destroy(&attr);
+  if (ok) helper.pid = getpid();
+  return ok;
+}
+
 static void small_m(int M, int N, int K, float alpha, const float *A, int lda, const float *B,
                     int ldb, float beta, float *C, int ldc) {
-  small_job jobs[2];
-  int threads = ((long)N * K >= (1L << 20)) ? 2 : 1;
-  for (int t = 0; t < threads; t++) {
-    small_job j = {M, K, lda, ldb, ldc, (int)((long)N * t / threads),
-                   (int)((long)N * (t + 1) / threads), A, B, C, alpha, beta};
-    jobs[t] = j;
+  small_job job = {M, K, lda, ldb, ldc, 0, N, A, B, C, alpha, beta};
+  /* One caller at a time uses the helper; a concurrent caller computes alone. */
+  int expected = 0;
+  if ((long)M * N * K < SPLIT_MIN_FMAS || N < 2 * NR ||
+      !atomic_compare_exchange_strong(&helper.busy, &expected, 1)) {
+    small_m_run(&job);
+    return;
   }
-  pthread_t helper;
-  if (threads == 2 && pthread_create(&helper, NULL, small_m_run, &jobs[1]) != 0) {
-    jobs[0].n1 = N;
-    threads = 1;
+  if (!helper_ready()) {
+    atomic_store(&helper.busy, 0);
+    small_m_run(&job);
+    return;
   }
-  small_m_run(&jobs[0]);
-  if (threads == 2) pthread_join(helper, NULL);
+  int split = N / 2 / NR * NR;
+  helper.job = job;
+  helper.job.n0 = split;
+  job.n1 = split;
+  unsigned ticket = atomic_fetch_add(&helper.posted, 1) + 1;
+  if (atomic_load(&helper.sleeping)) {
+    pthread_mutex_lock(&helper.lock);
+    pthread_cond_signal(&helper.wake);
+    pthread_mutex_unlock(&helper.lock);
+  }
+  small_m_run(&job);
+  while (atomic_load(&helper.finished) != ticket) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+  atomic_store(&helper.busy, 0);
 }
 
 enum { ROW_MAJOR = 101, COL_MAJOR = 102 };

@@ -146,6 +146,24 @@ def test_gemv_shim_products_equal_numpy(a_shape, b_shape, transpose_a, transpose
 
 
 @pytest.mark.parametrize(
+    ("m", "n", "k"),
+    [(2, 80, 96), (3, 10, 17), (4, 130, 131), (5, 576, 576), (7, 9, 64), (16, 333, 200)],
+)
+def test_small_m_products_equal_numpy_and_rows_do_not_depend_on_the_batch(m, n, k):
+    # Batched decoding's (M <= 16) x Linear-weight products; (4, 130, 131) and larger are split
+    # over the shim's helper thread; odd N and K exercise the tails.
+    rng = np.random.default_rng(m)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    out = mx.array(a) @ mx.array(w).T
+    mx.eval(out)
+    np.testing.assert_allclose(np.array(out), a @ w.T, rtol=1e-4, atol=1e-4)
+    if m > 2:
+        pair = mx.array(a[1:3]) @ mx.array(w).T
+        np.testing.assert_array_equal(np.array(pair), np.array(out)[1:3])
+
+
+@pytest.mark.parametrize(
     ("n_heads", "n_kv", "L", "S", "mask"),
     [(4, 4, 96, 96, None), (6, 2, 96, 96, "causal"), (6, 2, 40, 200, "causal"),
      (4, 4, 128, 128, "bool"), (4, 2, 96, 160, "additive")],
