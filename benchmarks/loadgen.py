@@ -275,13 +275,16 @@ class LoadRun:
     """The samples of one closed-loop run and its measured window.
 
     Args:
-        samples: Requests started inside the window.
+        samples: Requests started inside the window (for latencies).
         window_s: The window's length.
+        answered: Complete answers that arrived inside the window, whenever their request
+            started (for throughput).
         cpu_s: CPU time this process (the load generator) used during the window.
     """
 
     samples: list[Sample]
     window_s: float
+    answered: int
     cpu_s: float
 
 
@@ -293,13 +296,17 @@ async def drive(
     requests: int | None = None,
 ) -> LoadRun:
     """Closed-loop load: ``concurrency`` workers each send a request as soon as their last one
-    finishes. After ``warmup_s``, the window runs for ``duration_s`` or until ``requests``
-    requests were sent in it (exactly one of the two).
+    finishes.
+
+    The warm-up lasts ``warmup_s`` and until every worker has had an answer (so a slow system
+    is measured in its steady state, not while its first requests pile up). Then the window
+    runs for ``duration_s``, its samples being the requests that end inside it; or it takes
+    ``requests`` requests, its samples being those. Exactly one of the two must be given.
 
     Args:
         send_one: Sends request number ``n`` and returns its sample.
         concurrency: Requests in flight at once.
-        warmup_s: Load before the window (its samples are dropped).
+        warmup_s: Least load before the window.
         duration_s: The window's length.
         requests: The window's request count.
 
@@ -308,31 +315,54 @@ async def drive(
     """
     if (duration_s is None) == (requests is None):
         raise ValueError("drive: give exactly one of duration_s and requests")
-    loop = asyncio.get_running_loop()
-    warm_end = loop.time() + warmup_s
-    end = warm_end + duration_s if duration_s is not None else float("inf")
-    samples: list[Sample] = []
-    counter = {"sent": 0, "window": 0}
-    window: dict = {}
+    warm_after = time.monotonic_ns() + int(warmup_s * 1e9)
+    # The window: [start, end) in monotonic ns, set once the warm-up is over.
+    window: dict[str, int] = {}
+    started_in_window: list[Sample] = []
+    everything: list[Sample] = []
+    state = {"sent": 0, "in_window": 0, "first_answers": 0}
+    cpu_start: list[float] = []
+
+    def open_window(now: int) -> None:
+        window["start"] = now
+        if duration_s is not None:
+            window["end"] = now + int(duration_s * 1e9)
+        cpu_start.append(time.process_time())
 
     async def worker() -> None:
+        first = True
         while True:
-            now = loop.time()
-            if now >= end:
+            now = time.monotonic_ns()
+            if "end" in window and now >= window["end"]:
                 return
-            in_window = now >= warm_end
-            if in_window:
-                if requests is not None and counter["window"] >= requests:
+            in_window = "start" in window
+            if in_window and requests is not None:
+                if state["in_window"] >= requests:
                     return
-                counter["window"] += 1
-                window.setdefault("start", (now, time.process_time()))
-            n = counter["sent"]
-            counter["sent"] += 1
+                state["in_window"] += 1
+            n = state["sent"]
+            state["sent"] += 1
             sample = await send_one(n)
+            everything.append(sample)
             if in_window:
-                samples.append(sample)
+                started_in_window.append(sample)
+            if first:
+                first = False
+                state["first_answers"] += 1
+            done = time.monotonic_ns()
+            if not window and state["first_answers"] == concurrency and done >= warm_after:
+                open_window(done)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    started, cpu_start = window.get("start", (loop.time(), time.process_time()))
-    elapsed = (min(end, loop.time()) if duration_s is not None else loop.time()) - started
-    return LoadRun(samples, max(elapsed, 1e-9), time.process_time() - cpu_start)
+    finished = time.monotonic_ns()
+    if not window:  # every request ended before the warm-up did
+        open_window(finished)
+    start, end = window["start"], window.get("end", finished)
+
+    def ends_inside(s: Sample) -> bool:
+        return start <= s.start_ns + int(s.latency_s * 1e9) <= end
+
+    samples = started_in_window if requests is not None else list(filter(ends_inside, everything))
+    answered = sum(1 for s in everything if s.outcome == ANSWER and ends_inside(s))
+    cpu_s = time.process_time() - cpu_start[0]
+    return LoadRun(samples, max(end - start, 1) / 1e9, answered, cpu_s)
