@@ -168,8 +168,10 @@ def test_small_m_products_equal_numpy_and_rows_do_not_depend_on_the_batch(m, n, 
     [(4, 4, 96, 96, None), (6, 2, 96, 96, "causal"), (6, 2, 40, 200, "causal"),
      (4, 4, 128, 128, "bool"), (4, 2, 96, 160, "additive")],
 )  # fmt: skip
-def test_numpy_attention_equals_mlx(monkeypatch, n_heads, n_kv, L, S, mask):
+@pytest.mark.parametrize("chunk_values", [kernels.CHUNK_VALUES, 4000])  # 4000: split rows
+def test_numpy_attention_equals_mlx(monkeypatch, n_heads, n_kv, L, S, mask, chunk_values):
     monkeypatch.setenv("MLX_SMOLVLM_KERNELS", "numpy")
+    monkeypatch.setattr(kernels, "CHUNK_VALUES", chunk_values)
     rng = np.random.default_rng(1)
     q = mx.array(rng.standard_normal((2, n_heads, L, 64), dtype=np.float32))
     k = mx.array(rng.standard_normal((2, n_kv, S, 64), dtype=np.float32))
