@@ -458,8 +458,9 @@ class Engine:
     def _sample(self, logits: mx.array, rows: list[_Sequence]) -> mx.array:
         """Tokens `[rows]` from logits `[rows, vocab]`, each row with its own sampler."""
         if all(seq.simple for seq in rows):
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            return mx.argmax(logprobs, axis=-1)
+            # The argmax of the logits is the argmax of the log-probabilities, without the
+            # logsumexp (one exp per vocabulary entry and row: ~0.5 ms a row on a CPU).
+            return mx.argmax(logits, axis=-1)
         tokens = mx.concatenate([seq.sample(logits[i : i + 1]) for i, seq in enumerate(rows)])
         if any(seq.seed is not None for seq in rows):
             mx.random.seed(self._rng.getrandbits(63))  # unseeded rows stay unpredictable
