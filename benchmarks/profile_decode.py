@@ -16,6 +16,7 @@ from collections import defaultdict
 
 from mlx_smolvlm.bench import random_checkpoint
 from mlx_smolvlm.blas import gemv_shim_calls
+from mlx_smolvlm.kernels import Rotary
 from mlx_smolvlm.load import load_model
 
 import mlx.core as mx
@@ -48,6 +49,8 @@ def profiled_step(model, token, cache, t):
     text = model.text_model
     t.start()
     h = t("embed", text.embed_tokens(token))
+    cfg = text.config
+    rotary = Rotary(cfg.head_dim, cfg.rope_theta, cache[0].offset, token.shape[1])
     for layer, c in zip(text.layers, cache, strict=True):
         attn = layer.self_attn
         B, L, _ = h.shape
@@ -58,28 +61,8 @@ def profiled_step(model, token, cache, t):
         q = q.reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
         k = k.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = v.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        q = t(
-            "rope",
-            mx.fast.rope(
-                q,
-                attn.head_dim,
-                traditional=False,
-                base=attn.rope_theta,
-                scale=1.0,
-                offset=c.offset,
-            ),
-        )
-        k = t(
-            "rope",
-            mx.fast.rope(
-                k,
-                attn.head_dim,
-                traditional=False,
-                base=attn.rope_theta,
-                scale=1.0,
-                offset=c.offset,
-            ),
-        )
+        q = t("rope", rotary(q))
+        k = t("rope", rotary(k))
         k, v = c.update_and_fetch(k, v)
         t("kv_cache_update", (k, v))
         o = t("sdpa", mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale))

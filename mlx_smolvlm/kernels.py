@@ -137,6 +137,52 @@ def attention(
     return mx.concatenate(out).reshape(B, n_heads, L, D)
 
 
+class Rotary:
+    """Llama's RoPE (rotating the two halves of each head) for one forward pass, at positions
+    ``offset + 0 .. L - 1``.
+
+    On MLX's CPU backend ``mx.fast.rope`` has no kernel: each call runs about fifteen
+    operations, including the angles' cosines and sines one value at a time, twice per layer
+    (some 20% of a 256M decode step). There the cosine and sine tables are made once per pass
+    and each rotation is four operations. Other devices keep ``mx.fast.rope``.
+
+    Args:
+        head_dim: The rotated dimensions (the whole head).
+        base: ``rope_theta``.
+        offset: The first position: an int, or ``[B]`` int32 for per-row positions.
+        L: The number of positions in the pass.
+    """
+
+    def __init__(self, head_dim: int, base: float, offset: int | mx.array, L: int) -> None:
+        self.head_dim, self.base, self.offset = head_dim, base, offset
+        self.cos = self.sin = None
+        if mx.default_device() != mx.cpu or kernel_mode() == "mlx":
+            return
+        # As transformers computes them: inverse frequencies and angles in float32.
+        inv_freq = 1.0 / (base ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim))
+        positions = (offset[:, None] if isinstance(offset, mx.array) else offset) + mx.arange(L)
+        angles = positions.astype(mx.float32)[..., None] * inv_freq  # ([B,] L, head_dim / 2)
+        cos, sin = mx.cos(angles), mx.sin(angles)
+        # (1 or B, 1, L, head_dim), for q and k of shape (B, heads, L, head_dim).
+        shape = (-1, 1, L, head_dim)
+        self.cos = mx.concatenate([cos, cos], axis=-1).reshape(shape)
+        self.sin = mx.concatenate([-sin, sin], axis=-1).reshape(shape)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """Rotate ``(B, heads, L, head_dim)`` queries or keys.
+
+        Args:
+            x: The queries or keys.
+        """
+        if self.cos is None:
+            return mx.fast.rope(
+                x, self.head_dim, traditional=False, base=self.base, scale=1.0, offset=self.offset
+            )
+        half = self.head_dim // 2
+        swapped = mx.concatenate([x[..., half:], x[..., :half]], axis=-1)
+        return x * self.cos.astype(x.dtype) + swapped * self.sin.astype(x.dtype)
+
+
 def gelu_tanh(x: mx.array) -> mx.array:
     """GELU with the tanh approximation (``gelu_pytorch_tanh``, ``nn.gelu_approx``).
 

@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from .cache import KVCache
 from .config import TextConfig
-from .kernels import attention, silu_mul
+from .kernels import Rotary, attention, silu_mul
 
 
 class Attention(nn.Module):
@@ -19,7 +19,6 @@ class Attention(nn.Module):
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
-        self.rope_theta = config.rope_theta
         dim = config.hidden_size
         bias = config.attention_bias
         self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
@@ -28,22 +27,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
 
     def __call__(
-        self, x: mx.array, mask: mx.array | str | None = None, cache: KVCache | None = None
+        self,
+        x: mx.array,
+        rotary: Rotary,
+        mask: mx.array | str | None = None,
+        cache: KVCache | None = None,
     ) -> mx.array:
         B, L, _ = x.shape
         # (B, L, n_heads * head_dim) -> (B, n_heads, L, head_dim)
         q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        offset = 0 if cache is None else cache.offset
-        # transformers' Llama rotates the two halves of each head (`rotate_half`), which is
-        # MLX's non-traditional RoPE.
-        q = mx.fast.rope(
-            q, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset
-        )
-        k = mx.fast.rope(
-            k, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset
-        )
+        q, k = rotary(q), rotary(k)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         out = attention(q, k, v, self.scale, mask)
@@ -75,9 +70,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def __call__(
-        self, x: mx.array, mask: mx.array | str | None = None, cache: KVCache | None = None
+        self,
+        x: mx.array,
+        rotary: Rotary,
+        mask: mx.array | str | None = None,
+        cache: KVCache | None = None,
     ) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        h = x + self.self_attn(self.input_layernorm(x), rotary, mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -113,8 +112,13 @@ class TextModel(nn.Module):
             # MLX aligns the causal mask lower-right, so it also holds after a cached prefix.
             mask = "causal"
         layer_caches = cache if cache is not None else [None] * len(self.layers)
+        # transformers' Llama rotates the two halves of each head (`rotate_half`), which is
+        # MLX's non-traditional RoPE. Every layer's cache is at the same positions.
+        offset = 0 if cache is None else cache[0].offset
+        cfg = self.config
+        rotary = Rotary(cfg.head_dim, cfg.rope_theta, offset, h.shape[1])
         for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
-            h = layer(h, mask, layer_cache)
+            h = layer(h, rotary, mask, layer_cache)
         return self.norm(h)
 
     @staticmethod
