@@ -12,6 +12,7 @@
 #include <dlfcn.h>
 #include <string.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <time.h>
 #include <unistd.h>
@@ -98,17 +99,22 @@ static void small_m_run(const small_job *j) {
   for (; n < j->n1; n++) tile_rows(j, n, 1);
 }
 
-/* One persistent helper thread takes half of each large enough product. Creating a thread per
- * call costs more than the products of a small model take, so the helper spins for a while
- * after each job (decoding calls again within microseconds), then sleeps on a condition. */
+/* A persistent helper thread shares large enough products: the columns are cut into chunks
+ * that the caller and the helper claim one at a time, so a helper that the OS has not
+ * scheduled (the machine is busy) costs nothing: the caller computes every chunk itself.
+ * Creating a thread per call costs more than the products of a small model take, so the
+ * helper spins for a while after each job (decoding calls again within microseconds), then
+ * sleeps. Both sides yield the CPU while they wait, so other threads keep running. */
 #define SPLIT_MIN_FMAS (1L << 16)
+#define CHUNKS 16
 #define SPIN_NS 200000L
 
 static struct {
-  pthread_t thread;
   pid_t pid; /* the process that started the helper (a forked child must start its own) */
   small_job job;
-  atomic_uint posted, finished;
+  int chunk, n_chunks;          /* columns per chunk (a multiple of NR), chunks in the job */
+  atomic_int claimed, finished; /* chunks of the current job claimed and finished */
+  atomic_uint posted, taken;    /* jobs posted; jobs the helper is done with */
   atomic_int sleeping, busy;
   pthread_mutex_t lock;
   pthread_cond_t wake;
@@ -120,10 +126,31 @@ static long now_ns(void) {
   return t.tv_sec * 1000000000L + t.tv_nsec;
 }
 
+static void pause_briefly(int spins) {
+  if ((spins & 63) == 63) {
+    sched_yield();
+    return;
+  }
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+/* Claim and compute chunks of the current job until none is left. */
+static void run_chunks(void) {
+  for (int c; (c = atomic_fetch_add(&helper.claimed, 1)) < helper.n_chunks;) {
+    small_job part = helper.job;
+    part.n0 = c * helper.chunk;
+    part.n1 = part.n0 + helper.chunk < part.n1 ? part.n0 + helper.chunk : part.n1;
+    small_m_run(&part);
+    atomic_fetch_add(&helper.finished, 1);
+  }
+}
+
 static void *helper_main(void *arg) {
   (void)arg;
-  unsigned seen = atomic_load(&helper.finished); /* posted == finished between jobs */
   for (;;) {
+    unsigned seen = atomic_load(&helper.taken);
     long spin_end = now_ns() + SPIN_NS;
     for (int spins = 0; atomic_load(&helper.posted) == seen; spins++) {
       if ((spins & 255) == 0 && now_ns() > spin_end) {
@@ -133,13 +160,10 @@ static void *helper_main(void *arg) {
         atomic_store(&helper.sleeping, 0);
         pthread_mutex_unlock(&helper.lock);
       }
-#if defined(__x86_64__) || defined(__i386__)
-      __builtin_ia32_pause();
-#endif
+      pause_briefly(spins);
     }
-    seen = atomic_load(&helper.posted);
-    small_m_run(&helper.job);
-    atomic_store(&helper.finished, seen);
+    run_chunks();
+    atomic_store(&helper.taken, seen + 1);
   }
   return NULL;
 }
@@ -147,10 +171,12 @@ static void *helper_main(void *arg) {
 /* Whether the helper runs in this process (started on first use, again after a fork). */
 static int helper_ready(void) {
   if (helper.pid == getpid()) return 1;
+  atomic_store(&helper.taken, atomic_load(&helper.posted));
+  pthread_t thread;
   pthread_attr_t attr;
   pthread_attr_init(&attr);
   pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-  int ok = pthread_create(&helper.thread, &attr, helper_main, NULL) == 0;
+  int ok = pthread_create(&thread, &attr, helper_main, NULL) == 0;
   pthread_attr_destroy(&attr);
   if (ok) helper.pid = getpid();
   return ok;
@@ -159,34 +185,34 @@ static int helper_ready(void) {
 static void small_m(int M, int N, int K, float alpha, const float *A, int lda, const float *B,
                     int ldb, float beta, float *C, int ldc) {
   small_job job = {M, K, lda, ldb, ldc, 0, N, A, B, C, alpha, beta};
-  /* One caller at a time uses the helper; a concurrent caller computes alone. */
+  /* One caller at a time shares with the helper, and only once the helper is done with the
+   * previous job; otherwise the caller computes alone. */
   int expected = 0;
   if ((long)M * N * K < SPLIT_MIN_FMAS || N < 2 * NR ||
       !atomic_compare_exchange_strong(&helper.busy, &expected, 1)) {
     small_m_run(&job);
     return;
   }
-  if (!helper_ready()) {
+  if (!helper_ready() || atomic_load(&helper.taken) != atomic_load(&helper.posted)) {
     atomic_store(&helper.busy, 0);
     small_m_run(&job);
     return;
   }
-  int split = N / 2 / NR * NR;
   helper.job = job;
-  helper.job.n0 = split;
-  job.n1 = split;
-  unsigned ticket = atomic_fetch_add(&helper.posted, 1) + 1;
+  helper.chunk = (N + CHUNKS - 1) / CHUNKS;
+  helper.chunk = (helper.chunk + NR - 1) / NR * NR;
+  helper.n_chunks = (N + helper.chunk - 1) / helper.chunk;
+  atomic_store(&helper.claimed, 0);
+  atomic_store(&helper.finished, 0);
+  atomic_fetch_add(&helper.posted, 1);
   if (atomic_load(&helper.sleeping)) {
     pthread_mutex_lock(&helper.lock);
     pthread_cond_signal(&helper.wake);
     pthread_mutex_unlock(&helper.lock);
   }
-  small_m_run(&job);
-  while (atomic_load(&helper.finished) != ticket) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-  }
+  run_chunks();
+  for (int spins = 0; atomic_load(&helper.finished) < helper.n_chunks; spins++)
+    pause_briefly(spins);
   atomic_store(&helper.busy, 0);
 }
 
