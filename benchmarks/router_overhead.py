@@ -109,7 +109,16 @@ POOL_KEEPALIVE_S = 30.0
 
 
 class PeerUnavailable(RuntimeError):
-    """A system could not be installed or started; the message says why."""
+    """A system could not be installed or started, or died; the message says why.
+
+    Args:
+        message: Why.
+        rows: What was measured before it died.
+    """
+
+    def __init__(self, message: str, rows: list[dict] | None = None) -> None:
+        super().__init__(message)
+        self.rows = rows or []
 
 
 @dataclass
@@ -278,7 +287,8 @@ def tree_cpu_s(pid: int) -> float:
         except OSError:
             continue
         fields = stat.rpartition(")")[2].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
+        # utime, stime, and cutime, cstime: children that exited (and were waited for).
+        total += sum(int(f) for f in fields[11:15])
     return total / _HZ
 
 
@@ -654,6 +664,13 @@ async def measure_system(
                 rows.append(
                     {"system": server.name, "workload": workload, "concurrency": concurrency} | row
                 )
+                if server.proc.poll() is not None:
+                    raise PeerUnavailable(
+                        f"{server.name} exited with status {server.proc.returncode} during the "
+                        f"{workload} window at concurrency {concurrency}; its log ends: "
+                        f"{server.log.read_text(errors='replace')[-1500:]}",
+                        rows[:-1],
+                    )
     return rows
 
 
@@ -716,8 +733,9 @@ async def run_benchmark(options: BenchOptions) -> dict:
                 try:
                     rows, info = await _measure_gateway(name, fake, options, workdir, server_cpus)
                 except PeerUnavailable as err:
-                    logger.error("%s: skipped: %s", name, err)
+                    logger.error("%s: not (fully) measured: %s", name, err)
                     report["unavailable"][name] = str(err)
+                    report["rows"] += err.rows
                     continue
                 report["rows"] += rows
                 report["servers"][name] = info
