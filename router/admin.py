@@ -31,6 +31,7 @@ from .logs import Redactor, current_request, secrets_of, start_request
 from .metrics import Metrics
 from .providers import make_provider
 from .providers.base import BaseProvider
+from .shared_keys import SHARED_STATE
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("router.access")
@@ -146,16 +147,23 @@ def _model_label(cfg: Config, model: str | None) -> str:
 
 
 async def _health(request: web.Request) -> web.Response:
-    """``{"status": "ok"|"degraded", "providers": {name: {"keys", "active"}}}``; degraded when
-    a provider with keys has none active. Always 200 while the process serves."""
+    """``{"status": "ok"|"degraded", "providers": {name: {"keys", "active"}}}``, plus
+    ``shared_state`` (`SharedKeyState.status`) when configured; degraded when a provider with
+    keys has none active or the shared state's Redis is unreachable (the router then serves on
+    its local key state). Always 200 while the process serves."""
     providers = {}
     for name, pool in request.app[KEY_POOLS].items():
         keys = pool.snapshot()
         active = sum(k["state"] == "active" for k in keys)
         providers[name] = {"keys": len(keys), "active": active}
     degraded = any(p["keys"] and not p["active"] for p in providers.values())
+    body = {"providers": providers}
+    shared = request.app.get(SHARED_STATE)
+    if shared is not None:
+        body["shared_state"] = shared.status()
+        degraded = degraded or not shared.available
     return web.json_response(
-        {"status": "degraded" if degraded else "ok", "providers": providers},
+        {"status": "degraded" if degraded else "ok", **body},
         headers={"Cache-Control": "no-store"},
     )
 
@@ -174,7 +182,11 @@ async def _list_keys(request: web.Request) -> web.Response:
         for name, pool in request.app[KEY_POOLS].items()
         for key in pool.snapshot()
     ]
-    return web.json_response({"keys": keys})
+    body: dict = {"keys": keys}
+    shared = request.app.get(SHARED_STATE)
+    if shared is not None:
+        body["shared_state"] = shared.status()
+    return web.json_response(body)
 
 
 def _pool_of(request: web.Request) -> tuple[KeyPool, str]:
@@ -253,7 +265,8 @@ def apply_config(app: web.Application, new: Config) -> list[str]:
     Providers whose config (and the limits) did not change keep their provider object and
     key pool, with its key states. Changed and new providers get fresh ones; replaced
     providers serve their in-flight requests and are closed after ``shutdown_grace_s``.
-    ``listen`` changes need a restart and are ignored.
+    ``listen`` and ``shared_state`` changes need a restart and are ignored; new pools share
+    their keys' state like the others.
 
     Args:
         app: The running application.
@@ -267,6 +280,9 @@ def apply_config(app: web.Application, new: Config) -> list[str]:
     if new.listen != old.listen:
         logger.warning("reload: listen changes take effect only after a restart")
     new.listen = old.listen
+    if new.shared_state != old.shared_state:
+        logger.warning("reload: shared_state changes take effect only after a restart")
+    new.shared_state = old.shared_state
     check_bind(old.listen.host, new.auth)
     changed = [
         name
@@ -280,8 +296,10 @@ def apply_config(app: web.Application, new: Config) -> list[str]:
     except (ValueError, OSError) as err:  # e.g. a local model that cannot load
         raise ConfigError(f"reload: cannot start a provider: {err}") from err
     metrics = app[METRICS]
+    shared = app.get(SHARED_STATE)
     pools = {
-        name: KeyPool(new.providers[name], on_change=metrics.on_key_change) for name in changed
+        name: KeyPool(new.providers[name], on_change=metrics.on_key_change, shared=shared)
+        for name in changed
     }
     providers = app[PROVIDERS]
     retired = [p for name, p in providers.items() if name not in new.providers or name in changed]

@@ -34,6 +34,7 @@ from .logs import current_request
 from .metrics import count_usage, record_attempt
 from .providers import make_provider
 from .providers.base import BaseProvider
+from .shared_keys import SHARED_STATE, SharedKeyState
 from .sse import SSEEvent, encode_comment, encode_event
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ def create_app(cfg: Config) -> web.Application:
 
 
 async def _backends(app: web.Application) -> AsyncIterator[None]:
-    """One ClientSession, the providers and the key pools, for the app's lifetime."""
+    """One ClientSession, the providers and the key pools (and their link to the shared key
+    state, when configured), for the app's lifetime."""
     cfg = app[CONFIG]
     trace = aiohttp.TraceConfig()
     trace.on_request_end.append(_record_headers)
@@ -88,10 +90,17 @@ async def _backends(app: web.Application) -> AsyncIterator[None]:
         app[PROVIDERS] = {
             name: make_provider(p, session, cfg.limits) for name, p in cfg.providers.items()
         }
-        app[KEY_POOLS] = {name: KeyPool(p) for name, p in cfg.providers.items()}
+        shared = None
+        if cfg.shared_state is not None:
+            shared = app[SHARED_STATE] = SharedKeyState(cfg.shared_state)
+        app[KEY_POOLS] = {name: KeyPool(p, shared=shared) for name, p in cfg.providers.items()}
+        if shared is not None:
+            await shared.start()
         try:
             yield
         finally:
+            if shared is not None:
+                await shared.close()
             for provider in app[PROVIDERS].values():
                 await provider.close()
 

@@ -9,8 +9,10 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
+from redis.connection import parse_url
 
 DEFAULT_BASE_URLS = {
     "openai": "https://api.openai.com/v1",
@@ -261,6 +263,48 @@ class LogConfig:
             raise ConfigError(f"log.level: {self.level!r} is not a logging level")
 
 
+@dataclass
+class SharedStateConfig:
+    """Key state shared by several router instances through Redis (see router/shared_keys.py):
+    cooldowns, parking, disabled keys, in-flight counts and rpm/tpm budgets."""
+
+    # redis://[:password@]host:port/db, rediss:// (TLS) or unix:///path?db=0; ${VAR} works.
+    redis_url: str = field(repr=False)
+    # Namespace of this router fleet's Redis keys and pub/sub channel.
+    prefix: str = "smolvlm-router"
+    # Each Redis call's connect and read timeout; past it the router serves on local state.
+    timeout_s: float = 0.5
+    # How often an instance says it is alive, and how long after its last word a dead
+    # instance's in-flight requests stop counting against max_concurrent.
+    heartbeat_s: float = 1.0
+    instance_ttl_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        # Messages never quote the URL: it may carry a password.
+        try:
+            parts = parse_url(self.redis_url)
+        except ValueError as err:
+            raise ConfigError(f"shared_state.redis_url: {err}") from err
+        if not parts.get("host") and not parts.get("path"):
+            raise ConfigError("shared_state.redis_url: names no host (or unix socket path)")
+        url = urlsplit(self.redis_url)
+        db = url.path.strip("/") if url.scheme != "unix" else ""
+        if db and not db.isdigit():
+            raise ConfigError(f"shared_state.redis_url: the database {db!r} is not a number")
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]+", self.prefix):
+            raise ConfigError(
+                f"shared_state.prefix: {self.prefix!r} must be letters, digits or _.:-"
+            )
+        for name in ("timeout_s", "heartbeat_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"shared_state.{name}: must be > 0, got {getattr(self, name)}")
+        if self.instance_ttl_s < 2 * self.heartbeat_s:
+            raise ConfigError(
+                f"shared_state.instance_ttl_s: must be at least twice heartbeat_s "
+                f"({self.heartbeat_s}), got {self.instance_ttl_s}"
+            )
+
+
 def hash_key(key: str) -> str:
     """The form of a router key stored in the config: ``sha256:<hex>``.
 
@@ -303,6 +347,8 @@ class Config:
     # On SIGTERM/SIGINT, in-flight requests get this long to finish.
     shutdown_grace_s: float = 30.0
     log: LogConfig = field(default_factory=LogConfig)
+    # Redis-backed key state shared with other instances (None: this process's memory only).
+    shared_state: SharedStateConfig | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> Config:
@@ -317,13 +363,17 @@ class Config:
         """
         _require_mapping(data, "config")
         sections = {"listen", "providers", "models", "limits", "retry", "auth", "timeouts"}
-        _reject_unknown(data, sections | {"shutdown_grace_s", "log"}, "config")
+        sections |= {"shutdown_grace_s", "log", "shared_state"}
+        _reject_unknown(data, sections, "config")
         listen = _build(ListenConfig, data.get("listen") or {}, "listen")
         limits = _build(LimitsConfig, data.get("limits") or {}, "limits")
         retry = _build(RetryConfig, data.get("retry") or {}, "retry")
         auth = _build(AuthConfig, data.get("auth") or {}, "auth")
         timeouts = _build(TimeoutsConfig, data.get("timeouts") or {}, "timeouts")
         log = _build(LogConfig, data.get("log") or {}, "log")
+        shared = data.get("shared_state")
+        if shared is not None:
+            shared = _build(SharedStateConfig, shared, "shared_state")
         grace = data.get("shutdown_grace_s", 30.0)
         _check_type(grace, "float", "shutdown_grace_s")
         if grace < 0:
@@ -371,6 +421,7 @@ class Config:
             timeouts=timeouts,
             shutdown_grace_s=float(grace),
             log=log,
+            shared_state=shared,
         )
 
 

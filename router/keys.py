@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .config import KeyConfig, ProviderConfig
@@ -35,6 +36,9 @@ from .errors import (
     UpstreamError,
     parse_retry_after,
 )
+
+if TYPE_CHECKING:
+    from .shared_keys import SharedKeyState
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +294,8 @@ class _Key:
     starts: deque[float] = field(default_factory=deque)
     spent: deque[tuple[float, int]] = field(default_factory=deque)
     spent_total: int = 0
+    # The key's id in the shared state (set when the pool shares its keys).
+    shared_id: str = ""
 
 
 class Lease:
@@ -345,6 +351,10 @@ class Lease:
         """
         if self._key is not None:
             self._pool._set_state(self._key, COOLING, self._pool._clock() + seconds, reason)
+            if self._pool.shared is not None:
+                self._pool.shared.finish(
+                    self._key, release=False, state=COOLING, seconds=seconds, reason=reason
+                )
 
     def scrub(self, text: str) -> str:
         """``text`` with this lease's key string replaced by its masked form.
@@ -365,6 +375,8 @@ class KeyPool:
         clock: Monotonic time source (injectable for tests).
         wall: Epoch time source, for ``until`` in snapshots and reset times.
         rng: Random source of the backoff jitter.
+        shared: The key state shared with other router instances (None: this pool's own);
+            the pool then stays the first gate and mirrors the shared states.
     """
 
     def __init__(
@@ -374,6 +386,7 @@ class KeyPool:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        shared: SharedKeyState | None = None,
     ) -> None:
         self.provider = config.name
         self.config = config
@@ -389,6 +402,9 @@ class KeyPool:
         self._affinity: OrderedDict[str, _Key] = OrderedDict()
         self._waiters: set[asyncio.Future] = set()
         self._queued = 0
+        self.shared = shared
+        if shared is not None:
+            shared.attach(self)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -428,8 +444,17 @@ class KeyPool:
                 if not healthy:
                     raise self._unavailable(exclude, now)
                 ready = [k for k in healthy if self._has_room(k, now)]
+                pause = float("inf")
                 if ready:
-                    return self._lease(self._choose(ready, affinity), now)
+                    if self.shared is None or not self.shared.available:
+                        return self._lease(self._choose(ready, affinity), now)
+                    first = self._choose(ready, affinity)
+                    others = [k for k in ready if k is not first]
+                    key, pause = await self.shared.acquire(self, [first, *others])
+                    if key is not None:
+                        return self._lease(key, self._clock())
+                    now = self._clock()
+                    healthy = [k for k in healthy if k.state == ACTIVE]
                 if not queued:
                     if self._queued >= self.config.max_queue:
                         raise RateLimitError(
@@ -446,7 +471,7 @@ class KeyPool:
                         f"{now - start:.1f} s",
                         retry_after=QUEUE_RETRY_AFTER_S,
                     )
-                await self._wait(min(wait, self._next_change(healthy, now) - now))
+                await self._wait(min(wait, pause, self._next_change(healthy, now) - now))
         finally:
             if queued:
                 self._queued -= 1
@@ -561,6 +586,7 @@ class KeyPool:
         if tokens > 0:
             key.spent.append((now, tokens))
             key.spent_total += tokens
+        state, seconds, reason = "", None, ""
         if verdict is None:
             key.strikes = 0
         else:
@@ -571,12 +597,15 @@ class KeyPool:
                     seconds = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**key.strikes)
                     seconds *= self._rng.uniform(0.5, 1.0)
                     key.strikes += 1
-                self._set_state(key, COOLING, now + seconds, verdict.reason)
             elif verdict.state == PARKED:
                 seconds = self.config.park_s if verdict.seconds is None else verdict.seconds
-                self._set_state(key, PARKED, now + seconds, verdict.reason)
-            elif verdict.state == DISABLED:
-                self._set_state(key, DISABLED, None, verdict.reason)
+            if verdict.state != ACTIVE:
+                state, reason = verdict.state, verdict.reason
+                self._set_state(key, state, None if seconds is None else now + seconds, reason)
+        if self.shared is not None:
+            self.shared.finish(
+                key, release=True, tokens=tokens, state=state, seconds=seconds, reason=reason
+            )
         self._wake()
 
     def _set_state(self, key: _Key, state: str, until: float | None, reason: str) -> None:
@@ -585,6 +614,17 @@ class KeyPool:
             return
         if state == old and key.until is not None and until is not None:
             until = max(until, key.until)
+        self._change(key, state, until, reason)
+
+    def _apply_shared(self, key: _Key, state: str, until: float | None, reason: str) -> None:
+        """Mirror a key's state as the shared state has it (already ruled on there)."""
+        if (state, until, reason) != (key.state, key.until, key.reason):
+            self._change(key, state, until, reason)
+            if state == ACTIVE:
+                self._wake()
+
+    def _change(self, key: _Key, state: str, until: float | None, reason: str) -> None:
+        old = key.state
         key.state, key.until, key.reason = state, until, reason
         if state == old:
             return
@@ -644,7 +684,10 @@ class KeyPool:
         Raises:
             NotFoundError: No such key in this pool.
         """
-        self._set_state(self._key(key_id), DISABLED, None, reason)
+        key = self._key(key_id)
+        self._set_state(key, DISABLED, None, reason)
+        if self.shared is not None:
+            self.shared.finish(key, release=False, state=DISABLED, reason=reason)
 
     def enable(self, key_id: str) -> None:
         """Put a key back into service, whatever its state.
@@ -658,6 +701,8 @@ class KeyPool:
         key = self._key(key_id)
         key.strikes = 0
         self._set_state(key, ACTIVE, None, "enabled")
+        if self.shared is not None:
+            self.shared.finish(key, release=False, state=ACTIVE, reason="enabled", force=True)
         self._wake()
 
 

@@ -1,0 +1,436 @@
+"""Key state shared through Redis (router/shared_keys.py): the Lua scripts against a real
+redis-server, and three real router processes sharing one Redis and one fake provider."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+import yaml
+from aiohttp.test_utils import TestServer
+
+from router.config import Config, ConfigError, ProviderConfig, SharedStateConfig
+from router.errors import RateLimitError, UpstreamError
+from router.keys import ACTIVE, COOLING, DISABLED, PARKED, KeyPool, Verdict
+from router.shared_keys import SharedKeyState, shared_id
+from tests.router.fakes import TEXT_ANSWER
+from tests.router.test_ops import RouterProcess, free_port
+from tests.router.test_resilience import CountingOpenAI
+
+module_loop = pytest.mark.asyncio(loop_scope="module")
+
+REDIS_SERVER = "/usr/bin/redis-server"
+ADMIN_KEY = "shared-admin-key-0001"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+KEYS = [f"sk-shared-key-{i}{i}{i}{i}" for i in range(6)]
+
+
+# ---- a redis-server per module ---------------------------------------------------------------
+
+
+class RedisServer:
+    """``redis-server`` on a free loopback port, without persistence, in a temporary folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port = folder, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if shutil.which(REDIS_SERVER) is None:
+            pytest.fail(f"{REDIS_SERVER} is missing: install redis-server (apt-get install redis)")
+        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(self.folder)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while not self._listening():
+            assert self.proc.poll() is None, "redis-server exited at start"
+            assert time.monotonic() < deadline, "redis-server did not start within 10 s"
+            time.sleep(0.05)
+
+    def _listening(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+# ---- the scripts, in one process with several SharedKeyState instances ---------------------
+
+
+def shared_config(url: str, prefix: str, **extra: object) -> SharedStateConfig:
+    return SharedStateConfig(
+        redis_url=url, prefix=prefix, heartbeat_s=0.1, instance_ttl_s=0.3, **extra
+    )
+
+
+async def instances(
+    url: str, keys: list[dict], n: int, **provider: object
+) -> list[tuple[SharedKeyState, KeyPool]]:
+    """``n`` router instances' pools of one provider, sharing a fresh prefix."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    made = []
+    for _ in range(n):
+        shared = SharedKeyState(shared_config(url, prefix))
+        pool = KeyPool(
+            ProviderConfig(name="p", type="openai", keys=keys, **provider), shared=shared
+        )
+        await shared.start()
+        assert shared.available
+        made.append((shared, pool))
+    return made
+
+
+async def close_all(made: list[tuple[SharedKeyState, KeyPool]]) -> None:
+    for shared, _ in made:
+        await shared.close()
+
+
+async def wait_for(check: object, timeout: float = 1.0) -> float:
+    """Seconds until ``check()`` is true (fails after ``timeout``)."""
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < timeout, "condition not met in time"
+        await asyncio.sleep(0.002)
+    return time.monotonic() - start
+
+
+async def test_concurrent_acquires_never_exceed_max_concurrent_across_instances(redis_server):
+    made = await instances(redis_server.url, [{"key": KEYS[0], "max_concurrent": 3}], 3)
+    in_flight, peak = 0, 0
+
+    async def use(pool: KeyPool) -> None:
+        nonlocal in_flight, peak
+        lease = await pool.acquire()
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.02)
+        in_flight -= 1
+        lease.release()
+
+    try:
+        # Each instance's local gate alone would let 3 through: 9 at once.
+        await asyncio.gather(*(use(pool) for _, pool in made for _ in range(15)))
+        assert peak == 3
+    finally:
+        await close_all(made)
+
+
+async def test_rpm_budget_is_global_and_atomic(redis_server):
+    made = await instances(redis_server.url, [{"key": KEYS[0], "rpm": 5}], 3, queue_timeout_s=0.2)
+
+    async def try_once(pool: KeyPool) -> bool:
+        try:
+            (await pool.acquire()).release()
+        except RateLimitError:
+            return False
+        return True
+
+    try:
+        results = await asyncio.gather(*(try_once(pool) for _, pool in made for _ in range(8)))
+        assert sum(results) == 5
+    finally:
+        await close_all(made)
+
+
+async def test_severity_rule_and_enable_disable_across_instances(redis_server):
+    made = await instances(redis_server.url, [{"key": KEYS[0]}, {"key": KEYS[1]}], 2)
+    (a_shared, a), (b_shared, b) = made
+    changes: list[tuple[str, str, str]] = []
+    b.on_change = lambda provider, key_id, old, new, reason: changes.append((key_id, old, new))
+    try:
+        lease = await a.acquire(exclude=["p/1"])
+        lease.fail(Verdict(PARKED, 60.0, "quota exhausted"))
+        await wait_for(lambda: b.snapshot()[0]["state"] == PARKED)
+        assert changes == [("p/0", ACTIVE, PARKED)]
+        # A milder verdict from the other instance does not un-park the key anywhere.
+        b._apply_shared(b._keys[0], ACTIVE, None, "stale mirror")
+        key = b._keys[0]
+        b_shared.finish(key, release=False, state=COOLING, seconds=5.0, reason="429")
+        await asyncio.sleep(0.05)
+        assert b.snapshot()[0]["state"] == PARKED and a.snapshot()[0]["state"] == PARKED
+        # The parked key's end time is Redis's, the same in both mirrors (within a few ms).
+        until_a, until_b = a.snapshot()[0]["until"], b.snapshot()[0]["until"]
+        assert abs(until_a - until_b) < 0.05 and 59 < until_a - time.time() <= 60
+        # Enable on one instance: active everywhere.
+        b.enable("p/0")
+        await wait_for(lambda: a.snapshot()[0]["state"] == ACTIVE)
+        # Disable on one: the other sends no traffic to it, and says why.
+        a.disable("p/1", "admin says no")
+        await wait_for(lambda: b.snapshot()[1]["state"] == DISABLED)
+        assert b.snapshot()[1]["reason"] == "admin says no"
+        for _ in range(5):
+            lease = await b.acquire()
+            assert lease.key_id == "p/0"
+            lease.release()
+        b.disable("p/0", "both off")
+        await wait_for(lambda: a.snapshot()[0]["state"] == DISABLED)
+        with pytest.raises(UpstreamError):
+            await a.acquire()
+    finally:
+        await close_all(made)
+
+
+async def test_killed_instance_in_flight_stops_counting(redis_server):
+    made = await instances(
+        redis_server.url, [{"key": KEYS[0], "max_concurrent": 1}], 2, queue_timeout_s=3
+    )
+    (dead_shared, dead), (_, alive) = made
+    try:
+        await dead.acquire()  # never released: the process "dies" holding it
+        for task in dead_shared._loops:
+            task.cancel()
+        started = time.monotonic()
+        lease = await alive.acquire()
+        # The liveness key expires 0.3 s after the last heartbeat.
+        assert time.monotonic() - started < 1.0
+        lease.release()
+    finally:
+        await close_all(made)
+
+
+async def test_redis_down_serves_locally_and_shares_again_when_back(tmp_path, caplog):
+    server = RedisServer(tmp_path)
+    server.start()
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    shared = SharedKeyState(shared_config(server.url, prefix, timeout_s=0.2))
+    keys = [{"key": KEYS[0], "max_concurrent": 5}]
+    pool = KeyPool(ProviderConfig(name="p", type="openai", keys=keys), shared=shared)
+    await shared.start()
+    try:
+        assert shared.available
+        server.stop()
+        with caplog.at_level(logging.WARNING, logger="router.shared_keys"):
+            for _ in range(20):
+                lease = await pool.acquire()
+                lease.release()
+                await asyncio.sleep(0.02)
+            assert not shared.available and shared.status()["connected"] is False
+        warnings = [r for r in caplog.records if "Redis unavailable" in r.getMessage()]
+        assert len(warnings) == 1, "the warning is rate-limited"
+        held = await pool.acquire()  # in flight across the recovery
+        server.start()
+        await wait_for(lambda: shared.available, timeout=3)
+        client = aioredis.Redis.from_url(server.url, decode_responses=True)
+        rid = shared_id("p/0", KEYS[0])
+        # Back: this instance's in-flight count is re-sent, and its changes are shared.
+        assert await client.hget(f"{prefix}:key:{rid}:inflight", shared.instance) == "1"
+        held.release()
+        pool.disable("p/0", "after recovery")
+        await wait_for(lambda: not shared._pending)
+        assert await client.hget(f"{prefix}:key:{rid}:state", "state") == DISABLED
+        assert await client.hget(f"{prefix}:key:{rid}:inflight", shared.instance) is None
+        await client.aclose()
+    finally:
+        await shared.close()
+        server.stop()
+
+
+def test_redis_ids_never_contain_the_key_and_change_with_it():
+    rid = shared_id("p/0", KEYS[0])
+    assert rid.startswith("p/0:") and KEYS[0] not in rid
+    assert shared_id("p/0", KEYS[1]) != rid
+
+
+@pytest.mark.parametrize(
+    ("section", "culprit"),
+    [
+        ({"redis_url": "http://127.0.0.1:6379"}, "shared_state.redis_url"),
+        ({"redis_url": "redis://127.0.0.1:6379/x"}, "shared_state.redis_url"),
+        ({"redis_url": "redis://127.0.0.1:port/0"}, "shared_state.redis_url"),
+        ({"redis_url": "redis://"}, "shared_state.redis_url"),
+        ({}, "missing required key 'redis_url'"),
+        ({"redis_url": "redis://h", "host": "h"}, "unknown key(s) host"),
+        ({"redis_url": "redis://h", "prefix": "a b"}, "shared_state.prefix"),
+        ({"redis_url": "redis://h", "timeout_s": 0}, "shared_state.timeout_s"),
+        ({"redis_url": "redis://h", "instance_ttl_s": 1}, "shared_state.instance_ttl_s"),
+        ("redis://h", "shared_state: expected a mapping"),
+    ],
+)
+def test_bad_shared_state_config_names_the_culprit(section, culprit):
+    with pytest.raises(ConfigError, match=culprit.replace("(", r"\(").replace(")", r"\)")):
+        Config.from_dict({"providers": {}, "models": {}, "shared_state": section})
+
+
+# ---- three router processes ------------------------------------------------------------------
+
+
+class TimedOpenAI(CountingOpenAI):
+    """Also notes when each 429 was sent."""
+
+    def __init__(self, keys: list[str]) -> None:
+        super().__init__(keys)
+        self.sent_429: list[float] = []
+
+    def error_response(self, status: int, message: str) -> aiohttp.web.Response:
+        if status == 429:
+            self.sent_429.append(time.monotonic())
+        return super().error_response(status, message)
+
+
+def fleet_config(root: str, url: str, prefix: str) -> dict:
+    base = {"type": "openai", "base_url": f"{root}/v1"}
+    return {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "providers": {
+            "cool": {**base, "keys": KEYS[0:2]},
+            "rpm": {
+                **base,
+                "keys": [{"key": k, "rpm": 60} for k in KEYS[2:4]],
+                "queue_timeout_s": 0.5,
+                "max_queue": 1000,
+            },
+            "conc": {
+                **base,
+                "keys": [{"key": k, "max_concurrent": 2} for k in KEYS[4:6]],
+                "queue_timeout_s": 3,
+                "max_queue": 1000,
+            },
+        },
+        "models": {
+            name: [{"provider": name, "model": "gpt-fake"}] for name in ("cool", "rpm", "conc")
+        },
+        "auth": {"admin_key": ADMIN_KEY},
+        "shared_state": {
+            "redis_url": url,
+            "prefix": prefix,
+            "heartbeat_s": 0.2,
+            "instance_ttl_s": 1.0,
+        },
+        "shutdown_grace_s": 2,
+        "log": {"format": "text", "level": "WARNING"},
+    }
+
+
+class Fleet:
+    def __init__(self, fake: TimedOpenAI, routers: list[RouterProcess]) -> None:
+        self.fake, self.routers = fake, routers
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fleet(redis_server, tmp_path_factory) -> AsyncIterator[Fleet]:
+    fake = TimedOpenAI(list(KEYS))
+    server = TestServer(fake.app(), host="127.0.0.1")
+    await server.start_server()
+    folder = tmp_path_factory.mktemp("fleet")
+    config = folder / "router.yaml"
+    root = str(server.make_url("")).rstrip("/")
+    config.write_text(yaml.safe_dump(fleet_config(root, redis_server.url, "fleet")))
+    routers = [RouterProcess(config, folder / f"router{i}.log") for i in range(3)]
+    try:
+        await asyncio.gather(*(r.start() for r in routers))
+        yield Fleet(fake, routers)
+    finally:
+        for router in routers:
+            await router.stop()
+        await server.close()
+    assert not fake.problems, fake.problems
+
+
+async def ask(http: aiohttp.ClientSession, router: RouterProcess, model: str) -> tuple[int, str]:
+    body = {"model": model, "messages": [{"role": "user", "content": "scenario:text"}]}
+    async with http.post(f"{router.url}/v1/chat/completions", json=body) as resp:
+        data = await resp.json()
+        text = data["choices"][0]["message"]["content"] if resp.status == 200 else ""
+        return resp.status, text
+
+
+async def key_state(http: aiohttp.ClientSession, router: RouterProcess, key_id: str) -> str:
+    async with http.get(f"{router.url}/admin/keys", headers=ADMIN) as resp:
+        keys = (await resp.json())["keys"]
+    return next(k["state"] for k in keys if k["id"] == key_id)
+
+
+@module_loop
+async def test_a_429_on_one_instance_cools_the_key_on_all_within_100ms(fleet):
+    fake, (first, *others) = fleet.fake, fleet.routers
+    fake.reset()
+    async with aiohttp.ClientSession() as http:
+        fake.fail_next(429)
+        assert await ask(http, first, "cool") == (200, TEXT_ANSWER)
+        seen: dict[int, float] = {}
+
+        async def watch(i: int, router: RouterProcess) -> None:
+            while await key_state(http, router, failed_id) != COOLING:
+                pass
+            seen[i] = time.monotonic()
+
+        failed = KEYS.index(fake.exchanges[0].key)
+        failed_id = f"cool/{failed}"
+        # Polled as soon as the answer came back (the change was published before that).
+        await asyncio.wait_for(asyncio.gather(*(watch(i, r) for i, r in enumerate(others))), 2)
+        delays = [seen[i] - fake.sent_429[0] for i in range(2)]
+        assert max(delays) < 0.1, delays
+        fake.reset()
+        for router in others * 5:
+            assert await ask(http, router, "cool") == (200, TEXT_ANSWER)
+        assert {e.key for e in fake.exchanges} == {KEYS[1 - failed]}
+
+
+@module_loop
+async def test_rpm_budget_holds_across_three_instances(fleet):
+    fake, routers = fleet.fake, fleet.routers
+    fake.reset()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        results = await asyncio.gather(*(ask(http, routers[i % 3], "rpm") for i in range(300)))
+    ok = sum(status == 200 for status, _ in results)
+    reached = sum(e.key in KEYS[2:4] for e in fake.exchanges)
+    # 2 keys x 60 rpm; each instance alone would let 120 through (360 in all).
+    assert 120 <= reached <= 126 and ok == reached
+    assert {status for status, _ in results} <= {200, 429}
+
+
+@module_loop
+async def test_killing_an_instance_mid_load_loses_no_request_of_the_others(fleet):
+    fake, routers = fleet.fake, fleet.routers
+    fake.reset()
+    fake.peak.clear()
+    fake.delay_s = 0.2
+    stop_at = time.monotonic() + 5.0
+    outcomes: list[tuple[int, str]] = []
+
+    async def keep_asking(http: aiohttp.ClientSession, router: RouterProcess) -> None:
+        while time.monotonic() < stop_at:
+            outcomes.append(await ask(http, router, "conc"))
+
+    async def victim(http: aiohttp.ClientSession) -> None:
+        with pytest.raises(aiohttp.ClientError):
+            while True:
+                await ask(http, routers[2], "conc")
+
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            survivors = [keep_asking(http, r) for r in routers[:2] for _ in range(3)]
+            killer = [victim(http) for _ in range(4)]
+            work = asyncio.gather(*survivors, *killer)
+            await asyncio.sleep(1.0)
+            routers[2].proc.kill()
+            await work
+    finally:
+        fake.delay_s = 0.0
+    assert outcomes and all(o == (200, TEXT_ANSWER) for o in outcomes), outcomes
+    # The dead instance's slots came back: the survivors kept being served after the kill.
+    assert len(outcomes) > 20
+    assert max(fake.peak[k] for k in KEYS[4:6]) <= 2
