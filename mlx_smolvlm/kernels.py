@@ -34,6 +34,7 @@ MIN_SIZE = 1 << 16
 # the whole batch's scores (650 MB for a 13-tile image) would go to memory and back at each.
 CHUNK_VALUES = 1 << 20
 GELU_C = 0.7978845608028654  # sqrt(2 / pi)
+LOG2_E = 1.4426950408889634
 
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -211,6 +212,10 @@ def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
         up: The same shape as ``gate``.
     """
     if not use_numpy(gate):
+        if mx.default_device() == mx.cpu and kernel_mode() == "auto":
+            # exp(-g) as 2 ** (-g log2 e): MLX's CPU backend vectorizes `power`, not `exp`
+            # (3 against 13 ns a value), which halves the activation of a 4-row decode step.
+            return gate * up / (1.0 + mx.power(2.0, gate * -LOG2_E))
         return nn.silu(gate) * up
     g = np.asarray(gate)
     y = np.negative(g)

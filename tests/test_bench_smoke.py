@@ -200,6 +200,33 @@ def test_numpy_activations_equal_mlx(monkeypatch):
     )
 
 
+def test_decode_sized_silu_and_rope_equal_mlx(monkeypatch):
+    # Below NumPy's threshold the CPU backend computes SiLU through `power` and RoPE from
+    # cosine/sine tables; both must equal MLX's own operations.
+    monkeypatch.setenv("MLX_SMOLVLM_KERNELS", "auto")
+    rng = np.random.default_rng(3)
+    gate = mx.array(np.concatenate([rng.standard_normal(1530) * 8, [-200, -90, 0, 90, 200, 1]]))
+    up = mx.array(rng.standard_normal(1536, dtype=np.float32))
+    np.testing.assert_allclose(
+        np.array(kernels.silu_mul(gate, up)), np.array(nn.silu(gate) * up), rtol=1e-5, atol=1e-6
+    )
+    x = rng.standard_normal((3, 9, 5, 64), dtype=np.float32)
+    for offset in (0, 37, [0, 4, 1000]):
+        # transformers' Llama RoPE, in float32 as it computes it.
+        inv_freq = 1.0 / (np.float32(1e5) ** (np.arange(0, 64, 2, dtype=np.float32) / 64))
+        positions = np.asarray(offset, dtype=np.float32).reshape(-1, 1, 1) + np.arange(5)
+        angles = (positions[..., None] * inv_freq).astype(np.float32)
+        cos, sin = (
+            np.cos(np.concatenate([angles] * 2, -1)),
+            np.sin(np.concatenate([angles] * 2, -1)),
+        )
+        expected = x * cos + np.concatenate([-x[..., 32:], x[..., :32]], -1) * sin
+        position = mx.array(offset, dtype=mx.int32) if isinstance(offset, list) else offset
+        got = kernels.Rotary(64, 1e5, position, 5)(mx.array(x))
+        # A float32 angle near 1000 rad is only defined to 6e-5, whoever rounds it.
+        np.testing.assert_allclose(np.array(got), expected, atol=2e-4 if offset else 1e-6)
+
+
 def test_kernel_choice(monkeypatch):
     small, large = mx.zeros((4, 4)), mx.zeros((512, 512))
     monkeypatch.setenv("MLX_SMOLVLM_KERNELS", "auto")
