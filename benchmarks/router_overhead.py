@@ -292,30 +292,43 @@ def tree_cpu_s(pid: int) -> float:
     return total / _HZ
 
 
-def machine_busy_s() -> float:
-    """CPU time all processes of the machine used since boot (all CPUs), in seconds."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]  # idle, iowait
-    return (sum(values[:8]) - idle) / _HZ
+def machine_busy_s(cpus: set[int] | None = None) -> float:
+    """CPU time all processes used since boot on some CPUs (None: all), in seconds.
+
+    Args:
+        cpus: The CPUs.
+    """
+    total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu"):
+            break
+        if (cpus is None and name == "cpu") or (cpus is not None and name[3:] in map(str, cpus)):
+            values = [int(v) for v in fields[:8]]
+            total += sum(values) - values[3] - values[4]  # less idle and iowait
+    return total / _HZ
 
 
 @dataclass
 class CpuMeter:
     """CPU used during a stretch of time: by the server, by the fake and load generator, and
-    by every other process on the machine (other people's work on a shared machine).
+    by every other process on the CPUs that matter (other people's work on a shared machine).
 
     Args:
         server: The server's pid.
         helpers: The fake's and the load generator's pids.
+        cpus: The CPUs our processes run on (None: all).
     """
 
     server: int
     helpers: tuple[int, ...]
+    cpus: set[int] | None = None
 
     def read(self) -> tuple[float, float, float, float]:
-        """(wall, machine busy, server, helpers) in seconds, to subtract two readings."""
+        """(wall, busy, server, helpers) in seconds, to subtract two readings."""
         helpers = sum(tree_cpu_s(p) for p in set(self.helpers) - {self.server})
-        return time.monotonic(), machine_busy_s(), tree_cpu_s(self.server), helpers
+        busy = machine_busy_s(self.cpus)
+        return time.monotonic(), busy, tree_cpu_s(self.server), helpers
 
     @staticmethod
     def shares(start: tuple, end: tuple) -> dict:
@@ -609,7 +622,7 @@ def add_overheads(rows: list[dict]) -> None:
 
 
 async def measure_system(
-    server: Server, options: BenchOptions, direct: bool, fake_pid: int
+    server: Server, options: BenchOptions, direct: bool, fake_pid: int, cpus: set[int] | None
 ) -> list[dict]:
     """Both workloads at every concurrency against one system.
 
@@ -618,8 +631,10 @@ async def measure_system(
         options: The run's options.
         direct: Whether ``server`` is the fake (its stream baseline is its Anthropic stream).
         fake_pid: The fake's process (for the CPU accounting).
+        cpus: The CPUs the system, the fake and the load generator run on (None: all), where
+            other processes' work counts against the measurement.
     """
-    meter = CpuMeter(server.proc.pid, (fake_pid, os.getpid()))
+    meter = CpuMeter(server.proc.pid, (fake_pid, os.getpid()), cpus)
     rows = []
     for concurrency in options.concurrency:
         connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
@@ -728,7 +743,7 @@ async def run_benchmark(options: BenchOptions) -> dict:
         fake = start_fake(fake_config, client_cpus, workdir)
         try:
             fake.name = "direct"
-            report["rows"] += await measure_system(fake, options, True, fake.proc.pid)
+            report["rows"] += await measure_system(fake, options, True, fake.proc.pid, client_cpus)
             for name in options.systems:
                 try:
                     rows, info = await _measure_gateway(name, fake, options, workdir, server_cpus)
@@ -760,7 +775,7 @@ async def _measure_gateway(
     try:
         async with aiohttp.ClientSession() as session:
             await wait_ready(server, session, options.chunks)
-        rows = await measure_system(server, options, False, fake.proc.pid)
+        rows = await measure_system(server, options, False, fake.proc.pid, None)
     finally:
         sampler.cancel()
         server.stop()
