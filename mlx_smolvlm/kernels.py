@@ -5,17 +5,23 @@ float32 matrix products reach the optimized BLAS (bfloat16 and float16 ones are 
 50x slower), and the checkpoint's own dtype on GPUs (Metal, CUDA), where bfloat16/float16 halve
 the memory traffic. ``MLX_SMOLVLM_DTYPE`` (``float32``, ``bfloat16``, ``float16``) overrides it.
 
-MLX's Linux CPU backend evaluates ``exp``, ``tanh`` and ``sigmoid`` one value at a time (about
-10 ns per value on the project's machines, 15-25x NumPy's vectorized versions), which makes the
-softmax of attention and the GELU of the vision tower most of the time to encode an image. On
-that backend, float32 inputs of at least ``MIN_SIZE`` elements are therefore evaluated, viewed
-by NumPy without a copy, transformed there, and copied back. Smaller inputs (every one-token
-decode step) and every other device (Metal, CUDA) keep MLX's own fused operations, so the decode
-loop never waits on the host and GPU graphs stay lazy.
+MLX's Linux CPU backend evaluates ``exp``, ``tanh``, ``sin`` and ``cos`` one value at a time
+(about 10 ns per value on the project's machines, 15-25x NumPy's vectorized versions), which makes
+the softmax of attention and the GELU of the vision tower most of the time to encode an image,
+and has no kernels for ``mx.fast`` attention and RoPE (each call runs as a dozen small
+operations). On that backend, therefore:
+
+- float32 inputs of at least ``MIN_SIZE`` elements are evaluated, viewed by NumPy without a copy,
+  transformed there, and copied back (attention one head at a time);
+- smaller ones (every decode step) stay lazy in MLX, with attention and SiLU written out and
+  ``exp(x)`` computed as ``2 ** (x log2 e)`` (``power`` is vectorized), and RoPE from cosine and
+  sine tables made once per forward pass (`Rotary`), so the decode loop never waits on the host.
+
+Every other device (Metal, CUDA) keeps MLX's own fused operations and GPU graphs stay lazy.
 
 The choice is automatic; the environment variable ``MLX_SMOLVLM_KERNELS`` overrides it:
-``auto`` (default: NumPy on the CPU device), ``mlx`` (always MLX) or ``numpy`` (NumPy for
-every float32 input of at least ``MIN_SIZE`` elements, on any device). The NumPy path cannot
+``auto`` (default: the choices above on the CPU device), ``mlx`` (always MLX's own operations) or
+``numpy`` (NumPy for every float32 input of at least ``MIN_SIZE`` elements, on any device). The NumPy path cannot
 run inside ``mx.compile``, ``mx.grad`` or ``mx.vmap`` transformations.
 """
 
@@ -93,7 +99,9 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 def attention(
     q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None = None
 ) -> mx.array:
-    """``mx.fast.scaled_dot_product_attention``, with the softmax in NumPy where that is faster.
+    """``mx.fast.scaled_dot_product_attention``, written out on the CPU backend where that is
+    faster: large softmaxes in NumPy, a head at a time; small ones (decode steps) with ``exp``
+    as ``power`` (MLX's CPU ``fast`` attention is unfused and its ``exp`` scalar).
 
     Args:
         q: ``(B, n_heads, L, head_dim)`` queries.
@@ -108,7 +116,8 @@ def attention(
     """
     B, n_heads, L, D = q.shape
     n_kv, S = k.shape[1], k.shape[2]
-    if not use_numpy(q, B * n_heads * L * S):
+    large = use_numpy(q, B * n_heads * L * S)
+    if not large and (mx.default_device() != mx.cpu or kernel_mode() != "auto"):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     rep = n_heads // n_kv
     # Grouped heads share their key/value head: each of the B * n_kv groups is one
@@ -121,21 +130,35 @@ def attention(
         mask = mx.arange(S)[None] <= mx.arange(L)[:, None] + (S - L)
     if mask is not None:
         mask = mx.broadcast_to(mask, (B, n_heads, L, S)).reshape(groups, rows, S)
+    if not large:
+        scores = _masked(q @ k.swapaxes(-1, -2), mask)
+        probs = mx.power(2.0, (scores - scores.max(axis=-1, keepdims=True)) * LOG2_E)
+        return (probs / probs.sum(axis=-1, keepdims=True) @ v).reshape(B, n_heads, L, D)
     step = max(1, CHUNK_VALUES // S)  # query rows per chunk
     out = []
     for g in range(groups):
         keys = k[g].T
         for r in range(0, rows, step):
-            scores = q[g, r : r + step] @ keys
-            if mask is not None:
-                part = mask[g, r : r + step]
-                if part.dtype == mx.bool_:
-                    scores = mx.where(part, scores, -mx.inf)
-                else:
-                    scores = scores + part.astype(scores.dtype)
+            scores = _masked(
+                q[g, r : r + step] @ keys, None if mask is None else mask[g, r : r + step]
+            )
             out.append(mx.array(_softmax(np.asarray(scores))) @ v[g])
             mx.eval(out[-1])  # this chunk's scores are freed before the next is made
     return mx.concatenate(out).reshape(B, n_heads, L, D)
+
+
+def _masked(scores: mx.array, mask: mx.array | None) -> mx.array:
+    """Scores with a boolean (True attends) or additive mask applied.
+
+    Masked scores become the lowest finite value, not -inf: a query that sees no key (a padding
+    position) then gets finite weights, where -inf would make NaNs that reach the real rows
+    through the padding's keys and values (0 * NaN).
+    """
+    if mask is None:
+        return scores
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    return scores + mask.astype(scores.dtype)
 
 
 class Rotary:
@@ -214,7 +237,7 @@ def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
     if not use_numpy(gate):
         if mx.default_device() == mx.cpu and kernel_mode() == "auto":
             # exp(-g) as 2 ** (-g log2 e): MLX's CPU backend vectorizes `power`, not `exp`
-            # (3 against 13 ns a value), which halves the activation of a 4-row decode step.
+            # (3 against 9-13 ns a value), which halves the activation of a 4-row decode step.
             return gate * up / (1.0 + mx.power(2.0, gate * -LOG2_E))
         return nn.silu(gate) * up
     g = np.asarray(gate)
