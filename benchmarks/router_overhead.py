@@ -22,7 +22,8 @@ Per gateway also the peak RSS of its process tree (sampled from /proc every 0.1 
 cold start (process spawn to the first answered request). ``--pin`` (the default on a
 machine with 2+ CPUs) runs each gateway on the last CPU and the fake and the load generator
 on the others. The machine may be shared: each row says how much CPU other processes used
-during its window (``others``), and a window is repeated (``--retries``, 2) while that is more
+during its window on the CPUs the measured processes use (``others``), and a window is
+repeated (``--retries``, 2; after waiting up to 20 s for a quiet second) while that is more
 than a quarter of a CPU; the quietest attempt is kept.
 
 ``--soak`` instead sends ``--soak-requests`` (10,000) requests through the router, streaming
@@ -621,6 +622,24 @@ def add_overheads(rows: list[dict]) -> None:
 # ---- the benchmark --------------------------------------------------------------------------
 
 
+async def wait_quiet(meter: CpuMeter, quiet_cpus: float, limit_s: float = 20.0) -> None:
+    """Wait (up to ``limit_s``) for a second in which other processes use at most
+    ``quiet_cpus`` CPUs on the meter's CPUs.
+
+    Args:
+        meter: Whose CPUs, and which processes are ours.
+        quiet_cpus: The threshold.
+        limit_s: The longest wait.
+    """
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        before = meter.read()
+        await asyncio.sleep(1.0)
+        if CpuMeter.shares(before, meter.read())["others_cpus"] <= quiet_cpus:
+            return
+    logger.info("the machine stayed busy for %g s; measuring anyway", limit_s)
+
+
 async def measure_system(
     server: Server, options: BenchOptions, direct: bool, fake_pid: int, cpus: set[int] | None
 ) -> list[dict]:
@@ -676,6 +695,8 @@ async def measure_system(
                         row = tried | {"attempts": attempt + 1}
                     if tried["others_cpus"] <= options.quiet_cpus:
                         break
+                    if attempt < options.retries:
+                        await wait_quiet(meter, options.quiet_cpus)
                 rows.append(
                     {"system": server.name, "workload": workload, "concurrency": concurrency} | row
                 )
