@@ -450,7 +450,7 @@ class KeyPool:
                         return self._lease(self._choose(ready, affinity), now)
                     first = self._choose(ready, affinity)
                     others = [k for k in ready if k is not first]
-                    key, pause = await self.shared.acquire(self, [first, *others])
+                    key, pause = await self.shared.acquire([first, *others])
                     if key is not None:
                         return self._lease(key, self._clock())
                     now = self._clock()

@@ -66,13 +66,14 @@ FLUSH_TIMEOUT_S = 2.0
 
 # ARGV: prefix, instance, window ms, then per candidate (in preference order): rid,
 # max_concurrent, rpm, tpm (-1: unlimited). Admits the first candidate that is active and has
-# room; returns {index (0: none), now ms, ms until an rpm/tpm window frees (-1: unknown),
-# {rid, state, until, reason} of each candidate found not active}.
+# room; returns {index (0: none), now ms, ms until an rpm/tpm window frees (-1: unknown, or a
+# candidate is at its max_concurrent: a release or an expired instance frees it), {rid, state,
+# until, reason} of each candidate found not active}.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local prefix, inst, window = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local wait, states = -1, {}
+local wait, states, full = -1, {}, false
 local function sooner(ms)
   if wait < 0 or ms < wait then wait = ms end
 end
@@ -97,6 +98,7 @@ for i = 1, (#ARGV - 3) / 4 do
         end
       end
       room = total < mc
+      full = full or not room
     end
     if room and rpm >= 0 then
       redis.call('ZREMRANGEBYSCORE', k .. ':rpm', '-inf', now - window)
@@ -128,6 +130,7 @@ for i = 1, (#ARGV - 3) / 4 do
     end
   end
 end
+if full then wait = -1 end
 return {0, now, wait, states}
 """
 
@@ -261,6 +264,7 @@ class SharedKeyState:
         self._loops: list[Task] = []
         self._resync = True
         self._warned = -WARN_EVERY_S
+        self._closing = False
 
     # ---- lifetime ----------------------------------------------------------------------------
 
@@ -282,6 +286,8 @@ class SharedKeyState:
         drop this instance's liveness so that others stop counting its requests at once."""
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=FLUSH_TIMEOUT_S)
+        # The loops also stop by this flag: redis-py may swallow a cancellation.
+        self._closing = True
         for task in self._loops + list(self._pending):
             task.cancel()
         await asyncio.gather(*self._loops, *self._pending, return_exceptions=True)
@@ -318,11 +324,11 @@ class SharedKeyState:
 
     # ---- the pool's calls --------------------------------------------------------------------
 
-    async def acquire(self, pool: KeyPool, candidates: list[_Key]) -> tuple[_Key | None, float]:
-        """Admit the first candidate that is active and has room across all instances.
+    async def acquire(self, candidates: list[_Key]) -> tuple[_Key | None, float]:
+        """Admit the first candidate that is active and has room across all instances (the
+        states found on the way go to the mirror).
 
         Args:
-            pool: The asking pool (its mirror is updated with the states found).
             candidates: Keys the pool would use, in its order of preference.
 
         Returns:
@@ -336,16 +342,30 @@ class SharedKeyState:
                 key.shared_id,
                 *(-1 if v is None else v for v in (cfg.max_concurrent, cfg.rpm, cfg.tpm)),
             ]
+        # redis-py can finish a command whose caller was cancelled as if nothing happened: the
+        # script runs in its own task, and one admitted for a cancelled request is released.
+        call = asyncio.ensure_future(self._acquire(args=args))
         try:
-            index, now_ms, wait_ms, states = await self._acquire(args=args)
+            index, now_ms, wait_ms, states = await asyncio.shield(call)
         except (RedisError, OSError) as err:
             self._down(err)
             return candidates[0], 0.0
+        except asyncio.CancelledError:
+            call.add_done_callback(lambda done: self._undo(done, candidates))
+            raise
         for rid, state, until, reason in states:
             self._mirror(rid, state, until, reason, now_ms)
         if index:
             return candidates[index - 1], 0.0
-        return None, POLL_S if wait_ms < 0 else min(POLL_S, wait_ms / 1000)
+        return None, POLL_S if wait_ms < 0 else wait_ms / 1000
+
+    def _undo(self, call: asyncio.Future, candidates: list[_Key]) -> None:
+        """Release a shared admission whose request was cancelled while it was on its way."""
+        if call.cancelled() or call.exception() is not None:
+            return
+        index = call.result()[0]
+        if index:
+            self.finish(candidates[index - 1], release=True)
 
     def finish(
         self,
@@ -471,20 +491,20 @@ class SharedKeyState:
                 pool._wake()
 
     async def _heartbeat(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.config.heartbeat_s)
             await self._beat()
 
     async def _listen(self) -> None:
         """Apply the other instances' state changes and wake requests on their releases."""
         channel = f"{self._prefix}:events"
-        while True:
+        while not self._closing:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(channel)
                 # Changes published while unsubscribed are read by the next heartbeat.
                 self._resync = True
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None:
                         self._on_event(message["data"])
