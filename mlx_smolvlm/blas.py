@@ -9,8 +9,10 @@ In front of that BLAS goes a small shim (`blas_shim.c`, compiled with the system
 first use and cached under `~/.cache/mlx_smolvlm/`): MLX computes the single-row products of
 token-by-token decoding with `cblas_sgemm`, which OpenBLAS before 0.3.27 runs through its
 packed matrix-matrix path, copying the whole weight on every call. The shim sends those
-products to `cblas_sgemv` instead, which about doubles fp32 decoding speed. Without a C compiler
-the shim is skipped with a log message and everything still works.
+products to `cblas_sgemv` instead, which about doubles fp32 decoding speed. The 2-16-row
+products of batched decoding, which OpenBLAS packs the same way, it computes itself (register
+tiles over both cores; see the C source). Without a C compiler the shim is skipped with a log
+message and everything still works.
 
 MLX's CPU backend allocates every result afresh with `malloc`, and glibc serves allocations
 over 128 KiB-32 MiB with new `mmap`s: each large intermediate (a 50 MB attention score matrix
