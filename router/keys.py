@@ -17,6 +17,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import logging
+import math
 import random
 import re
 import time
@@ -444,7 +445,7 @@ class KeyPool:
                 if not healthy:
                     raise self._unavailable(exclude, now)
                 ready = [k for k in healthy if self._has_room(k, now)]
-                pause = float("inf")
+                pause = math.inf
                 if ready:
                     if self.shared is None or not self.shared.available:
                         return self._lease(self._choose(ready, affinity), now)
@@ -618,6 +619,8 @@ class KeyPool:
 
     def _apply_shared(self, key: _Key, state: str, until: float | None, reason: str) -> None:
         """Mirror a key's state as the shared state has it (already ruled on there)."""
+        if state == key.state == ACTIVE:
+            return
         if (state, until, reason) != (key.state, key.until, key.reason):
             self._change(key, state, until, reason)
             if state == ACTIVE:

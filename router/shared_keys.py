@@ -478,7 +478,9 @@ class SharedKeyState:
                 self._resync = False
                 found = {rid: (state, until, reason) for rid, state, until, reason in states}
                 for rid in self._keys:
-                    state, until, reason = found.get(rid, (ACTIVE, "", "shared state"))
+                    state, until, reason = found.get(
+                        rid, (ACTIVE, "", "active in the shared state")
+                    )
                     self._mirror(rid, state, until, reason, now_ms)
         except (RedisError, OSError) as err:
             self._down(err)

@@ -161,6 +161,21 @@ async def test_rpm_budget_is_global_and_atomic(redis_server):
     assert sum(results) == 15
 
 
+async def test_tpm_budget_counts_tokens_spent_on_other_instances(redis_server):
+    made = await instances(redis_server.url, [{"key": KEYS[0], "tpm": 100}], 2, queue_timeout_s=0.2)
+    (_, a), (b_shared, b) = made
+    try:
+        (await a.acquire()).release(60)
+        (await b.acquire()).release(60)
+        await wait_for(lambda: not b_shared._pending)
+        # 120 of 100 tokens spent in the window, 60 by each: neither instance gets the key.
+        for pool in (a, b):
+            with pytest.raises(RateLimitError):
+                await pool.acquire()
+    finally:
+        await close_all(made)
+
+
 async def test_a_cancelled_acquire_leaves_no_in_flight_count(redis_server):
     made = await instances(redis_server.url, [{"key": KEYS[0], "max_concurrent": 1}], 1)
     shared, pool = made[0]
@@ -245,14 +260,18 @@ async def test_killed_instance_in_flight_stops_counting(redis_server):
 
 async def test_redis_down_serves_locally_and_shares_again_when_back(tmp_path, caplog):
     server = RedisServer(tmp_path)
-    server.start()
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     shared = SharedKeyState(shared_config(server.url, prefix, timeout_s=0.2))
     keys = [{"key": KEYS[0], "max_concurrent": 5}]
     pool = KeyPool(ProviderConfig(name="p", type="openai", keys=keys), shared=shared)
+    # Not there at start: the router starts and serves on local state.
     await shared.start()
     try:
-        assert shared.available
+        assert not shared.available
+        (await pool.acquire()).release()
+        server.start()
+        await wait_for(lambda: shared.available, timeout=3)
+        caplog.clear()
         server.stop()
         with caplog.at_level(logging.WARNING, logger="router.shared_keys"):
             for _ in range(20):
