@@ -889,9 +889,9 @@ def draw(report: dict, path: Path) -> None:
         ("plain", "added_latency_p50_ms", "added p50 latency, ms (plain)"),
         ("stream", "added_ttfb_p50_ms", "added p50 TTFB, ms (stream, OpenAI->Anthropic)"),
     )
-    systems = ["direct", *[s for s in SYSTEMS if s in report["servers"]]]
+    colors = {"direct": "tab:gray", "router": "tab:blue", "litellm": "tab:orange"}
     for ax, (workload, key, title) in zip(axes, panels, strict=True):
-        for system in systems:
+        for system, color in colors.items():
             rows = [
                 r
                 for r in report["rows"]
@@ -899,10 +899,14 @@ def draw(report: dict, path: Path) -> None:
             ]
             if rows:
                 xs = [r["concurrency"] for r in rows]
-                ax.plot(xs, [r[key] for r in rows], marker="o", label=system)
+                ax.plot(xs, [r[key] for r in rows], marker="o", label=system, color=color)
         ax.set_xscale("log")
-        if key == "rps" or key.startswith("added"):
-            ax.set_yscale("symlog" if key.startswith("added") else "log")
+        if key == "rps":
+            ax.set_yscale("log")
+        else:
+            # Linear below 1 ms, where the targets are; negative noise is cut off.
+            ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_ylim(bottom=0)
         ax.set_xlabel("concurrency")
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
