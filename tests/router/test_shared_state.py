@@ -21,11 +21,13 @@ import redis.asyncio as aioredis
 import yaml
 from aiohttp.test_utils import TestServer
 
+from router.app import create_app
 from router.config import Config, ConfigError, ProviderConfig, SharedStateConfig
 from router.errors import RateLimitError, UpstreamError
 from router.keys import ACTIVE, COOLING, DISABLED, PARKED, KeyPool, Verdict
 from router.shared_keys import SharedKeyState, shared_id
 from tests.router.fakes import TEXT_ANSWER
+from tests.router.helpers import FakeUpstream, make_config
 from tests.router.test_ops import RouterProcess, free_port
 from tests.router.test_resilience import CountingOpenAI
 
@@ -297,6 +299,21 @@ async def test_redis_down_serves_locally_and_shares_again_when_back(tmp_path, ca
     finally:
         await shared.close()
         server.stop()
+
+
+async def test_app_without_redis_serves_and_says_so(aiohttp_server, aiohttp_client):
+    fake = FakeUpstream()
+    server = await aiohttp_server(fake.app)
+    cfg = make_config(str(server.make_url("")).rstrip("/"))
+    cfg.shared_state = SharedStateConfig(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    client = await aiohttp_client(create_app(cfg))
+    body = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(3):
+        assert (await client.post("/v1/chat/completions", json=body)).status == 200
+    health = await (await client.get("/health")).json()
+    assert health["status"] == "degraded"
+    assert health["shared_state"]["connected"] is False
+    assert "ConnectionError" in health["shared_state"]["last_error"]
 
 
 def test_redis_ids_never_contain_the_key_and_change_with_it():
