@@ -22,6 +22,7 @@ from .appkeys import (
     RELOAD_HOOKS,
     RETIRING,
     SESSION,
+    SHARED_STATE,
 )
 from .auth import check_bind, require_admin
 from .config import Config, ConfigError
@@ -31,7 +32,6 @@ from .logs import Redactor, current_request, secrets_of, start_request
 from .metrics import Metrics
 from .providers import make_provider
 from .providers.base import BaseProvider
-from .shared_keys import SHARED_STATE
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("router.access")

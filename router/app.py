@@ -19,7 +19,7 @@ from aiohttp import web
 from . import ir
 from .adapters import anthropic, gemini, openai, openai_responses
 from .admin import observe_middleware, setup_ops
-from .appkeys import CONFIG, KEY_POOLS, PROVIDERS, SESSION
+from .appkeys import CONFIG, KEY_POOLS, PROVIDERS, SESSION, SHARED_STATE
 from .auth import auth_middleware
 from .config import Config, Target, TimeoutsConfig
 from .errors import (
@@ -34,7 +34,7 @@ from .logs import current_request
 from .metrics import count_usage, record_attempt
 from .providers import make_provider
 from .providers.base import BaseProvider
-from .shared_keys import SHARED_STATE, SharedKeyState
+from .shared_keys import SharedKeyState
 from .sse import SSEEvent, encode_comment, encode_event
 
 logger = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ from .config import Config
 from .keys import KeyPool
 from .metrics import Metrics
 from .providers.base import BaseProvider
+from .shared_keys import SharedKeyState
 
 CONFIG = web.AppKey("config", Config)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
@@ -24,3 +25,5 @@ CONFIG_LOADER = web.AppKey("config_loader", Callable[[], Config])
 RELOAD_HOOKS = web.AppKey("reload_hooks", list[Callable[[Config], None]])
 # Replaced providers, closed once their in-flight requests had time to finish.
 RETIRING = web.AppKey("retiring", set[asyncio.Task])
+# Redis-backed key state shared with other instances (set when ``shared_state`` is configured).
+SHARED_STATE = web.AppKey("shared_state", SharedKeyState)

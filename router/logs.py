@@ -13,6 +13,7 @@ import logging
 import re
 import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -76,7 +77,8 @@ def current_request() -> RequestContext | None:
 
 
 def secrets_of(cfg: Config) -> list[str]:
-    """Every secret string a config holds: provider keys, and router keys given in plain.
+    """Every secret string a config holds: provider keys, router keys given in plain, and the
+    password in the shared state's Redis URL.
 
     Args:
         cfg: The config.
@@ -85,6 +87,10 @@ def secrets_of(cfg: Config) -> list[str]:
     found += [c.key for c in cfg.auth.clients if not c.key.startswith("sha256:")]
     if cfg.auth.admin_key and not cfg.auth.admin_key.startswith("sha256:"):
         found.append(cfg.auth.admin_key)
+    if cfg.shared_state is not None and cfg.shared_state.redis_url:
+        password = urllib.parse.urlsplit(cfg.shared_state.redis_url).password
+        if password:
+            found.append(password)
     return found
 
 

@@ -39,7 +39,6 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
-from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -529,7 +528,3 @@ class SharedKeyState:
         entry = self._keys.get(rid)
         if entry is not None:
             entry[0]._wake()
-
-
-# Set by `_backends` when ``shared_state`` is configured.
-SHARED_STATE = web.AppKey("shared_state", SharedKeyState)

@@ -4,14 +4,23 @@ One aiohttp app answers as OpenAI (``/v1/chat/completions``), Anthropic (``/v1/m
 and Gemini (``/v1beta/models/{model}:...``). Each test queues the answers it wants with
 `FakeUpstream.queue` (a status plus a JSON body or a list of SSE events); with nothing queued,
 a plain text answer in the right format is returned. Every request is recorded.
+
+`RouterProcess` runs the router as a real process (``python -m router``) for the tests of
+signals and of several instances.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
+import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
 from router.config import Config
@@ -247,3 +256,56 @@ def make_config(base_url: str, **limits: object) -> Config:
             "limits": {"max_body_bytes": 1024 * 1024, "image_timeout_s": 0.5, **limits},
         }
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RouterProcess:
+    """``python -m router --config`` in a subprocess, logs in a file."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config, self.log, self.port = config, log, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self.log.open("w") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "router",
+                "--config",
+                str(self.config),
+                "--port",
+                str(self.port),
+                stderr=out,
+                cwd=Path(__file__).parents[2],
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        deadline = time.monotonic() + 30
+        async with aiohttp.ClientSession() as http:
+            while True:
+                try:
+                    async with http.get(f"{self.url}/health") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert self.proc.returncode is None, self.log.read_text()
+                assert time.monotonic() < deadline, self.log.read_text()
+                await asyncio.sleep(0.1)
+
+    async def wait_log(self, text: str, timeout: float = 5) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log.read_text():
+            assert time.monotonic() < deadline, f"{text!r} not logged:\n{self.log.read_text()}"
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()

@@ -9,13 +9,9 @@ import contextvars
 import io
 import json
 import logging
-import os
 import re
 import signal
-import socket
-import sys
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -29,7 +25,13 @@ from router.config import Config, ConfigError, LogConfig
 from router.logs import configure_logging, secrets_of, start_request
 from router.sse import SSEDecoder
 from tests.router.fakes import OPENAI_KEYS, SLOW_TEXT, read_first_text_then_leave
-from tests.router.helpers import Answer, FakeUpstream, anthropic_events, make_config
+from tests.router.helpers import (
+    Answer,
+    FakeUpstream,
+    RouterProcess,
+    anthropic_events,
+    make_config,
+)
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -562,12 +564,6 @@ async def test_provider_keys_never_appear_in_logs_errors_metrics_or_admin(
 # ---- the real process: SIGHUP reload, SIGTERM drain ----------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def process_config(root: str, keys: list[str]) -> dict:
     return {
         "listen": {"host": "127.0.0.1", "port": 0},
@@ -576,53 +572,6 @@ def process_config(root: str, keys: list[str]) -> dict:
         "shutdown_grace_s": 10,
         "log": {"format": "json", "level": "INFO"},
     }
-
-
-class RouterProcess:
-    """``python -m router --config`` in a subprocess, logs in a file."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config, self.log, self.port = config, log, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with self.log.open("w") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "router",
-                "--config",
-                str(self.config),
-                "--port",
-                str(self.port),
-                stderr=out,
-                cwd=Path(__file__).parents[2],
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        deadline = time.monotonic() + 30
-        async with aiohttp.ClientSession() as http:
-            while True:
-                try:
-                    async with http.get(f"{self.url}/health") as resp:
-                        if resp.status == 200:
-                            return
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert self.proc.returncode is None, self.log.read_text()
-                assert time.monotonic() < deadline, self.log.read_text()
-                await asyncio.sleep(0.1)
-
-    async def wait_log(self, text: str, timeout: float = 5) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log.read_text():
-            assert time.monotonic() < deadline, f"{text!r} not logged:\n{self.log.read_text()}"
-            await asyncio.sleep(0.05)
-
-    async def stop(self) -> None:
-        if self.proc and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
 
 
 async def start_slow_stream(

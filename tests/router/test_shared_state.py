@@ -25,10 +25,10 @@ from router.app import create_app
 from router.config import Config, ConfigError, ProviderConfig, SharedStateConfig
 from router.errors import RateLimitError, UpstreamError
 from router.keys import ACTIVE, COOLING, DISABLED, PARKED, KeyPool, Verdict
+from router.logs import Redactor, secrets_of
 from router.shared_keys import SharedKeyState, shared_id
 from tests.router.fakes import TEXT_ANSWER
-from tests.router.helpers import FakeUpstream, make_config
-from tests.router.test_ops import RouterProcess, free_port
+from tests.router.helpers import FakeUpstream, RouterProcess, free_port, make_config
 from tests.router.test_resilience import CountingOpenAI
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -320,6 +320,18 @@ def test_redis_ids_never_contain_the_key_and_change_with_it():
     rid = shared_id("p/0", KEYS[0])
     assert rid.startswith("p/0:") and KEYS[0] not in rid
     assert shared_id("p/0", KEYS[1]) != rid
+
+
+def test_the_redis_password_is_a_secret_the_logs_redact():
+    cfg = Config.from_dict(
+        {
+            "providers": {},
+            "models": {},
+            "shared_state": {"redis_url": "redis://:s3cret-redis-pw@127.0.0.1:6379/0"},
+        }
+    )
+    assert "s3cret-redis-pw" in secrets_of(cfg)
+    assert "s3cret-redis-pw" not in Redactor(secrets_of(cfg)).scrub("AUTH s3cret-redis-pw failed")
 
 
 @pytest.mark.parametrize(
