@@ -30,11 +30,11 @@ from .errors import (
     PayloadTooLargeError,
 )
 from .keys import ACTIVE, KeyPool, Lease, classify_failure, exhausted_limit_reset
+from .keys.redis_store import SharedKeyState
 from .logs import current_request
 from .metrics import count_usage, record_attempt
 from .providers import make_provider
 from .providers.base import BaseProvider
-from .shared_keys import SharedKeyState
 from .sse import SSEEvent, encode_comment, encode_event
 
 logger = logging.getLogger(__name__)

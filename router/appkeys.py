@@ -10,9 +10,9 @@ from aiohttp import web
 
 from .config import Config
 from .keys import KeyPool
+from .keys.redis_store import SharedKeyState
 from .metrics import Metrics
 from .providers.base import BaseProvider
-from .shared_keys import SharedKeyState
 
 CONFIG = web.AppKey("config", Config)
 SESSION = web.AppKey("session", aiohttp.ClientSession)

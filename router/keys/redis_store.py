@@ -36,18 +36,16 @@ import os
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from .config import SharedStateConfig
-from .keys import ACTIVE, WINDOW_S
-
-if TYPE_CHECKING:
-    from .keys import KeyPool, _Key
+from ..config import SharedStateConfig
+from .state import ACTIVE, WINDOW_S, PooledKey
+from .store import KeyMirror
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +134,7 @@ return {0, now, wait, states}
 # ARGV: prefix, instance, rid, release (1: one request fewer in flight), tokens, window ms,
 # state ('' : none), ms it lasts (-1: no end), reason, force (1: set the state whatever the
 # current one, as `KeyPool.enable` does), notify (1: publish the release).
-# A milder state never replaces a harsher one (the rule of `KeyPool._set_state`). Publishes
+# A milder state never replaces a harsher one (the rule of `state.SEVERITY`). Publishes
 # changes (and notified releases) on {prefix}:events; returns {state, until ('' : none),
 # reason, now ms}.
 _FINISH = """
@@ -229,7 +227,7 @@ def shared_id(key_id: str, key: str) -> str:
 
 
 class SharedKeyState:
-    """One router instance's link to the shared key state in Redis.
+    """One router instance's link to the shared key state in Redis (a `SharedStore`).
 
     Args:
         config: The ``shared_state`` section.
@@ -258,7 +256,7 @@ class SharedKeyState:
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._finish = self._redis.register_script(_FINISH)
         self._sync = self._redis.register_script(_SYNC)
-        self._keys: dict[str, tuple[KeyPool, _Key]] = {}
+        self._keys: dict[str, tuple[KeyMirror, PooledKey]] = {}
         self._pending: set[Task] = set()
         self._loops: list[Task] = []
         self._resync = True
@@ -307,7 +305,7 @@ class SharedKeyState:
             "last_error": self.last_error,
         }
 
-    def attach(self, pool: KeyPool) -> None:
+    def attach(self, pool: KeyMirror) -> None:
         """Share a pool's keys (replacing the keys of an older pool of the same provider).
 
         Args:
@@ -316,14 +314,14 @@ class SharedKeyState:
         self._keys = {
             rid: entry for rid, entry in self._keys.items() if entry[0].provider != pool.provider
         }
-        for key in pool._keys:
+        for key in pool.keys:
             key.shared_id = shared_id(key.id, key.config.key)
             self._keys[key.shared_id] = (pool, key)
         self._resync = True
 
     # ---- the pool's calls --------------------------------------------------------------------
 
-    async def acquire(self, candidates: list[_Key]) -> tuple[_Key | None, float]:
+    async def acquire(self, candidates: list[PooledKey]) -> tuple[PooledKey | None, float]:
         """Admit the first candidate that is active and has room across all instances (the
         states found on the way go to the mirror).
 
@@ -358,7 +356,7 @@ class SharedKeyState:
             return candidates[index - 1], 0.0
         return None, POLL_S if wait_ms < 0 else wait_ms / 1000
 
-    def _undo(self, call: asyncio.Future, candidates: list[_Key]) -> None:
+    def _undo(self, call: asyncio.Future, candidates: list[PooledKey]) -> None:
         """Release a shared admission whose request was cancelled while it was on its way."""
         if call.cancelled() or call.exception() is not None:
             return
@@ -368,7 +366,7 @@ class SharedKeyState:
 
     def finish(
         self,
-        key: _Key,
+        key: PooledKey,
         *,
         release: bool,
         tokens: int = 0,
@@ -433,7 +431,7 @@ class SharedKeyState:
             return
         pool, key = entry
         until_mono = None if until == "" else self._clock() + (float(until) - now_ms) / 1000
-        pool._apply_shared(key, state, until_mono, reason)
+        pool.apply_shared(key, state, until_mono, reason)
 
     def _down(self, err: BaseException) -> None:
         """Redis failed: serve locally, warn (rate-limited), resync when it is back."""
@@ -489,7 +487,7 @@ class SharedKeyState:
             self.last_error = ""
             logger.info("shared key state: Redis reachable, sharing key state")
             for pool in {pool for pool, _ in self._keys.values()}:
-                pool._wake()
+                pool.wake()
 
     async def _heartbeat(self) -> None:
         while not self._closing:
@@ -527,4 +525,4 @@ class SharedKeyState:
         self._mirror(rid, state, str(until), reason, now_ms)
         entry = self._keys.get(rid)
         if entry is not None:
-            entry[0]._wake()
+            entry[0].wake()

@@ -1,4 +1,4 @@
-"""Key state shared through Redis (router/shared_keys.py): the Lua scripts against a real
+"""Key state shared through Redis (router/keys/redis_store.py): the Lua scripts against a real
 redis-server, and three real router processes sharing one Redis and one fake provider."""
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from router.app import create_app
 from router.config import Config, ConfigError, ProviderConfig, SharedStateConfig
 from router.errors import RateLimitError, UpstreamError
 from router.keys import ACTIVE, COOLING, DISABLED, PARKED, KeyPool, Verdict
+from router.keys.redis_store import SharedKeyState, shared_id
 from router.logs import Redactor, secrets_of
-from router.shared_keys import SharedKeyState, shared_id
 from tests.router.fakes import TEXT_ANSWER
 from tests.router.helpers import FakeUpstream, RouterProcess, free_port, make_config
 from tests.router.test_resilience import CountingOpenAI
@@ -215,8 +215,8 @@ async def test_severity_rule_and_enable_disable_across_instances(redis_server):
         await wait_for(lambda: b.snapshot()[0]["state"] == PARKED)
         assert changes == [("p/0", ACTIVE, PARKED)]
         # A milder verdict from the other instance does not un-park the key anywhere.
-        b._apply_shared(b._keys[0], ACTIVE, None, "stale mirror")
-        key = b._keys[0]
+        b.apply_shared(b.keys[0], ACTIVE, None, "stale mirror")
+        key = b.keys[0]
         b_shared.finish(key, release=False, state=COOLING, seconds=5.0, reason="429")
         await asyncio.sleep(0.05)
         assert b.snapshot()[0]["state"] == PARKED and a.snapshot()[0]["state"] == PARKED
@@ -275,7 +275,7 @@ async def test_redis_down_serves_locally_and_shares_again_when_back(tmp_path, ca
         await wait_for(lambda: shared.available, timeout=3)
         caplog.clear()
         server.stop()
-        with caplog.at_level(logging.WARNING, logger="router.shared_keys"):
+        with caplog.at_level(logging.WARNING, logger="router.keys.redis_store"):
             for _ in range(20):
                 lease = await pool.acquire()
                 lease.release()

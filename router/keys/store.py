@@ -1,0 +1,85 @@
+"""The key state that pools share with other router instances, behind a protocol.
+
+Without a shared store each pool's own state is the whole truth. With one (`SharedStore`,
+implemented on Redis by `redis_store.SharedKeyState`), each pool stays the first gate and the
+local mirror: it asks the store before it hands out a key, reports each request's end to it,
+and mirrors the states the store reports back through `KeyMirror`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from .state import PooledKey
+
+
+class KeyMirror(Protocol):
+    """What a shared store needs of a pool (`KeyPool`): its keys, a way to mirror their shared
+    states, and a way to wake the requests waiting for a key."""
+
+    provider: str
+
+    @property
+    def keys(self) -> list[PooledKey]:
+        """The pool's keys."""
+        ...
+
+    def apply_shared(self, key: PooledKey, state: str, until: float | None, reason: str) -> None:
+        """Mirror a key's state as the store has it."""
+        ...
+
+    def wake(self) -> None:
+        """Let waiting requests look for a key again."""
+        ...
+
+
+class SharedStore(Protocol):
+    """Key state shared by several router instances: admission across all of them, and the
+    outcomes and state changes of their requests."""
+
+    # False while the store cannot be reached: the pools then serve on their own state.
+    available: bool
+
+    async def start(self) -> None:
+        """Connect and start whatever keeps the link alive."""
+        ...
+
+    async def close(self) -> None:
+        """Send what is pending and disconnect."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """The link's state for ``/health`` and the admin API."""
+        ...
+
+    def attach(self, pool: KeyMirror) -> None:
+        """Share a pool's keys (replacing those of an older pool of the same provider)."""
+        ...
+
+    async def acquire(self, candidates: list[PooledKey]) -> tuple[PooledKey | None, float]:
+        """Admit the first candidate that is active and has room across all instances.
+
+        Returns:
+            The admitted key and 0, or None and how long to wait before asking again.
+        """
+        ...
+
+    def finish(
+        self,
+        key: PooledKey,
+        *,
+        release: bool,
+        tokens: int = 0,
+        state: str = "",
+        seconds: float | None = None,
+        reason: str = "",
+        force: bool = False,
+    ) -> None:
+        """Report a request's end and/or a key's new state."""
+        ...
+
+
+# The app's shared key state (set only when ``shared_state`` is configured).
+SHARED_STATE = web.AppKey("shared_state", SharedStore)
