@@ -23,12 +23,11 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from .admin import reload_config
 from .app import create_app
-from .appkeys import CONFIG_LOADER, RELOAD_HOOKS
 from .auth import check_bind
 from .config import Config, ConfigError, LogConfig, default_config, hash_key, load_config
 from .logs import configure_logging, secrets_of
+from .reload import CONFIG_LOADER, RELOAD_HOOKS, reload_config
 
 logger = logging.getLogger("router")
 

@@ -18,9 +18,9 @@ from aiohttp import web
 
 from . import ir
 from .adapters import anthropic, gemini, openai, openai_responses
-from .admin import observe_middleware, setup_ops
-from .appkeys import CONFIG, KEY_POOLS, PROVIDERS, SESSION, SHARED_STATE
+from .admin import setup_admin
 from .auth import auth_middleware
+from .backends import CONFIG, PROVIDERS, SESSION
 from .config import Config, Target, TimeoutsConfig
 from .errors import (
     GatewayError,
@@ -29,12 +29,22 @@ from .errors import (
     NotFoundError,
     PayloadTooLargeError,
 )
-from .keys import ACTIVE, KeyPool, Lease, classify_failure, exhausted_limit_reset
+from .keys import (
+    ACTIVE,
+    KEY_POOLS,
+    SHARED_STATE,
+    KeyPool,
+    Lease,
+    classify_failure,
+    exhausted_limit_reset,
+)
 from .keys.redis_store import SharedKeyState
 from .logs import current_request
 from .metrics import count_usage, record_attempt
+from .observe import observe_middleware, setup_observe
 from .providers import make_provider
 from .providers.base import BaseProvider
+from .reload import setup_reload
 from .sse import SSEEvent, encode_comment, encode_event
 
 logger = logging.getLogger(__name__)
@@ -64,7 +74,9 @@ def create_app(cfg: Config) -> web.Application:
     app = web.Application(client_max_size=cfg.limits.max_body_bytes, middlewares=middlewares)
     app[CONFIG] = cfg
     app.cleanup_ctx.append(_backends)
-    setup_ops(app)
+    setup_observe(app)
+    setup_admin(app)
+    setup_reload(app)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/responses", _responses)
     app.router.add_get("/v1/models", _list_models)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from .appkeys import CONFIG
+from .backends import CONFIG
 from .config import AuthConfig, ClientKeyConfig, ConfigError
 from .errors import AuthenticationError, PermissionDeniedError
 from .logs import current_request

@@ -133,6 +133,10 @@ class Metrics:
         return response
 
 
+# The app's metrics (set up with the observe middleware, see `router.observe`).
+METRICS = web.AppKey("metrics", Metrics)
+
+
 class _KeyStates:
     """``router_key_state{provider,key,state}``: 1 for each key's current state, else 0, read
     from the pools' snapshots at scrape time (so expired cool-downs show as active)."""

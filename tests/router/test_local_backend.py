@@ -33,7 +33,7 @@ from mlx_smolvlm import engine as engine_module
 from mlx_smolvlm.generate import GenerationResponse, generate
 from mlx_smolvlm.load import load
 from router.app import create_app
-from router.appkeys import PROVIDERS
+from router.backends import PROVIDERS
 from router.config import Config, ConfigError, Target, default_config
 from tests.mlx_smolvlm.conftest import build_hf_checkpoint
 from tests.router.fakes import Clients, make_clients

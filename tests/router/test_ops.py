@@ -20,9 +20,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from router.app import create_app
-from router.appkeys import CONFIG_LOADER, KEY_POOLS
 from router.config import Config, ConfigError, LogConfig
+from router.keys import KEY_POOLS
 from router.logs import configure_logging, secrets_of, start_request
+from router.reload import CONFIG_LOADER
 from router.sse import SSEDecoder
 from tests.router.fakes import OPENAI_KEYS, SLOW_TEXT, read_first_text_then_leave
 from tests.router.helpers import (

@@ -20,9 +20,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from router import ir
 from router.app import _open_stream, create_app
-from router.appkeys import KEY_POOLS
 from router.config import Config, LimitsConfig, ProviderConfig
-from router.keys import KeyPool
+from router.keys import KEY_POOLS, KeyPool
 from router.providers.base import BaseProvider
 from tests.router.fakes import (
     ANTHROPIC_KEYS,

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from router.app import create_app
-from router.appkeys import KEY_POOLS
 from router.config import Config, ConfigError, load_config
+from router.keys import KEY_POOLS
 from router.sse import SSEDecoder
 from tests.router.helpers import (
     PNG_BYTES,
