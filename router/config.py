@@ -12,7 +12,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import yaml
-from redis.connection import parse_url
 
 DEFAULT_BASE_URLS = {
     "openai": "https://api.openai.com/v1",
@@ -36,7 +35,7 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the offending key."""
 
 
-# How a provider's key pool picks the next key (see router/keys.py).
+# How a provider's key pool picks the next key (see router/keys/pool.py).
 STRATEGIES = ("round_robin", "least_busy", "weighted", "priority")
 
 
@@ -265,7 +264,7 @@ class LogConfig:
 
 @dataclass
 class SharedStateConfig:
-    """Key state shared by several router instances through Redis (see router/shared_keys.py):
+    """Key state shared by several router instances through Redis (see router/keys/redis_store.py):
     cooldowns, parking, disabled keys, in-flight counts and rpm/tpm budgets."""
 
     # redis://[:password@]host:port/db, rediss:// (TLS) or unix:///path?db=0; ${VAR} works.
@@ -280,6 +279,9 @@ class SharedStateConfig:
     instance_ttl_s: float = 5.0
 
     def __post_init__(self) -> None:
+        # Imported here: only a config with shared state needs the Redis client.
+        from redis.connection import parse_url
+
         # Messages never quote the URL: it may carry a password.
         try:
             parts = parse_url(self.redis_url)

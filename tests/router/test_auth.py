@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
 import sys
+from pathlib import Path
 
 import anthropic
 import openai
@@ -23,6 +25,8 @@ from tests.router.helpers import FakeUpstream
 FULL_KEY = "rk-full-access-0001"
 GPT_ONLY_KEY = "rk-gpt-only-0002"
 ADMIN_KEY = "admin-secret-0003"
+# The checkout, so a subprocess imports this tree's router.
+ROOT = Path(__file__).resolve().parents[2]
 
 OPENAI_BODY = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
 ANTHROPIC_BODY = {
@@ -249,6 +253,12 @@ def test_hash_key_command(monkeypatch, capsys):
         {"providers": {}, "models": {}, "auth": {"client_keys": [{"key": printed}]}}
     )
     assert find_client(cfg.auth.clients, "my-router-key") is not None
+
+
+def test_importing_auth_does_not_import_redis():
+    # Auth needs the config's app key only, not the shared key state's Redis client.
+    code = "import router.auth, sys; assert 'redis' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 @pytest.mark.asyncio(loop_scope="module")
