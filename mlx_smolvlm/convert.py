@@ -25,7 +25,8 @@ from .config import ModelConfig, load_config
 from .load import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, load_model, resolve_model_path
 from .model import Model
 from .processing import Processor
-from .quantize import QuantizationSpec, quantize_model, to_export_path
+from .quantize import QuantizationSpec, quantize_model
+from .weight_names import to_export_names
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def export_weights(model: Model) -> dict[str, mx.array]:
     Args:
         model: A loaded, possibly quantized, untied ``Model``.
     """
-    return {to_export_path(k): v for k, v in tree_flatten(model.parameters())}
+    return to_export_names(dict(tree_flatten(model.parameters())))
 
 
 def save_weights(
