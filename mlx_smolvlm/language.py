@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from .cache import KVCache
 from .config import TextConfig
-from .kernels import Rotary, attention, silu_mul
+from .device_ops import Rotary, attention, silu_mul
 
 
 class Attention(nn.Module):

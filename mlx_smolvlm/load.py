@@ -24,7 +24,7 @@ from huggingface_hub.errors import (
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ConfigError, load_config
-from .kernels import compute_dtype
+from .device_ops import compute_dtype
 from .model import Model
 from .quantize import apply_quantization
 
@@ -188,10 +188,10 @@ def load_model(path_or_hub_id: str, dtype: mx.Dtype | str | None = None) -> tupl
     Args:
         path_or_hub_id: A local checkpoint directory or a Hugging Face Hub repo id.
         dtype: Cast floating-point weights to this dtype (``mx.float32`` or a name such as
-            ``"bfloat16"``); ``"auto"`` is the device's compute dtype (``kernels.compute_dtype``:
-            float32 on the CPU backend, where bf16/fp16 matmuls are scalar loops, and the
-            checkpoint's dtype on GPUs; ``MLX_SMOLVLM_DTYPE`` overrides it); None keeps the
-            checkpoint's dtype.
+            ``"bfloat16"``); ``"auto"`` is the device's compute dtype
+            (``device_ops.compute_dtype``: float32 on the CPU backend, where bf16/fp16 matmuls
+            are scalar loops, and the checkpoint's dtype on GPUs; ``MLX_SMOLVLM_DTYPE``
+            overrides it); None keeps the checkpoint's dtype.
 
     Returns:
         The evaluated model and the resolved local directory.

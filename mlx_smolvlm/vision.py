@@ -9,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import VisionConfig
-from .kernels import attention, gelu_tanh
+from .device_ops import attention, gelu_tanh
 
 
 def torch_arange_f32(start: float, stop: float, step: float) -> np.ndarray:
