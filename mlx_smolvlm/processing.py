@@ -1,4 +1,4 @@
-"""The SmolVLM2 `Processor`: tokenizer, chat template, images and video to model inputs.
+"""The SmolVLM2 `Processor`: tokenizer, chat template, images and video to a `PreparedPrompt`.
 
 No torch or transformers at runtime: the tokenizer runs on `tokenizers`, the chat template on
 jinja2, images on Pillow/NumPy and video on PyAV.
@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -160,8 +161,52 @@ class Tokenizer:
         return bytes(self._byte_decoder[char] for char in token)
 
 
+@dataclass
+class PreparedPrompt:
+    """A tokenized prompt and its image tiles, ready for the model.
+
+    `pixel_values` `[tiles, 3, H, W]` and `pixel_attention_mask` `[tiles, H, W]` hold one entry
+    per run of `<image>` tokens in `input_ids`, in order; `tile_hashes` names each tile's pixels
+    (`<image hash>/<tile index in that image>`).
+    """
+
+    input_ids: list[int]
+    pixel_values: np.ndarray | None = None
+    pixel_attention_mask: np.ndarray | None = None
+    tile_hashes: list[str] = field(default_factory=list)
+
+    def __add__(self, other: PreparedPrompt) -> PreparedPrompt:
+        tiles = [p for p in (self, other) if p.pixel_values is not None]
+        pixel_values = mask = None
+        if tiles:
+            height = max(p.pixel_values.shape[-2] for p in tiles)
+            width = max(p.pixel_values.shape[-1] for p in tiles)
+            pixel_values = np.concatenate([_pad(p.pixel_values, height, width) for p in tiles])
+            mask = np.concatenate([_pad(_mask_of(p), height, width) for p in tiles])
+        return PreparedPrompt(
+            self.input_ids + other.input_ids,
+            pixel_values,
+            mask,
+            self.tile_hashes + other.tile_hashes,
+        )
+
+
+def _mask_of(prompt: PreparedPrompt) -> np.ndarray:
+    if prompt.pixel_attention_mask is not None:
+        return prompt.pixel_attention_mask
+    return np.ones(prompt.pixel_values.shape[:1] + prompt.pixel_values.shape[2:], dtype=bool)
+
+
+def _pad(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    pad = [(0, 0)] * (array.ndim - 2) + [
+        (0, height - array.shape[-2]),
+        (0, width - array.shape[-1]),
+    ]
+    return np.pad(array, pad)
+
+
 class Processor:
-    """Turns chat messages, images and a video into SmolVLM2 model inputs.
+    """Turns chat messages, images and a video into a SmolVLM2 `PreparedPrompt`.
 
     Args:
         tokenizer: The text tokenizer.
@@ -309,7 +354,7 @@ class Processor:
 
     def __call__(
         self, text: str, images: Sequence[ImageInput] | None = None, video: VideoInput | None = None
-    ) -> dict[str, Any]:
+    ) -> PreparedPrompt:
         """Tokenize a prompt and preprocess its media.
 
         Args:
@@ -319,10 +364,9 @@ class Processor:
             video: A video file path or its bytes.
 
         Returns:
-            `input_ids` int32 `[1, T]`; `pixel_values` float32 `[1, N, 3, H, W]` and
-            `pixel_attention_mask` bool `[1, N, H, W]` (None without media); `image_hashes`
-            (sha256 of each image's decoded RGB pixels, or of each video frame) and
-            `tiles_per_image` (entries of the N axis per hash, in order).
+            The token ids, the tiles (None without media) and each tile's hash: the sha256 of
+            its image's decoded RGB pixels (or of its video frame) and its place among that
+            image's tiles.
 
         Raises:
             ValueError: Placeholders and media disagree, or both images and a video are given.
@@ -343,35 +387,29 @@ class Processor:
                 f"{len(images)} images and {int(video is not None)} videos were given"
             )
 
-        tiles, hashes, image_prompts, video_prompts = [], [], [], []
+        tiles, tile_hashes, image_prompts, video_prompts = [], [], [], []
         for source in images:
             rgb = convert_to_rgb(load_image(source))
-            hashes.append(self._hash_pixels(np.asarray(rgb)))
+            image_hash = self._hash_pixels(np.asarray(rgb))
             image_tiles, rows, cols = self.image_processor.split(rgb)
             tiles.append(image_tiles)
+            tile_hashes += [f"{image_hash}/{tile}" for tile in range(len(image_tiles))]
             image_prompts.append(image_prompt(rows, cols, self.image_seq_len))
         if video is not None:
             if self.video_processor is None:
                 raise ValueError("This checkpoint's preprocessor_config.json has no video_sampling")
             frames, metadata = self.video_processor(video)
             tiles.extend(frame[None] for frame in frames)
-            hashes.extend(self._hash_pixels(frame) for frame in frames)
+            tile_hashes += [f"{self._hash_pixels(frame)}/0" for frame in frames]
             video_prompts.append(
                 video_prompt(metadata.timestamps, metadata.duration, self.image_seq_len)
             )
 
-        prompt = expand_media_tokens(text, image_prompts, video_prompts)
-        input_ids = np.asarray(self.tokenizer.encode(prompt), dtype=np.int32)[None]
-        pixel_values = mask = None
-        if tiles:
-            pixel_values, mask = self.image_processor.stack([tiles])
-        return {
-            "input_ids": input_ids,
-            "pixel_values": pixel_values,
-            "pixel_attention_mask": mask,
-            "image_hashes": hashes,
-            "tiles_per_image": [len(t) for t in tiles],
-        }
+        input_ids = self.tokenizer.encode(expand_media_tokens(text, image_prompts, video_prompts))
+        if not tiles:
+            return PreparedPrompt(input_ids)
+        pixel_values, mask = self.image_processor.stack(tiles)
+        return PreparedPrompt(input_ids, pixel_values, mask, tile_hashes)
 
     def _hash_pixels(self, pixels: np.ndarray) -> str:
         """sha256 of uint8 HWC pixels, their shape, and the settings that change the tiles."""
