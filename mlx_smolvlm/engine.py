@@ -41,9 +41,10 @@ from .generate import ImageFeatureCache, TextStream, encode_tiles, input_keys, p
 from .image_processing import ImageInput
 from .load import HUB_PATTERNS, WEIGHTS_FILE, load_model, resolve_model_path
 from .model import Model
-from .processing import PreparedPrompt, Processor, Tokenizer
+from .processing import PreparedPrompt, Processor
 from .random_weights import make_random_checkpoint
 from .sample import LogitsProcessor, Sampler, make_repetition_penalty, make_sampler
+from .tokenizer import Tokenizer
 from .video import VideoInput
 
 logger = logging.getLogger(__name__)

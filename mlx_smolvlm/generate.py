@@ -18,8 +18,9 @@ import mlx.core as mx
 from .cache import KVCache
 from .image_processing import ImageInput
 from .model import Model
-from .processing import PreparedPrompt, Processor, Tokenizer
+from .processing import PreparedPrompt, Processor
 from .sample import LogitsProcessor, Sampler, make_repetition_penalty, make_sampler
+from .tokenizer import Tokenizer
 from .video import VideoInput
 
 
