@@ -74,6 +74,7 @@ class PreparedPrompt:
     tile_hashes: list[str] = field(default_factory=list)
 
     def __add__(self, other: PreparedPrompt) -> PreparedPrompt:
+        """This prompt followed by ``other`` (a conversation's next turn), tiles padded alike."""
         tiles = [p for p in (self, other) if p.pixel_values is not None]
         pixel_values = mask = None
         if tiles:
