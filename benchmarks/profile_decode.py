@@ -16,7 +16,7 @@ from collections import defaultdict
 
 from mlx_smolvlm.bench import random_checkpoint
 from mlx_smolvlm.blas import gemv_shim_calls
-from mlx_smolvlm.kernels import Rotary
+from mlx_smolvlm.device_ops import Rotary
 from mlx_smolvlm.load import load_model
 
 import mlx.core as mx

@@ -6,11 +6,13 @@ from typing import Any
 from .generate import (
     GenerationResponse,
     ImageFeatureCache,
-    PreparedPrompt,
     PromptCache,
     prepare_prompt,
     stream_generate,
 )
+from .image_processing import ImageInput
+from .model import Model
+from .processing import PreparedPrompt, Processor
 
 
 class ChatSession:
@@ -20,7 +22,7 @@ class ChatSession:
     so each turn's prompt extends the cached one and only the new tokens are prefilled.
     """
 
-    def __init__(self, model: Any, processor: Any):
+    def __init__(self, model: Model, processor: Processor):
         self.model = model
         self.processor = processor
         self.messages: list[dict] = []
@@ -36,7 +38,7 @@ class ChatSession:
         )
 
     def ask(
-        self, text: str, images: list[Any] | None = None, **sampling: Any
+        self, text: str, images: list[ImageInput] | None = None, **sampling: Any
     ) -> Iterator[GenerationResponse]:
         """Send one user turn and stream the answer; the answer joins the conversation.
 

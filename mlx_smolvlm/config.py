@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class BaseConfig:
-    """Shared ``from_dict`` for all config dataclasses."""
+    """Shared ``from_dict`` and ``to_dict`` for all config dataclasses."""
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> BaseConfig:
@@ -50,6 +50,11 @@ class BaseConfig:
         if missing:
             raise ConfigError(f"{cls.__name__} is missing required key(s) {missing}")
         return cls(**{k: v for k, v in params.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields under their Hugging Face keys, nested configs as dicts (derived
+        attributes set in ``__post_init__`` are not fields and are left out)."""
+        return dataclasses.asdict(self)
 
 
 @dataclass

@@ -25,13 +25,17 @@ from .config import ModelConfig, load_config
 from .load import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, load_model, resolve_model_path
 from .model import Model
 from .processing import Processor
-from .quantize import QuantizationSpec, quantize_model, to_export_path
+from .quantize import QuantizationSpec, quantize_model
+from .weight_names import to_export_names
 
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float16", "bfloat16", "float32")
 MAX_SHARD_BYTES = 5 * 1024**3
 SHARD_FILE = "model-{:05d}-of-{:05d}.safetensors"
+# Text fields the export leaves as the source wrote them: MLX Swift reads none of them and the
+# port supports only their defaults (`rope_parameters` is already folded into `rope_theta`).
+SOURCE_ONLY_TEXT_FIELDS = ("rope_parameters", "attention_bias", "mlp_bias")
 
 
 class ConvertError(ValueError):
@@ -44,7 +48,7 @@ def export_weights(model: Model) -> dict[str, mx.array]:
     Args:
         model: A loaded, possibly quantized, untied ``Model``.
     """
-    return {to_export_path(k): v for k, v in tree_flatten(model.parameters())}
+    return to_export_names(dict(tree_flatten(model.parameters())))
 
 
 def save_weights(
@@ -96,7 +100,8 @@ def export_config(
     quantization: dict[str, Any] | None,
     skip_vision: bool,
 ) -> dict[str, Any]:
-    """``config.json`` of the export: the source's keys plus every key MLX Swift needs.
+    """``config.json`` of the export: the source's keys overwritten by the config's fields
+    (``ModelConfig.to_dict``, less ``SOURCE_ONLY_TEXT_FIELDS``) and the export's own keys.
 
     MLX Swift's defaults (``scale_factor`` 2, ``image_token_id`` 49153, ``vocab_size`` 128259,
     ``num_hidden_layers`` 32, ...) are not SmolVLM2's, so all are written explicitly. The export
@@ -113,54 +118,14 @@ def export_config(
     out = copy.deepcopy(source)
     for key in ("_name_or_path", "quantization", "quantization_config", "dtype"):
         out.pop(key, None)
-    text, vision = config.text_config, config.vision_config
-    out["text_config"] = {
-        **(out.get("text_config") or {}),
-        **{
-            k: getattr(text, k)
-            for k in (
-                "model_type",
-                "vocab_size",
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "num_key_value_heads",
-                "head_dim",
-                "hidden_act",
-                "max_position_embeddings",
-                "rms_norm_eps",
-                "rope_theta",
-            )
-        },
-        "tie_word_embeddings": False,
-    }
-    out["vision_config"] = {
-        **(out.get("vision_config") or {}),
-        **{
-            k: getattr(vision, k)
-            for k in (
-                "model_type",
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "num_channels",
-                "image_size",
-                "patch_size",
-                "hidden_act",
-                "layer_norm_eps",
-            )
-        },
-    }
-    out.update(
-        model_type=config.model_type,
-        scale_factor=config.scale_factor,
-        image_token_id=config.image_token_id,
-        vocab_size=text.vocab_size,
-        tie_word_embeddings=False,
-        torch_dtype=dtype,
-    )
+    fields = config.to_dict()
+    text = fields.pop("text_config")
+    for key in SOURCE_ONLY_TEXT_FIELDS:
+        del text[key]
+    out["text_config"] = {**(out.get("text_config") or {}), **text, "tie_word_embeddings": False}
+    out["vision_config"] = {**(out.get("vision_config") or {}), **fields.pop("vision_config")}
+    # MLX Swift reads vocab_size at the root too.
+    out.update(fields, vocab_size=text["vocab_size"], tie_word_embeddings=False, torch_dtype=dtype)
     if quantization is not None:
         out["quantization"] = quantization
         # transformers-style readers (and mlx-vlm, as a fallback) look here; MLX Swift does not.

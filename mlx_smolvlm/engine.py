@@ -37,18 +37,15 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
 from .blas import cache_dir
 from .cache import BatchKVCache
-from .generate import (
-    ImageFeatureCache,
-    PreparedPrompt,
-    TextStream,
-    encode_tiles,
-    input_keys,
-    prepare_prompt,
-)
+from .generate import ImageFeatureCache, TextStream, encode_tiles, input_keys, prepare_prompt
+from .image_processing import ImageInput
 from .load import HUB_PATTERNS, WEIGHTS_FILE, load_model, resolve_model_path
-from .processing import Processor
+from .model import Model
+from .processing import PreparedPrompt, Processor
 from .random_weights import make_random_checkpoint
 from .sample import LogitsProcessor, Sampler, make_repetition_penalty, make_sampler
+from .tokenizer import Tokenizer
+from .video import VideoInput
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +168,7 @@ class _Sequence:
         params: SamplingParams,
         max_tokens: int,
         eos_token_ids: list[int],
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         loop: asyncio.AbstractEventLoop,
     ):
         self.prompt = prompt
@@ -253,7 +250,7 @@ class Engine:
         config: Limits and batching options.
     """
 
-    def __init__(self, model: Any, processor: Any, config: EngineConfig | None = None):
+    def __init__(self, model: Model, processor: Processor, config: EngineConfig | None = None):
         self.model = model
         self.processor = processor
         self.config = config or EngineConfig()
@@ -285,7 +282,10 @@ class Engine:
             return EngineStats(running, self._queued, self._steps)
 
     def prepare(
-        self, prompt: str | list[dict], images: list[Any] | None = None, video: Any = None
+        self,
+        prompt: str | list[dict],
+        images: list[ImageInput] | None = None,
+        video: VideoInput | None = None,
     ) -> PreparedPrompt:
         """Apply the chat template, preprocess the media and tokenize (blocking).
 
@@ -302,8 +302,8 @@ class Engine:
     async def generate(
         self,
         prompt: str | list[dict] | PreparedPrompt,
-        images: list[Any] | None = None,
-        video: Any = None,
+        images: list[ImageInput] | None = None,
+        video: VideoInput | None = None,
         params: SamplingParams | None = None,
     ) -> AsyncIterator[EngineOutput]:
         """Generate an answer, yielding text pieces as the batch produces them.

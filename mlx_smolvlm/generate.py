@@ -14,9 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 
+from .cache import KVCache
+from .image_processing import ImageInput
+from .model import Model
+from .processing import PreparedPrompt, Processor
 from .sample import LogitsProcessor, Sampler, make_repetition_penalty, make_sampler
+from .tokenizer import Tokenizer
+from .video import VideoInput
 
 
 @dataclass
@@ -63,11 +68,11 @@ class ImageFeatureCache:
 class PromptCache:
     """A KV cache and the input it holds: token ids, with image tokens keyed by their tile hash."""
 
-    cache: list[Any]
+    cache: list[KVCache]
     keys: list[int | str] = field(default_factory=list)
 
     @classmethod
-    def for_model(cls, model: Any) -> "PromptCache":
+    def for_model(cls, model: Model) -> "PromptCache":
         return cls(cache=model.make_cache())
 
     def trim_to(self, length: int) -> None:
@@ -88,7 +93,7 @@ class StreamingDetokenizer:
 
     max_pending = 4  # a UTF-8 character spans at most 4 bytes, so at most 4 byte tokens
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.pending: list[int] = []
 
@@ -123,7 +128,7 @@ class TextStream:
 
     def __init__(
         self,
-        tokenizer: Any,
+        tokenizer: Tokenizer,
         max_tokens: int,
         stop: list[str] | None = None,
         eos_token_ids: Iterable[int] = (),
@@ -168,9 +173,9 @@ class TextStream:
 
 def generate_step(
     prompt: mx.array,
-    model: Any,
+    model: Model,
     *,
-    cache: list[Any],
+    cache: list[KVCache],
     image_features: mx.array | None = None,
     sampler: Sampler,
     logits_processors: list[LogitsProcessor] = (),
@@ -213,51 +218,11 @@ def generate_step(
         token, logprobs = next_token, next_logprobs
 
 
-@dataclass
-class PreparedPrompt:
-    """A tokenized prompt and its image tiles, ready for the model.
-
-    `pixel_values` `[tiles, 3, H, W]` and `pixel_attention_mask` `[tiles, H, W]` hold one entry
-    per run of `<image>` tokens in `input_ids`, in order; `tile_hashes` names each tile's pixels.
-    """
-
-    input_ids: list[int]
-    pixel_values: np.ndarray | None = None
-    pixel_attention_mask: np.ndarray | None = None
-    tile_hashes: list[str] = field(default_factory=list)
-
-    def __add__(self, other: "PreparedPrompt") -> "PreparedPrompt":
-        tiles = [p for p in (self, other) if p.pixel_values is not None]
-        pixel_values = mask = None
-        if tiles:
-            height = max(p.pixel_values.shape[-2] for p in tiles)
-            width = max(p.pixel_values.shape[-1] for p in tiles)
-            pixel_values = np.concatenate([_pad(p.pixel_values, height, width) for p in tiles])
-            mask = np.concatenate([_pad(_mask_of(p), height, width) for p in tiles])
-        return PreparedPrompt(
-            self.input_ids + other.input_ids,
-            pixel_values,
-            mask,
-            self.tile_hashes + other.tile_hashes,
-        )
-
-
-def _mask_of(prompt: PreparedPrompt) -> np.ndarray:
-    if prompt.pixel_attention_mask is not None:
-        return prompt.pixel_attention_mask
-    return np.ones(prompt.pixel_values.shape[:1] + prompt.pixel_values.shape[2:], dtype=bool)
-
-
-def _pad(array: np.ndarray, height: int, width: int) -> np.ndarray:
-    pad = [(0, 0)] * (array.ndim - 2) + [
-        (0, height - array.shape[-2]),
-        (0, width - array.shape[-1]),
-    ]
-    return np.pad(array, pad)
-
-
 def prepare_prompt(
-    processor: Any, prompt: str | list[dict], images: list[Any] | None = None, video: Any = None
+    processor: Processor,
+    prompt: str | list[dict],
+    images: list[ImageInput] | None = None,
+    video: VideoInput | None = None,
 ) -> PreparedPrompt:
     """Apply the chat template (for a list of messages), expand images and tokenize.
 
@@ -265,7 +230,7 @@ def prepare_prompt(
         processor: The `Processor` from `mlx_smolvlm.load`.
         prompt: A chat as a list of messages, or a string used as it is (one `<image>` per image).
         images: Images (paths, URLs, PIL images, bytes) in prompt order.
-        video: A video file path.
+        video: A video file path or its bytes.
 
     Raises:
         ValueError: The prompt is empty, or the processor rejects an input.
@@ -274,21 +239,7 @@ def prepare_prompt(
         prompt = processor.apply_chat_template(prompt, add_generation_prompt=True)
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty")
-    inputs = processor(prompt, images=images or None, video=video)
-    input_ids = [int(t) for t in np.asarray(inputs["input_ids"])[0]]
-    if inputs.get("pixel_values") is None:
-        return PreparedPrompt(input_ids)
-    pixel_values = np.asarray(inputs["pixel_values"])[0]
-    mask = inputs.get("pixel_attention_mask")
-    mask = None if mask is None else np.asarray(mask)[0]
-    # A tile is named by its image's hash (taken by the processor on the decoded pixels) and its
-    # place among that image's tiles.
-    tile_hashes = [
-        f"{image_hash}/{tile}"
-        for image_hash, tiles in zip(inputs["image_hashes"], inputs["tiles_per_image"], strict=True)
-        for tile in range(tiles)
-    ]
-    return PreparedPrompt(input_ids, pixel_values, mask, tile_hashes)
+    return processor(prompt, images=images or None, video=video)
 
 
 def input_keys(prompt: PreparedPrompt, image_token_id: int, seq_len: int) -> list[int | str]:
@@ -328,7 +279,7 @@ def _common_prefix(a: list, b: list) -> int:
 
 
 def encode_tiles(
-    model: Any, prompt: PreparedPrompt, wanted: list[int], feature_cache: ImageFeatureCache | None
+    model: Model, prompt: PreparedPrompt, wanted: list[int], feature_cache: ImageFeatureCache | None
 ) -> tuple[mx.array, int]:
     """Features for some of a prompt's tiles, sending only cache misses through the vision tower.
 
@@ -356,11 +307,11 @@ def encode_tiles(
 
 
 def stream_generate(
-    model: Any,
-    processor: Any,
+    model: Model,
+    processor: Processor,
     prompt: str | list[dict] | PreparedPrompt,
-    images: list[Any] | None = None,
-    video: Any = None,
+    images: list[ImageInput] | None = None,
+    video: VideoInput | None = None,
     *,
     max_tokens: int = 256,
     temperature: float = 0.0,
@@ -384,7 +335,7 @@ def stream_generate(
         prompt: A chat as a list of messages (the chat template is applied), a string used as
             it is (it must hold one `<image>` per image), or a `PreparedPrompt`.
         images: Images (paths, URLs, PIL images, bytes) in prompt order.
-        video: A video file path.
+        video: A video file path or its bytes.
         max_tokens: Most tokens to generate; fewer if the context fills up first.
         temperature, top_p, top_k, min_p: Sampling options (temperature 0 is greedy).
         repetition_penalty: transformers' repetition penalty (None or 1 disables it).
@@ -508,7 +459,7 @@ def _split_at_stop(text: str, stops: list[str], hold_back: bool = True) -> tuple
 
 
 def generate(
-    model: Any, processor: Any, prompt: str | list[dict], **kwargs: Any
+    model: Model, processor: Processor, prompt: str | list[dict] | PreparedPrompt, **kwargs: Any
 ) -> GenerationResponse:
     """Generate the whole answer at once; takes the arguments of `stream_generate`.
 

@@ -351,33 +351,42 @@ class ImageProcessor:
         if not all(batch):
             raise ValueError("No images to preprocess (an empty sample or image list)")
         split = [[self.split(convert_to_rgb(load_image(x))) for x in sample] for sample in batch]
-        pixel_values, mask = self.stack([[t for t, _, _ in sample] for sample in split])
+        samples = [self.stack([t for t, _, _ in sample]) for sample in split]
+        # Pad the samples to the most images and the largest H and W, as transformers does.
+        count = max(len(p) for p, _ in samples)
+        height = max(p.shape[2] for p, _ in samples)
+        width = max(p.shape[3] for p, _ in samples)
+        pixel_values = np.zeros((len(samples), count, 3, height, width), dtype=np.float32)
+        mask = np.zeros((len(samples), count, height, width), dtype=bool)
+        for b, (sample_pixels, sample_mask) in enumerate(samples):
+            n, _, h, w = sample_pixels.shape
+            pixel_values[b, :n, :, :h, :w] = sample_pixels
+            mask[b, :n, :h, :w] = sample_mask
         rows = [[r for _, r, _ in sample] for sample in split]
         cols = [[c for _, _, c in sample] for sample in split]
         return ImageBatch(pixel_values, mask, rows, cols)
 
     __call__ = preprocess
 
-    def stack(self, tiles: list[list[np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-        """Normalize uint8 tiles into zero-padded arrays.
+    def stack(self, tiles: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Normalize one prompt's uint8 tiles into zero-padded arrays.
 
         Args:
-            tiles: Per sample, per image, uint8 `[n, H, W, 3]`.
+            tiles: Per image, uint8 `[n, H, W, 3]`.
 
         Returns:
-            `pixel_values` `[batch, images, 3, H, W]` float32 and `pixel_attention_mask`
-            `[batch, images, H, W]` bool, padded to the most images and the largest H and W.
+            `pixel_values` `[tiles, 3, H, W]` float32 and `pixel_attention_mask`
+            `[tiles, H, W]` bool, padded to the largest H and W.
         """
-        counts = [sum(len(t) for t in sample) for sample in tiles]
-        height = max(t.shape[1] for sample in tiles for t in sample)
-        width = max(t.shape[2] for sample in tiles for t in sample)
-        pixel_values = np.zeros((len(tiles), max(counts), 3, height, width), dtype=np.float32)
-        mask = np.zeros((len(tiles), max(counts), height, width), dtype=bool)
-        for b, sample in enumerate(tiles):
-            start = 0
-            for t in sample:
-                n, h, w = t.shape[:3]
-                self.normalize(t, pixel_values[b, start : start + n, :, :h, :w])
-                mask[b, start : start + n, :h, :w] = True
-                start += n
+        count = sum(len(t) for t in tiles)
+        height = max(t.shape[1] for t in tiles)
+        width = max(t.shape[2] for t in tiles)
+        pixel_values = np.zeros((count, 3, height, width), dtype=np.float32)
+        mask = np.zeros((count, height, width), dtype=bool)
+        start = 0
+        for t in tiles:
+            n, h, w = t.shape[:3]
+            self.normalize(t, pixel_values[start : start + n, :, :h, :w])
+            mask[start : start + n, :h, :w] = True
+            start += n
         return pixel_values, mask

@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from .cache import KVCache
 from .config import TextConfig
-from .kernels import Rotary, attention, silu_mul
+from .device_ops import Rotary, attention, silu_mul
 
 
 class Attention(nn.Module):
@@ -126,6 +126,6 @@ class TextModel(nn.Module):
         """Drop RoPE buffers that old checkpoints saved; RoPE is recomputed here.
 
         Args:
-            weights: Checkpoint tensors with the ``model.`` prefix already removed.
+            weights: Checkpoint tensors under our names (``weight_names.from_checkpoint_names``).
         """
         return {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}

@@ -24,9 +24,9 @@ from huggingface_hub.errors import (
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ConfigError, load_config
-from .kernels import compute_dtype
+from .device_ops import compute_dtype
 from .model import Model
-from .quantize import apply_quantization, from_export_path
+from .quantize import apply_quantization
 
 if TYPE_CHECKING:
     from .processing import Processor
@@ -127,19 +127,6 @@ def load_weights(model_dir: Path) -> dict[str, mx.array]:
     raise FileNotFoundError(f"No {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} in {model_dir}")
 
 
-def from_mlx_layout(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Map an MLX export's names (mlx-vlm / MLX Swift) back to Hugging Face's.
-
-    Checkpoints whose names do not start with ``language_model.`` are returned as they are.
-
-    Args:
-        weights: Checkpoint tensors.
-    """
-    if not any(k.startswith("language_model.") for k in weights):
-        return weights
-    return {from_export_path(k): v for k, v in weights.items()}
-
-
 def read_quantization(model_dir: Path) -> dict | None:
     """The MLX ``quantization`` block of ``config.json``, or None for full precision.
 
@@ -201,10 +188,10 @@ def load_model(path_or_hub_id: str, dtype: mx.Dtype | str | None = None) -> tupl
     Args:
         path_or_hub_id: A local checkpoint directory or a Hugging Face Hub repo id.
         dtype: Cast floating-point weights to this dtype (``mx.float32`` or a name such as
-            ``"bfloat16"``); ``"auto"`` is the device's compute dtype (``kernels.compute_dtype``:
-            float32 on the CPU backend, where bf16/fp16 matmuls are scalar loops, and the
-            checkpoint's dtype on GPUs; ``MLX_SMOLVLM_DTYPE`` overrides it); None keeps the
-            checkpoint's dtype.
+            ``"bfloat16"``); ``"auto"`` is the device's compute dtype
+            (``device_ops.compute_dtype``: float32 on the CPU backend, where bf16/fp16 matmuls
+            are scalar loops, and the checkpoint's dtype on GPUs; ``MLX_SMOLVLM_DTYPE``
+            overrides it); None keeps the checkpoint's dtype.
 
     Returns:
         The evaluated model and the resolved local directory.
@@ -226,7 +213,7 @@ def load_model(path_or_hub_id: str, dtype: mx.Dtype | str | None = None) -> tupl
         raise ValueError(f"dtype must be a floating-point type, got {dtype}")
     config = load_config(model_dir)
     model = Model(config)
-    weights = model.sanitize(from_mlx_layout(load_weights(model_dir)))
+    weights = model.sanitize(load_weights(model_dir))
     quantization = read_quantization(model_dir)
     if quantization is not None:
         apply_quantization(model, quantization, weights)

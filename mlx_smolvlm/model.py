@@ -13,6 +13,7 @@ from .cache import KVCache
 from .config import ModelConfig
 from .language import TextModel
 from .vision import VisionModel
+from .weight_names import from_checkpoint_names, to_hf_names
 
 
 class ModalityProjection(nn.Module):
@@ -240,17 +241,17 @@ class Model(nn.Module):
         return sum(v.size for _, v in tree_flatten(self.parameters()))
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Map Hugging Face checkpoint tensors onto this model's parameter names and layouts.
+        """Map checkpoint tensors onto this model's parameter names and layouts.
 
         Args:
             weights: Tensors keyed by Hugging Face names (``model.text_model...``,
-                ``lm_head.weight``).
+                ``lm_head.weight``) or exported ones (``language_model...``).
 
         Raises:
             ValueError: If the config ties ``lm_head`` to the embeddings but the checkpoint
                 carries a different ``lm_head.weight``.
         """
-        weights = {k.removeprefix("model."): v for k, v in weights.items()}
+        weights = from_checkpoint_names(weights)
         if self.config.tie_word_embeddings and "lm_head.weight" in weights:
             # Tied checkpoints saved by torch.save may still carry the shared tensor twice.
             head = weights.pop("lm_head.weight")
@@ -265,5 +266,4 @@ class Model(nn.Module):
 
     def hf_weights(self) -> dict[str, mx.array]:
         """This model's parameters under Hugging Face names and layouts (inverse of ``sanitize``)."""
-        weights = self.vision_model.unsanitize(dict(tree_flatten(self.parameters())))
-        return {k if k.startswith("lm_head.") else f"model.{k}": v for k, v in weights.items()}
+        return to_hf_names(self.vision_model.unsanitize(dict(tree_flatten(self.parameters()))))

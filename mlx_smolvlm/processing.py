@@ -1,4 +1,4 @@
-"""The SmolVLM2 `Processor`: tokenizer, chat template, images and video to model inputs.
+"""The SmolVLM2 `Processor`: chat template, tokenizer, images and video to a `PreparedPrompt`.
 
 No torch or transformers at runtime: the tokenizer runs on `tokenizers`, the chat template on
 jinja2, images on Pillow/NumPy and video on PyAV.
@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from functools import cached_property
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from .prompt import (
     render_chat_template,
     video_prompt,
 )
+from .tokenizer import Tokenizer
 from .video import VideoInput, VideoProcessor, VideoSampling
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ PROCESSOR_FILES = REQUIRED_FILES + (
     "processor_config.json",
     "generation_config.json",
 )
-SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -59,109 +59,53 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+@dataclass
+class PreparedPrompt:
+    """A tokenized prompt and its image tiles, ready for the model.
 
-
-class Tokenizer:
-    """SmolVLM2's byte-level BPE tokenizer with its special tokens.
-
-    Args:
-        tokenizer: The `tokenizers` tokenizer built from `tokenizer.json`.
-        config: `tokenizer_config.json`.
-        eos_token_ids: Ids that end generation; the config's `eos_token` when None.
-
-    Raises:
-        ValueError: A needed token is missing from the vocabulary or the config.
+    `pixel_values` `[tiles, 3, H, W]` and `pixel_attention_mask` `[tiles, H, W]` hold one entry
+    per run of `<image>` tokens in `input_ids`, in order; `tile_hashes` names each tile's pixels
+    (`<image hash>/<tile index in that image>`).
     """
 
-    def __init__(
-        self,
-        tokenizer: tokenizers.Tokenizer,
-        config: dict[str, Any],
-        eos_token_ids: list[int] | None = None,
-    ):
-        self._tokenizer = tokenizer
-        self.special_tokens = {}
-        for key in SPECIAL_TOKEN_KEYS:
-            value = config.get(key)
-            self.special_tokens[key] = value["content"] if isinstance(value, dict) else value
-        self.image_token_id = self.token_to_id(IMAGE_TOKEN)
-        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        self._added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
-        if eos_token_ids is None:
-            if self.special_tokens["eos_token"] is None:
-                raise ValueError(
-                    "No eos_token_ids given and tokenizer_config.json has no eos_token"
-                )
-            eos_token_ids = [self.token_to_id(self.special_tokens["eos_token"])]
-        self.eos_token_ids = eos_token_ids
+    input_ids: list[int]
+    pixel_values: np.ndarray | None = None
+    pixel_attention_mask: np.ndarray | None = None
+    tile_hashes: list[str] = field(default_factory=list)
 
-    def token_to_id(self, token: str) -> int:
-        """Id of a single token.
+    def __add__(self, other: PreparedPrompt) -> PreparedPrompt:
+        """This prompt followed by ``other`` (a conversation's next turn), tiles padded alike."""
+        tiles = [p for p in (self, other) if p.pixel_values is not None]
+        pixel_values = mask = None
+        if tiles:
+            height = max(p.pixel_values.shape[-2] for p in tiles)
+            width = max(p.pixel_values.shape[-1] for p in tiles)
+            pixel_values = np.concatenate([_pad(p.pixel_values, height, width) for p in tiles])
+            mask = np.concatenate([_pad(_mask_of(p), height, width) for p in tiles])
+        return PreparedPrompt(
+            self.input_ids + other.input_ids,
+            pixel_values,
+            mask,
+            self.tile_hashes + other.tile_hashes,
+        )
 
-        Raises:
-            ValueError: The token is not in the vocabulary.
-        """
-        token_id = self._tokenizer.token_to_id(token)
-        if token_id is None:
-            raise ValueError(f"Token {token!r} is not in the tokenizer vocabulary")
-        return token_id
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; special tokens written in the text are matched, none are added."""
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+def _mask_of(prompt: PreparedPrompt) -> np.ndarray:
+    if prompt.pixel_attention_mask is not None:
+        return prompt.pixel_attention_mask
+    return np.ones(prompt.pixel_values.shape[:1] + prompt.pixel_values.shape[2:], dtype=bool)
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        """Text of `ids`."""
-        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def id_to_token(self, token_id: int) -> str:
-        """The vocabulary string of one id (byte-level characters, not text).
-
-        Raises:
-            ValueError: The id is outside the vocabulary.
-        """
-        token = self._tokenizer.id_to_token(token_id)
-        if token is None:
-            raise ValueError(
-                f"Token id {token_id} is outside the vocabulary (size {self.vocab_size})"
-            )
-        return token
-
-    @cached_property
-    def _byte_decoder(self) -> dict[str, int]:
-        return {char: byte for byte, char in _bytes_to_unicode().items()}
-
-    def token_bytes(self, token_id: int) -> bytes:
-        """The raw UTF-8 bytes one token stands for, for streaming detokenizers.
-
-        A token may hold part of a multi-byte character: join bytes before decoding them.
-
-        Raises:
-            ValueError: The id is outside the vocabulary.
-        """
-        token = self.id_to_token(token_id)
-        if token in self._added:
-            return token.encode("utf-8")
-        return bytes(self._byte_decoder[char] for char in token)
+def _pad(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    pad = [(0, 0)] * (array.ndim - 2) + [
+        (0, height - array.shape[-2]),
+        (0, width - array.shape[-1]),
+    ]
+    return np.pad(array, pad)
 
 
 class Processor:
-    """Turns chat messages, images and a video into SmolVLM2 model inputs.
+    """Turns chat messages, images and a video into a SmolVLM2 `PreparedPrompt`.
 
     Args:
         tokenizer: The text tokenizer.
@@ -309,7 +253,7 @@ class Processor:
 
     def __call__(
         self, text: str, images: Sequence[ImageInput] | None = None, video: VideoInput | None = None
-    ) -> dict[str, Any]:
+    ) -> PreparedPrompt:
         """Tokenize a prompt and preprocess its media.
 
         Args:
@@ -319,10 +263,9 @@ class Processor:
             video: A video file path or its bytes.
 
         Returns:
-            `input_ids` int32 `[1, T]`; `pixel_values` float32 `[1, N, 3, H, W]` and
-            `pixel_attention_mask` bool `[1, N, H, W]` (None without media); `image_hashes`
-            (sha256 of each image's decoded RGB pixels, or of each video frame) and
-            `tiles_per_image` (entries of the N axis per hash, in order).
+            The token ids, the tiles (None without media) and each tile's hash: the sha256 of
+            its image's decoded RGB pixels (or of its video frame) and its place among that
+            image's tiles.
 
         Raises:
             ValueError: Placeholders and media disagree, or both images and a video are given.
@@ -343,35 +286,29 @@ class Processor:
                 f"{len(images)} images and {int(video is not None)} videos were given"
             )
 
-        tiles, hashes, image_prompts, video_prompts = [], [], [], []
+        tiles, tile_hashes, image_prompts, video_prompts = [], [], [], []
         for source in images:
             rgb = convert_to_rgb(load_image(source))
-            hashes.append(self._hash_pixels(np.asarray(rgb)))
+            image_hash = self._hash_pixels(np.asarray(rgb))
             image_tiles, rows, cols = self.image_processor.split(rgb)
             tiles.append(image_tiles)
+            tile_hashes += [f"{image_hash}/{tile}" for tile in range(len(image_tiles))]
             image_prompts.append(image_prompt(rows, cols, self.image_seq_len))
         if video is not None:
             if self.video_processor is None:
                 raise ValueError("This checkpoint's preprocessor_config.json has no video_sampling")
             frames, metadata = self.video_processor(video)
             tiles.extend(frame[None] for frame in frames)
-            hashes.extend(self._hash_pixels(frame) for frame in frames)
+            tile_hashes += [f"{self._hash_pixels(frame)}/0" for frame in frames]
             video_prompts.append(
                 video_prompt(metadata.timestamps, metadata.duration, self.image_seq_len)
             )
 
-        prompt = expand_media_tokens(text, image_prompts, video_prompts)
-        input_ids = np.asarray(self.tokenizer.encode(prompt), dtype=np.int32)[None]
-        pixel_values = mask = None
-        if tiles:
-            pixel_values, mask = self.image_processor.stack([tiles])
-        return {
-            "input_ids": input_ids,
-            "pixel_values": pixel_values,
-            "pixel_attention_mask": mask,
-            "image_hashes": hashes,
-            "tiles_per_image": [len(t) for t in tiles],
-        }
+        input_ids = self.tokenizer.encode(expand_media_tokens(text, image_prompts, video_prompts))
+        if not tiles:
+            return PreparedPrompt(input_ids)
+        pixel_values, mask = self.image_processor.stack(tiles)
+        return PreparedPrompt(input_ids, pixel_values, mask, tile_hashes)
 
     def _hash_pixels(self, pixels: np.ndarray) -> str:
         """sha256 of uint8 HWC pixels, their shape, and the settings that change the tiles."""

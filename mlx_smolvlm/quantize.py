@@ -35,6 +35,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from .weight_names import from_export_path, to_export_path
+
 logger = logging.getLogger(__name__)
 
 MODE = "affine"
@@ -52,8 +54,6 @@ KEEP_MODULES = ("vision_model.embeddings.position_embedding",)
 # by 2-3 %, the whole first or last decoder layer by under 1 %.
 SENSITIVE_PREFIXES = ("vision_model.",)
 SENSITIVE_MODULES = ("lm_head", "text_model.embed_tokens", "connector.modality_projection.proj")
-# Our module paths <-> the exported names that mlx-vlm and MLX Swift use as is.
-_TO_EXPORT = (("lm_head", "language_model.lm_head"), ("text_model", "language_model"))
 
 
 class QuantizationError(ValueError):
@@ -93,30 +93,6 @@ class QuantizationSpec:
             raise QuantizationError(
                 f"Unknown quantization recipe {self.recipe!r}; expected one of {list(RECIPES)}"
             )
-
-
-def to_export_path(path: str) -> str:
-    """Map one of our parameter or module paths to the mlx-vlm / MLX Swift name.
-
-    Args:
-        path: E.g. ``text_model.layers.0.mlp.down_proj`` or ``lm_head.weight``.
-    """
-    for ours, theirs in _TO_EXPORT:
-        if path == ours or path.startswith(ours + "."):
-            return theirs + path[len(ours) :]
-    return path
-
-
-def from_export_path(path: str) -> str:
-    """Inverse of ``to_export_path``.
-
-    Args:
-        path: An mlx-vlm / MLX Swift name such as ``language_model.lm_head``.
-    """
-    for ours, theirs in _TO_EXPORT:
-        if path == theirs or path.startswith(theirs + "."):
-            return ours + path[len(theirs) :]
-    return path
 
 
 def _fitting_group_size(group_size: int, input_dims: int) -> int | None:

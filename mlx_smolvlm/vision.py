@@ -9,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .config import VisionConfig
-from .kernels import attention, gelu_tanh
+from .device_ops import attention, gelu_tanh
 
 
 def torch_arange_f32(start: float, stop: float, step: float) -> np.ndarray:
@@ -191,7 +191,7 @@ class VisionModel(nn.Module):
         """Convert checkpoint tensors of the vision tower to MLX layouts.
 
         Args:
-            weights: Checkpoint tensors with the ``model.`` prefix already removed.
+            weights: Checkpoint tensors under our names (``weight_names.from_checkpoint_names``).
         """
         out = {}
         for k, v in weights.items():
@@ -209,7 +209,7 @@ class VisionModel(nn.Module):
         """Inverse of ``sanitize``: MLX layouts back to PyTorch ones.
 
         Args:
-            weights: Model parameters with the ``model.`` prefix removed.
+            weights: Model parameters under our names.
         """
         return {
             k: v.transpose(0, 3, 1, 2) if k.endswith("patch_embedding.weight") else v

@@ -9,7 +9,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_smolvlm import bench, kernels
+from mlx_smolvlm import bench, device_ops
 from mlx_smolvlm.blas import gemv_shim_calls
 from mlx_smolvlm.config import ModelConfig
 from mlx_smolvlm.load import WEIGHTS_FILE
@@ -168,10 +168,10 @@ def test_small_m_products_equal_numpy_and_rows_do_not_depend_on_the_batch(m, n, 
     [(4, 4, 96, 96, None), (6, 2, 96, 96, "causal"), (6, 2, 40, 200, "causal"),
      (4, 4, 128, 128, "bool"), (4, 2, 96, 160, "additive")],
 )  # fmt: skip
-@pytest.mark.parametrize("chunk_values", [kernels.CHUNK_VALUES, 4000])  # 4000: split rows
+@pytest.mark.parametrize("chunk_values", [device_ops.CHUNK_VALUES, 4000])  # 4000: split rows
 def test_numpy_attention_equals_mlx(monkeypatch, n_heads, n_kv, L, S, mask, chunk_values):
     monkeypatch.setenv("MLX_SMOLVLM_KERNELS", "numpy")
-    monkeypatch.setattr(kernels, "CHUNK_VALUES", chunk_values)
+    monkeypatch.setattr(device_ops, "CHUNK_VALUES", chunk_values)
     rng = np.random.default_rng(1)
     q = mx.array(rng.standard_normal((2, n_heads, L, 64), dtype=np.float32))
     k = mx.array(rng.standard_normal((2, n_kv, S, 64), dtype=np.float32))
@@ -180,8 +180,8 @@ def test_numpy_attention_equals_mlx(monkeypatch, n_heads, n_kv, L, S, mask, chun
         mask = mx.array(rng.random((2, 1, 1, S)) > 0.3)
     elif mask == "additive":
         mask = mx.array(rng.standard_normal((1, 1, L, S), dtype=np.float32))
-    assert kernels.use_numpy(q, 2 * n_heads * L * S)
-    out = kernels.attention(q, k, v, 0.125, mask)
+    assert device_ops.use_numpy(q, 2 * n_heads * L * S)
+    out = device_ops.attention(q, k, v, 0.125, mask)
     expected = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
     np.testing.assert_allclose(np.array(out), np.array(expected), atol=2e-6)
 
@@ -192,11 +192,11 @@ def test_numpy_activations_equal_mlx(monkeypatch):
     x = mx.array(rng.standard_normal((64, 2048), dtype=np.float32) * 6)
     up = mx.array(rng.standard_normal((64, 2048), dtype=np.float32))
     np.testing.assert_allclose(
-        np.array(kernels.gelu_tanh(x)), np.array(nn.gelu_approx(x)), atol=2e-6
+        np.array(device_ops.gelu_tanh(x)), np.array(nn.gelu_approx(x)), atol=2e-6
     )
     x = x * 20  # silu's exp(-x) overflows for x < -88
     np.testing.assert_allclose(
-        np.array(kernels.silu_mul(x, up)), np.array(nn.silu(x) * up), rtol=1e-5, atol=1e-5
+        np.array(device_ops.silu_mul(x, up)), np.array(nn.silu(x) * up), rtol=1e-5, atol=1e-5
     )
 
 
@@ -208,7 +208,7 @@ def test_decode_sized_silu_and_rope_equal_mlx(monkeypatch):
     gate = mx.array(np.concatenate([rng.standard_normal(1530) * 8, [-200, -90, 0, 90, 200, 1]]))
     up = mx.array(rng.standard_normal(1536, dtype=np.float32))
     np.testing.assert_allclose(
-        np.array(kernels.silu_mul(gate, up)), np.array(nn.silu(gate) * up), rtol=1e-5, atol=1e-6
+        np.array(device_ops.silu_mul(gate, up)), np.array(nn.silu(gate) * up), rtol=1e-5, atol=1e-6
     )
     x = rng.standard_normal((3, 9, 5, 64), dtype=np.float32)
     for offset in (0, 37, [0, 4, 1000]):
@@ -222,7 +222,7 @@ def test_decode_sized_silu_and_rope_equal_mlx(monkeypatch):
         )
         expected = x * cos + np.concatenate([-x[..., 32:], x[..., :32]], -1) * sin
         position = mx.array(offset, dtype=mx.int32) if isinstance(offset, list) else offset
-        got = kernels.Rotary(64, 1e5, position, 5)(mx.array(x))
+        got = device_ops.Rotary(64, 1e5, position, 5)(mx.array(x))
         # A float32 angle near 1000 rad is only defined to 6e-5, whoever rounds it.
         np.testing.assert_allclose(np.array(got), expected, atol=2e-4 if offset else 1e-6)
 
@@ -230,22 +230,22 @@ def test_decode_sized_silu_and_rope_equal_mlx(monkeypatch):
 def test_kernel_choice(monkeypatch):
     small, large = mx.zeros((4, 4)), mx.zeros((512, 512))
     monkeypatch.setenv("MLX_SMOLVLM_KERNELS", "auto")
-    assert not kernels.use_numpy(small)
-    assert kernels.use_numpy(large) == (mx.default_device() == mx.cpu)
-    assert not kernels.use_numpy(large.astype(mx.bfloat16))
+    assert not device_ops.use_numpy(small)
+    assert device_ops.use_numpy(large) == (mx.default_device() == mx.cpu)
+    assert not device_ops.use_numpy(large.astype(mx.bfloat16))
     monkeypatch.setenv("MLX_SMOLVLM_KERNELS", "mlx")
-    assert not kernels.use_numpy(large)
+    assert not device_ops.use_numpy(large)
     monkeypatch.setenv("MLX_SMOLVLM_KERNELS", "fast")
     with pytest.raises(ValueError, match="MLX_SMOLVLM_KERNELS='fast'"):
-        kernels.use_numpy(large)
+        device_ops.use_numpy(large)
 
 
 def test_compute_dtype(monkeypatch):
     monkeypatch.delenv("MLX_SMOLVLM_DTYPE", raising=False)
     on_cpu = mx.default_device() == mx.cpu
-    assert kernels.compute_dtype(mx.bfloat16) == (mx.float32 if on_cpu else mx.bfloat16)
+    assert device_ops.compute_dtype(mx.bfloat16) == (mx.float32 if on_cpu else mx.bfloat16)
     monkeypatch.setenv("MLX_SMOLVLM_DTYPE", "float16")
-    assert kernels.compute_dtype(mx.bfloat16) == mx.float16
+    assert device_ops.compute_dtype(mx.bfloat16) == mx.float16
     monkeypatch.setenv("MLX_SMOLVLM_DTYPE", "fp8")
     with pytest.raises(ValueError, match="MLX_SMOLVLM_DTYPE='fp8'"):
-        kernels.compute_dtype(mx.float32)
+        device_ops.compute_dtype(mx.float32)

@@ -1,9 +1,9 @@
 """The local SmolVLM2 model on MLX, served in process by a continuous-batching `Engine`.
 
 Images from every client format (OpenAI image parts, Anthropic image blocks, Gemini
-``inline_data``; http(s) URLs are fetched first) and one video per request reach the processor;
-the prompt is the checkpoint's chat template over the conversation, system messages included
-(the template renders any role as ``Role: text``). Usage is the real token count: the prompt's
+``inline_data``; http(s) URLs are fetched first) and one video per request reach the processor
+as raw bytes; the prompt is the checkpoint's chat template over the conversation, system
+messages included (the template renders any role as ``Role: text``). Usage is the real token count: the prompt's
 tokens, image tokens included, and every generated token.
 """
 
@@ -34,7 +34,7 @@ from .. import ir
 from ..adapters import new_id
 from ..config import ConfigError, LimitsConfig, MLXConfig, ProviderConfig
 from ..errors import InvalidRequestError, OverloadedError, RateLimitError, UpstreamError
-from ..images import inline_remote_media
+from ..images import fetch_media, is_http
 from .base import BaseProvider
 
 RANDOM_WEIGHTS_SUFFIX = "-RANDOM-WEIGHTS"
@@ -200,7 +200,17 @@ class Provider(BaseProvider):
                 f"{request.response_format.type!r}",
                 param="response_format",
             )
-        await inline_remote_media(request, self.session, self.limits)
+        # URLs download concurrently, before anything else is checked.
+        downloads = iter(
+            await asyncio.gather(
+                *(
+                    fetch_media(part, self.session, self.limits)
+                    for message in request.messages
+                    for part in message.parts
+                    if isinstance(part, ir.MediaPart) and is_http(part.url)
+                )
+            )
+        )
         messages, images, video = [], [], None
         for i, message in enumerate(request.messages):
             content = []
@@ -211,17 +221,20 @@ class Provider(BaseProvider):
                 elif isinstance(part, ir.ThinkingPart):
                     continue  # earlier reasoning from another model: SmolVLM2 has none
                 elif isinstance(part, ir.MediaPart):
-                    data = _media_bytes(part, where)
-                    if part.media_type.startswith("image/"):
+                    if is_http(part.url):
+                        data, media_type = next(downloads)
+                    else:
+                        data, media_type = _inline_bytes(part, where), part.media_type
+                    if media_type.startswith("image/"):
                         images.append(data)
                         content.append({"type": "image"})
-                    elif part.media_type.startswith("video/") and video is None:
+                    elif media_type.startswith("video/") and video is None:
                         video = data
                         content.append({"type": "video"})
                     else:
                         raise InvalidRequestError(
                             f"{where}: the local model takes images and one video, "
-                            f"not {part.media_type!r}",
+                            f"not {media_type!r}",
                             param=where,
                         )
                 else:
@@ -236,7 +249,8 @@ class Provider(BaseProvider):
         return _Inputs(messages, images, video)
 
 
-def _media_bytes(part: ir.MediaPart, where: str) -> bytes:
+def _inline_bytes(part: ir.MediaPart, where: str) -> bytes:
+    """The raw bytes of a part's inline data (base64 in every client format)."""
     if part.data is None:
         raise InvalidRequestError(
             f"{where}: the local model needs inline data or an http(s) URL, got {part.url!r}",

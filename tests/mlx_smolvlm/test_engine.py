@@ -24,8 +24,9 @@ from mlx_smolvlm.engine import (
     SamplingParams,
     load_for_serving,
 )
-from mlx_smolvlm.generate import PreparedPrompt, generate, prepare_prompt
+from mlx_smolvlm.generate import generate, prepare_prompt
 from mlx_smolvlm.load import load
+from mlx_smolvlm.processing import PreparedPrompt
 
 IMAGE = str(Path(__file__).parents[2] / "mlx_smolvlm" / "assets" / "example.jpg")
 

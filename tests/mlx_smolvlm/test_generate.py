@@ -11,13 +11,13 @@ import torch
 from mlx_smolvlm.chat import ChatSession
 from mlx_smolvlm.generate import (
     ImageFeatureCache,
-    PreparedPrompt,
     PromptCache,
     generate,
     prepare_prompt,
     stream_generate,
 )
 from mlx_smolvlm.load import load
+from mlx_smolvlm.processing import PreparedPrompt
 
 IMAGE = str(Path(__file__).parents[2] / "mlx_smolvlm" / "assets" / "example.jpg")
 

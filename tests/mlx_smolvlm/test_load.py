@@ -350,16 +350,17 @@ def test_load_with_processor_end_to_end(hf_checkpoint, hf_reference):
     ]
     prompt = processor.apply_chat_template(messages)
     inputs = processor(prompt, images=[ASSETS / "example.jpg"])
-    ours = np.array(
-        model(inputs["input_ids"], inputs["pixel_values"], inputs["pixel_attention_mask"])
-    )
+    # One prompt: the batch axis is added for both models.
+    input_ids = np.array([inputs.input_ids], dtype=np.int32)
+    pixel_values, pixel_mask = inputs.pixel_values[None], inputs.pixel_attention_mask[None]
+    ours = np.array(model(input_ids, pixel_values, pixel_mask))
     with torch.no_grad():
         theirs = hf_reference(path)(
-            input_ids=torch.from_numpy(inputs["input_ids"].astype(np.int64)),
-            pixel_values=torch.from_numpy(inputs["pixel_values"]),
-            pixel_attention_mask=torch.from_numpy(inputs["pixel_attention_mask"]),
+            input_ids=torch.from_numpy(input_ids.astype(np.int64)),
+            pixel_values=torch.from_numpy(pixel_values),
+            pixel_attention_mask=torch.from_numpy(pixel_mask),
         ).logits.numpy()
-    assert inputs["pixel_values"].shape[1] > 1  # split into tiles plus the global image
+    assert inputs.pixel_values.shape[0] > 1  # split into tiles plus the global image
     assert np.abs(ours - theirs).max() < 1e-4
 
 

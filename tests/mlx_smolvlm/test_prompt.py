@@ -19,7 +19,7 @@ from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImag
 from transformers.models.smolvlm.processing_smolvlm import SmolVLMProcessor
 
 from mlx_smolvlm.image_processing import ImageLoadError
-from mlx_smolvlm.processing import Processor
+from mlx_smolvlm.processing import PreparedPrompt, Processor
 from mlx_smolvlm.prompt import image_prompt, number_to_words, render_chat_template
 
 ASSETS = Path(__file__).parents[2] / "mlx_smolvlm" / "assets"
@@ -62,6 +62,20 @@ def make_checkpoint(root: Path, shape: str = "256m", **preprocessor) -> Path:
     config = json.loads((ASSETS / "shapes" / shape / "preprocessor_config.json").read_text())
     (root / "preprocessor_config.json").write_text(json.dumps({**config, **preprocessor}))
     return root
+
+
+def image_hashes(prompt: PreparedPrompt) -> list[str]:
+    """Each image's hash, from its first tile's hash (``<image hash>/0``)."""
+    return [h.removesuffix("/0") for h in prompt.tile_hashes if h.endswith("/0")]
+
+
+def tiles_per_image(prompt: PreparedPrompt) -> list[int]:
+    """Each image's tile count: the runs of tile hashes that start at ``/0``."""
+    starts = [i for i, h in enumerate(prompt.tile_hashes) if h.endswith("/0")]
+    return [
+        end - start
+        for start, end in zip(starts, starts[1:] + [len(prompt.tile_hashes)], strict=True)
+    ]
 
 
 def make_hf_processor(root: Path, video_processor=None) -> HFProcessor:
@@ -186,9 +200,9 @@ TEXTS = [
 def test_text_only_ids_match_transformers(ours, theirs, text):
     expected = theirs(text=[text])["input_ids"][0]
     out = ours(text)
-    assert out["input_ids"].dtype == np.int32 and out["input_ids"].shape == (1, len(expected))
-    assert out["input_ids"][0].tolist() == list(expected)
-    assert out["pixel_values"] is None and out["image_hashes"] == []
+    assert all(type(t) is int for t in out.input_ids) and len(out.input_ids) == len(expected)
+    assert out.input_ids == list(expected)
+    assert out.pixel_values is None and out.tile_hashes == []
     assert ours.tokenizer.decode(ours.tokenizer.encode(text)) == text
     assert (
         b"".join(ours.tokenizer.token_bytes(i) for i in ours.tokenizer.encode(text)).decode()
@@ -199,10 +213,10 @@ def test_text_only_ids_match_transformers(ours, theirs, text):
 def assert_same_inputs(ours, theirs, text, images):
     expected = theirs(text=[text], images=[images])
     out = ours(text, images=images)
-    assert out["input_ids"][0].tolist() == list(expected["input_ids"][0])
-    assert float(np.abs(out["pixel_values"] - expected["pixel_values"]).max()) == 0.0
+    assert out.input_ids == list(expected["input_ids"][0])
+    assert float(np.abs(out.pixel_values[None] - expected["pixel_values"]).max()) == 0.0
     np.testing.assert_array_equal(
-        out["pixel_attention_mask"], expected["pixel_attention_mask"].astype(bool)
+        out.pixel_attention_mask[None], expected["pixel_attention_mask"].astype(bool)
     )
     return out
 
@@ -210,9 +224,9 @@ def assert_same_inputs(ours, theirs, text, images):
 def test_one_split_image_matches_transformers(ours, theirs):
     text = ours.apply_chat_template(CONVERSATIONS["image_first"])
     out = assert_same_inputs(ours, theirs, text, [image(640, 480)])
-    assert out["tiles_per_image"] == [10]  # 384x288 -> 3x3 tiles of 128 + global
-    assert (out["input_ids"] == ours.tokenizer.image_token_id).sum() == 10 * 64
-    assert "<row_3_col_3>" in ours.tokenizer.decode(out["input_ids"][0])
+    assert tiles_per_image(out) == [10]  # 384x288 -> 3x3 tiles of 128 + global
+    assert out.input_ids.count(ours.tokenizer.image_token_id) == 10 * 64
+    assert "<row_3_col_3>" in ours.tokenizer.decode(out.input_ids)
 
 
 @pytest.mark.parametrize(
@@ -223,15 +237,15 @@ def test_one_unsplit_image_matches_transformers(tmp_path, setting):
     ours = Processor.from_pretrained(root)
     text = ours.apply_chat_template(CONVERSATIONS["image_first"])
     out = assert_same_inputs(ours, make_hf_processor(root), text, [image(640, 480)])
-    assert out["tiles_per_image"] == [1]
-    assert "<row_" not in ours.tokenizer.decode(out["input_ids"][0])
+    assert tiles_per_image(out) == [1]
+    assert "<row_" not in ours.tokenizer.decode(out.input_ids)
 
 
 def test_two_images_match_transformers(ours, theirs):
     text = ours.apply_chat_template(CONVERSATIONS["system_and_turns"])
     out = assert_same_inputs(ours, theirs, text, [image(640, 480), image(100, 900, seed=1)])
-    assert out["tiles_per_image"] == [10, 4]
-    assert len(set(out["image_hashes"])) == 2
+    assert tiles_per_image(out) == [10, 4]
+    assert len(set(image_hashes(out))) == 2
 
 
 def test_real_256m_config_one_image(tmp_path):
@@ -239,7 +253,7 @@ def test_real_256m_config_one_image(tmp_path):
     ours = Processor.from_pretrained(root)
     text = ours.apply_chat_template(CONVERSATIONS["image_first"])
     out = assert_same_inputs(ours, make_hf_processor(root), text, [image(640, 480)])
-    assert out["pixel_values"].shape == (1, 13, 3, 512, 512)
+    assert out.pixel_values.shape == (13, 3, 512, 512)
 
 
 def test_image_prompt_layout():
@@ -265,15 +279,15 @@ def test_image_hashes_follow_pixels(ours, tmp_path):
     picture = image(64, 48)
     path = tmp_path / "a.png"
     picture.save(path)
-    assert (
-        ours("<image>", images=str(path))["image_hashes"]
-        == ours("<image>", images=[picture])["image_hashes"]
+    assert image_hashes(ours("<image>", images=str(path))) == image_hashes(
+        ours("<image>", images=[picture])
     )
     text = "<image><image><image>"
     out = ours(text, images=[picture, path, image(64, 48, seed=5)])
-    assert out["image_hashes"][0] == out["image_hashes"][1] != out["image_hashes"][2]
-    assert all(len(h) == 64 for h in out["image_hashes"])
-    assert sum(out["tiles_per_image"]) == out["pixel_values"].shape[1]
+    hashes = image_hashes(out)
+    assert hashes[0] == hashes[1] != hashes[2]
+    assert all(len(h) == 64 for h in hashes)
+    assert sum(tiles_per_image(out)) == out.pixel_values.shape[0]
 
 
 def test_processor_rejects_mismatched_inputs(ours, tmp_path):
@@ -348,7 +362,7 @@ def test_save_pretrained_round_trip(tmp_path, ours):
     text = ours.apply_chat_template(CONVERSATIONS["image_first"])
     picture = image(200, 100)
     np.testing.assert_array_equal(
-        again(text, images=[picture])["input_ids"], ours(text, images=[picture])["input_ids"]
+        again(text, images=[picture]).input_ids, ours(text, images=[picture]).input_ids
     )
     assert json.loads((out_dir / "preprocessor_config.json").read_text())["image_seq_len"] == 64
     assert json.loads((out_dir / "processor_config.json").read_text())["image_seq_len"] == 64
@@ -363,11 +377,9 @@ def test_no_upscale_option_through_the_processor(tmp_path):
     processor = Processor.from_pretrained(root, upscale_small_images=False)
     text = processor.apply_chat_template(CONVERSATIONS["image_first"])
     out = processor(text, images=[image(512, 384)])
-    assert out["tiles_per_image"] == [1] and out["pixel_values"].shape == (1, 1, 3, 512, 512)
-    assert (out["input_ids"] == processor.tokenizer.image_token_id).sum() == 64
-    assert Processor.from_pretrained(root)(text, images=[image(512, 384)])["tiles_per_image"] == [
-        13
-    ]
+    assert tiles_per_image(out) == [1] and out.pixel_values.shape == (1, 3, 512, 512)
+    assert out.input_ids.count(processor.tokenizer.image_token_id) == 64
+    assert tiles_per_image(Processor.from_pretrained(root)(text, images=[image(512, 384)])) == [13]
     # The setting is saved and read back.
     processor.save_pretrained(tmp_path / "saved")
     assert not Processor.from_pretrained(

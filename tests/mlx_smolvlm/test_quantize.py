@@ -14,14 +14,13 @@ from mlx_smolvlm.quantize import (
     QuantizationError,
     QuantizationSpec,
     apply_quantization,
-    from_export_path,
     is_sensitive,
     layer_quantization,
     quantize_model,
     quantized_layers,
-    to_export_path,
 )
 from mlx_smolvlm.random_weights import ASSETS
+from mlx_smolvlm.weight_names import from_export_path, to_export_path
 
 IMAGE_TOKEN_ID = 49190  # conftest checkpoints use the real tokenizer ids
 

@@ -18,8 +18,10 @@ from test_prompt import (
     CONVERSATIONS,
     SMALL,
     StandInVideoProcessor,
+    image_hashes,
     make_checkpoint,
     make_hf_processor,
+    tiles_per_image,
 )
 from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
 from transformers.video_utils import VideoMetadata as HFVideoMetadata
@@ -169,11 +171,11 @@ def test_video_prompt_ids_match_transformers(checkpoint, videos, name):
     processor = Processor.from_pretrained(checkpoint)
     text = processor.apply_chat_template(CONVERSATIONS["video"])
     out = processor(text, video=videos[name])
-    assert out["input_ids"][0].tolist() == expected_ids(checkpoint, text, videos[name], CHECKPOINT)
+    assert out.input_ids == expected_ids(checkpoint, text, videos[name], CHECKPOINT)
     seconds, _ = VIDEOS[name]
-    assert out["pixel_values"].shape == (1, seconds, 3, 128, 128)
-    assert out["pixel_attention_mask"].all()
-    assert out["tiles_per_image"] == [1] * seconds and len(out["image_hashes"]) == seconds
+    assert out.pixel_values.shape == (seconds, 3, 128, 128)
+    assert out.pixel_attention_mask.all()
+    assert tiles_per_image(out) == [1] * seconds and len(image_hashes(out)) == seconds
 
 
 def test_video_prompt_text_and_timestamps(checkpoint, tmp_path):
@@ -187,7 +189,7 @@ def test_video_prompt_text_and_timestamps(checkpoint, tmp_path):
     processor = Processor.from_pretrained(root)
     text = processor.apply_chat_template(CONVERSATIONS["video"])
     out = processor(text, video=path)
-    decoded = processor.tokenizer.decode(out["input_ids"][0])
+    decoded = processor.tokenizer.decode(out.input_ids)
     block = "<fake_token_around_image><global-img>" + "<image>" * 64 + "<fake_token_around_image>"
     assert decoded == (
         "<|im_start|>User: You are provided the following series of four frames from a 0:01:10 [H:MM:SS] video.\n"
@@ -195,7 +197,7 @@ def test_video_prompt_text_and_timestamps(checkpoint, tmp_path):
         + "\n\nSummarize.<end_of_utterance>\nAssistant:"
     )
     sampling = VideoSampling(fps=1, max_frames=4)
-    assert out["input_ids"][0].tolist() == expected_ids(root, text, path, sampling)
+    assert out.input_ids == expected_ids(root, text, path, sampling)
 
 
 def test_video_from_bytes_equals_path(checkpoint, videos):
@@ -203,8 +205,8 @@ def test_video_from_bytes_equals_path(checkpoint, videos):
     path = videos["3s_at_4fps"]
     from_path = processor("<video>", video=path)
     from_bytes = processor("<video>", video=path.read_bytes())
-    np.testing.assert_array_equal(from_path["pixel_values"], from_bytes["pixel_values"])
-    np.testing.assert_array_equal(from_path["input_ids"], from_bytes["input_ids"])
+    np.testing.assert_array_equal(from_path.pixel_values, from_bytes.pixel_values)
+    np.testing.assert_array_equal(from_path.input_ids, from_bytes.input_ids)
 
 
 def test_bad_videos_name_the_culprit(tmp_path, videos):

@@ -25,6 +25,7 @@ import numpy as np
 import openai
 import pytest
 import pytest_asyncio
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
@@ -171,6 +172,34 @@ async def test_image_question_is_answered_by_the_local_model(clients, loaded, cl
     assert input_tokens == expected.prompt_tokens  # image tokens included
     assert output_tokens == expected.generation_tokens
     assert model == MODEL
+
+
+@module_loop
+async def test_image_url_is_fetched_and_its_bytes_answered_by_the_local_model(clients, loaded):
+    """An http(s) image URL reaches the model as the downloaded bytes (no base64 round trip)."""
+
+    async def example(_: web.Request) -> web.Response:
+        return web.Response(body=IMAGE_BYTES, content_type="image/jpeg")
+
+    app = web.Application()
+    app.router.add_get("/example.jpg", example)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        url = str(server.make_url("/example.jpg"))
+        content = [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": QUESTION},
+        ]
+        r = await clients.openai.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=MAX_TOKENS
+        )
+    finally:
+        await server.close()
+    content = [{"type": "image"}, {"type": "text", "text": QUESTION}]
+    expected = expected_answer(loaded, [{"role": "user", "content": content}], [IMAGE_BYTES])
+    assert r.choices[0].message.content == expected.text
+    assert r.usage.prompt_tokens == expected.prompt_tokens
 
 
 @module_loop

@@ -1,0 +1,97 @@
+"""Every weight-naming rule: Hugging Face <-> ours <-> the MLX export (mlx-vlm / MLX Swift).
+
+- Ours are the `Model`'s attribute paths: ``vision_model.*``, ``connector.*``,
+  ``text_model.*`` and ``lm_head.*``.
+- Hugging Face puts everything but ``lm_head`` under ``model.``.
+- The export (what mlx-vlm and MLX Swift load as is) renames ``text_model`` to
+  ``language_model`` and puts ``lm_head`` inside it: ``language_model.lm_head``.
+
+Only names live here; layouts (the patch convolution's channel order) and dropped buffers are
+each tower's ``sanitize``.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+HF_PREFIX = "model."
+# The one Hugging Face tensor outside `model.`.
+HF_UNPREFIXED = "lm_head"
+EXPORT_TEXT_MODEL = "language_model"
+# Our module paths <-> the exported names, most specific first.
+_TO_EXPORT = (("lm_head", "language_model.lm_head"), ("text_model", EXPORT_TEXT_MODEL))
+
+T = TypeVar("T")
+
+
+def _replace_root(path: str, old: str, new: str) -> str | None:
+    """``path`` with its leading module ``old`` replaced by ``new``, or None if it has none."""
+    if path == old or path.startswith(old + "."):
+        return new + path[len(old) :]
+    return None
+
+
+def to_export_path(path: str) -> str:
+    """Map one of our parameter or module paths to the exported name.
+
+    Args:
+        path: E.g. ``text_model.layers.0.mlp.down_proj`` or ``lm_head.weight``.
+    """
+    for ours, theirs in _TO_EXPORT:
+        renamed = _replace_root(path, ours, theirs)
+        if renamed is not None:
+            return renamed
+    return path
+
+
+def from_export_path(path: str) -> str:
+    """Inverse of ``to_export_path``.
+
+    Args:
+        path: An exported name such as ``language_model.lm_head``.
+    """
+    for ours, theirs in _TO_EXPORT:
+        renamed = _replace_root(path, theirs, ours)
+        if renamed is not None:
+            return renamed
+    return path
+
+
+def to_hf_path(path: str) -> str:
+    """Map one of our parameter paths to the Hugging Face name.
+
+    Args:
+        path: E.g. ``text_model.norm.weight``.
+    """
+    return path if path.startswith(HF_UNPREFIXED + ".") else HF_PREFIX + path
+
+
+def from_checkpoint_names(weights: dict[str, T]) -> dict[str, T]:
+    """Rename the tensors of a Hugging Face checkpoint or an MLX export to our paths.
+
+    A checkpoint is an export when any name starts with ``language_model.``.
+
+    Args:
+        weights: Checkpoint tensors by name.
+    """
+    if any(k.startswith(EXPORT_TEXT_MODEL + ".") for k in weights):
+        weights = {from_export_path(k): v for k, v in weights.items()}
+    return {k.removeprefix(HF_PREFIX): v for k, v in weights.items()}
+
+
+def to_hf_names(weights: dict[str, T]) -> dict[str, T]:
+    """Rename tensors from our paths to Hugging Face's (inverse of ``from_checkpoint_names``).
+
+    Args:
+        weights: Tensors by our parameter path.
+    """
+    return {to_hf_path(k): v for k, v in weights.items()}
+
+
+def to_export_names(weights: dict[str, T]) -> dict[str, T]:
+    """Rename tensors from our paths to the exported names.
+
+    Args:
+        weights: Tensors by our parameter path.
+    """
+    return {to_export_path(k): v for k, v in weights.items()}
