@@ -259,6 +259,17 @@ def gemini_text(text: str) -> dict:
     }
 
 
+# Minimal requests, one per client format, for the models `make_config` names (shared: never
+# mutate them).
+OPENAI_BODY = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
+ANTHROPIC_BODY = {
+    "model": "claude",
+    "max_tokens": 10,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+
+
 def make_config(base_url: str, **limits: object) -> Config:
     """Providers of all three types pointing at the fake, and a few model aliases."""
     return Config.from_dict(

@@ -16,19 +16,18 @@ from router.__main__ import main
 from router.auth import check_bind, find_client, is_loopback
 from router.config import Config, ConfigError, hash_key
 from tests.router.fakes import ANTHROPIC_KEYS, OPENAI_KEYS, TEXT_ANSWER, ask, make_clients
-from tests.router.helpers import client_roots, running_router
+from tests.router.helpers import (
+    ANTHROPIC_BODY,
+    GEMINI_BODY,
+    OPENAI_BODY,
+    client_roots,
+    running_router,
+)
 
 FULL_KEY = "rk-full-access-0001"
 GPT_ONLY_KEY = "rk-gpt-only-0002"
 ADMIN_KEY = "admin-secret-0003"
 
-OPENAI_BODY = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
-ANTHROPIC_BODY = {
-    "model": "claude",
-    "max_tokens": 10,
-    "messages": [{"role": "user", "content": "hi"}],
-}
-GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
 RESPONSES_BODY = {"model": "claude", "input": "hi"}
 
 

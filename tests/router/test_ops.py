@@ -25,6 +25,8 @@ from router.logs import configure_logging, secrets_of, start_request
 from router.sse import SSEDecoder
 from tests.router.fakes import OPENAI_KEYS, SLOW_TEXT, make_clients, read_first_text_then_leave
 from tests.router.helpers import (
+    ANTHROPIC_BODY,
+    OPENAI_BODY,
     Answer,
     RouterProcess,
     anthropic_events,
@@ -38,12 +40,6 @@ module_loop = pytest.mark.asyncio(loop_scope="module")
 
 ADMIN_KEY = "ops-admin-key-0001"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-OPENAI_BODY = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
-ANTHROPIC_BODY = {
-    "model": "claude",
-    "max_tokens": 10,
-    "messages": [{"role": "user", "content": "hi"}],
-}
 
 
 def ops_config(base_url: str, **extra: object) -> Config:

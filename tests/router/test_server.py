@@ -14,6 +14,9 @@ from router.appkeys import KEY_POOLS
 from router.config import Config, ConfigError, load_config
 from router.sse import SSEDecoder
 from tests.router.helpers import (
+    ANTHROPIC_BODY,
+    GEMINI_BODY,
+    OPENAI_BODY,
     PNG_BYTES,
     Answer,
     anthropic_events,
@@ -27,15 +30,6 @@ async def sse_events(resp) -> list:
     decoder = SSEDecoder()
     events = decoder.feed(await resp.read()) + decoder.flush()
     return [(e.event, e.data if e.data == "[DONE]" else json.loads(e.data)) for e in events]
-
-
-OPENAI_BODY = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
-ANTHROPIC_BODY = {
-    "model": "claude",
-    "max_tokens": 10,
-    "messages": [{"role": "user", "content": "hi"}],
-}
-GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
 
 
 # ---- happy paths through each client format ---------------------------------------------------
