@@ -26,13 +26,14 @@ during its window on the CPUs the measured processes use (``others``), and a win
 repeated (``--retries``, 2; after waiting up to 20 s for a quiet second) while that is more
 than a quarter of a CPU; the quietest attempt is kept.
 
-``--soak`` instead sends ``--soak-requests`` (10,000) requests through the router, streaming
-and not, in both client formats, to both provider formats, with ``--fault-rate`` (5%) of the
-fake's answers faulty (see `benchmarks.fake_provider`); each model has a fallback target and
-each provider four keys, so most faults are retried unseen. It checks that every request got
-one complete answer or one clean error (`benchmarks.loadgen`), that the router's file
-descriptors and TCP connections return to their starting level, and that its RSS after the
-warm-up stays within 10%.
+``--soak`` instead runs `benchmarks.soak`: ``--soak-requests`` (10,000) requests through the
+router, with ``--fault-rate`` (5%) of the fake's answers faulty; it checks that every request
+got one complete answer or one clean error and that the router's file descriptors, TCP
+connections and RSS come back to their starting level.
+
+The parts: `benchmarks.gateways` starts the processes, `benchmarks.procfs` samples their CPU,
+memory and descriptors, `benchmarks.loadgen` is the client, `benchmarks.charts` draws the
+chart; this module measures, prints and holds the command line.
 
 Usage::
 
@@ -51,75 +52,41 @@ import json
 import logging
 import os
 import platform
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import aiohttp
-import yaml
 
-from benchmarks.fake_provider import FakeConfig, FakeState
-from benchmarks.loadgen import (
-    ANSWER,
-    CLIENT_FORMATS,
-    CLIENT_KEY,
-    ERROR,
-    HANG,
-    TORN,
-    LoadRun,
-    Sample,
-    drive,
-    send,
+from benchmarks.charts import draw
+from benchmarks.fake_provider import FakeConfig
+from benchmarks.gateways import (
+    LITELLM_ENV,
+    LITELLM_SETTINGS,
+    LITELLM_VERSION,
+    PLAIN_MODEL,
+    STREAM_MODEL,
+    PeerUnavailable,
+    Server,
+    cpu_plan,
+    litellm_executable,
+    sample_rss,
+    start_fake,
+    start_litellm,
+    start_router,
+    temporary_workdir,
+    wait_ready,
 )
+from benchmarks.loadgen import ANSWER, ERROR, HANG, TORN, LoadRun, drive, send
+from benchmarks.procfs import CpuMeter
+from benchmarks.soak import SoakOptions, run_soak
 
 logger = logging.getLogger(__name__)
 
 RESULTS = Path(__file__).parent / "results"
 SYSTEMS = ("router", "litellm")
-LITELLM_VERSION = "1.106.2"
-LITELLM_VENV = Path.home() / ".cache" / "mlx_smolvlm" / "litellm-venv"
-# The keys both gateways send to the fake (which checks none).
-API_KEYS = ("bench-key-a", "bench-key-b")
-PLAIN_MODEL, STREAM_MODEL = "bench-openai", "bench-anthropic"
-# LiteLLM's production settings (docs.litellm.ai/docs/proxy/prod), no database: what the
-# router does not do is off.
-LITELLM_SETTINGS = {
-    "litellm_settings": {"set_verbose": False, "json_logs": True, "request_timeout": 600},
-    "general_settings": {
-        "disable_spend_logs": True,
-        "disable_error_logs": True,
-        "allow_requests_on_db_unavailable": True,
-        # LiteLLM refuses to start without one; the router gets the same client key.
-        "master_key": CLIENT_KEY,
-    },
-    "router_settings": {"routing_strategy": "simple-shuffle"},
-}
-LITELLM_ENV = {"LITELLM_LOG": "ERROR", "LITELLM_MODE": "PRODUCTION"}
-START_TIMEOUT_S = 120.0
-# aiohttp's client keep-alive timeout: its pool closes idle connections at the first cleanup
-# pass (one every 15 s) after they have been idle this long, so within 30 s.
-POOL_KEEPALIVE_S = 30.0
-
-
-class PeerUnavailable(RuntimeError):
-    """A system could not be installed or started, or died; the message says why.
-
-    Args:
-        message: Why.
-        rows: What was measured before it died.
-    """
-
-    def __init__(self, message: str, rows: list[dict] | None = None) -> None:
-        super().__init__(message)
-        self.rows = rows or []
 
 
 @dataclass
@@ -161,396 +128,6 @@ class BenchOptions:
             raise ValueError(f"concurrency: need levels >= 1, got {self.concurrency}")
         if (self.duration_s is None) == (self.requests is None):
             raise ValueError("give exactly one of duration_s and requests")
-
-
-@dataclass
-class SoakOptions:
-    """What one soak run does.
-
-    Args:
-        requests: Requests in all.
-        concurrency: Requests in flight at once.
-        fault_rate: Share of the fake's answers that are faulty.
-        seed: Seed of the fault draws.
-        warmup_share: Share of the requests before the RSS reference is taken.
-        settle_s: After the run, how long to wait for the upstream keep-alive pool to close.
-        rss_tolerance: Allowed RSS growth over the reference.
-        timeout_s: A response not complete by then is a hang.
-    """
-
-    requests: int = 10_000
-    concurrency: int = 32
-    fault_rate: float = 0.05
-    seed: int = 8
-    warmup_share: float = 0.1
-    settle_s: float = 35.0
-    rss_tolerance: float = 0.10
-    timeout_s: float = 30.0
-
-
-# ---- processes ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port on loopback that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _affinity(cpus: set[int] | None) -> Callable[[], None] | None:
-    if not cpus:
-        return None
-    return lambda: os.sched_setaffinity(0, cpus)
-
-
-@dataclass
-class Server:
-    """A server process under test.
-
-    Args:
-        name: The system's name.
-        proc: The process.
-        url: Its root URL.
-        spawned: ``time.monotonic()`` at spawn.
-        log: Where its output goes.
-    """
-
-    name: str
-    proc: subprocess.Popen
-    url: str
-    spawned: float
-    log: Path
-    cold_start_s: float | None = None
-    rss_peak_bytes: int = 0
-    rss_samples: list[tuple[float, int]] = field(default_factory=list)
-
-    def stop(self) -> None:
-        """Terminate the process (and kill it if it lingers)."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (from ``/proc/PID/task/*/children``).
-
-    Args:
-        pid: The root process.
-    """
-    out, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        out.append(current)
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-    return out
-
-
-def tree_rss(pid: int) -> int:
-    """Resident memory of ``pid`` and its descendants, in bytes (VmRSS from /proc).
-
-    Args:
-        pid: The root process.
-    """
-    total = 0
-    for member in process_tree(pid):
-        try:
-            status = Path(f"/proc/{member}/status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
-    return total
-
-
-_HZ = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_s(pid: int) -> float:
-    """CPU time (user + system) of ``pid`` and its living descendants, in seconds.
-
-    Args:
-        pid: The root process.
-    """
-    total = 0
-    for member in process_tree(pid):
-        try:
-            stat = Path(f"/proc/{member}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        # utime, stime, and cutime, cstime: children that exited (and were waited for).
-        total += sum(int(f) for f in fields[11:15])
-    return total / _HZ
-
-
-def machine_busy_s(cpus: set[int] | None = None) -> float:
-    """CPU time all processes used since boot on some CPUs (None: all), in seconds.
-
-    Args:
-        cpus: The CPUs.
-    """
-    total = 0
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, *fields = line.split()
-        if not name.startswith("cpu"):
-            break
-        if (cpus is None and name == "cpu") or (cpus is not None and name[3:] in map(str, cpus)):
-            values = [int(v) for v in fields[:8]]
-            total += sum(values) - values[3] - values[4]  # less idle and iowait
-    return total / _HZ
-
-
-@dataclass
-class CpuMeter:
-    """CPU used during a stretch of time: by the server, by the fake and load generator, and
-    by every other process on the CPUs that matter (other people's work on a shared machine).
-
-    Args:
-        server: The server's pid.
-        helpers: The fake's and the load generator's pids.
-        cpus: The CPUs our processes run on (None: all).
-    """
-
-    server: int
-    helpers: tuple[int, ...]
-    cpus: set[int] | None = None
-
-    def read(self) -> tuple[float, float, float, float]:
-        """(wall, busy, server, helpers) in seconds, to subtract two readings."""
-        helpers = sum(tree_cpu_s(p) for p in set(self.helpers) - {self.server})
-        busy = machine_busy_s(self.cpus)
-        return time.monotonic(), busy, tree_cpu_s(self.server), helpers
-
-    @staticmethod
-    def shares(start: tuple, end: tuple) -> dict:
-        """CPUs used on average between two readings (1.0: one CPU busy all the time).
-
-        Args:
-            start: A `read` before.
-            end: A `read` after.
-        """
-        wall, busy, server, helpers = (b - a for a, b in zip(start, end, strict=True))
-        wall = max(wall, 1e-9)
-        return {
-            "server_cpus": server / wall,
-            "others_cpus": max(0.0, busy - server - helpers) / wall,
-        }
-
-
-async def sample_rss(server: Server, interval_s: float = 0.1) -> None:
-    """Record ``server``'s RSS every ``interval_s`` until cancelled.
-
-    Args:
-        server: The server (its peak and samples are updated).
-        interval_s: Sampling period.
-    """
-    while server.proc.poll() is None:
-        rss = tree_rss(server.proc.pid)
-        server.rss_samples.append((time.monotonic(), rss))
-        server.rss_peak_bytes = max(server.rss_peak_bytes, rss)
-        await asyncio.sleep(interval_s)
-
-
-def start_fake(config: FakeConfig, cpus: set[int] | None, workdir: Path) -> Server:
-    """Start `benchmarks.fake_provider` in its own process.
-
-    Args:
-        config: What it answers and which faults it injects.
-        cpus: CPUs to run on (None: any).
-        workdir: Where its log goes.
-
-    Raises:
-        PeerUnavailable: If it does not report its port.
-    """
-    log = workdir / "fake.log"
-    args = [sys.executable, "-m", "benchmarks.fake_provider", "--port", "0"]
-    args += ["--chunks", str(config.chunks), "--chunk-interval", str(config.chunk_interval_s)]
-    args += ["--fault-rate", str(config.fault_rate), "--faults", ",".join(config.faults)]
-    args += ["--seed", str(config.seed), "--slow", str(config.slow_s)]
-    args += ["--retry-after-ms", str(config.retry_after_ms)]
-    root = Path(__file__).resolve().parent.parent
-    with log.open("w") as err:
-        proc = subprocess.Popen(
-            args,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            cwd=root,
-            preexec_fn=_affinity(cpus),
-        )
-    line = proc.stdout.readline()
-    if not line.startswith("listening on "):
-        proc.kill()
-        raise PeerUnavailable(f"fake provider did not start: {log.read_text()[-2000:]}")
-    port = int(line.rsplit(":", 1)[1])
-    return Server("fake", proc, f"http://127.0.0.1:{port}", time.monotonic(), log)
-
-
-def router_config(fake_url: str, port: int, soak: bool = False) -> dict:
-    """The router's config: one provider per upstream format, both at the fake.
-
-    For the soak each model also falls back to a second provider at the fake, each provider
-    has four keys, and the first byte must come within 0.5 s.
-
-    Args:
-        fake_url: The fake's root URL.
-        port: The router's port.
-        soak: Make faults survivable (fallback targets, more keys, a short first-byte limit).
-    """
-    keys = [f"{k}-{i}" for k in API_KEYS for i in range(2)] if soak else list(API_KEYS)
-    providers, models = {}, {}
-    for model, kind, base, upstream in (
-        (PLAIN_MODEL, "openai", f"{fake_url}/v1", "fake-model"),
-        (STREAM_MODEL, "anthropic", fake_url, "claude-fake"),
-    ):
-        names = [f"fake-{kind}", f"fake-{kind}-fallback"] if soak else [f"fake-{kind}"]
-        for name in names:
-            providers[name] = {"type": kind, "base_url": base, "keys": keys}
-        models[model] = [{"provider": name, "model": upstream} for name in names]
-    config = {"listen": {"host": "127.0.0.1", "port": port}, "providers": providers}
-    config["auth"] = {"client_keys": [{"key": CLIENT_KEY, "name": "bench"}]}
-    config["models"] = models
-    if soak:
-        config["timeouts"] = {"first_byte_s": 0.5}
-    return config
-
-
-def litellm_config(fake_url: str) -> dict:
-    """LiteLLM's config: two deployments (one per key) of each model, at the fake.
-
-    Args:
-        fake_url: The fake's root URL.
-    """
-    model_list = []
-    for key in API_KEYS:
-        params = {"model": "openai/fake-model", "api_base": f"{fake_url}/v1", "api_key": key}
-        model_list.append({"model_name": PLAIN_MODEL, "litellm_params": params})
-        params = {"model": "anthropic/claude-fake", "api_base": fake_url, "api_key": key}
-        model_list.append({"model_name": STREAM_MODEL, "litellm_params": params})
-    return {"model_list": model_list, **LITELLM_SETTINGS}
-
-
-def litellm_executable(explicit: str | None) -> str:
-    """The ``litellm`` command: ``explicit``, else the benchmark's own virtual environment
-    (created with ``litellm[proxy]=={LITELLM_VERSION}`` on first use).
-
-    Args:
-        explicit: A path given with ``--litellm``.
-
-    Raises:
-        PeerUnavailable: If it is missing or cannot be installed.
-    """
-    if explicit:
-        if not os.access(explicit, os.X_OK):
-            raise PeerUnavailable(f"--litellm {explicit}: not an executable file")
-        return explicit
-    exe = LITELLM_VENV / "bin" / "litellm"
-    if exe.exists():
-        return str(exe)
-    logger.info("installing litellm[proxy]==%s into %s (once)", LITELLM_VERSION, LITELLM_VENV)
-    python = shutil.which("python3") or sys.executable
-    steps = [
-        [python, "-m", "venv", str(LITELLM_VENV)],
-        [str(LITELLM_VENV / "bin" / "pip"), "install", "-q", f"litellm[proxy]=={LITELLM_VERSION}"],
-    ]
-    for step in steps:
-        done = subprocess.run(step, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            shutil.rmtree(LITELLM_VENV, ignore_errors=True)
-            raise PeerUnavailable(
-                f"cannot install LiteLLM ({' '.join(step[:4])} failed): {done.stderr[-1500:]}"
-            )
-    return str(exe)
-
-
-def _spawn(
-    name: str,
-    args: list[str],
-    url: str,
-    workdir: Path,
-    cpus: set[int] | None,
-    env: dict[str, str] | None = None,
-) -> Server:
-    log = workdir / f"{name}.log"
-    root = Path(__file__).resolve().parent.parent
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            args,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=root,
-            env={**os.environ, **(env or {})},
-            preexec_fn=_affinity(cpus),
-        )
-    return Server(name, proc, url, time.monotonic(), log)
-
-
-def start_router(fake_url: str, workdir: Path, cpus: set[int] | None, soak: bool = False) -> Server:
-    """Start ``python -m router`` with `router_config`.
-
-    Args:
-        fake_url: The fake's root URL.
-        workdir: Where its config and log go.
-        cpus: CPUs to run on (None: any).
-        soak: Use the soak config.
-    """
-    port = free_port()
-    path = workdir / ("router-soak.yaml" if soak else "router.yaml")
-    path.write_text(yaml.safe_dump(router_config(fake_url, port, soak)))
-    args = [sys.executable, "-m", "router", "--config", str(path)]
-    return _spawn("router", args, f"http://127.0.0.1:{port}", workdir, cpus)
-
-
-def start_litellm(exe: str, fake_url: str, workdir: Path, cpus: set[int] | None) -> Server:
-    """Start the LiteLLM proxy with `litellm_config`, one worker.
-
-    Args:
-        exe: The ``litellm`` executable.
-        fake_url: The fake's root URL.
-        workdir: Where its config and log go.
-        cpus: CPUs to run on (None: any).
-    """
-    port = free_port()
-    path = workdir / "litellm.yaml"
-    path.write_text(yaml.safe_dump(litellm_config(fake_url)))
-    args = [exe, "--config", str(path), "--host", "127.0.0.1", "--port", str(port)]
-    args += ["--num_workers", "1"]
-    return _spawn("litellm", args, f"http://127.0.0.1:{port}", workdir, cpus, LITELLM_ENV)
-
-
-async def wait_ready(server: Server, session: aiohttp.ClientSession, pieces: int) -> None:
-    """Send a real request every 20 ms until one is answered; sets ``cold_start_s``.
-
-    Args:
-        server: The server (spawned moments ago).
-        session: A client session.
-        pieces: Text pieces of a complete answer.
-
-    Raises:
-        PeerUnavailable: If the process exits or nothing answers within START_TIMEOUT_S.
-    """
-    while time.monotonic() - server.spawned < START_TIMEOUT_S:
-        if server.proc.poll() is not None:
-            raise PeerUnavailable(
-                f"{server.name} exited with status {server.proc.returncode}: "
-                f"{server.log.read_text()[-2000:]}"
-            )
-        sample = await send(session, server.url, "openai", PLAIN_MODEL, False, "ready", pieces, 5.0)
-        if sample.outcome == ANSWER:
-            server.cold_start_s = time.monotonic() - server.spawned
-            return
-        await asyncio.sleep(0.02)
-    raise PeerUnavailable(f"{server.name} did not answer within {START_TIMEOUT_S:g} s")
 
 
 # ---- statistics -----------------------------------------------------------------------------
@@ -714,24 +291,6 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-@contextmanager
-def _workdir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="router-overhead-") as tmp:
-        yield Path(tmp)
-
-
-def cpu_plan(pin: bool) -> tuple[set[int] | None, set[int] | None]:
-    """CPUs for the gateway, and for the fake plus the load generator (None: unpinned).
-
-    Args:
-        pin: Whether to pin at all (needs two or more CPUs).
-    """
-    cpus = sorted(os.sched_getaffinity(0))
-    if not pin or len(cpus) < 2:
-        return None, None
-    return {cpus[-1]}, set(cpus[:-1])
-
-
 async def run_benchmark(options: BenchOptions) -> dict:
     """Measure the direct fake and each system; a system that cannot start is reported and
     skipped.
@@ -760,7 +319,7 @@ async def run_benchmark(options: BenchOptions) -> dict:
         "servers": {},
         "unavailable": {},
     }
-    with _workdir() as workdir:
+    with temporary_workdir() as workdir:
         fake = start_fake(fake_config, client_cpus, workdir)
         try:
             fake.name = "direct"
@@ -834,6 +393,9 @@ def check_targets(report: dict) -> dict:
     return targets
 
 
+# ---- output and the command line ----------------------------------------------------------
+
+
 def print_report(report: dict) -> None:
     """Print the benchmark's table, the gateways' memory and cold start, and the targets.
 
@@ -869,296 +431,6 @@ def print_report(report: dict) -> None:
     for name, target in report["targets"].items():
         verdict = "met" if target["met"] else "MISSED"
         print(f"target {name}: {target['value']:.2f} (want {target['target']}): {verdict}")
-
-
-def draw(report: dict, path: Path) -> None:
-    """Plot req/s, added p50 latency and added stream TTFB against concurrency.
-
-    Args:
-        report: From `run_benchmark`.
-        path: The PNG to write.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    panels = (
-        ("plain", "rps", "requests/s (plain, OpenAI->OpenAI)"),
-        ("plain", "added_latency_p50_ms", "added p50 latency, ms (plain)"),
-        ("stream", "added_ttfb_p50_ms", "added p50 TTFB, ms (stream, OpenAI->Anthropic)"),
-    )
-    colors = {"direct": "tab:gray", "router": "tab:blue", "litellm": "tab:orange"}
-    for ax, (workload, key, title) in zip(axes, panels, strict=True):
-        for system, color in colors.items():
-            rows = [
-                r
-                for r in report["rows"]
-                if r["system"] == system and r["workload"] == workload and r.get(key) is not None
-            ]
-            if rows:
-                xs = [r["concurrency"] for r in rows]
-                ax.plot(xs, [r[key] for r in rows], marker="o", label=system, color=color)
-        ax.set_xscale("log")
-        if key == "rps":
-            ax.set_yscale("log")
-        else:
-            # Linear below 1 ms, where the targets are; negative noise is cut off.
-            ax.set_yscale("symlog", linthresh=1.0)
-            ax.set_ylim(bottom=0)
-        ax.set_xlabel("concurrency")
-        ax.set_title(title, fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"Gateway overhead over a loopback fake provider ({report['machine']})")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ---- the soak -------------------------------------------------------------------------------
-
-
-def socket_inodes(pid: int) -> tuple[int, set[int]]:
-    """The number of open file descriptors of ``pid``, and the inodes of its sockets.
-
-    Args:
-        pid: The process.
-    """
-    count, inodes = 0, set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        count += 1
-        if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return count, inodes
-
-
-_TCP_STATES = {"01": "ESTABLISHED", "06": "TIME_WAIT", "08": "CLOSE_WAIT", "0A": "LISTEN"}
-
-
-def tcp_table(pid: int) -> dict[int, tuple[int, int, str]]:
-    """TCP sockets of ``pid``'s network namespace by inode: (local port, remote port, state).
-
-    Args:
-        pid: Any process in the namespace.
-    """
-    table = {}
-    for name in ("tcp", "tcp6"):
-        try:
-            lines = Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, remote, state, inode = fields[1], fields[2], fields[3], int(fields[9])
-            table[inode] = (
-                int(local.rsplit(":", 1)[1], 16),
-                int(remote.rsplit(":", 1)[1], 16),
-                _TCP_STATES.get(state, state),
-            )
-    return table
-
-
-def count_fds(pid: int, own_port: int, upstream_port: int) -> dict:
-    """The router's descriptors by kind: sockets listening, to clients (on its port), to the
-    fake (its upstream keep-alive pool), other sockets, and everything else.
-
-    Args:
-        pid: The router process.
-        own_port: The router's listening port.
-        upstream_port: The fake's port.
-    """
-    total, inodes = socket_inodes(pid)
-    table = tcp_table(pid)
-    kinds: Counter[str] = Counter()
-    for inode in inodes:
-        local, remote, state = table.get(inode, (0, 0, "?"))
-        if state == "LISTEN":
-            kinds["listening"] += 1
-        elif local == own_port:
-            kinds["clients"] += 1
-        elif remote == upstream_port and state == "ESTABLISHED":
-            kinds["upstream"] += 1
-        elif remote == upstream_port:
-            kinds[f"upstream_{state.lower()}"] += 1
-        else:
-            kinds["other_sockets"] += 1
-    return {"fds": total, "non_socket_fds": total - len(inodes), **kinds}
-
-
-def _without_pool(counts: dict) -> int:
-    return counts["fds"] - counts.get("upstream", 0)
-
-
-def soak_request(n: int) -> tuple[str, str, bool]:
-    """Request ``n`` of the soak: (client format, model, stream), cycling through all eight.
-
-    Args:
-        n: The request's number.
-    """
-    client = CLIENT_FORMATS[n % 2]
-    stream = (n // 2) % 2 == 0
-    model = PLAIN_MODEL if (n // 4) % 2 == 0 else STREAM_MODEL
-    return client, model, stream
-
-
-async def run_soak(options: SoakOptions, pin: bool = False, chunks: int = 20) -> dict:
-    """Soak the router under injected faults and check its invariants.
-
-    Args:
-        options: The soak's size and limits.
-        pin: Put the router on its own CPU.
-        chunks: Text pieces per answer.
-    """
-    server_cpus, client_cpus = cpu_plan(pin)
-    if client_cpus:
-        os.sched_setaffinity(0, client_cpus)
-    fake_config = FakeConfig(chunks=chunks, fault_rate=options.fault_rate, seed=options.seed)
-    oracle = FakeConfig(chunks=chunks, fault_rate=options.fault_rate, seed=options.seed)
-    with _workdir() as workdir:
-        fake = start_fake(fake_config, client_cpus, workdir)
-        router = start_router(fake.url, workdir, server_cpus, soak=True)
-        sampler = asyncio.ensure_future(sample_rss(router, 0.25))
-        try:
-            return await _soak(options, fake, router, oracle, chunks)
-        finally:
-            sampler.cancel()
-            router.stop()
-            fake.stop()
-
-
-async def _soak(
-    options: SoakOptions, fake: Server, router: Server, oracle: FakeConfig, chunks: int
-) -> dict:
-    own_port = int(router.url.rsplit(":", 1)[1])
-    fake_port = int(fake.url.rsplit(":", 1)[1])
-    async with aiohttp.ClientSession() as session:
-        await wait_ready(router, session, chunks)
-    before = count_fds(router.proc.pid, own_port, fake_port)
-    warm_count = int(options.requests * options.warmup_share)
-    marks: dict[str, float] = {}
-    connector = aiohttp.TCPConnector(limit=options.concurrency)
-    timeout = aiohttp.ClientTimeout(total=None)
-    results: dict[int, Sample] = {}
-    numbers = iter(range(options.requests))
-    began = time.monotonic()
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-
-        async def worker() -> None:
-            # The workers share one iterator: each request number is sent exactly once.
-            for n in numbers:
-                if n == warm_count:
-                    marks["warm"] = time.monotonic()
-                client, model, stream = soak_request(n)
-                results[n] = await send(
-                    session,
-                    router.url,
-                    client,
-                    model,
-                    stream,
-                    f"soak-{n}",
-                    chunks,
-                    options.timeout_s,
-                )
-
-        await asyncio.gather(*(worker() for _ in range(options.concurrency)))
-    elapsed = time.monotonic() - began
-    marks.setdefault("warm", time.monotonic())
-    # The client's connections are closed now; the router should drop its side promptly.
-    await asyncio.sleep(0.5)
-    right_after = count_fds(router.proc.pid, own_port, fake_port)
-    settled = right_after
-    deadline = time.monotonic() + options.settle_s
-    while time.monotonic() < deadline:
-        settled = count_fds(router.proc.pid, own_port, fake_port)
-        if settled["fds"] <= before["fds"]:
-            break
-        await asyncio.sleep(0.5)
-    async with aiohttp.ClientSession() as session, session.get(f"{fake.url}/stats") as resp:
-        fake_stats = await resp.json()
-    return soak_report(
-        options,
-        results,
-        elapsed,
-        oracle,
-        router,
-        marks["warm"],
-        {"before": before, "right_after": right_after, "settled": settled},
-        fake_stats,
-    )
-
-
-def soak_report(
-    options: SoakOptions,
-    results: dict[int, Sample],
-    window_s: float,
-    oracle: FakeConfig,
-    router: Server,
-    warm_at: float,
-    fds: dict,
-    fake_stats: dict,
-) -> dict:
-    """Outcomes by the fault each request's first attempt drew, and the invariants.
-
-    Args:
-        options: The soak's options.
-        results: Each request's sample, by request number.
-        window_s: How long the run took.
-        oracle: The fake's config, to redraw each request's first fault.
-        router: The router (its RSS samples).
-        warm_at: When the warm-up ended.
-        fds: Descriptor counts before, right after, and after settling.
-        fake_stats: The fake's counters.
-    """
-    # The fake's draw is a pure function of seed, text and attempt number: redraw the first
-    # attempt of every request.
-    by_fault: dict[str, Counter[str]] = {}
-    for n, sample in results.items():
-        fault = FakeState(oracle).draw(f"soak-{n}")
-        by_fault.setdefault(fault.kind if fault else "none", Counter())[sample.outcome] += 1
-    samples = list(results.values())
-    outcomes = Counter(s.outcome for s in samples)
-    after = [rss for t, rss in router.rss_samples if t >= warm_at]
-    reference = after[0] if after else None
-    growth = (max(after) / reference - 1) if after else None
-    before, settled = fds["before"], fds["settled"]
-    invariants = {
-        "every_request_answered_once": len(samples) == options.requests,
-        "no_torn_or_hung": outcomes[TORN] == 0 and outcomes[HANG] == 0,
-        # The upstream keep-alive pool may hold idle connections to the fake until aiohttp's
-        # keep-alive timeout (15 s) closes them: all other descriptors must be back at once.
-        "fds_back_to_start_except_pool": _without_pool(settled) <= _without_pool(before),
-        "no_client_sockets_left": settled.get("clients", 0) <= before.get("clients", 0),
-        "no_half_closed_sockets": not any(k.startswith("upstream_") for k in settled),
-        "rss_within_tolerance": growth is not None and growth <= options.rss_tolerance,
-    }
-    if options.settle_s > POOL_KEEPALIVE_S:
-        invariants["fds_back_to_start_with_pool"] = settled["fds"] <= before["fds"]
-    details = Counter(s.detail for s in samples if s.outcome in (TORN, HANG))
-    return {
-        "options": asdict(options),
-        "requests": len(samples),
-        "rps": len(samples) / window_s,
-        "outcomes": dict(outcomes),
-        "by_first_fault": {k: dict(v) for k, v in sorted(by_fault.items())},
-        "error_messages": dict(
-            Counter(s.detail for s in samples if s.outcome == ERROR).most_common(8)
-        ),
-        "torn_or_hung_details": dict(details.most_common(8)),
-        "fake": fake_stats,
-        "fds": fds,
-        "rss_reference_mib": reference / 2**20 if reference else None,
-        "rss_max_after_warmup_mib": max(after) / 2**20 if after else None,
-        "rss_growth": growth,
-        "invariants": invariants,
-        "passed": all(invariants.values()),
-    }
 
 
 def print_soak(report: dict) -> None:

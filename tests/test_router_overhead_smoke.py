@@ -11,14 +11,8 @@ import pytest
 
 from benchmarks import fake_provider
 from benchmarks.loadgen import ANSWER, ERROR, pieces_in_order, send
-from benchmarks.router_overhead import (
-    BenchOptions,
-    SoakOptions,
-    add_overheads,
-    percentile,
-    run_benchmark,
-    run_soak,
-)
+from benchmarks.router_overhead import BenchOptions, add_overheads, percentile, run_benchmark
+from benchmarks.soak import SoakOptions, run_soak
 
 
 async def test_benchmark_reports_every_level_of_fake_and_router() -> None:

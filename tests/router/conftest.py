@@ -1,14 +1,17 @@
-"""Shared fixtures for the router tests: the fake providers on loopback, once per module."""
+"""Shared fixtures for the router tests: the SDK-validating fake providers on loopback (once
+per module), and the router app in front of the small scriptable fake upstream (per test)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestClient, TestServer
 
+from router.app import create_app
+from router.config import Config
 from tests.router.fakes import (
     ANTHROPIC_KEYS,
     GEMINI_KEYS,
@@ -18,6 +21,7 @@ from tests.router.fakes import (
     FakeOpenAI,
     FakeProvider,
 )
+from tests.router.helpers import FakeUpstream, make_config
 
 
 @dataclass
@@ -57,3 +61,34 @@ def fakes(upstreams: Upstreams) -> Iterator[Upstreams]:
     yield upstreams
     problems = [p for fake in upstreams.all() for p in fake.problems]
     assert not problems, "fake upstreams rejected requests:\n" + "\n".join(problems)
+
+
+@pytest.fixture
+async def fake(aiohttp_server) -> FakeUpstream:
+    """The scriptable fake upstream on loopback, its ``base_url`` set."""
+    upstream = FakeUpstream()
+    server = await aiohttp_server(upstream.app)
+    upstream.base_url = str(server.make_url("")).rstrip("/")
+    return upstream
+
+
+@pytest.fixture
+def router_client(aiohttp_client) -> Callable[[Config], Awaitable[TestClient]]:
+    """Serves ``create_app(cfg)`` for the test and returns a client of it."""
+
+    async def serve(cfg: Config) -> TestClient:
+        return await aiohttp_client(create_app(cfg))
+
+    return serve
+
+
+@pytest.fixture
+def router_config(fake: FakeUpstream) -> Config:
+    """The config `client` serves: `make_config` at the fake; a test module overrides it."""
+    return make_config(fake.base_url)
+
+
+@pytest.fixture
+async def client(router_client, router_config: Config) -> TestClient:
+    """A client of the router app serving `router_config`."""
+    return await router_client(router_config)

@@ -1152,6 +1152,8 @@ class FakeGemini(FakeProvider):
 # Client side: official SDK clients that record raw response bytes, and scripted conversations.
 # ---------------------------------------------------------------------------------------------
 
+# The provider formats the fakes speak, which are also the kinds of SDK client.
+KINDS = ["openai", "anthropic", "gemini"]
 OPENAI_KEYS = ["sk-oai-fake-1"]
 ANTHROPIC_KEYS = ["sk-ant-fake-1", "sk-ant-fake-2"]
 GEMINI_KEYS = ["gem-fake-1"]
@@ -1803,6 +1805,8 @@ TOOL_SCENARIOS = {
     "parallel-same": [("get_weather", WEATHER_ARGS), ("get_weather", TOKYO_ARGS)],
     "parallel-interleaved": [("get_weather", WEATHER_ARGS), ("get_time", TIME_ARGS)],
 }
+# Every scenario `run_scenario` plays.
+SCENARIOS = ["text", "image", "truncated", *TOOL_SCENARIOS, "reasoning", "reasoning-tool"]
 
 
 def _expect_turn(driver: Driver, out: Outcome, stream: bool, turn: int, upstream: str) -> None:

@@ -5,6 +5,8 @@ and Gemini (``/v1beta/models/{model}:...``). Each test queues the answers it wan
 `FakeUpstream.queue` (a status plus a JSON body or a list of SSE events); with nothing queued,
 a plain text answer in the right format is returned. Every request is recorded.
 
+`running_router` serves the router app on a loopback test server for tests whose clients are
+the official SDKs or plain aiohttp sessions (the `client` fixture covers the rest), and
 `RouterProcess` runs the router as a real process (``python -m router``) for the tests of
 signals and of several instances.
 """
@@ -12,18 +14,22 @@ signals and of several instances.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import socket
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
+from benchmarks.gateways import free_port
+from router.app import create_app
 from router.config import Config
+from tests.router.fakes import KINDS, sse
 
 
 @dataclass
@@ -45,6 +51,7 @@ class Seen:
 
 class FakeUpstream:
     def __init__(self) -> None:
+        self.base_url = ""  # set by the `fake` fixture once the app listens
         self.seen: list[Seen] = []
         self._queues: dict[str, list[Answer]] = {"openai": [], "anthropic": [], "gemini": []}
         self.app = web.Application()
@@ -73,9 +80,7 @@ class FakeUpstream:
             )
             await response.prepare(request)
             for name, data in answer.events:
-                text = data if isinstance(data, str) else json.dumps(data)
-                head = f"event: {name}\n" if name else ""
-                await response.write(f"{head}data: {text}\n\n".encode())
+                await response.write(sse(data, name))
             await response.write_eof()
             return response
 
@@ -147,6 +152,25 @@ def openai_chunk(delta: dict, finish: str | None = None) -> dict:
         "model": "up-model",
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
+
+
+def openai_tool_chunk(
+    index: int, arguments: str, call_id: str | None = None, name: str | None = None
+) -> dict:
+    """A stream chunk with one piece of a tool call; the call's first piece names it.
+
+    Args:
+        index: The call's index.
+        arguments: This piece of the JSON arguments.
+        call_id: The call's id (first piece only).
+        name: The function's name (first piece only).
+    """
+    if call_id is None:
+        call = {"index": index, "function": {"arguments": arguments}}
+    else:
+        function = {"name": name, "arguments": arguments}
+        call = {"index": index, "id": call_id, "type": "function", "function": function}
+    return openai_chunk({"tool_calls": [call]})
 
 
 def openai_text_stream(text: str) -> list:
@@ -235,6 +259,17 @@ def gemini_text(text: str) -> dict:
     }
 
 
+# Minimal requests, one per client format, for the models `make_config` names (shared: never
+# mutate them).
+OPENAI_BODY = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
+ANTHROPIC_BODY = {
+    "model": "claude",
+    "max_tokens": 10,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+
+
 def make_config(base_url: str, **limits: object) -> Config:
     """Providers of all three types pointing at the fake, and a few model aliases."""
     return Config.from_dict(
@@ -258,10 +293,29 @@ def make_config(base_url: str, **limits: object) -> Config:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@asynccontextmanager
+async def running_router(cfg: Config) -> AsyncIterator[TestServer]:
+    """The router app serving ``cfg`` on a loopback test server, closed on exit.
+
+    Args:
+        cfg: The router's config.
+    """
+    server = TestServer(create_app(cfg), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+def client_roots(server: TestServer) -> dict[str, str]:
+    """The server's root URL for each client kind (the ``roots`` that `make_clients` takes).
+
+    Args:
+        server: A started test server.
+    """
+    root = str(server.make_url("")).rstrip("/")
+    return {kind: root for kind in KINDS}
 
 
 class RouterProcess:

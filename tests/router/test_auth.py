@@ -12,15 +12,19 @@ from pathlib import Path
 import anthropic
 import openai
 import pytest
-from aiohttp.test_utils import TestServer
 from google.genai import errors as genai_errors
 
 from router.__main__ import main
-from router.app import create_app
 from router.auth import check_bind, find_client, is_loopback
 from router.config import Config, ConfigError, hash_key
 from tests.router.fakes import ANTHROPIC_KEYS, OPENAI_KEYS, TEXT_ANSWER, ask, make_clients
-from tests.router.helpers import FakeUpstream
+from tests.router.helpers import (
+    ANTHROPIC_BODY,
+    GEMINI_BODY,
+    OPENAI_BODY,
+    client_roots,
+    running_router,
+)
 
 FULL_KEY = "rk-full-access-0001"
 GPT_ONLY_KEY = "rk-gpt-only-0002"
@@ -28,13 +32,6 @@ ADMIN_KEY = "admin-secret-0003"
 # The checkout, so a subprocess imports this tree's router.
 ROOT = Path(__file__).resolve().parents[2]
 
-OPENAI_BODY = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
-ANTHROPIC_BODY = {
-    "model": "claude",
-    "max_tokens": 10,
-    "messages": [{"role": "user", "content": "hi"}],
-}
-GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
 RESPONSES_BODY = {"model": "claude", "input": "hi"}
 
 
@@ -64,16 +61,8 @@ def auth_config(base_url: str, **auth: object) -> Config:
 
 
 @pytest.fixture
-async def fake(aiohttp_server):
-    upstream = FakeUpstream()
-    server = await aiohttp_server(upstream.app)
-    upstream.base_url = str(server.make_url("")).rstrip("/")
-    return upstream
-
-
-@pytest.fixture
-async def client(aiohttp_client, fake):
-    return await aiohttp_client(create_app(auth_config(fake.base_url, admin_key=ADMIN_KEY)))
+def router_config(fake) -> Config:
+    return auth_config(fake.base_url, admin_key=ADMIN_KEY)
 
 
 # (client format, path, body, how that client sends its key)
@@ -181,8 +170,8 @@ async def test_admin_api_needs_the_admin_key(client):
     assert [k["id"] for k in keys] == ["oai/0", "claude/0", "gem/0"]
 
 
-async def test_admin_api_is_off_without_an_admin_key(aiohttp_client, fake):
-    client = await aiohttp_client(create_app(auth_config(fake.base_url)))
+async def test_admin_api_is_off_without_an_admin_key(router_client, fake):
+    client = await router_client(auth_config(fake.base_url))
     resp = await client.get("/admin/keys", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert resp.status == 403
     assert "auth.admin_key" in (await resp.json())["error"]["message"]
@@ -284,33 +273,28 @@ async def test_official_sdks_authenticate_and_read_401_and_403(fakes, upstreams,
             "auth": {"client_keys": [{"key": FULL_KEY}, {"key": GPT_ONLY_KEY, "models": ["gpt"]}]},
         }
     )
-    server = TestServer(create_app(cfg))
-    await server.start_server()
-    root = str(server.make_url("")).rstrip("/")
     errors = {
         "openai": (openai.AuthenticationError, openai.PermissionDeniedError),
         "anthropic": (anthropic.AuthenticationError, anthropic.PermissionDeniedError),
         "gemini": (genai_errors.ClientError, genai_errors.ClientError),
     }[kind]
     made = []
-    try:
-        for key, model, expected, status in [
-            (FULL_KEY, "claude", None, 200),
-            ("rk-wrong", "gpt", errors[0], 401),
-            (GPT_ONLY_KEY, "claude", errors[1], 403),
-        ]:
-            clients = make_clients(
-                {k: root for k in ("openai", "anthropic", "gemini")}, {kind: key}
-            )
-            made.append(clients)
-            if expected is None:
-                assert await ask(kind, clients, model, "scenario:text", False) == TEXT_ANSWER
-                continue
-            with pytest.raises(expected) as info:
-                await ask(kind, clients, model, "scenario:text", False)
-            got = info.value.code if kind == "gemini" else info.value.status_code
-            assert got == status
-    finally:
-        for clients in made:
-            await clients.close()
-        await server.close()
+    async with running_router(cfg) as server:
+        try:
+            for key, model, expected, status in [
+                (FULL_KEY, "claude", None, 200),
+                ("rk-wrong", "gpt", errors[0], 401),
+                (GPT_ONLY_KEY, "claude", errors[1], 403),
+            ]:
+                clients = make_clients(client_roots(server), {kind: key})
+                made.append(clients)
+                if expected is None:
+                    assert await ask(kind, clients, model, "scenario:text", False) == TEXT_ANSWER
+                    continue
+                with pytest.raises(expected) as info:
+                    await ask(kind, clients, model, "scenario:text", False)
+                got = info.value.code if kind == "gemini" else info.value.status_code
+                assert got == status
+        finally:
+            for clients in made:
+                await clients.close()

@@ -19,11 +19,9 @@ import anthropic
 import openai
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestServer
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
-from router.app import create_app
 from router.config import Config
 from tests.router.fakes import (
     ANTHROPIC_KEYS,
@@ -33,10 +31,12 @@ from tests.router.fakes import (
     GEMINI_KEYS,
     IMAGE_ANSWER,
     INPUT_TOKENS,
+    KINDS,
     MIDSTREAM_ERRORS,
     OPENAI_KEYS,
     RED_PIXEL_PNG,
     RETRY_AFTER_S,
+    SCENARIOS,
     SLOW_TEXT,
     SYSTEM_PROMPT,
     TEXT_ANSWER,
@@ -46,24 +46,13 @@ from tests.router.fakes import (
     read_first_text_then_leave,
     run_scenario,
 )
+from tests.router.helpers import client_roots, running_router
 
 # Async tests share the module-scoped fakes and router, so they run on the module's event loop.
 module_loop = pytest.mark.asyncio(loop_scope="module")
 
-KINDS = ["openai", "anthropic", "gemini"]
 # Client formats: the providers' three plus OpenAI's Responses API.
 CLIENTS = [*KINDS, "responses"]
-SCENARIOS = [
-    "text",
-    "image",
-    "truncated",
-    "tool",
-    "parallel",
-    "parallel-same",
-    "parallel-interleaved",
-    "reasoning",
-    "reasoning-tool",
-]
 UPSTREAM_MODELS = {"openai": "gpt-fake", "anthropic": "claude-fake", "gemini": "gemini-fake"}
 
 
@@ -97,23 +86,11 @@ def router_config(roots: dict[str, str]) -> dict:
     }
 
 
-async def start_router(roots: dict[str, str]) -> TestServer:
-    server = TestServer(create_app(Config.from_dict(router_config(roots))))
-    await server.start_server()
-    return server
-
-
-def client_roots(server: TestServer) -> dict[str, str]:
-    root = str(server.make_url("")).rstrip("/")
-    return {kind: root for kind in KINDS}
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def router(upstreams) -> AsyncIterator[dict[str, str]]:
     """The router on loopback, in front of the module's fakes; yields its root per client kind."""
-    server = await start_router(upstreams.roots)
-    yield client_roots(server)
-    await server.close()
+    async with running_router(Config.from_dict(router_config(upstreams.roots))) as server:
+        yield client_roots(server)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -127,9 +104,8 @@ async def clients(router) -> AsyncIterator[Clients]:
 @pytest_asyncio.fixture(loop_scope="module")
 async def fresh_router(upstreams) -> AsyncIterator[dict[str, str]]:
     """A router of the test's own: error tests cool keys down, which must not leak."""
-    server = await start_router(upstreams.roots)
-    yield client_roots(server)
-    await server.close()
+    async with running_router(Config.from_dict(router_config(upstreams.roots))) as server:
+        yield client_roots(server)
 
 
 @pytest_asyncio.fixture(loop_scope="module")

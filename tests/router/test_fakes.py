@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import aiohttp
 import anthropic
 import openai
 import pytest
+import pytest_asyncio
 from google.genai import errors as genai_errors
 
 from tests.router import grammar
@@ -22,8 +24,10 @@ from tests.router.fakes import (
     ERROR_MESSAGE,
     GEMINI_KEYS,
     INPUT_TOKENS,
+    KINDS,
     MIDSTREAM_ERRORS,
     OPENAI_KEYS,
+    SCENARIOS,
     Clients,
     ask,
     check_typed,
@@ -35,45 +39,30 @@ from tests.router.fakes import (
 # Async tests share the module-scoped fakes, so they run on the module's event loop.
 module_loop = pytest.mark.asyncio(loop_scope="module")
 
-SCENARIOS = [
-    "text",
-    "image",
-    "truncated",
-    "tool",
-    "parallel",
-    "parallel-same",
-    "parallel-interleaved",
-    "reasoning",
-    "reasoning-tool",
-]
-KINDS = ["openai", "anthropic", "gemini"]
-
-
 FAKE_KEYS = {"openai": OPENAI_KEYS[0], "anthropic": ANTHROPIC_KEYS[-1], "gemini": GEMINI_KEYS[0]}
 
 
-def direct_clients(fakes) -> Clients:
+@pytest_asyncio.fixture(loop_scope="module")
+async def direct_clients(fakes) -> AsyncIterator[Clients]:
     """SDK clients that talk straight to the fakes, each with a key its fake accepts."""
-    return make_clients(fakes.roots, FAKE_KEYS)
+    clients = make_clients(fakes.roots, FAKE_KEYS)
+    yield clients
+    await clients.close()
 
 
 @module_loop
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @pytest.mark.parametrize("kind", KINDS)
-async def test_sdk_against_fake(fakes, kind, scenario, stream):
+async def test_sdk_against_fake(fakes, direct_clients, kind, scenario, stream):
     fake = fakes.by_name(kind)
-    clients = direct_clients(fakes)
-    try:
-        await run_scenario(kind, clients, f"{kind}-upstream-model", scenario, stream, fake)
-    finally:
-        await clients.close()
+    await run_scenario(kind, direct_clients, f"{kind}-upstream-model", scenario, stream, fake)
 
 
 @module_loop
 @pytest.mark.parametrize("status", [400, 401, 429, 500])
-async def test_fake_errors_map_to_sdk_exceptions(fakes, status):
-    clients = direct_clients(fakes)
+async def test_fake_errors_map_to_sdk_exceptions(direct_clients, status):
+    clients = direct_clients
     prompt = f"scenario:error-{status}"
     expected = {
         400: (openai.BadRequestError, anthropic.BadRequestError, genai_errors.ClientError),
@@ -81,41 +70,30 @@ async def test_fake_errors_map_to_sdk_exceptions(fakes, status):
         429: (openai.RateLimitError, anthropic.RateLimitError, genai_errors.ClientError),
         500: (openai.InternalServerError, anthropic.InternalServerError, genai_errors.ServerError),
     }[status]
-    try:
-        with pytest.raises(expected[0], match=ERROR_MESSAGE):
-            await clients.openai.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": prompt}]
-            )
-        with pytest.raises(expected[1], match=ERROR_MESSAGE):
-            await clients.anthropic.messages.create(
-                model="m", max_tokens=10, messages=[{"role": "user", "content": prompt}]
-            )
-        with pytest.raises(expected[2], match=ERROR_MESSAGE) as info:
-            await clients.gemini.aio.models.generate_content(model="m", contents=prompt)
-        assert info.value.code == status
-    finally:
-        await clients.close()
+    with pytest.raises(expected[0], match=ERROR_MESSAGE):
+        await clients.openai.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": prompt}]
+        )
+    with pytest.raises(expected[1], match=ERROR_MESSAGE):
+        await clients.anthropic.messages.create(
+            model="m", max_tokens=10, messages=[{"role": "user", "content": prompt}]
+        )
+    with pytest.raises(expected[2], match=ERROR_MESSAGE) as info:
+        await clients.gemini.aio.models.generate_content(model="m", contents=prompt)
+    assert info.value.code == status
 
 
 @module_loop
 @pytest.mark.parametrize("kind", KINDS)
-async def test_midstream_error_raises_in_sdk(fakes, kind):
-    clients = direct_clients(fakes)
-    try:
-        with pytest.raises(MIDSTREAM_ERRORS[kind], match=ERROR_MESSAGE):
-            await ask(kind, clients, "m", "scenario:midstream-error", stream=True)
-    finally:
-        await clients.close()
+async def test_midstream_error_raises_in_sdk(direct_clients, kind):
+    with pytest.raises(MIDSTREAM_ERRORS[kind], match=ERROR_MESSAGE):
+        await ask(kind, direct_clients, "m", "scenario:midstream-error", stream=True)
 
 
 @module_loop
 @pytest.mark.parametrize("kind", KINDS)
-async def test_fakes_notice_a_reader_leaving(fakes, kind):
-    clients = direct_clients(fakes)
-    try:
-        await read_first_text_then_leave(kind, clients, fakes.roots, "m", GEMINI_KEYS[0])
-    finally:
-        await clients.close()
+async def test_fakes_notice_a_reader_leaving(fakes, direct_clients, kind):
+    await read_first_text_then_leave(kind, direct_clients, fakes.roots, "m", GEMINI_KEYS[0])
     for _ in range(40):
         if fakes.by_name(kind).disconnects:
             break
@@ -124,16 +102,12 @@ async def test_fakes_notice_a_reader_leaving(fakes, kind):
 
 
 @module_loop
-async def test_count_tokens_against_fakes(fakes):
-    clients = direct_clients(fakes)
-    try:
-        messages = [{"role": "user", "content": "hi"}]
-        counted = await clients.anthropic.messages.count_tokens(model="m", messages=messages)
-        assert counted.input_tokens == INPUT_TOKENS
-        gemini = await clients.gemini.aio.models.count_tokens(model="m", contents="hi")
-        assert gemini.total_tokens == INPUT_TOKENS
-    finally:
-        await clients.close()
+async def test_count_tokens_against_fakes(direct_clients):
+    messages = [{"role": "user", "content": "hi"}]
+    counted = await direct_clients.anthropic.messages.count_tokens(model="m", messages=messages)
+    assert counted.input_tokens == INPUT_TOKENS
+    gemini = await direct_clients.gemini.aio.models.count_tokens(model="m", contents="hi")
+    assert gemini.total_tokens == INPUT_TOKENS
 
 
 @module_loop

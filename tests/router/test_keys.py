@@ -373,6 +373,19 @@ async def test_parked_and_disabled_keys():
         pool.enable("p/9")
 
 
+# What a key's snapshot shows (the admin API adds its provider).
+SNAPSHOT_FIELDS = {
+    "id",
+    "masked",
+    "state",
+    "until",
+    "reason",
+    "in_flight",
+    "requests",
+    "failures",
+}
+
+
 async def test_snapshot_never_shows_a_key():
     keys = ["sk-proj-SECRETSECRET-a1b2", {"key": "short", "rpm": 3}]
     pool = make_pool(keys)
@@ -381,16 +394,7 @@ async def test_snapshot_never_shows_a_key():
     snap = pool.snapshot()
     assert snap[0]["masked"] == "sk-...a1b2" and snap[1]["masked"] == "...rt"
     assert "SECRET" not in repr(snap) and "short" not in repr(snap)
-    assert set(snap[0]) == {
-        "id",
-        "masked",
-        "state",
-        "until",
-        "reason",
-        "in_flight",
-        "requests",
-        "failures",
-    }
+    assert set(snap[0]) == SNAPSHOT_FIELDS
     assert "SECRET" not in repr(pool.config)
     assert mask_key("sk-ant-api03-xyz9") == "sk-...xyz9"
     lease = await pool.acquire()

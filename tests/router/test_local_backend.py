@@ -11,7 +11,6 @@ import asyncio
 import base64
 import gc
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from aiohttp.test_utils import TestServer
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
+from benchmarks.gateways import free_port
 from mlx_smolvlm import engine as engine_module
 from mlx_smolvlm.generate import GenerationResponse, generate
 from mlx_smolvlm.load import load
@@ -480,9 +480,7 @@ def test_mlx_options_are_checked_strictly(checkpoint):
 @pytest.mark.slow
 def test_smolvlm_router_without_config_serves_random_weights_loudly(tmp_path):
     """The main command on a machine with no weights: a random 256M checkpoint, said loudly."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "XDG_CACHE_HOME": str(tmp_path / "cache"),

@@ -17,7 +17,6 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from router.app import create_app
 from router.config import Config, ConfigError, LogConfig
@@ -25,25 +24,23 @@ from router.keys import KEY_POOLS
 from router.logs import configure_logging, secrets_of, start_request
 from router.reload import CONFIG_LOADER
 from router.sse import SSEDecoder
-from tests.router.fakes import OPENAI_KEYS, SLOW_TEXT, read_first_text_then_leave
+from tests.router.fakes import OPENAI_KEYS, SLOW_TEXT, make_clients, read_first_text_then_leave
 from tests.router.helpers import (
+    ANTHROPIC_BODY,
+    OPENAI_BODY,
     Answer,
-    FakeUpstream,
     RouterProcess,
     anthropic_events,
+    client_roots,
     make_config,
+    running_router,
 )
+from tests.router.test_keys import SNAPSHOT_FIELDS
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
 
 ADMIN_KEY = "ops-admin-key-0001"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-OPENAI_BODY = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
-ANTHROPIC_BODY = {
-    "model": "claude",
-    "max_tokens": 10,
-    "messages": [{"role": "user", "content": "hi"}],
-}
 
 
 def ops_config(base_url: str, **extra: object) -> Config:
@@ -67,17 +64,20 @@ def ops_config(base_url: str, **extra: object) -> Config:
     return Config.from_dict(data)
 
 
-@pytest.fixture
-async def fake(aiohttp_server):
-    upstream = FakeUpstream()
-    server = await aiohttp_server(upstream.app)
-    upstream.base_url = str(server.make_url("")).rstrip("/")
-    return upstream
+def sdk_fake_config(root: str, **extra: object) -> Config:
+    """Model ``m`` served by the SDK-validating OpenAI fake at ``root``."""
+    return Config.from_dict(
+        {
+            "providers": {"oai": {"type": "openai", "base_url": f"{root}/v1", "keys": OPENAI_KEYS}},
+            "models": {"m": [{"provider": "oai", "model": "gpt-fake"}]},
+            **extra,
+        }
+    )
 
 
 @pytest.fixture
-async def client(aiohttp_client, fake):
-    return await aiohttp_client(create_app(ops_config(fake.base_url)))
+def router_config(fake) -> Config:
+    return ops_config(fake.base_url)
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:
@@ -175,17 +175,7 @@ async def test_admin_keys_disable_enable_and_metrics_follow(client, fake):
         "claude/0": "active",
         "claude/1": "active",
     }
-    assert set(keys[0]) >= {
-        "id",
-        "masked",
-        "state",
-        "until",
-        "reason",
-        "in_flight",
-        "requests",
-        "failures",
-        "provider",
-    }
+    assert set(keys[0]) >= SNAPSHOT_FIELDS | {"provider"}
     resp = await client.post(
         "/admin/keys/claude/0/disable", headers=ADMIN, json={"reason": "leaked"}
     )
@@ -244,9 +234,9 @@ async def test_admin_reload_keeps_unchanged_pools_and_rejects_bad_configs(
 # ---- timeouts and keep-alives -------------------------------------------------------------------
 
 
-async def test_first_byte_timeout_is_retryable_and_falls_back(aiohttp_client, fake):
+async def test_first_byte_timeout_is_retryable_and_falls_back(router_client, fake):
     cfg = ops_config(fake.base_url, timeouts={"first_byte_s": 0.2})
-    client = await aiohttp_client(create_app(cfg))
+    client = await router_client(cfg)
     fake.queue("openai", Answer(body={}, delay_s=2), Answer(body={}, delay_s=2))
     started = time.monotonic()
     resp = await client.post("/v1/chat/completions", json={**OPENAI_BODY, "model": "fallback"})
@@ -260,9 +250,9 @@ async def test_first_byte_timeout_is_retryable_and_falls_back(aiohttp_client, fa
     assert "no answer from the upstream within 0.2 s" in (await resp.json())["error"]["message"]
 
 
-async def test_stream_first_byte_timeout_falls_back(aiohttp_client, fake):
+async def test_stream_first_byte_timeout_falls_back(router_client, fake):
     cfg = ops_config(fake.base_url, timeouts={"first_byte_s": 0.2})
-    client = await aiohttp_client(create_app(cfg))
+    client = await router_client(cfg)
     slow = Answer(events=[(None, {"x": 1})], delay_s=2)
     fake.queue("openai", slow, slow)
     resp = await client.post(
@@ -285,9 +275,9 @@ async def test_stream_first_byte_timeout_falls_back(aiohttp_client, fake):
     ids=["sse-comment", "anthropic-event"],
 )
 async def test_keepalive_pings_while_waiting_for_the_first_byte(
-    aiohttp_client, fake, path, body, expected
+    router_client, fake, path, body, expected
 ):
-    client = await aiohttp_client(create_app(make_config(fake.base_url, keepalive_s=0.05)))
+    client = await router_client(make_config(fake.base_url, keepalive_s=0.05))
     kind = "anthropic" if "messages" in path else "openai"
     events = (
         anthropic_events(({"type": "text", "text": ""}, [{"type": "text_delta", "text": "x"}]))
@@ -334,23 +324,9 @@ async def test_keepalive_pings_while_waiting_for_the_first_byte(
 async def test_idle_timeout_mid_stream_ends_it_with_an_error_event(fakes, upstreams):
     """Once content went out there is no retry: a silent upstream ends the client's stream with
     the format's error event, and the upstream request is dropped."""
-    cfg = Config.from_dict(
-        {
-            "providers": {
-                "oai": {
-                    "type": "openai",
-                    "base_url": f"{upstreams.roots['openai']}/v1",
-                    "keys": OPENAI_KEYS,
-                }
-            },
-            "models": {"m": [{"provider": "oai", "model": "gpt-fake"}]},
-            # The slow scenario pauses 50 ms between pieces.
-            "timeouts": {"idle_s": 0.02},
-        }
-    )
-    server = TestServer(create_app(cfg))
-    await server.start_server()
-    try:
+    # The slow scenario pauses 50 ms between pieces.
+    cfg = sdk_fake_config(upstreams.roots["openai"], timeouts={"idle_s": 0.02})
+    async with running_router(cfg) as server:
         body = {
             "model": "m",
             "stream": True,
@@ -369,8 +345,6 @@ async def test_idle_timeout_mid_stream_ends_it_with_an_error_event(fakes, upstre
                 break
             await asyncio.sleep(0.02)
         assert [len(fakes.openai.exchanges), fakes.openai.disconnects] == [1, 1]
-    finally:
-        await server.close()
 
 
 # ---- cancellation -----------------------------------------------------------------------------------
@@ -379,34 +353,16 @@ async def test_idle_timeout_mid_stream_ends_it_with_an_error_event(fakes, upstre
 @module_loop
 async def test_client_leaving_mid_stream_cancels_the_upstream_within_1s(fakes, upstreams):
     """The real server setting (handler_cancellation) with the SDK-validating fakes."""
-    cfg = Config.from_dict(
-        {
-            "providers": {
-                "oai": {
-                    "type": "openai",
-                    "base_url": f"{upstreams.roots['openai']}/v1",
-                    "keys": OPENAI_KEYS,
-                }
-            },
-            "models": {"m": [{"provider": "oai", "model": "gpt-fake"}]},
-        }
-    )
-    server = TestServer(create_app(cfg))
-    await server.start_server()
-    root = str(server.make_url("")).rstrip("/")
-    try:
-        from tests.router.fakes import make_clients
-
-        clients = make_clients({"openai": root, "anthropic": root, "gemini": root})
-        first = await read_first_text_then_leave("openai", clients, {"gemini": root}, "m")
+    async with running_router(sdk_fake_config(upstreams.roots["openai"])) as server:
+        roots = client_roots(server)
+        clients = make_clients(roots)
+        first = await read_first_text_then_leave("openai", clients, roots, "m")
         left = time.monotonic()
         assert SLOW_TEXT.startswith(first.strip())
         while not fakes.openai.disconnects and time.monotonic() - left < 1.0:
             await asyncio.sleep(0.02)
         assert fakes.openai.disconnects == 1, "the upstream stream outlived the client by 1 s"
         await clients.close()
-    finally:
-        await server.close()
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
@@ -429,9 +385,7 @@ async def test_client_leaving_before_the_first_byte_cancels_the_upstream(aiohttp
     upstream.router.add_post("/v1/chat/completions", hang)
     up = await aiohttp_server(upstream)
     cfg = ops_config(str(up.make_url("")).rstrip("/"))
-    server = TestServer(create_app(cfg))
-    await server.start_server()
-    try:
+    async with running_router(cfg) as server:
         async with aiohttp.ClientSession() as http:
             task = asyncio.ensure_future(
                 http.post(
@@ -443,8 +397,6 @@ async def test_client_leaving_before_the_first_byte_cancels_the_upstream(aiohttp
             left = time.monotonic()
         await asyncio.wait_for(cancelled.wait(), 1.0)
         assert time.monotonic() - left < 1.0
-    finally:
-        await server.close()
 
 
 # ---- secrets ----------------------------------------------------------------------------------------
@@ -458,7 +410,7 @@ SECRET_KEYS = {
 
 
 async def test_provider_keys_never_appear_in_logs_errors_metrics_or_admin(
-    aiohttp_client, fake, unused_tcp_port
+    router_client, fake, unused_tcp_port
 ):
     base = fake.base_url
     cfg = Config.from_dict(
@@ -490,7 +442,7 @@ async def test_provider_keys_never_appear_in_logs_errors_metrics_or_admin(
     configure_logging(LogConfig(format="json", level="DEBUG"), secrets_of(cfg), stream=captured)
     outputs: list[str] = []
     try:
-        client = await aiohttp_client(create_app(cfg))
+        client = await router_client(cfg)
 
         async def send(path: str, body: dict) -> None:
             resp = await client.post(path, json=body)

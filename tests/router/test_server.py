@@ -10,46 +10,26 @@ import time
 
 import pytest
 
-from router.app import create_app
 from router.config import Config, ConfigError, load_config
 from router.keys import KEY_POOLS
 from router.sse import SSEDecoder
 from tests.router.helpers import (
+    ANTHROPIC_BODY,
+    GEMINI_BODY,
+    OPENAI_BODY,
     PNG_BYTES,
     Answer,
-    FakeUpstream,
     anthropic_events,
     make_config,
     openai_chunk,
+    openai_tool_chunk,
 )
-
-
-@pytest.fixture
-async def fake(aiohttp_server):
-    upstream = FakeUpstream()
-    server = await aiohttp_server(upstream.app)
-    upstream.base_url = str(server.make_url("")).rstrip("/")
-    return upstream
-
-
-@pytest.fixture
-async def client(aiohttp_client, fake):
-    return await aiohttp_client(create_app(make_config(fake.base_url)))
 
 
 async def sse_events(resp) -> list:
     decoder = SSEDecoder()
     events = decoder.feed(await resp.read()) + decoder.flush()
     return [(e.event, e.data if e.data == "[DONE]" else json.loads(e.data)) for e in events]
-
-
-OPENAI_BODY = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
-ANTHROPIC_BODY = {
-    "model": "claude",
-    "max_tokens": 10,
-    "messages": [{"role": "user", "content": "hi"}],
-}
-GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
 
 
 # ---- happy paths through each client format ---------------------------------------------------
@@ -160,42 +140,9 @@ async def test_anthropic_stream_from_openai_parallel_tool_calls(client, fake):
         Answer(
             events=[
                 (None, openai_chunk({"role": "assistant", "content": None})),
-                (
-                    None,
-                    openai_chunk(
-                        {
-                            "tool_calls": [
-                                {
-                                    "index": 0,
-                                    "id": "c1",
-                                    "type": "function",
-                                    "function": {"name": "a", "arguments": ""},
-                                }
-                            ]
-                        }
-                    ),
-                ),
-                (
-                    None,
-                    openai_chunk(
-                        {"tool_calls": [{"index": 0, "function": {"arguments": '{"q":2}'}}]}
-                    ),
-                ),
-                (
-                    None,
-                    openai_chunk(
-                        {
-                            "tool_calls": [
-                                {
-                                    "index": 1,
-                                    "id": "c2",
-                                    "type": "function",
-                                    "function": {"name": "b", "arguments": "{}"},
-                                }
-                            ]
-                        }
-                    ),
-                ),
+                (None, openai_tool_chunk(0, "", "c1", "a")),
+                (None, openai_tool_chunk(0, '{"q":2}')),
+                (None, openai_tool_chunk(1, "{}", "c2", "b")),
                 (None, openai_chunk({}, "tool_calls")),
                 (
                     None,
@@ -567,9 +514,9 @@ async def test_429_on_all_keys_reaches_client_with_retry_after(client, fake):
     assert (await resp.json())["error"]["status"] == "RESOURCE_EXHAUSTED"
 
 
-async def test_connection_refused_is_502(aiohttp_client, unused_tcp_port):
+async def test_connection_refused_is_502(router_client, unused_tcp_port):
     cfg = make_config(f"http://127.0.0.1:{unused_tcp_port}")
-    client = await aiohttp_client(create_app(cfg))
+    client = await router_client(cfg)
     resp = await client.post("/v1/chat/completions", json=OPENAI_BODY)
     assert resp.status == 502
     assert "connection failed" in (await resp.json())["error"]["message"]
@@ -663,40 +610,9 @@ async def test_responses_stream_with_parallel_function_calls(client, fake):
         Answer(
             events=[
                 (None, openai_chunk({"role": "assistant", "content": None})),
-                (
-                    None,
-                    openai_chunk(
-                        {
-                            "tool_calls": [
-                                {
-                                    "index": 0,
-                                    "id": "c1",
-                                    "type": "function",
-                                    "function": {"name": "a", "arguments": '{"x":'},
-                                }
-                            ]
-                        }
-                    ),
-                ),
-                (
-                    None,
-                    openai_chunk({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
-                ),
-                (
-                    None,
-                    openai_chunk(
-                        {
-                            "tool_calls": [
-                                {
-                                    "index": 1,
-                                    "id": "c2",
-                                    "type": "function",
-                                    "function": {"name": "b", "arguments": "{}"},
-                                }
-                            ]
-                        }
-                    ),
-                ),
+                (None, openai_tool_chunk(0, '{"x":', "c1", "a")),
+                (None, openai_tool_chunk(0, "1}")),
+                (None, openai_tool_chunk(1, "{}", "c2", "b")),
                 (None, openai_chunk({}, "tool_calls")),
                 (None, "[DONE]"),
             ]
@@ -715,8 +631,8 @@ async def test_responses_stream_with_parallel_function_calls(client, fake):
     assert [d["sequence_number"] for _, d in events] == list(range(len(events)))
 
 
-async def test_keepalive_comments_during_a_slow_first_token(aiohttp_client, fake):
-    client = await aiohttp_client(create_app(make_config(fake.base_url, keepalive_s=0.05)))
+async def test_keepalive_comments_during_a_slow_first_token(router_client, fake):
+    client = await router_client(make_config(fake.base_url, keepalive_s=0.05))
     events = anthropic_events(({"type": "text", "text": ""}, [{"type": "text_delta", "text": "x"}]))
     fake.queue("anthropic", Answer(events=events, delay_s=0.3))
     body = {**ANTHROPIC_BODY, "stream": True}
@@ -729,8 +645,8 @@ async def test_keepalive_comments_during_a_slow_first_token(aiohttp_client, fake
     assert names[0] == "message_start" and names[-1] == "message_stop"
 
 
-async def test_failure_after_keepalives_is_an_error_event(aiohttp_client, fake):
-    client = await aiohttp_client(create_app(make_config(fake.base_url, keepalive_s=0.05)))
+async def test_failure_after_keepalives_is_an_error_event(router_client, fake):
+    client = await router_client(make_config(fake.base_url, keepalive_s=0.05))
     fake.queue("openai", Answer(status=500, body={"error": {"message": "boom"}}, delay_s=0.2))
     resp = await client.post("/v1/chat/completions", json={**OPENAI_BODY, "stream": True})
     assert resp.status == 200
@@ -749,12 +665,11 @@ async def test_failure_after_keepalives_is_an_error_event(aiohttp_client, fake):
 
 
 @pytest.mark.slow
-async def test_overhead_benchmark(aiohttp_client, fake, capsys):
+async def test_overhead_benchmark(client, fake, capsys):
     """Added latency of the router over calling the (loopback) upstream directly.
 
     Run: python -m pytest tests/router/test_server.py -m slow -s -k overhead
     """
-    client = await aiohttp_client(create_app(make_config(fake.base_url)))
     upstream = f"{fake.base_url}/v1/chat/completions"
     direct_body = {"model": "gpt-up", "messages": OPENAI_BODY["messages"]}
 
@@ -824,10 +739,10 @@ async def test_malformed_upstream_response_is_502(client, fake, body):
     assert (await resp.json())["error"]["type"] == "api_error"
 
 
-async def test_stream_falls_back_when_overloaded_after_block_start(aiohttp_client, fake):
+async def test_stream_falls_back_when_overloaded_after_block_start(router_client, fake):
     cfg = make_config(fake.base_url)
     cfg.models["claude-first"] = [cfg.models["claude"][0], cfg.models["gpt"][0]]
-    client = await aiohttp_client(create_app(cfg))
+    client = await router_client(cfg)
     busy = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
     broken = anthropic_events(({"type": "text", "text": ""}, []))[:3] + [("error", busy)]
     fake.queue("anthropic", Answer(events=broken))

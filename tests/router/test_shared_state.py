@@ -21,14 +21,14 @@ import redis.asyncio as aioredis
 import yaml
 from aiohttp.test_utils import TestServer
 
-from router.app import create_app
+from benchmarks.gateways import free_port
 from router.config import Config, ConfigError, ProviderConfig, SharedStateConfig
 from router.errors import RateLimitError, UpstreamError
 from router.keys import ACTIVE, COOLING, DISABLED, PARKED, KeyPool, Verdict
 from router.keys.redis_store import SharedKeyState, shared_id
 from router.logs import Redactor, secrets_of
 from tests.router.fakes import TEXT_ANSWER
-from tests.router.helpers import FakeUpstream, RouterProcess, free_port, make_config
+from tests.router.helpers import RouterProcess, make_config
 from tests.router.test_resilience import CountingOpenAI
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -301,12 +301,10 @@ async def test_redis_down_serves_locally_and_shares_again_when_back(tmp_path, ca
         server.stop()
 
 
-async def test_app_without_redis_serves_and_says_so(aiohttp_server, aiohttp_client):
-    fake = FakeUpstream()
-    server = await aiohttp_server(fake.app)
-    cfg = make_config(str(server.make_url("")).rstrip("/"))
+async def test_app_without_redis_serves_and_says_so(router_client, fake):
+    cfg = make_config(fake.base_url)
     cfg.shared_state = SharedStateConfig(redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    client = await aiohttp_client(create_app(cfg))
+    client = await router_client(cfg)
     body = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
     for _ in range(3):
         assert (await client.post("/v1/chat/completions", json=body)).status == 200

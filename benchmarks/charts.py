@@ -1,0 +1,53 @@
+"""The router overhead benchmark's chart: req/s, added latency and added stream TTFB against
+concurrency, one line per system."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def draw(report: dict, path: Path) -> None:
+    """Plot req/s, added p50 latency and added stream TTFB against concurrency.
+
+    Args:
+        report: From `benchmarks.router_overhead.run_benchmark`.
+        path: The PNG to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = (
+        ("plain", "rps", "requests/s (plain, OpenAI->OpenAI)"),
+        ("plain", "added_latency_p50_ms", "added p50 latency, ms (plain)"),
+        ("stream", "added_ttfb_p50_ms", "added p50 TTFB, ms (stream, OpenAI->Anthropic)"),
+    )
+    colors = {"direct": "tab:gray", "router": "tab:blue", "litellm": "tab:orange"}
+    for ax, (workload, key, title) in zip(axes, panels, strict=True):
+        for system, color in colors.items():
+            rows = [
+                r
+                for r in report["rows"]
+                if r["system"] == system and r["workload"] == workload and r.get(key) is not None
+            ]
+            if rows:
+                xs = [r["concurrency"] for r in rows]
+                ax.plot(xs, [r[key] for r in rows], marker="o", label=system, color=color)
+        ax.set_xscale("log")
+        if key == "rps":
+            ax.set_yscale("log")
+        else:
+            # Linear below 1 ms, where the targets are; negative noise is cut off.
+            ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_ylim(bottom=0)
+        ax.set_xlabel("concurrency")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Gateway overhead over a loopback fake provider ({report['machine']})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
