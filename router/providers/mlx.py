@@ -27,8 +27,8 @@ from mlx_smolvlm.engine import (
     EngineOutput,
     QueueFullError,
     SamplingParams,
-    load_for_serving,
 )
+from mlx_smolvlm.serving import load_for_serving
 
 from .. import ir
 from ..adapters import new_id

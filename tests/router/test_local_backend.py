@@ -30,6 +30,7 @@ from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
 from mlx_smolvlm import engine as engine_module
+from mlx_smolvlm import serving
 from mlx_smolvlm.generate import GenerationResponse, generate
 from mlx_smolvlm.load import load
 from router.app import create_app
@@ -390,7 +391,7 @@ async def test_client_disconnect_frees_the_slot_and_memory(checkpoint):
 
 
 async def test_random_weights_say_so_in_every_model_name(checkpoint, monkeypatch):
-    monkeypatch.setattr(engine_module, "random_checkpoint", lambda shape, dtype: checkpoint)
+    monkeypatch.setattr(serving, "random_checkpoint", lambda shape, dtype: checkpoint)
     cfg = Config.from_dict(
         {
             "providers": {
