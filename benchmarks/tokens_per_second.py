@@ -18,7 +18,8 @@ Workers of our port load OpenBLAS and the GEMV shim (the package defaults); mlx-
 runs with MLX's bundled BLAS, its fp32 configuration with plain OpenBLAS loaded first; the
 transformers workers never import MLX (it slowed PyTorch's fp32 matmuls down).
 
-Run it as ``python -m benchmarks.tokens_per_second`` or ``mlx-smolvlm bench``.
+Run it as ``python -m benchmarks.tokens_per_second`` from the repository root. The workloads and
+their inputs are in ``workloads.py``, the peers' runners in ``peers.py``.
 """
 
 from __future__ import annotations
@@ -40,43 +41,23 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.peers import run_mlx_vlm, run_transformers
+from benchmarks.workloads import (
+    WORKLOADS,
+    RunResult,
+    decode_timing,
+    load_inputs,
+    workload_prompt,
+    write_inputs,
+)
+
 logger = logging.getLogger(__name__)
 
-SHAPES = ("256m", "500m", "2.2b")
 PRECISIONS = ("fp32", "bf16", "fp16", "8bit", "4bit")
 PEERS = ("transformers", "mlx-vlm")
 RESULT_PREFIX = "BENCH_RESULT "
-IMAGE_SIZE = (640, 480)
-VIDEO_SECONDS = 10
-VIDEO_FPS = 24
-QUESTION_TOKENS = 20
-TEXT_PROMPT_TOKENS = 512
-TEXT = (
-    "Describe this picture in detail: the main objects, their colors, shapes and positions, any "
-    "text you can read, the light, the setting, and what might have happened just before it was "
-    "taken."
-)
-WORDS = (
-    "river mountain window library engine garden signal harbor lantern orbit meadow pencil "
-    "bridge thunder violin canyon marble forest compass ladder museum saddle glacier"
-).split()
-
-
-@dataclass(frozen=True)
-class Workload:
-    """One benchmark task: what the prompt holds and how many tokens to generate."""
-
-    name: str
-    media: str  # "image", "text" or "video"
-    max_tokens: int
-    description: str
-
-
-WORKLOADS = {
-    "a": Workload("a", "image", 128, "one 640x480 image, full tiling, 20-token question"),
-    "b": Workload("b", "text", 256, "text only, 512-token prompt"),
-    "c": Workload("c", "video", 64, "10-second video at the checkpoint's sampling"),
-}
+# The repository root: workers import `benchmarks`, which is not installed.
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -94,27 +75,6 @@ class System:
     @property
     def label(self) -> str:
         return f"{self.name} {self.config}"
-
-
-@dataclass
-class RunResult:
-    """Figures of one system on one workload (None where not measured or not applicable)."""
-
-    system: str
-    workload: str
-    status: str = "ok"
-    load_s: float | None = None
-    preprocess_s: float | None = None
-    vision_s: float | None = None
-    ttft_s: float | None = None
-    prefill_tps: float | None = None
-    decode_tps: float | None = None
-    peak_memory_gb: float | None = None
-    prompt_tokens: int | None = None
-    generated_tokens: int | None = None
-    weight_bytes_per_token: int | None = None
-    bandwidth_fraction: float | None = None
-    notes: str = ""
 
 
 @dataclass
@@ -146,142 +106,6 @@ class BenchConfig:
     default_timeout_s: float | None = None
     max_tokens: int | None = None
     repeats: int = 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-
-
-def random_checkpoint(shape: str) -> Path:
-    """The cached fp32 random-weight checkpoint of ``shape``, made on first use.
-
-    Args:
-        shape: ``256m``, ``500m`` or ``2.2b``.
-
-    Raises:
-        ValueError: If ``shape`` is unknown.
-    """
-    from .blas import cache_dir
-
-    if shape not in SHAPES:
-        raise ValueError(f"Unknown shape {shape!r}; expected one of {list(SHAPES)}")
-    path = cache_dir() / "random" / f"{shape}-float32"
-    if not (path / "model.safetensors").is_file():
-        from .random_weights import make_random_checkpoint
-
-        logger.info("Writing a random %s checkpoint to %s (first use)", shape, path)
-        partial = path.with_name(path.name + ".partial")
-        make_random_checkpoint(shape, partial, "float32")
-        partial.rename(path)
-    return path
-
-
-def write_image(path: Path) -> None:
-    """A deterministic 640x480 RGB test picture (gradients, shapes and noise) as PNG."""
-    from PIL import Image, ImageDraw
-
-    w, h = IMAGE_SIZE
-    y, x = np.mgrid[0:h, 0:w]
-    rng = np.random.default_rng(0)
-    rgb = np.stack([x * 255 // w, y * 255 // h, (x + y) * 255 // (w + h)], axis=-1)
-    rgb = np.clip(rgb + rng.integers(-20, 20, rgb.shape), 0, 255).astype(np.uint8)
-    image = Image.fromarray(rgb)
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((60, 60, 260, 260), fill=(220, 40, 40))
-    draw.rectangle((360, 200, 600, 420), fill=(40, 40, 200))
-    draw.text((300, 40), "SmolVLM2 benchmark", fill=(255, 255, 255))
-    image.save(path)
-
-
-def write_video(path: Path) -> None:
-    """A deterministic 10-second 640x480 MPEG-4 video of a moving square, written with PyAV."""
-    import av
-
-    w, h = IMAGE_SIZE
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=VIDEO_FPS)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for i in range(VIDEO_SECONDS * VIDEO_FPS):
-            frame = np.full((h, w, 3), (30, 90, 30), dtype=np.uint8)
-            left = i * (w - 120) // (VIDEO_SECONDS * VIDEO_FPS)
-            frame[180:300, left : left + 120] = (230, 200, 40)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-def _text_of_tokens(tokenizer: Any, text: str, n: int) -> str:
-    """A prefix of ``text`` that the tokenizer encodes to ``n`` tokens (``text`` repeated)."""
-    ids = tokenizer.encode(" ".join([text] * (n // 8 + 2)))
-    for size in range(n, n - 8, -1):
-        candidate = tokenizer.decode(ids[:size])
-        if len(tokenizer.encode(candidate)) == n:
-            return candidate
-    raise ValueError(f"cannot cut the benchmark text to exactly {n} tokens")
-
-
-def _messages(media: str, text: str) -> list[dict[str, Any]]:
-    content = [] if media == "text" else [{"type": media}]
-    return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
-
-
-def workload_prompt(processor: Any, workload: Workload, inputs_dir: Path) -> tuple[Any, dict]:
-    """The chat messages and media keyword arguments of a workload for ``prepare_prompt``.
-
-    Args:
-        processor: This package's ``Processor``.
-        workload: The workload.
-        inputs_dir: Holds ``image.png`` and ``video.mp4`` (see ``write_inputs``).
-    """
-    tokenizer = processor.tokenizer
-    if workload.media == "text":
-        # Fill the chat template up to exactly TEXT_PROMPT_TOKENS tokens.
-        overhead = len(tokenizer.encode(processor.apply_chat_template(_messages("text", "x"))))
-        body_tokens = TEXT_PROMPT_TOKENS - overhead + 1
-        rng = np.random.default_rng(0)
-        body = " ".join(rng.choice(WORDS, size=TEXT_PROMPT_TOKENS))
-        for _ in range(4):
-            text = _text_of_tokens(tokenizer, body, body_tokens)
-            n = len(tokenizer.encode(processor.apply_chat_template(_messages("text", text))))
-            if n == TEXT_PROMPT_TOKENS:
-                break
-            body_tokens += TEXT_PROMPT_TOKENS - n
-        return _messages("text", text), {}
-    question = _text_of_tokens(tokenizer, TEXT, QUESTION_TOKENS)
-    if workload.media == "image":
-        return _messages("image", question), {"images": [str(inputs_dir / "image.png")]}
-    return _messages("video", question), {"video": str(inputs_dir / "video.mp4")}
-
-
-def write_inputs(model_dir: Path, inputs_dir: Path, workloads: tuple[str, ...]) -> None:
-    """Write the image, the video and each workload's model inputs as ``<name>.npz``.
-
-    Every system reads its token ids and pixels from these files, so all run the same prompt.
-
-    Args:
-        model_dir: The checkpoint (its processor files decide tiling and frame sampling).
-        inputs_dir: Output directory.
-        workloads: Workload names.
-    """
-    from .generate import prepare_prompt
-    from .processing import Processor
-
-    inputs_dir.mkdir(parents=True, exist_ok=True)
-    write_image(inputs_dir / "image.png")
-    write_video(inputs_dir / "video.mp4")
-    processor = Processor.from_pretrained(model_dir)
-    for name in workloads:
-        messages, media = workload_prompt(processor, WORKLOADS[name], inputs_dir)
-        prompt = prepare_prompt(processor, messages, **media)
-        arrays = {"input_ids": np.array([prompt.input_ids], dtype=np.int64)}
-        if prompt.pixel_values is not None:
-            arrays["pixel_values"] = prompt.pixel_values[None].astype(np.float32)
-            mask = prompt.pixel_attention_mask
-            if mask is None:
-                mask = np.ones(prompt.pixel_values.shape[:1] + prompt.pixel_values.shape[2:])
-            arrays["pixel_attention_mask"] = mask[None].astype(bool)
-        np.savez(inputs_dir / f"{name}.npz", **arrays)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,24 +151,13 @@ def _peak_rss_gb() -> float:
     return peak / (1e9 if sys.platform == "darwin" else 1e6)
 
 
-def _load_inputs(inputs_dir: Path, workload: str) -> dict[str, np.ndarray]:
-    with np.load(inputs_dir / f"{workload}.npz") as data:
-        return {k: data[k] for k in data.files}
-
-
-def _decode_timing(result: RunResult, first_token_time: float, tokens: int) -> None:
-    elapsed = time.perf_counter() - first_token_time
-    result.generated_tokens = tokens
-    result.decode_tps = (tokens - 1) / elapsed if tokens > 1 else None
-
-
 def _run_ours(spec: dict, result: RunResult) -> None:
     import mlx.core as mx
 
-    from .generate import generate_step, prepare_prompt
-    from .load import load_model
-    from .processing import Processor
-    from .sample import make_sampler
+    from mlx_smolvlm.generate import generate_step, prepare_prompt
+    from mlx_smolvlm.load import load_model
+    from mlx_smolvlm.processing import Processor
+    from mlx_smolvlm.sample import make_sampler
 
     precision = spec["config"]
     tic = time.perf_counter()
@@ -362,7 +175,7 @@ def _run_ours(spec: dict, result: RunResult) -> None:
     prepare_prompt(processor, messages, **media)
     result.preprocess_s = time.perf_counter() - tic
 
-    inputs = _load_inputs(inputs_dir, workload.name)
+    inputs = load_inputs(inputs_dir, workload.name)
     ids = inputs["input_ids"][0]
     result.prompt_tokens = len(ids)
     features = None
@@ -385,7 +198,7 @@ def _run_ours(spec: dict, result: RunResult) -> None:
     result.ttft_s = result.preprocess_s + (first - start)
     for _ in range(spec["max_tokens"] - 1):
         next(steps)
-    _decode_timing(result, first, spec["max_tokens"])
+    decode_timing(result, first, spec["max_tokens"])
     steps.close()
     result.weight_bytes_per_token = decode_weight_bytes(model)
 
@@ -410,154 +223,18 @@ def quantize(model: Any, bits: int) -> None:
     """Quantize the decoder and connector of ``model`` in place (group 64, affine).
 
     The vision tower stays in full precision, as mlx-vlm leaves it: quantized matmuls run as
-    scalar loops on MLX's Linux CPU backend, which would make image encoding far slower. Uses
-    ``mlx_smolvlm.quantize`` when present, else ``nn.quantize`` on every Linear and Embedding
-    whose input size 64 divides.
+    scalar loops on MLX's Linux CPU backend, which would make image encoding far slower.
 
     Args:
         model: The loaded ``Model``.
         bits: 4 or 8.
     """
-    if importlib.util.find_spec("mlx_smolvlm.quantize") is not None:
-        from .quantize import QuantizationSpec, quantize_model
+    from mlx_smolvlm.quantize import QuantizationSpec, quantize_model
 
-        quantize_model(model, QuantizationSpec(bits=bits, quantize_vision=False))
-        return
-    import mlx.nn as nn
-
-    def predicate(path: str, module: Any) -> bool:
-        fits = hasattr(module, "to_quantized") and module.weight.shape[-1] % 64 == 0
-        return fits and not path.startswith("vision_model.")
-
-    nn.quantize(model, group_size=64, bits=bits, class_predicate=predicate)
+    quantize_model(model, QuantizationSpec(bits=bits, quantize_vision=False))
 
 
-def _hf_preprocess(model_dir: Path, workload: Workload, inputs_dir: Path) -> float | None:
-    """Time transformers' own preprocessing (image processor and tokenizer) of a workload.
-
-    Returns None for video: transformers' SmolVLM video processor needs torchvision.
-    """
-    from PIL import Image
-    from transformers import AutoTokenizer
-    from transformers.models.smolvlm import SmolVLMImageProcessorPil
-
-    if workload.media == "video":
-        return None
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    image_processor = SmolVLMImageProcessorPil.from_pretrained(model_dir)
-    tic = time.perf_counter()
-    if workload.media == "image":
-        image_processor(images=[[Image.open(inputs_dir / "image.png").convert("RGB")]])
-    tokenizer(TEXT)
-    return time.perf_counter() - tic
-
-
-def _peer_inputs(spec: dict, model_dir: Path, result: RunResult) -> dict[str, np.ndarray]:
-    """A peer's shared inputs, after timing transformers' preprocessing of the same workload."""
-    workload = WORKLOADS[spec["workload"]]
-    inputs_dir = Path(spec["inputs_dir"])
-    result.preprocess_s = _hf_preprocess(model_dir, workload, inputs_dir)
-    if result.preprocess_s is None:
-        result.notes = "preprocessing: transformers' video processor needs torchvision"
-    return _load_inputs(inputs_dir, workload.name)
-
-
-def _run_transformers(spec: dict, result: RunResult) -> None:
-    import torch
-    from transformers import SmolVLMForConditionalGeneration
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["config"]]
-    model_dir = Path(spec["model"])
-    tic = time.perf_counter()
-    model = SmolVLMForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
-    result.load_s = time.perf_counter() - tic
-    inputs = _peer_inputs(spec, model_dir, result)
-    kwargs = {"input_ids": torch.from_numpy(inputs["input_ids"])}
-    if "pixel_values" in inputs:
-        kwargs["pixel_values"] = torch.from_numpy(inputs["pixel_values"]).to(dtype)
-        kwargs["pixel_attention_mask"] = torch.from_numpy(inputs["pixel_attention_mask"])
-    result.prompt_tokens = int(kwargs["input_ids"].shape[1])
-    marks: dict[str, float] = {}
-
-    def mark(name: str) -> Any:
-        def hook(*_: Any) -> None:  # a hook that returns None leaves inputs and outputs alone
-            marks.setdefault(name, time.perf_counter())
-
-        return hook
-
-    model.model.vision_model.register_forward_pre_hook(mark("vision"))
-    model.model.connector.register_forward_hook(mark("connector"))
-    with torch.inference_mode():
-        start = time.perf_counter()
-        out = model(**kwargs, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        first = time.perf_counter()
-        vision = marks["connector"] - marks["vision"] if "vision" in marks else 0.0
-        if "vision" in marks:
-            result.vision_s = vision
-        result.prefill_tps = result.prompt_tokens / (first - start - vision)
-        result.ttft_s = (result.preprocess_s or 0.0) + (first - start)
-        past = out.past_key_values
-        for _ in range(spec["max_tokens"] - 1):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-    _decode_timing(result, first, spec["max_tokens"])
-
-
-def _run_mlx_vlm(spec: dict, result: RunResult) -> None:
-    import mlx.core as mx
-    from mlx_vlm.generate import generate_step as vlm_generate_step
-    from mlx_vlm.utils import load_model as vlm_load_model
-
-    model_dir = Path(spec["model"])
-    tic = time.perf_counter()
-    model = vlm_load_model(model_dir)
-    if spec["config"] == "bf16":
-        model.set_dtype(mx.bfloat16)
-        mx.eval(model.parameters())
-    result.load_s = time.perf_counter() - tic
-    inputs = _peer_inputs(spec, model_dir, result)
-    ids = mx.array(inputs["input_ids"].astype(np.int32))
-    result.prompt_tokens = int(ids.shape[1])
-    pixel_values, kwargs = None, {}
-    if "pixel_values" in inputs:
-        dtype = mx.bfloat16 if spec["config"] == "bf16" else mx.float32
-        pixel_values = mx.array(inputs["pixel_values"]).astype(dtype)
-        kwargs["pixel_attention_mask"] = mx.array(inputs["pixel_attention_mask"])
-
-    # mlx-vlm embeds the images in get_input_embeddings: time it, evaluated, as vision.
-    marks: dict[str, float] = {}
-    embed = model.get_input_embeddings
-
-    def timed_embed(*args: Any, **kw: Any) -> Any:
-        begin = time.perf_counter()
-        out = embed(*args, **kw)
-        mx.eval(out.inputs_embeds)
-        marks["vision"] = time.perf_counter() - begin
-        return out
-
-    model.get_input_embeddings = timed_embed
-    start = time.perf_counter()
-    steps = vlm_generate_step(
-        ids, model, pixel_values, None, max_tokens=spec["max_tokens"], temperature=0.0, **kwargs
-    )
-    token, _ = next(steps)
-    mx.eval(token)
-    first = time.perf_counter()
-    vision = marks.get("vision", 0.0) if pixel_values is not None else 0.0
-    if pixel_values is not None:
-        result.vision_s = vision
-    result.prefill_tps = result.prompt_tokens / (first - start - vision)
-    result.ttft_s = (result.preprocess_s or 0.0) + (first - start)
-    count = 1
-    for token, _ in steps:
-        mx.eval(token)
-        count += 1
-    _decode_timing(result, first, count)
-
-
-RUNNERS = {"mlx_smolvlm": _run_ours, "transformers": _run_transformers, "mlx-vlm": _run_mlx_vlm}
+RUNNERS = {"mlx_smolvlm": _run_ours, "transformers": run_transformers, "mlx-vlm": run_mlx_vlm}
 
 
 def run_worker(spec: dict) -> RunResult:
@@ -566,6 +243,9 @@ def run_worker(spec: dict) -> RunResult:
     Args:
         spec: ``system``, ``config``, ``model``, ``workload``, ``inputs_dir``, ``max_tokens``.
     """
+    if spec["system"] != "transformers":
+        # The package loads the BLAS that `worker_env` chose, before anything imports mlx.core.
+        import mlx_smolvlm  # noqa: F401
     result = RunResult(system=f"{spec['system']} {spec['config']}", workload=spec["workload"])
     RUNNERS[spec["system"]](spec, result)
     result.peak_memory_gb = _peak_rss_gb()
@@ -573,12 +253,13 @@ def run_worker(spec: dict) -> RunResult:
 
 
 def worker_env(system: System) -> dict[str, str]:
-    """Environment of a worker: which BLAS it loads before MLX.
+    """Environment of a worker: which BLAS it loads before MLX, and where `benchmarks` is.
 
     Our port gets OpenBLAS and the GEMV shim (its defaults); mlx-vlm ``fp32+openblas`` gets
     plain OpenBLAS; mlx-vlm ``bf16`` (its default) and transformers get no extra BLAS.
     """
     env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if system.name == "mlx-vlm" and system.config == "fp32+openblas":
         env["MLX_SMOLVLM_GEMV_SHIM"] = "off"
     elif system.name != "mlx_smolvlm":
@@ -594,19 +275,9 @@ def run_isolated(system: System, spec: dict, timeout_s: float) -> RunResult:
         spec: The worker spec (see ``run_worker``).
         timeout_s: Seconds before the worker is killed.
     """
-    if system.name == "transformers":
-        # Load this file alone, without the mlx_smolvlm package: importing mlx.core into a
-        # PyTorch process made its fp32 matmuls 2-10x slower.
-        loader = (
-            "import importlib.util, sys; "
-            f"spec = importlib.util.spec_from_file_location('smolvlm_bench', {__file__!r}); "
-            "bench = sys.modules['smolvlm_bench'] = importlib.util.module_from_spec(spec); "
-            "spec.loader.exec_module(bench); "
-            "sys.exit(bench.main())"
-        )
-        cmd = [sys.executable, "-c", loader, "--worker", json.dumps(spec)]
-    else:
-        cmd = [sys.executable, "-m", "mlx_smolvlm.bench", "--worker", json.dumps(spec)]
+    # This module imports no MLX: the transformers worker must not (importing mlx.core into a
+    # PyTorch process made its fp32 matmuls 2-10x slower); `run_worker` loads it for the others.
+    cmd = [sys.executable, "-m", "benchmarks.tokens_per_second", "--worker", json.dumps(spec)]
     result = RunResult(system=system.label, workload=spec["workload"])
     try:
         proc = subprocess.run(
@@ -641,6 +312,8 @@ def check_config(config: BenchConfig) -> tuple[Path | None, list[System], list[R
         raise ValueError(f"Unknown workloads {unknown}; expected some of {list(WORKLOADS)}")
     if config.repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {config.repeats}")
+    from mlx_smolvlm.random_weights import random_checkpoint
+
     errors: list[RunResult] = []
 
     def fail(label: str, status: str) -> None:
@@ -706,8 +379,8 @@ def weight_bytes_per_token(model_dir: Path, bytes_per_param: int) -> int:
     """
     import mlx.core as mx
 
-    from .config import load_config
-    from .model import Model
+    from mlx_smolvlm.config import load_config
+    from mlx_smolvlm.model import Model
 
     model = Model(load_config(model_dir))  # parameters stay lazy: only shapes are read
     dtype = {4: mx.float32, 2: mx.bfloat16}[bytes_per_param]
@@ -917,13 +590,11 @@ def draw_chart(results: list[RunResult], path: Path) -> bool:
     return True
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Add the benchmark's options to ``parser`` (a new one by default).
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's command-line options."""
+    from mlx_smolvlm.random_weights import SHAPES
 
-    Args:
-        parser: An existing (sub)parser to fill.
-    """
-    parser = parser or argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="python -m benchmarks.tokens_per_second", description=__doc__.split("\n")[0]
     )
     source = parser.add_mutually_exclusive_group()
@@ -998,7 +669,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m mlx_smolvlm.bench`` (and of the benchmark's workers).
+    """Entry point of ``python -m benchmarks.tokens_per_second`` (and of the benchmark's workers).
 
     Args:
         argv: Arguments without the program name.

@@ -626,4 +626,3 @@ class Engine:
         self._prefill = None
         self._set_rows([])
         logger.info("the engine stopped")
-

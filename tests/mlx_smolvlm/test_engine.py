@@ -331,4 +331,3 @@ async def test_close_fails_requests_in_flight(make_engine):
         with pytest.raises(EngineClosedError):
             async for _ in stream:
                 pass
-

@@ -492,14 +492,14 @@ def test_smolvlm_router_without_config_serves_random_weights_loudly(tmp_path):
         server.wait(30)
 
 
-def test_mlx_smolvlm_serve_runs_the_router_with_the_local_model_alone(checkpoint, monkeypatch):
+def test_router_model_option_serves_the_local_model_alone(checkpoint, monkeypatch):
     import router.__main__ as router_main
-    from mlx_smolvlm.cli import main
 
     served = []
-    monkeypatch.setattr(router_main, "run_server", lambda cfg: served.append(cfg) or 0)
-    args = ["serve", "--model", str(checkpoint), "--port", "9001", "--max-sequences", "3"]
-    assert main(args) == 0
+    monkeypatch.setattr(router_main, "run_server", lambda cfg, *_: served.append(cfg) or 0)
+    monkeypatch.setattr(router_main, "configure_logging", lambda *_: None)  # keep pytest's
+    args = ["--model", str(checkpoint), "--port", "9001", "--max-sequences", "3"]
+    assert router_main.main(args) == 0
     (cfg,) = served
     assert cfg.listen.port == 9001 and list(cfg.providers) == ["local"]
     assert cfg.models == {checkpoint.name.lower(): [Target("local", checkpoint.name.lower())]}
