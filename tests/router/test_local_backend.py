@@ -440,6 +440,8 @@ def test_mlx_options_are_checked_strictly(checkpoint):
         local_config(checkpoint, max_seqs=2)
     with pytest.raises(ConfigError, match=r"providers\.local\.mlx\.max_queue: expected int"):
         local_config(checkpoint, max_queue="many")
+    with pytest.raises(ConfigError, match=r"providers\.local\.mlx: max_sequences must be >= 1"):
+        local_config(checkpoint, max_sequences=0)
     with pytest.raises(ConfigError, match=r"providers\.oai\.mlx: only providers of type 'mlx'"):
         Config.from_dict(
             {
@@ -504,4 +506,4 @@ def test_router_model_option_serves_the_local_model_alone(checkpoint, monkeypatc
     assert cfg.listen.port == 9001 and list(cfg.providers) == ["local"]
     assert cfg.models == {checkpoint.name.lower(): [Target("local", checkpoint.name.lower())]}
     assert cfg.providers["local"].mlx.model == str(checkpoint)
-    assert cfg.providers["local"].mlx.max_sequences == 3
+    assert cfg.providers["local"].mlx.engine.max_sequences == 3
