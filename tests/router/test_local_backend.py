@@ -507,3 +507,11 @@ def test_router_model_option_serves_the_local_model_alone(checkpoint, monkeypatc
     assert cfg.models == {checkpoint.name.lower(): [Target("local", checkpoint.name.lower())]}
     assert cfg.providers["local"].mlx.model == str(checkpoint)
     assert cfg.providers["local"].mlx.engine.max_sequences == 3
+
+
+def test_router_local_model_options_need_model(capsys):
+    import router.__main__ as router_main
+
+    with pytest.raises(SystemExit):
+        router_main.main(["--max-sequences", "3"])
+    assert "--max-sequences needs --model" in capsys.readouterr().err
