@@ -62,11 +62,12 @@ class LimitsConfig:
     keepalive_s: float = 15.0
 
 
-def _engine_config(**options: object) -> EngineConfig:
-    """The local model's `EngineConfig`; MLX loads only for a provider of type ``mlx``."""
+def _default_engine_config() -> EngineConfig:
+    """The engine's defaults. Imported here, not at the top: a router without a local model
+    never loads MLX."""
     from mlx_smolvlm.engine import EngineConfig
 
-    return EngineConfig(**options)
+    return EngineConfig()
 
 
 @dataclass
@@ -90,7 +91,7 @@ class MLXConfig:
     # the provider's default_max_tokens, answers end at EOS or the end of the context.
     default_temperature: float = 0.0
     # The engine's limits and batching options, with the engine's own defaults.
-    engine: EngineConfig = field(default_factory=_engine_config)
+    engine: EngineConfig = field(default_factory=_default_engine_config)
 
 
 @dataclass
@@ -533,7 +534,7 @@ def _build(cls: type, data: object, where: str) -> object:
 
 def _mlx_config(data: object, where: str) -> MLXConfig:
     """The ``mlx`` mapping: the provider's own keys and, beside them, the engine's."""
-    from mlx_smolvlm.engine import EngineConfig
+    from mlx_smolvlm.engine import EngineConfig  # only now: see `_default_engine_config`
 
     _require_mapping(data, where)
     engine_keys = {f.name for f in dataclasses.fields(EngineConfig)}
