@@ -1,7 +1,7 @@
 """Export sizes, peak load memory and 4-bit agreement on the real SmolVLM2 architectures.
 
 Random weights from ``make_random_checkpoint`` (the 2.2B source in bfloat16 to save disk and
-time). Two measurements:
+time; ``agreement`` reuses the cached 256M one of ``random_checkpoint``). Two measurements:
 
 ``sizes``: for each shape, convert to full precision, 8-bit, 4-bit and 4-bit ``mixed`` (vision
 quantized in all), then measure the export's size on disk and ``mx.get_peak_memory()`` right after
@@ -39,7 +39,7 @@ from PIL import Image
 from mlx_smolvlm.convert import convert
 from mlx_smolvlm.load import load_model
 from mlx_smolvlm.quantize import QuantizationSpec, layer_quantization, quantize_model
-from mlx_smolvlm.random_weights import ASSETS, make_random_checkpoint
+from mlx_smolvlm.random_weights import ASSETS, SHAPES, make_random_checkpoint, random_checkpoint
 
 VARIANTS = {
     "full": {},
@@ -155,8 +155,8 @@ GROUPS = {
 }
 
 
-def measure_agreement(workdir: Path) -> list[dict]:
-    src = make_random_checkpoint("256m", workdir / "256m-src", dtype="float32")
+def measure_agreement() -> list[dict]:
+    src = random_checkpoint("256m", "float32")
     reference, _ = load_model(str(src))
     ids, pixel_values = agreement_inputs(reference)
     N, n, C, H, W = pixel_values.shape
@@ -226,7 +226,7 @@ def print_size_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=["sizes", "agreement"])
-    parser.add_argument("--shapes", nargs="+", default=["256m", "500m", "2.2b"])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--dtype", default="bfloat16", help="export dtype (sizes)")
     parser.add_argument("--json", type=Path, default=None)
@@ -237,7 +237,7 @@ def main() -> None:
             rows = measure_sizes(args.shapes, args.variants, args.dtype, Path(tmp))
             print_size_table(rows)
         else:
-            rows = measure_agreement(Path(tmp))
+            rows = measure_agreement()
             for r in rows:
                 print(f"{r['variant']:45} top-1 {r['top1_agreement']:.3f}  KL {r['mean_kl']:.5f}")
     if args.json:

@@ -36,8 +36,9 @@ import mlx_smolvlm
 import mlx.core as mx
 from PIL import Image
 
-from mlx_smolvlm.engine import Engine, EngineConfig, SamplingParams, random_checkpoint
+from mlx_smolvlm.engine import Engine, EngineConfig, SamplingParams
 from mlx_smolvlm.load import load
+from mlx_smolvlm.random_weights import random_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
 CONCURRENCY = (1, 2, 4, 8)

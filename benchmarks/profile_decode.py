@@ -14,10 +14,10 @@ import logging
 import time
 from collections import defaultdict
 
-from mlx_smolvlm.bench import random_checkpoint
 from mlx_smolvlm.blas import gemv_shim_calls
 from mlx_smolvlm.device_ops import Rotary
 from mlx_smolvlm.load import load_model
+from mlx_smolvlm.random_weights import random_checkpoint
 
 import mlx.core as mx
 import mlx.nn as nn

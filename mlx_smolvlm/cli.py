@@ -1,13 +1,13 @@
-"""The `mlx-smolvlm` command: generate, chat, convert, serve."""
+"""The `mlx-smolvlm` command: generate, chat, convert.
+
+Serving is the router's: `smolvlm-router --model PATH_OR_HUB_ID`.
+"""
 
 import argparse
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
-from .bench import build_parser as build_bench_parser
-from .bench import run_from_args as run_bench
 from .chat import ChatSession
 from .generate import GenerationResponse, stream_generate
 
@@ -123,28 +123,6 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    from router.__main__ import run_server
-    from router.config import Config
-
-    name = args.name or Path(args.model.rstrip("/")).name.lower()
-    options = {
-        "model": args.model,
-        "dtype": args.dtype,
-        "max_sequences": args.max_sequences,
-        "max_queue": args.max_queue,
-        "max_context_tokens": args.max_context_tokens,
-    }
-    config = Config.from_dict(
-        {
-            "listen": {"host": args.host, "port": args.port},
-            "providers": {"local": {"type": "mlx", "mlx": options}},
-            "models": {name: [{"provider": "local", "model": name}]},
-        }
-    )
-    return run_server(config)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-smolvlm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -176,24 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="replace a non-empty --mlx-path")
     convert.set_defaults(run=run_convert)
 
-    serve = commands.add_parser(
-        "serve", help="serve the model to OpenAI, Anthropic and Gemini clients (the router)"
-    )
-    serve.add_argument("--model", required=True, help="a local checkpoint or a hub id")
-    serve.add_argument("--name", help="the model name clients ask for (default: from --model)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--dtype", default=None, help="cast the weights, e.g. float32")
-    serve.add_argument("--max-sequences", type=int, default=8, help="requests decoded together")
-    serve.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond them")
-    serve.add_argument("--max-context-tokens", type=int, default=None)
-    serve.set_defaults(run=run_serve)
-
-    bench = commands.add_parser(
-        "bench", help="tokens per second next to transformers and mlx-vlm (benchmarks/)"
-    )
-    build_bench_parser(bench)
-    bench.set_defaults(run=run_bench)
     return parser
 
 

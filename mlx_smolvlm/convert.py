@@ -22,6 +22,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelConfig, load_config
+from .device_ops import DTYPES
 from .load import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, load_model, resolve_model_path
 from .model import Model
 from .processing import Processor
@@ -30,7 +31,6 @@ from .weight_names import to_export_names
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("float16", "bfloat16", "float32")
 MAX_SHARD_BYTES = 5 * 1024**3
 SHARD_FILE = "model-{:05d}-of-{:05d}.safetensors"
 # Text fields the export leaves as the source wrote them: MLX Swift reads none of them and the

@@ -21,28 +21,19 @@ import logging
 import os
 import queue
 import random
-import shutil
-import tempfile
 import threading
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-from .blas import cache_dir
 from .cache import BatchKVCache
 from .generate import ImageFeatureCache, TextStream, encode_tiles, input_keys, prepare_prompt
 from .image_processing import ImageInput
-from .load import HUB_PATTERNS, WEIGHTS_FILE, load_model, resolve_model_path
 from .model import Model
 from .processing import PreparedPrompt, Processor
-from .random_weights import make_random_checkpoint
 from .sample import LogitsProcessor, Sampler, make_repetition_penalty, make_sampler
 from .tokenizer import Tokenizer
 from .video import VideoInput
@@ -635,81 +626,3 @@ class Engine:
         self._prefill = None
         self._set_rows([])
         logger.info("the engine stopped")
-
-
-@dataclass
-class ServedModel:
-    """A model loaded for serving, and whether its weights are random."""
-
-    model: Any
-    processor: Any
-    path: Path
-    random_weights: bool
-
-
-def random_checkpoint(shape: str = "256m", dtype: str = "float32") -> Path:
-    """A random-weight checkpoint of a real SmolVLM2 architecture, made once and cached.
-
-    Args:
-        shape: One of ``256m``, ``500m``, ``2.2b``.
-        dtype: The weight dtype.
-
-    Raises:
-        ValueError: If ``shape`` or ``dtype`` is unknown.
-    """
-    path = cache_dir() / f"random-{shape}-{dtype}"
-    if not (path / WEIGHTS_FILE).is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Written beside and renamed into place, so a crash never leaves half a checkpoint.
-        scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-        try:
-            make_random_checkpoint(shape, scratch, dtype)
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(scratch, path)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return path
-
-
-def load_for_serving(
-    model: str, *, random_weights_fallback: bool = False, dtype: str | None = None
-) -> ServedModel:
-    """Load the model to serve: a directory, a Hub id, or random weights as a last resort.
-
-    With ``random_weights_fallback``, a Hub id is looked up in the Hugging Face cache only
-    (nothing is downloaded), and when it is not there a random-weight checkpoint of the
-    SmolVLM2-256M architecture is served, with a WARNING. Without it, a Hub id not in the
-    cache is downloaded.
-
-    Args:
-        model: A checkpoint directory or a Hugging Face Hub id.
-        random_weights_fallback: Serve random weights when ``model`` is not on this machine.
-        dtype: Cast the weights to this dtype name (e.g. ``float32``); None keeps them.
-
-    Raises:
-        FileNotFoundError, ConfigError, WeightsError: As `load_model`, when the model cannot
-            be loaded (and random weights are not allowed).
-        ValueError: If ``dtype`` is not a floating-point dtype name.
-    """
-    path = Path(model).expanduser()
-    random_weights = False
-    if not path.is_dir():
-        if random_weights_fallback:
-            try:
-                path = Path(
-                    snapshot_download(model, allow_patterns=HUB_PATTERNS, local_files_only=True)
-                )
-            except (LocalEntryNotFoundError, HFValidationError):
-                path = random_checkpoint("256m", dtype or "float32")
-                random_weights = True
-                logger.warning(
-                    "%s is not on this machine: serving a RANDOM-WEIGHT checkpoint of the "
-                    "SmolVLM2-256M architecture (%s). Its answers are meaningless; put the "
-                    "model in the Hugging Face cache or configure a checkpoint directory.",
-                    model,
-                    path,
-                )
-        else:
-            path = resolve_model_path(model)
-    loaded, path = load_model(str(path), dtype)
-    return ServedModel(loaded, Processor.from_pretrained(path), path, random_weights)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .blas import cache_dir
 from .config import ModelConfig
 from .load import WEIGHTS_FILE
 from .model import Model
@@ -127,3 +130,34 @@ def make_random_checkpoint(
     mx.save_safetensors(str(out / WEIGHTS_FILE), weights, metadata={"format": "pt"})
     logger.info("Wrote random %s checkpoint (%s) to %s", shape, dtype, out)
     return out
+
+
+def random_checkpoint(shape: str = "256m", dtype: str = "float32") -> Path:
+    """The cached random-weight checkpoint of ``shape`` in ``dtype``, made on first use.
+
+    Every user (the serving fallback, the benchmarks, the tests) shares one cache layout:
+    ``<cache_dir>/random-<shape>-<dtype>``.
+
+    Args:
+        shape: One of ``256m``, ``500m``, ``2.2b``.
+        dtype: Weight dtype name, e.g. ``float32`` or ``bfloat16``.
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        ValueError: If ``shape`` or ``dtype`` is unknown.
+    """
+    path = cache_dir() / f"random-{shape}-{dtype}"
+    if not (path / WEIGHTS_FILE).is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        logger.info("Writing a random %s checkpoint (%s) to %s (first use)", shape, dtype, path)
+        # Written beside and renamed into place, so a crash never leaves half a checkpoint.
+        scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            make_random_checkpoint(shape, scratch, dtype)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(scratch, path)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return path

@@ -3,7 +3,7 @@
 
 Without ``--config`` the router runs `default_config`: the local SmolVLM2-256M model (random
 weights, said loudly, when the real one is not on this machine) plus every cloud provider
-whose API key variable is set.
+whose API key variable is set. ``--model PATH_OR_HUB_ID`` serves that one local model alone.
 
 Signals: SIGHUP reloads the config file (an invalid one is logged and the running config
 kept); SIGTERM and SIGINT stop accepting connections and give in-flight requests up to
@@ -20,6 +20,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -30,6 +31,9 @@ from .logs import configure_logging, secrets_of
 from .reload import CONFIG_LOADER, RELOAD_HOOKS, reload_config
 
 logger = logging.getLogger("router")
+
+# The engine's options that ``--model`` takes; those not given keep the engine's defaults.
+ENGINE_OPTIONS = ("max_sequences", "max_queue", "max_context_tokens")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,21 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["hash-key"]:
         return hash_key_command(argv[1:])
-    parser = argparse.ArgumentParser(prog="smolvlm-router", description=__doc__)
-    parser.add_argument(
-        "--config",
-        help="path to router.yaml (default: the local model, plus cloud providers "
-        "whose API key variables are set)",
-    )
-    parser.add_argument("--host", help="override listen.host")
-    parser.add_argument("--port", type=int, help="override listen.port")
-    parser.add_argument("--log-level", help="override log.level (default INFO)")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    given = [name for name in ("name", "dtype", *ENGINE_OPTIONS) if vars(args)[name] is not None]
+    if given and not args.model:
+        parser.error(f"--{given[0].replace('_', '-')} needs --model")
     # Until the config's own log settings are known.
     configure_logging(LogConfig(format="text", level=args.log_level or "INFO"), [])
 
     def load() -> Config:
-        cfg = load_config(args.config) if args.config else default_config()
+        if args.config:
+            cfg = load_config(args.config)
+        elif args.model:
+            cfg = model_config(args)
+        else:
+            cfg = default_config()
         if args.log_level:
             cfg.log.level = args.log_level.upper()
         return cfg
@@ -69,6 +73,56 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", err)
         return 2
     return run_server(cfg, args.host, args.port, load if args.config else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``smolvlm-router`` (``hash-key`` has its own)."""
+    parser = argparse.ArgumentParser(prog="smolvlm-router", description=__doc__)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--config",
+        help="path to router.yaml (default: the local model, plus cloud providers "
+        "whose API key variables are set)",
+    )
+    source.add_argument(
+        "--model",
+        metavar="PATH_OR_HUB_ID",
+        help="serve this local checkpoint or Hub id alone, to every client format",
+    )
+    parser.add_argument("--host", help="override listen.host")
+    parser.add_argument("--port", type=int, help="override listen.port")
+    parser.add_argument("--log-level", help="override log.level (default INFO)")
+    local = parser.add_argument_group("the local model (with --model)")
+    local.add_argument("--name", help="the model name clients ask for (default: from --model)")
+    local.add_argument("--dtype", help="cast the weights, e.g. float32")
+    local.add_argument("--max-sequences", type=int, help="requests decoded together")
+    local.add_argument("--max-queue", type=int, help="requests waiting beyond them")
+    local.add_argument("--max-context-tokens", type=int, help="prompt plus answer per request")
+    return parser
+
+
+def model_config(args: argparse.Namespace) -> Config:
+    """The config of ``--model``: the local model alone, on ``--host``/``--port``.
+
+    Args:
+        args: From `build_parser`, with ``model`` set.
+
+    Raises:
+        ConfigError: An option is out of range.
+    """
+    name = args.name or Path(args.model.rstrip("/")).name.lower()
+    options = {"model": args.model, "dtype": args.dtype}
+    for option in ENGINE_OPTIONS:
+        if vars(args)[option] is not None:
+            options[option] = vars(args)[option]
+    listen = {key: vars(args)[key] for key in ("host", "port") if vars(args)[key] is not None}
+    return Config.from_dict(
+        {
+            "listen": listen,
+            "providers": {"local": {"type": "mlx", "mlx": options}},
+            "models": {name: [{"provider": "local", "model": name}]},
+        }
+    )
 
 
 def hash_key_command(argv: list[str]) -> int:

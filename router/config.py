@@ -9,9 +9,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import yaml
+
+if TYPE_CHECKING:
+    from mlx_smolvlm.engine import EngineConfig
 
 DEFAULT_BASE_URLS = {
     "openai": "https://api.openai.com/v1",
@@ -57,9 +61,23 @@ class LimitsConfig:
     keepalive_s: float = 15.0
 
 
+def _default_engine_config() -> EngineConfig:
+    """The engine's defaults. Imported here, not at the top: a router without a local model
+    never loads MLX."""
+    from mlx_smolvlm.engine import EngineConfig
+
+    return EngineConfig()
+
+
 @dataclass
 class MLXConfig:
-    """The ``mlx`` mapping of a provider of type ``mlx``: the local model and its limits."""
+    """The ``mlx`` mapping of a provider of type ``mlx``: the local model and its limits.
+
+    In YAML the engine's options (`mlx_smolvlm.engine.EngineConfig`: ``max_sequences``,
+    ``max_queue``, ``max_context_tokens``, ``prefill_step_size``, ``image_cache_tiles``,
+    ``retry_after_s``) sit beside these keys; past ``max_queue`` waiting requests the router
+    answers 429 with Retry-After.
+    """
 
     # A checkpoint directory or a Hugging Face Hub id.
     model: str = LOCAL_MODEL
@@ -68,19 +86,11 @@ class MLXConfig:
     random_weights_fallback: bool = False
     # Cast the weights (e.g. float32, the fast path on CPUs); None keeps the checkpoint's.
     dtype: str | None = None
-    # Sequences decoded together; requests beyond them wait in a queue of max_queue, past
-    # which the router answers 429 with Retry-After.
-    max_sequences: int = 8
-    max_queue: int = 32
-    # Prompt plus answer per request; None is the model's own context length.
-    max_context_tokens: int | None = None
-    # Prompt tokens prefilled between two decode steps of the running batch.
-    prefill_step_size: int = 512
-    image_cache_tiles: int = 256
-    retry_after_s: float = 1.0
     # Used when the client sends none (0 is greedy). Without max_tokens from the client or
     # the provider's default_max_tokens, answers end at EOS or the end of the context.
     default_temperature: float = 0.0
+    # The engine's limits and batching options, with the engine's own defaults.
+    engine: EngineConfig = field(default_factory=_default_engine_config)
 
 
 @dataclass
@@ -393,7 +403,7 @@ class Config:
             raw.setdefault("connect_timeout_s", timeouts.connect_s)
             provider = _build(ProviderConfig, raw, where)
             if provider.type == "mlx":
-                provider.mlx = _build(MLXConfig, mlx or {}, f"{where}.mlx")
+                provider.mlx = _mlx_config(mlx or {}, f"{where}.mlx")
             elif mlx is not None:
                 raise ConfigError(f"{where}.mlx: only providers of type 'mlx' take this key")
             if importlib.util.find_spec(f"router.providers.{provider.type}") is None:
@@ -522,6 +532,27 @@ def _build(cls: type, data: object, where: str) -> object:
         if name in data:
             _check_type(data[name], str(f.type), f"{where}.{name}")
     return cls(**data)
+
+
+def _mlx_config(data: object, where: str) -> MLXConfig:
+    """The ``mlx`` mapping: the provider's own keys and, beside them, the engine's."""
+    from mlx_smolvlm.engine import EngineConfig  # only now: see `_default_engine_config`
+
+    _require_mapping(data, where)
+    engine_keys = {f.name for f in dataclasses.fields(EngineConfig)}
+    own_keys = {f.name for f in dataclasses.fields(MLXConfig)} - {"engine"}
+    _reject_unknown(data, own_keys | engine_keys, where)
+    own = {key: value for key, value in data.items() if key in own_keys}
+    engine = {key: value for key, value in data.items() if key in engine_keys}
+    try:
+        engine_config = _build(EngineConfig, engine, where)
+    except ConfigError:
+        raise  # a missing key or a wrong type, named already
+    except ValueError as err:  # a value out of range, as `EngineConfig` checks it
+        raise ConfigError(f"{where}: {err}") from err
+    config = _build(MLXConfig, own, where)
+    config.engine = engine_config
+    return config
 
 
 def _key_config(entry: object, where: str) -> KeyConfig:

@@ -9,7 +9,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_smolvlm import bench, device_ops
+from benchmarks import tokens_per_second as bench
+from benchmarks.workloads import TEXT_PROMPT_TOKENS, RunResult
+from mlx_smolvlm import device_ops
 from mlx_smolvlm.blas import gemv_shim_calls
 from mlx_smolvlm.config import ModelConfig
 from mlx_smolvlm.load import WEIGHTS_FILE
@@ -73,8 +75,8 @@ def test_benchmark_runs_every_workload_and_writes_json(tiny_checkpoint, tmp_path
         # Bad systems get a clear status and do not stop the others.
         assert "unknown precision 'fp64'" in results[("mlx_smolvlm fp64", workload)]["status"]
         assert "unknown peer 'no-such-peer'" in results[("no-such-peer", workload)]["status"]
-    assert results[("mlx_smolvlm fp32", "b")]["prompt_tokens"] == bench.TEXT_PROMPT_TOKENS
-    table = bench.format_table([bench.RunResult(**r) for r in report["results"]])
+    assert results[("mlx_smolvlm fp32", "b")]["prompt_tokens"] == TEXT_PROMPT_TOKENS
+    table = bench.format_table([RunResult(**r) for r in report["results"]])
     assert "mlx_smolvlm fp32" in table and "decode tok/s" in table
     assert "ours_best_decode" in report["summary"]["a"]
     if importlib.util.find_spec("matplotlib") is not None:
@@ -112,7 +114,7 @@ def test_worker_time_limit_is_a_status(tiny_checkpoint, tmp_path):
 
 def test_chart_without_matplotlib_is_a_message(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
-    assert not bench.draw_chart([bench.RunResult("x", "a")], tmp_path / "c.png")
+    assert not bench.draw_chart([RunResult("x", "a")], tmp_path / "c.png")
     assert "matplotlib is not installed" in caplog.text
 
 

@@ -23,16 +23,15 @@ from mlx_smolvlm.engine import (
     ContextLengthError,
     Engine,
     EngineClosedError,
-    EngineConfig,
     EngineOutput,
     QueueFullError,
     SamplingParams,
-    load_for_serving,
 )
+from mlx_smolvlm.serving import load_for_serving
 
 from .. import ir
 from ..adapters import new_id
-from ..config import ConfigError, LimitsConfig, MLXConfig, ProviderConfig
+from ..config import LimitsConfig, MLXConfig, ProviderConfig
 from ..errors import InvalidRequestError, OverloadedError, RateLimitError, UpstreamError
 from ..images import fetch_media, is_http
 from .base import BaseProvider
@@ -58,7 +57,6 @@ class Provider(BaseProvider):
         limits: The router's limits.
 
     Raises:
-        ConfigError: The engine options are out of range.
         FileNotFoundError, ValueError: The model cannot be loaded (see `load_for_serving`).
     """
 
@@ -67,24 +65,13 @@ class Provider(BaseProvider):
     ) -> None:
         super().__init__(config, session, limits)
         self.options = config.mlx or MLXConfig()
-        try:
-            engine_config = EngineConfig(
-                max_sequences=self.options.max_sequences,
-                max_queue=self.options.max_queue,
-                max_context_tokens=self.options.max_context_tokens,
-                prefill_step_size=self.options.prefill_step_size,
-                image_cache_tiles=self.options.image_cache_tiles,
-                retry_after_s=self.options.retry_after_s,
-            )
-        except ValueError as err:
-            raise ConfigError(f"providers.{config.name}.mlx: {err}") from err
         served = load_for_serving(
             self.options.model,
             random_weights_fallback=self.options.random_weights_fallback,
             dtype=self.options.dtype,
         )
         self.random_weights = served.random_weights
-        self.engine = Engine(served.model, served.processor, engine_config)
+        self.engine = Engine(served.model, served.processor, self.options.engine)
 
     async def close(self) -> None:
         """Stop the engine (unfinished requests fail with 503)."""
@@ -155,7 +142,9 @@ class Provider(BaseProvider):
         except QueueFullError as err:
             raise RateLimitError(f"{name}: {err}", retry_after=err.retry_after) from err
         except EngineClosedError as err:
-            raise OverloadedError(f"{name}: {err}", retry_after=self.options.retry_after_s) from err
+            raise OverloadedError(
+                f"{name}: {err}", retry_after=self.options.engine.retry_after_s
+            ) from err
         except ContextLengthError as err:
             raise InvalidRequestError(f"{name}: {err}", param="messages") from err
         except ValueError as err:

@@ -3,8 +3,6 @@ options, admission control, cancellation and errors that stay with their request
 
 import asyncio
 import gc
-import logging
-import shutil
 import time
 from contextlib import aclosing
 from pathlib import Path
@@ -13,7 +11,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_smolvlm import engine as engine_module
 from mlx_smolvlm.cache import BatchKVCache
 from mlx_smolvlm.engine import (
     ContextLengthError,
@@ -22,7 +19,6 @@ from mlx_smolvlm.engine import (
     EngineConfig,
     QueueFullError,
     SamplingParams,
-    load_for_serving,
 )
 from mlx_smolvlm.generate import generate, prepare_prompt
 from mlx_smolvlm.load import load
@@ -336,24 +332,3 @@ async def test_close_fails_requests_in_flight(make_engine):
         with pytest.raises(EngineClosedError):
             async for _ in stream:
                 pass
-
-
-def test_random_weights_fallback_is_cached_and_loud(hf_checkpoint, monkeypatch, tmp_path, caplog):
-    made = []
-
-    def fake_random_checkpoint(shape: str, path: str, dtype: str) -> Path:
-        made.append((shape, dtype))
-        shutil.copytree(hf_checkpoint(), path, dirs_exist_ok=True)
-        return Path(path)
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(engine_module, "make_random_checkpoint", fake_random_checkpoint)
-    with caplog.at_level(logging.WARNING, logger="mlx_smolvlm.engine"):
-        served = load_for_serving("HuggingFaceTB/NotOnThisMachine", random_weights_fallback=True)
-    assert served.random_weights
-    assert served.path == tmp_path / "cache" / "mlx_smolvlm" / "random-256m-float32"
-    assert "RANDOM-WEIGHT" in caplog.text
-    again = load_for_serving("HuggingFaceTB/NotOnThisMachine", random_weights_fallback=True)
-    assert again.random_weights and made == [("256m", "float32")]
-    real = load_for_serving(str(hf_checkpoint()), random_weights_fallback=True)
-    assert not real.random_weights

@@ -31,6 +31,7 @@ from google.genai import types as genai_types
 
 from benchmarks.gateways import free_port
 from mlx_smolvlm import engine as engine_module
+from mlx_smolvlm import serving
 from mlx_smolvlm.generate import GenerationResponse, generate
 from mlx_smolvlm.load import load
 from router.app import create_app
@@ -419,7 +420,7 @@ async def test_client_disconnect_frees_the_slot_and_memory(checkpoint):
 
 
 async def test_random_weights_say_so_in_every_model_name(checkpoint, monkeypatch):
-    monkeypatch.setattr(engine_module, "random_checkpoint", lambda shape, dtype: checkpoint)
+    monkeypatch.setattr(serving, "random_checkpoint", lambda shape, dtype: checkpoint)
     cfg = Config.from_dict(
         {
             "providers": {
@@ -468,6 +469,8 @@ def test_mlx_options_are_checked_strictly(checkpoint):
         local_config(checkpoint, max_seqs=2)
     with pytest.raises(ConfigError, match=r"providers\.local\.mlx\.max_queue: expected int"):
         local_config(checkpoint, max_queue="many")
+    with pytest.raises(ConfigError, match=r"providers\.local\.mlx: max_sequences must be >= 1"):
+        local_config(checkpoint, max_sequences=0)
     with pytest.raises(ConfigError, match=r"providers\.oai\.mlx: only providers of type 'mlx'"):
         Config.from_dict(
             {
@@ -518,16 +521,24 @@ def test_smolvlm_router_without_config_serves_random_weights_loudly(tmp_path):
         server.wait(30)
 
 
-def test_mlx_smolvlm_serve_runs_the_router_with_the_local_model_alone(checkpoint, monkeypatch):
+def test_router_model_option_serves_the_local_model_alone(checkpoint, monkeypatch):
     import router.__main__ as router_main
-    from mlx_smolvlm.cli import main
 
     served = []
-    monkeypatch.setattr(router_main, "run_server", lambda cfg: served.append(cfg) or 0)
-    args = ["serve", "--model", str(checkpoint), "--port", "9001", "--max-sequences", "3"]
-    assert main(args) == 0
+    monkeypatch.setattr(router_main, "run_server", lambda cfg, *_: served.append(cfg) or 0)
+    monkeypatch.setattr(router_main, "configure_logging", lambda *_: None)  # keep pytest's
+    args = ["--model", str(checkpoint), "--port", "9001", "--max-sequences", "3"]
+    assert router_main.main(args) == 0
     (cfg,) = served
     assert cfg.listen.port == 9001 and list(cfg.providers) == ["local"]
     assert cfg.models == {checkpoint.name.lower(): [Target("local", checkpoint.name.lower())]}
     assert cfg.providers["local"].mlx.model == str(checkpoint)
-    assert cfg.providers["local"].mlx.max_sequences == 3
+    assert cfg.providers["local"].mlx.engine.max_sequences == 3
+
+
+def test_router_local_model_options_need_model(capsys):
+    import router.__main__ as router_main
+
+    with pytest.raises(SystemExit):
+        router_main.main(["--max-sequences", "3"])
+    assert "--max-sequences needs --model" in capsys.readouterr().err
