@@ -28,7 +28,7 @@ from .auth import check_bind, require_admin
 from .config import Config, ConfigError
 from .errors import InvalidRequestError, NotFoundError
 from .keys import KeyPool
-from .logs import Redactor, current_request, secrets_of, start_request
+from .logs import REQUEST_CONTEXT, Redactor, current_request, secrets_of, start_request
 from .metrics import Metrics
 from .providers import make_provider
 from .providers.base import BaseProvider
@@ -87,6 +87,7 @@ async def observe_middleware(
     cfg = request.app[CONFIG]
     context = start_request(request.headers.get("x-request-id"))
     context.timeouts = cfg.timeouts
+    request[REQUEST_CONTEXT] = context
     status = 500
     try:
         response = await handler(request)

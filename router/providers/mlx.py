@@ -31,9 +31,9 @@ from mlx_smolvlm.engine import (
 )
 
 from .. import ir
-from ..adapters import new_id
 from ..config import ConfigError, LimitsConfig, MLXConfig, ProviderConfig
 from ..errors import InvalidRequestError, OverloadedError, RateLimitError, UpstreamError
+from ..formats.fields import new_id
 from ..images import inline_remote_media
 from .base import BaseProvider
 

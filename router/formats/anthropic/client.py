@@ -1,58 +1,23 @@
-"""Anthropic Messages <-> IR, for clients and for the Anthropic upstream.
-
-Notes on what Anthropic cannot express and how it is rendered:
-
-- Reasoning without a signature (``reasoning_content`` from OpenAI-compatible upstreams)
-  reaches Anthropic clients as a ``thinking`` block whose signature is the marker
-  `UNSIGNED_SIGNATURE`: clients such as Claude Code discard a turn whose thinking block has no
-  signature. The marker is recognised when the client sends the block back, and such blocks
-  are never forwarded to Anthropic (which would reject the signature); other providers get
-  the reasoning text where they take it.
-- Gemini's signatures on function calls and text parts have no Anthropic field and are dropped.
-- JSON output: ``json_schema`` maps to ``output_config.format``; ``json_object`` (JSON without
-  a schema) has no Anthropic equivalent and is a 400.
-- Audio input is a 400; empty text blocks are dropped (Anthropic rejects them).
-- Sampling: the current Messages API takes no ``temperature``/``top_p``/``top_k`` (they are
-  absent from the anthropic SDK 2.x request types and rejected as unknown fields), so they are
-  not forwarded; the client's ``max_tokens`` and stop sequences are.
+"""Anthropic Messages for clients (``POST /v1/messages`` and ``/v1/messages/count_tokens``):
+requests to the IR, IR responses, streams and errors to the wire. Content blocks are shared
+with the upstream side (`router.formats.anthropic.content`).
 """
 
 from __future__ import annotations
 
-import base64
-import dataclasses
-import json
 import logging
-import re
-import time
 
-from .. import ir
-from ..errors import GatewayError, InvalidRequestError, UpstreamError, error_for_status
-from ..sse import SSEEvent
-from . import (
-    check_base64,
-    dump_json,
-    effort_to_budget,
-    field,
-    new_id,
-    objects,
-    parse_arguments,
-    split_system,
-)
+from aiohttp import web
+
+from ... import ir
+from ...errors import GatewayError, InvalidRequestError, UpstreamError
+from ...sse import SSEEvent, encode_event
+from ..base import ClientCall, ClientFormat
+from ..fields import dump_json, field, objects, parse_arguments
+from .content import ASSISTANT_BLOCKS, UNSIGNED_SIGNATURE, parse_block, parse_cache, render_block
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 8192
-_MIN_THINKING_BUDGET = 1024
-_FINISH_FROM_WIRE: dict[str, ir.FinishReason] = {
-    "end_turn": "stop",
-    "pause_turn": "stop",
-    "max_tokens": "length",
-    "model_context_window_exceeded": "length",
-    "stop_sequence": "stop_sequence",
-    "tool_use": "tool_calls",
-    "refusal": "content_filter",
-}
 _FINISH_TO_WIRE = {
     "stop": "end_turn",
     "length": "max_tokens",
@@ -60,6 +25,8 @@ _FINISH_TO_WIRE = {
     "tool_calls": "tool_use",
     "content_filter": "refusal",
 }
+
+
 _ERROR_TYPES = {
     "invalid_request": "invalid_request_error",
     "authentication": "authentication_error",
@@ -71,23 +38,6 @@ _ERROR_TYPES = {
     "overloaded": "overloaded_error",
     "timeout": "timeout_error",
 }
-_ERRORS_FROM_WIRE = {
-    "invalid_request_error": 400,
-    "authentication_error": 401,
-    "permission_error": 403,
-    "not_found_error": 404,
-    "request_too_large": 413,
-    "rate_limit_error": 429,
-    "api_error": 500,
-    "overloaded_error": 529,
-    "timeout_error": 504,
-}
-_UNSAFE_ID = re.compile(r"[^a-zA-Z0-9_-]")
-# base64("router:unsigned-reasoning"): marks reasoning that no provider signed.
-UNSIGNED_SIGNATURE = base64.b64encode(b"router:unsigned-reasoning").decode()
-
-
-# ---- requests: wire -> IR ----------------------------------------------------------------
 
 
 def parse_request(body: dict) -> ir.Request:
@@ -107,7 +57,7 @@ def parse_request(body: dict) -> ir.Request:
         messages.append(ir.Message("system", [ir.TextPart(system)]))
     elif system:
         parts = [
-            _parse_block(b, f"system[{i}]", ("text",))
+            parse_block(b, f"system[{i}]", ("text",))
             for i, b in enumerate(objects(system, "system"))
         ]
         messages.append(ir.Message("system", parts))
@@ -122,9 +72,9 @@ def parse_request(body: dict) -> ir.Request:
         if isinstance(content, str):
             parts = [ir.TextPart(content)]
         else:
-            allowed = _USER_BLOCKS if role == "user" else _ASSISTANT_BLOCKS
+            allowed = _USER_BLOCKS if role == "user" else ASSISTANT_BLOCKS
             parts = [
-                _parse_block(b, f"{where}.content[{j}]", allowed)
+                parse_block(b, f"{where}.content[{j}]", allowed)
                 for j, b in enumerate(objects(content, f"{where}.content"))
             ]
         messages.append(ir.Message(role, parts))
@@ -150,90 +100,6 @@ def parse_request(body: dict) -> ir.Request:
 
 
 _USER_BLOCKS = ("text", "image", "document", "tool_result")
-_ASSISTANT_BLOCKS = ("text", "thinking", "redacted_thinking", "tool_use")
-
-
-def _parse_block(block: dict, where: str, allowed: tuple[str, ...]) -> ir.Part:
-    part = _parse_block_body(block, where, allowed)
-    cache = _parse_cache(block, where)
-    if cache is not None and not isinstance(part, ir.ThinkingPart):
-        part.cache = cache
-    return part
-
-
-def _parse_cache(obj: dict, where: str) -> str | None:
-    cache_control = field(obj, "cache_control", dict, where)
-    if cache_control is None:
-        return None
-    return field(cache_control, "ttl", str, f"{where}.cache_control") or "5m"
-
-
-def _render_cache(wire: dict, cache: str | None) -> dict:
-    if cache is not None:
-        wire["cache_control"] = {"type": "ephemeral"}
-        if cache != "5m":
-            wire["cache_control"]["ttl"] = cache
-    return wire
-
-
-def _parse_block_body(block: dict, where: str, allowed: tuple[str, ...]) -> ir.Part:
-    kind = field(block, "type", str, where, required=True)
-    if kind not in allowed:
-        raise InvalidRequestError(
-            f"{where}.type: unsupported content block {kind!r} here (supported: "
-            f"{', '.join(allowed)})",
-            param=f"{where}.type",
-        )
-    if kind == "text":
-        return ir.TextPart(field(block, "text", str, where, required=True))
-    if kind in ("image", "document"):
-        return _parse_source(block, where)
-    if kind == "thinking":
-        signature = field(block, "signature", str, where)
-        return ir.ThinkingPart(
-            field(block, "thinking", str, where, required=True),
-            None if signature == UNSIGNED_SIGNATURE else signature,
-        )
-    if kind == "redacted_thinking":
-        return ir.ThinkingPart(redacted_data=field(block, "data", str, where, required=True))
-    if kind == "tool_use":
-        tool_input = field(block, "input", dict, where, required=True)
-        return ir.ToolCallPart(
-            field(block, "id", str, where, required=True),
-            field(block, "name", str, where, required=True),
-            dump_json(tool_input),
-        )
-    content = field(block, "content", (str, list), where)
-    if isinstance(content, str):
-        inner = [ir.TextPart(content)]
-    else:
-        inner = [
-            _parse_block(b, f"{where}.content[{k}]", ("text", "image", "document"))
-            for k, b in enumerate(objects(content or [], f"{where}.content"))
-        ]
-    return ir.ToolResultPart(
-        field(block, "tool_use_id", str, where, required=True),
-        None,
-        inner,
-        bool(field(block, "is_error", bool, where)),
-    )
-
-
-def _parse_source(block: dict, where: str) -> ir.MediaPart:
-    source = field(block, "source", dict, where, required=True)
-    at = f"{where}.source"
-    kind = field(source, "type", str, at, required=True)
-    if kind == "base64":
-        data = field(source, "data", str, at, required=True)
-        check_base64(data, f"{at}.data")
-        return ir.MediaPart(field(source, "media_type", str, at, required=True), data=data)
-    if kind == "url":
-        default = "application/pdf" if block["type"] == "document" else "image/*"
-        return ir.MediaPart(default, url=field(source, "url", str, at, required=True))
-    if kind == "text":
-        data = field(source, "data", str, at, required=True)
-        return ir.MediaPart("text/plain", data=base64.b64encode(data.encode()).decode())
-    raise InvalidRequestError(f"{at}.type: unsupported source type {kind!r}", param=f"{at}.type")
 
 
 def _parse_tools(raw: list) -> list[ir.Tool]:
@@ -252,7 +118,7 @@ def _parse_tools(raw: list) -> list[ir.Tool]:
                 description=field(tool, "description", str, at),
                 parameters=field(tool, "input_schema", dict, at, required=True),
                 strict=field(tool, "strict", bool, at),
-                cache=_parse_cache(tool, at),
+                cache=parse_cache(tool, at),
             )
         )
     return tools
@@ -300,227 +166,6 @@ def _parse_output_format(body: dict) -> ir.ResponseFormat | None:
     return ir.ResponseFormat("json_schema", schema=field(fmt, "schema", dict, where, required=True))
 
 
-# ---- requests: IR -> wire (for the Anthropic upstream) ---------------------------------------
-
-
-def render_request(request: ir.Request) -> dict:
-    """Render an IR request as a Messages body.
-
-    Args:
-        request: The IR request (its ``model`` is the upstream model name).
-
-    Raises:
-        InvalidRequestError: If the request holds something Anthropic cannot express (audio,
-            JSON mode without a schema), naming the field.
-    """
-    system, messages = split_system(request.messages)
-    body: dict = {"model": request.model, "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS}
-    if system:
-        body["system"] = [
-            _render_cache({"type": "text", "text": p.text}, p.cache) for p in system if p.text
-        ]
-    body["messages"] = [
-        m
-        for m in (_render_message(m, f"messages[{i}]") for i, m in enumerate(messages))
-        if m["content"]
-    ]
-    if request.tools:
-        body["tools"] = [_render_tool(t) for t in request.tools]
-    choice = _render_tool_choice(request)
-    if choice is not None:
-        body["tool_choice"] = choice
-    if request.stop:
-        body["stop_sequences"] = request.stop
-    thinking = request.reasoning is not None and request.reasoning.enabled
-    if thinking:
-        budget = request.reasoning.budget_tokens or effort_to_budget(request.reasoning.effort or "")
-        budget = max(budget, _MIN_THINKING_BUDGET)
-        body["thinking"] = {"type": "enabled", "budget_tokens": budget}
-        if body["max_tokens"] <= budget:
-            body["max_tokens"] = budget + body["max_tokens"]
-    elif request.reasoning is not None:
-        body["thinking"] = {"type": "disabled"}
-    # The Messages API (anthropic SDK 2.x request types) has no sampling parameters: a
-    # client's temperature/top_p/top_k are not forwarded (see the module notes).
-    dropped = [k for k in ("temperature", "top_p", "top_k") if getattr(request, k) is not None]
-    if dropped:
-        logger.debug("not forwarding %s to Anthropic", ", ".join(dropped))
-    if request.response_format is not None and request.response_format.type != "text":
-        fmt = request.response_format
-        if fmt.type == "json_object" or fmt.schema is None:
-            raise InvalidRequestError(
-                "response_format: Anthropic supports JSON output only with a JSON schema "
-                "(json_schema), not json_object",
-                param="response_format",
-            )
-        body["output_config"] = {"format": {"type": "json_schema", "schema": fmt.schema}}
-    if request.user:
-        body["metadata"] = {"user_id": request.user}
-    if request.stream:
-        body["stream"] = True
-    return body
-
-
-def _render_tool_choice(request: ir.Request) -> dict | None:
-    choice = request.tool_choice
-    if choice is None and request.parallel_tool_calls is not False:
-        return None
-    if not request.tools and (choice is None or choice.mode == "none"):
-        return None
-    mode = choice.mode if choice is not None else "auto"
-    wire: dict = {"type": {"auto": "auto", "required": "any", "none": "none", "tool": "tool"}[mode]}
-    if mode == "tool":
-        wire["name"] = choice.name
-    if request.parallel_tool_calls is False and mode != "none":
-        wire["disable_parallel_tool_use"] = True
-    return wire
-
-
-def _render_message(message: ir.Message, where: str) -> dict:
-    if message.role == "user":
-        # Anthropic wants every tool_result before any other block of the turn.
-        ordered = sorted(message.parts, key=lambda p: not isinstance(p, ir.ToolResultPart))
-    else:
-        ordered = message.parts
-    blocks = []
-    for j, part in enumerate(ordered):
-        block = _render_block(part, f"{where}.content[{j}]")
-        if block is not None:
-            blocks.append(block)
-    return {"role": message.role, "content": blocks}
-
-
-def _render_block(part: ir.Part, where: str, unsigned: str | None = None) -> dict | None:
-    """One content block; unsigned thinking gets the signature ``unsigned`` (None: dropped)."""
-    block = _render_block_body(part, where, unsigned)
-    if block is not None and not isinstance(part, ir.ThinkingPart):
-        _render_cache(block, part.cache)
-    return block
-
-
-def _render_block_body(part: ir.Part, where: str, unsigned: str | None) -> dict | None:
-    if isinstance(part, ir.TextPart):
-        return {"type": "text", "text": part.text} if part.text else None
-    if isinstance(part, ir.MediaPart):
-        return _render_media(part, where)
-    if isinstance(part, ir.ThinkingPart):
-        if part.redacted_data is not None:
-            return {"type": "redacted_thinking", "data": part.redacted_data}
-        signature = part.signature or unsigned
-        if not signature:
-            return None
-        return {"type": "thinking", "thinking": part.text, "signature": signature}
-    if isinstance(part, ir.ToolCallPart):
-        return {
-            "type": "tool_use",
-            "id": _safe_id(part.id),
-            "name": part.name,
-            "input": parse_arguments(part.arguments, where),
-        }
-    content = [
-        b
-        for b in (_render_block(p, f"{where}.content[{k}]") for k, p in enumerate(part.content))
-        if b is not None
-    ]
-    block: dict = {"type": "tool_result", "tool_use_id": _safe_id(part.call_id)}
-    if content:
-        block["content"] = content
-    if part.is_error:
-        block["is_error"] = True
-    return block
-
-
-def _render_media(part: ir.MediaPart, where: str) -> dict:
-    if part.kind == "image":
-        if part.url is not None:
-            return {"type": "image", "source": {"type": "url", "url": part.url}}
-        return {
-            "type": "image",
-            "source": {"type": "base64", "media_type": part.media_type, "data": part.data},
-        }
-    if part.kind == "pdf":
-        if part.url is not None:
-            return {"type": "document", "source": {"type": "url", "url": part.url}}
-        return {
-            "type": "document",
-            "source": {"type": "base64", "media_type": part.media_type, "data": part.data},
-        }
-    if part.media_type == "text/plain" and part.data is not None:
-        text = base64.b64decode(part.data).decode("utf-8", "replace")
-        return {
-            "type": "document",
-            "source": {"type": "text", "media_type": "text/plain", "data": text},
-        }
-    raise InvalidRequestError(
-        f"{where}: Anthropic does not accept {part.media_type} input", param=where
-    )
-
-
-def _render_tool(tool: ir.Tool) -> dict:
-    wire: dict = {"name": tool.name, "input_schema": tool.parameters or {"type": "object"}}
-    if tool.description is not None:
-        wire["description"] = tool.description
-    if tool.strict is not None:
-        wire["strict"] = tool.strict
-    return _render_cache(wire, tool.cache)
-
-
-def _safe_id(call_id: str) -> str:
-    """Anthropic ids must match ``^[a-zA-Z0-9_-]+$``; map others deterministically."""
-    return _UNSAFE_ID.sub("_", call_id) or "call"
-
-
-# ---- responses ------------------------------------------------------------------------------
-
-
-def parse_response(body: dict) -> ir.Response:
-    """Parse a Messages response from the upstream.
-
-    Args:
-        body: The decoded JSON response.
-
-    Raises:
-        InvalidRequestError: If a content block is malformed.
-    """
-    parts = [
-        _parse_block(b, f"content[{i}]", _ASSISTANT_BLOCKS)
-        for i, b in enumerate(body.get("content") or [])
-        if b.get("type") in _ASSISTANT_BLOCKS
-    ]
-    return ir.Response(
-        id=body.get("id") or new_id("msg"),
-        model=body.get("model") or "",
-        parts=parts,
-        finish_reason=_FINISH_FROM_WIRE.get(body.get("stop_reason") or "end_turn", "stop"),
-        stop_sequence=body.get("stop_sequence"),
-        usage=parse_usage(body.get("usage") or {}),
-        created=int(time.time()),
-    )
-
-
-def parse_usage(raw: dict, into: ir.Usage | None = None) -> ir.Usage:
-    """Read an Anthropic ``usage`` object (whose input_tokens exclude cached tokens).
-
-    Args:
-        raw: The usage object.
-        into: Usage to update (stream events report usage piecewise).
-    """
-    usage = into or ir.Usage()
-    read = raw.get("cache_read_input_tokens")
-    created = raw.get("cache_creation_input_tokens")
-    if read is not None:
-        usage.cache_read_tokens = read
-    if created is not None:
-        usage.cache_creation_tokens = created
-    if raw.get("input_tokens") is not None:
-        usage.input_tokens = (
-            raw["input_tokens"] + usage.cache_read_tokens + usage.cache_creation_tokens
-        )
-    if raw.get("output_tokens") is not None:
-        usage.output_tokens = raw["output_tokens"]
-    return usage
-
-
 def render_usage(usage: ir.Usage) -> dict:
     """Render IR usage the Anthropic way (input_tokens exclude cache reads and writes).
 
@@ -559,7 +204,7 @@ def render_response(response: ir.Response, request: ir.Request) -> dict:
                 }
             )
         else:
-            block = _render_block(part, f"content[{i}]", UNSIGNED_SIGNATURE)
+            block = render_block(part, f"content[{i}]", UNSIGNED_SIGNATURE)
             if block is not None:
                 content.append(block)
     return {
@@ -579,101 +224,6 @@ def _upstream_arguments(part: ir.ToolCallPart, index: int) -> dict:
         return parse_arguments(part.arguments, f"content[{index}]")
     except InvalidRequestError as err:
         raise UpstreamError(f"upstream sent tool call {part.name!r} with {err.message}") from err
-
-
-# ---- streams --------------------------------------------------------------------------------
-
-
-class StreamParser:
-    """Turns the upstream's Messages stream events into IR stream events."""
-
-    def __init__(self) -> None:
-        self._index: dict[int, int] = {}
-        self._usage = ir.Usage()
-        self._finish: ir.FinishReason = "stop"
-        self._stop_sequence: str | None = None
-        self._stopped = False
-
-    def parse_stream_event(self, name: str | None, data: dict) -> list[ir.StreamEvent]:
-        """Translate one SSE event.
-
-        Args:
-            name: The SSE event name (Anthropic repeats it as ``data["type"]``).
-            data: The decoded event data.
-
-        Raises:
-            GatewayError: For an ``error`` event (e.g. ``overloaded_error`` inside a 200).
-        """
-        kind = data.get("type") or name
-        if kind == "message_start":
-            message = data.get("message") or {}
-            parse_usage(message.get("usage") or {}, self._usage)
-            return [
-                ir.StreamStart(
-                    message.get("id") or new_id("msg"),
-                    message.get("model") or "",
-                    int(time.time()),
-                    dataclasses.replace(self._usage),
-                )
-            ]
-        if kind == "content_block_start":
-            return self._start(data.get("index", 0), data.get("content_block") or {})
-        if kind == "content_block_delta":
-            index = self._index.get(data.get("index", 0))
-            delta = data.get("delta") or {}
-            if index is None:
-                return []
-            kinds = {"text_delta": "text", "thinking_delta": "thinking"}
-            if delta.get("type") in kinds:
-                return [ir.PartDelta(index, text=delta.get(kinds[delta["type"]]) or "")]
-            if delta.get("type") == "signature_delta":
-                return [ir.PartDelta(index, signature=delta.get("signature"))]
-            if delta.get("type") == "input_json_delta":
-                return [ir.PartDelta(index, arguments=delta.get("partial_json") or "")]
-            return []
-        if kind == "message_delta":
-            delta = data.get("delta") or {}
-            if delta.get("stop_reason"):
-                self._finish = _FINISH_FROM_WIRE.get(delta["stop_reason"], "stop")
-                self._stop_sequence = delta.get("stop_sequence")
-            parse_usage(data.get("usage") or {}, self._usage)
-            return []
-        if kind == "message_stop":
-            self._stopped = True
-        elif kind == "error":
-            raise parse_error(data, 500)
-        return []
-
-    def finish(self) -> list[ir.StreamEvent]:
-        """Events at the end of the upstream stream (the single StreamEnd).
-
-        Raises:
-            UpstreamError: If the stream ended before ``message_stop`` (truncated).
-        """
-        if not self._stopped:
-            raise UpstreamError("upstream stream ended before message_stop")
-        return [ir.StreamEnd(self._finish, self._stop_sequence, self._usage)]
-
-    def _start(self, wire_index: int, block: dict) -> list[ir.StreamEvent]:
-        kind = block.get("type")
-        index = len(self._index)
-        if kind == "text":
-            part: ir.TextPart | ir.ThinkingPart | ir.ToolCallPart = ir.TextPart("")
-        elif kind == "thinking":
-            # signature "" = a signature_delta will follow.
-            part = ir.ThinkingPart("", "")
-        elif kind == "redacted_thinking":
-            part = ir.ThinkingPart(redacted_data=block.get("data") or "")
-        elif kind == "tool_use":
-            part = ir.ToolCallPart(block.get("id") or new_id("toolu"), block.get("name") or "", "")
-        else:
-            logger.warning("dropping unsupported Anthropic content block %r", kind)
-            return []
-        self._index[wire_index] = index
-        events: list[ir.StreamEvent] = [ir.PartStart(index, part)]
-        if kind == "text" and block.get("text"):
-            events.append(ir.PartDelta(index, text=block["text"]))
-        return events
 
 
 class StreamRenderer:
@@ -819,9 +369,6 @@ def _event(name: str, data: dict) -> SSEEvent:
     return SSEEvent(dump_json({"type": name, **data}), name)
 
 
-# ---- errors ---------------------------------------------------------------------------------
-
-
 def render_error(err: GatewayError) -> tuple[int, dict]:
     """Render an error as Anthropic does: ``{"type": "error", "error": {"type", "message"}}``.
 
@@ -838,13 +385,64 @@ def render_error(err: GatewayError) -> tuple[int, dict]:
     }
 
 
-def parse_error(data: dict, default_status: int) -> GatewayError:
-    """Turn an Anthropic error object (body or stream event) into a router error.
+def parse_beta_flags(header: str) -> list[str]:
+    """The flags of an ``anthropic-beta`` header (comma-separated), passed on to Anthropic.
 
     Args:
-        data: ``{"type": "error", "error": {"type", "message"}}``.
-        default_status: Status to assume for an unknown error type.
+        header: The header's value ("" when absent).
     """
-    error = data.get("error") or {}
-    status = _ERRORS_FROM_WIRE.get(error.get("type"), default_status)
-    return error_for_status(status, f"anthropic: {error.get('message') or json.dumps(data)}")
+    return [flag.strip() for flag in header.split(",") if flag.strip()]
+
+
+class AnthropicClient(ClientFormat):
+    """Messages as a client speaks it; its keep-alive is Anthropic's own ``ping`` event, which
+    its SDKs skip."""
+
+    name = "anthropic"
+    paths = ("/v1/messages", "/v1/messages/count_tokens")
+    keepalive = encode_event(SSEEvent('{"type": "ping"}', "ping"))
+
+    def parse_call(self, body: dict, http: web.Request) -> ClientCall:
+        """See `ClientFormat.parse_call`; ``max_tokens`` is required except for counting.
+
+        Raises:
+            InvalidRequestError: Also for a message request without ``max_tokens``.
+        """
+        request = parse_request(body)
+        request.anthropic_beta = parse_beta_flags(http.headers.get("anthropic-beta", ""))
+        if http.path.endswith("/count_tokens"):
+            return ClientCall(request, count_tokens=True)
+        if request.max_tokens is None:
+            raise InvalidRequestError("max_tokens: field is required", param="max_tokens")
+        return ClientCall(request)
+
+    def render_response(self, response: ir.Response, request: ir.Request) -> dict:
+        """See `ClientFormat.render_response`."""
+        return render_response(response, request)
+
+    def stream_renderer(self, request: ir.Request) -> StreamRenderer:
+        """See `ClientFormat.stream_renderer`."""
+        return StreamRenderer(request)
+
+    def render_error(self, err: GatewayError) -> tuple[int, dict]:
+        """See `ClientFormat.render_error`."""
+        return render_error(err)
+
+    def render_token_count(self, tokens: int) -> dict:
+        """See `ClientFormat.render_token_count`."""
+        return {"input_tokens": tokens}
+
+    def render_model(self, name: str) -> dict:
+        """See `ClientFormat.render_model`."""
+        return {
+            "type": "model",
+            "id": name,
+            "display_name": name,
+            "created_at": "1970-01-01T00:00:00Z",
+        }
+
+    def render_models(self, names: list[str]) -> dict:
+        """See `ClientFormat.render_models`."""
+        first, last = (names[0], names[-1]) if names else (None, None)
+        data = [self.render_model(n) for n in names]
+        return {"data": data, "has_more": False, "first_id": first, "last_id": last}
