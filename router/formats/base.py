@@ -215,10 +215,11 @@ class UpstreamFormat(ABC):
         """A parser for one upstream response stream."""
 
     @abstractmethod
-    def parse_error(self, data: dict, default_status: int) -> GatewayError:
+    def parse_error(self, data: dict, default_status: int, source: str) -> GatewayError:
         """Turn the upstream's error object into a router error.
 
         Args:
             data: The decoded error object.
             default_status: The status to assume when the object names none.
+            source: Who sent it (a provider's name), named at the start of the message.
         """

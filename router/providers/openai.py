@@ -42,7 +42,7 @@ class Provider(HTTPProvider):
                     break
                 chunk = self.decode_event(event)
                 if "error" in chunk:
-                    raise self.wire.parse_error(chunk, 500)
+                    raise self.wire.parse_error(chunk, 500, self.config.name)
                 for item in with_upstream_headers(self.upstream_data(parser.feed, chunk), headers):
                     yield item
             for item in parser.finish():

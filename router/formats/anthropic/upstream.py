@@ -295,16 +295,17 @@ class StreamParser:
         return events
 
 
-def parse_error(data: dict, default_status: int) -> GatewayError:
+def parse_error(data: dict, default_status: int, source: str = "anthropic") -> GatewayError:
     """Turn an Anthropic error object (body or stream event) into a router error.
 
     Args:
         data: ``{"type": "error", "error": {"type", "message"}}``.
         default_status: Status to assume for an unknown error type.
+        source: Who sent it, named at the start of the message.
     """
     error = data.get("error") or {}
     status = _ERRORS_FROM_WIRE.get(error.get("type"), default_status)
-    return error_for_status(status, f"anthropic: {error.get('message') or json.dumps(data)}")
+    return error_for_status(status, f"{source}: {error.get('message') or json.dumps(data)}")
 
 
 class AnthropicUpstream(UpstreamFormat):
@@ -324,6 +325,6 @@ class AnthropicUpstream(UpstreamFormat):
         """See `UpstreamFormat.stream_parser`."""
         return StreamParser()
 
-    def parse_error(self, data: dict, default_status: int) -> GatewayError:
+    def parse_error(self, data: dict, default_status: int, source: str) -> GatewayError:
         """See `UpstreamFormat.parse_error`."""
-        return parse_error(data, default_status)
+        return parse_error(data, default_status, source)

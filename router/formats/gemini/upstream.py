@@ -317,16 +317,17 @@ class StreamParser:
         return events
 
 
-def parse_error(data: dict, default_status: int) -> GatewayError:
+def parse_error(data: dict, default_status: int, source: str = "gemini") -> GatewayError:
     """Turn a Google error object into a router error.
 
     Args:
         data: ``{"error": {"code", "message", "status"}}``.
         default_status: Status to assume if the object has no code.
+        source: Who sent it, named at the start of the message.
     """
     error = data.get("error") or {}
     status = error.get("code") if isinstance(error.get("code"), int) else default_status
-    return error_for_status(status, f"gemini: {error.get('message') or json.dumps(data)}")
+    return error_for_status(status, f"{source}: {error.get('message') or json.dumps(data)}")
 
 
 class GeminiUpstream(UpstreamFormat):
@@ -346,6 +347,6 @@ class GeminiUpstream(UpstreamFormat):
         """See `UpstreamFormat.stream_parser`."""
         return StreamParser()
 
-    def parse_error(self, data: dict, default_status: int) -> GatewayError:
+    def parse_error(self, data: dict, default_status: int, source: str) -> GatewayError:
         """See `UpstreamFormat.parse_error`."""
-        return parse_error(data, default_status)
+        return parse_error(data, default_status, source)

@@ -387,18 +387,19 @@ class StreamParser:
         return events
 
 
-def parse_error(data: dict, default_status: int) -> GatewayError:
+def parse_error(data: dict, default_status: int, source: str = "openai") -> GatewayError:
     """Turn an ``{"error": {...}}`` object (an error chunk inside a 200 stream) into a router
     error; its ``code``, when a number, is the status.
 
     Args:
         data: The error object.
         default_status: Status to assume when ``code`` is not a number.
+        source: Who sent it, named at the start of the message.
     """
     error = data["error"] if isinstance(data.get("error"), dict) else {}
     code = error.get("code")
     status = code if isinstance(code, int) else default_status
-    return error_for_status(status, f"openai: {error_message(data)}")
+    return error_for_status(status, f"{source}: {error_message(data)}")
 
 
 class OpenAIUpstream(UpstreamFormat):
@@ -426,6 +427,6 @@ class OpenAIUpstream(UpstreamFormat):
         """See `UpstreamFormat.stream_parser`."""
         return StreamParser()
 
-    def parse_error(self, data: dict, default_status: int) -> GatewayError:
+    def parse_error(self, data: dict, default_status: int, source: str) -> GatewayError:
         """See `UpstreamFormat.parse_error`."""
-        return parse_error(data, default_status)
+        return parse_error(data, default_status, source)
