@@ -47,12 +47,12 @@ async def _serve(fmt: ClientFormat, request: web.Request) -> web.StreamResponse:
     context = request[REQUEST_CONTEXT]
     call = fmt.parse_call(await _read_json(request), request)
     ir_request = call.request
-    if call.request.stream and not call.count_tokens:
-        return await stream_answer(request, fmt, call, context)
     affinity = request_affinity(request, ir_request)
     if call.count_tokens:
         tokens = await run_with_fallback(request.app, context, ir_request, count_tokens, affinity)
         return web.json_response(fmt.render_token_count(tokens))
+    if ir_request.stream:
+        return await stream_answer(request, fmt, call, context, affinity)
     response = await run_with_fallback(request.app, context, ir_request, complete, affinity)
     return web.json_response(fmt.render_response(response, ir_request))
 

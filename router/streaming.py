@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 from aiohttp import web
 
@@ -14,7 +14,7 @@ from . import ir
 from .appkeys import CONFIG
 from .attempts import open_stream
 from .errors import GatewayError
-from .fallback import request_affinity, run_with_fallback
+from .fallback import run_with_fallback
 from .formats.base import ClientCall, ClientFormat
 from .logs import RequestContext
 
@@ -22,7 +22,11 @@ logger = logging.getLogger(__name__)
 
 
 async def stream_answer(
-    request: web.Request, fmt: ClientFormat, call: ClientCall, context: RequestContext
+    request: web.Request,
+    fmt: ClientFormat,
+    call: ClientCall,
+    context: RequestContext,
+    affinity: str | None,
 ) -> web.StreamResponse:
     """Serve a streaming call in the client's format.
 
@@ -31,6 +35,7 @@ async def stream_answer(
         fmt: The client's format.
         call: The client's call (its request has ``stream`` set).
         context: The request's context.
+        affinity: The conversation id for key affinity (`request_affinity`).
 
     Raises:
         GatewayError: If every target failed before anything was sent to the client.
@@ -43,9 +48,8 @@ async def stream_answer(
     )
     keepalive = request.app[CONFIG].limits.keepalive_s if writer.keepalive else 0
     try:
-        started = await _first_events(
-            request, context, ir_request, out, keepalive, writer.keepalive
-        )
+        opening = run_with_fallback(request.app, context, ir_request, open_stream, affinity)
+        started = await _first_events(request, opening, out, keepalive, writer.keepalive)
     except ConnectionResetError:
         logger.info("client left while model=%s was starting", ir_request.model)
         return out
@@ -83,25 +87,21 @@ async def stream_answer(
 
 async def _first_events(
     request: web.Request,
-    context: RequestContext,
-    ir_request: ir.Request,
+    opening: Awaitable[tuple[list[ir.StreamEvent], AsyncIterator[ir.StreamEvent]]],
     out: web.StreamResponse,
     keepalive: float,
     ping: bytes | None,
 ) -> tuple[list[ir.StreamEvent], AsyncIterator[ir.StreamEvent]] | GatewayError:
-    """Open the stream with fallback. While no target has produced content for ``keepalive``
-    seconds, send the headers and ``ping`` (the format's keep-alive) every ``keepalive``
-    seconds, so proxies with idle timeouts keep the connection; fallback still works since no
-    content was sent.
+    """Await ``opening`` (the stream opened with fallback). While no target has produced
+    content for ``keepalive`` seconds, send the headers and ``ping`` (the format's keep-alive)
+    every ``keepalive`` seconds, so proxies with idle timeouts keep the connection; fallback
+    still works since no content was sent.
 
     Returns:
         The buffered first events and the rest of the stream, or the final error if the
         headers were already sent (before that, the error is raised).
     """
-    affinity = request_affinity(request, ir_request)
-    task = asyncio.ensure_future(
-        run_with_fallback(request.app, context, ir_request, open_stream, affinity)
-    )
+    task = asyncio.ensure_future(opening)
     try:
         while not task.done():
             await asyncio.wait({task}, timeout=keepalive or None)
