@@ -1,8 +1,8 @@
 """One error tree for the router, and the table that maps upstream HTTP statuses onto it.
 
 Every error the router raises is a `GatewayError`. The error middleware renders it in the
-inbound client's format through that adapter's `render_error`; `kind` is the router's own
-format-neutral name for the error class, which each adapter maps to its wire vocabulary.
+inbound client's format through that client format's `render_error`; `kind` is the router's
+own format-neutral name for the error class, which each format maps to its wire vocabulary.
 """
 
 from __future__ import annotations

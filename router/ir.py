@@ -1,10 +1,10 @@
 """The router's only internal representation: requests, responses and stream events.
 
-Adapters turn each wire format into these dataclasses and back; providers consume and
-produce them. Conventions:
+The wire formats (`router.formats`) turn each format into these dataclasses and back;
+providers consume and produce them. Conventions:
 
 - Tool results live in ``user`` messages as `ToolResultPart` (Anthropic's and Gemini's model);
-  OpenAI's ``tool`` role messages are folded into a user message by its adapter.
+  OpenAI's ``tool`` role messages are folded into a user message by its format.
 - System messages stay where the client put them (``role="system"``), so a format that allows
   several or mid-conversation system messages keeps them; formats that do not decide how to
   render them.

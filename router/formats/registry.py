@@ -31,7 +31,7 @@ CLIENT_FORMATS: tuple[ClientFormat, ...] = (OPENAI, OPENAI_RESPONSES, ANTHROPIC,
 MODEL_LIST_PATHS = ("/v1/models", "/v1beta/models")
 MODEL_PATHS = ("/v1beta/models/{model:.+}", "/v1/models/{model:.+}")
 
-_UPSTREAM_FORMATS: dict[str, type[AnthropicUpstream | GeminiUpstream]] = {
+_UPSTREAM_FORMATS: dict[str, type[UpstreamFormat]] = {
     "anthropic": AnthropicUpstream,
     "gemini": GeminiUpstream,
 }
