@@ -14,7 +14,7 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import TypeVar
 
 import aiohttp
@@ -217,12 +217,13 @@ class HTTPProvider(BaseProvider):
                 if resp.status >= 400:
                     raise await self._status_error(resp)
                 received = _lower_case(resp.headers)
-                try:
-                    yield received, _decode_sse(resp)
-                except GatewayError as err:
-                    if err.upstream_headers is None:
-                        err.upstream_headers = received
-                    raise
+                async with aclosing(_decode_sse(resp)) as events:
+                    try:
+                        yield received, events
+                    except GatewayError as err:
+                        if err.upstream_headers is None:
+                            err.upstream_headers = received
+                        raise
         except asyncio.TimeoutError as err:
             raise GatewayTimeoutError(f"{self.config.name}: upstream stream timed out") from err
         except aiohttp.ClientError as err:
