@@ -37,7 +37,9 @@ _HANDLER_NAME = "router"
 
 @dataclass
 class RequestContext:
-    """What one client request did, filled in as it runs (for the access log and metrics).
+    """What one client request did, filled in as it runs (for the access log and metrics), and
+    the state its upstream attempts share: the timeouts in force and the current attempt's
+    upstream headers. The serving code passes it down explicitly.
 
     Args:
         id: The request id (``x-request-id``).
