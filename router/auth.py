@@ -20,7 +20,7 @@ from aiohttp import web
 from .backends import CONFIG
 from .config import AuthConfig, ClientKeyConfig, ConfigError
 from .errors import AuthenticationError, PermissionDeniedError
-from .logs import current_request
+from .logs import REQUEST_CONTEXT
 
 logger = logging.getLogger(__name__)
 
@@ -168,10 +168,8 @@ async def auth_middleware(
     """
     if request.path in OPEN_PATHS or request.path.startswith(ADMIN_PREFIX):
         return await handler(request)
-    context = current_request()
-    model = await requested_model(request)
-    if context is not None:
-        context.model = model
+    context = request[REQUEST_CONTEXT]
+    context.model = model = await requested_model(request)
     clients = request.app[CONFIG].auth.clients
     if not clients:
         return await handler(request)
@@ -181,8 +179,7 @@ async def auth_middleware(
     client = find_client(clients, key)
     if client is None:
         raise AuthenticationError("invalid API key")
-    if context is not None:
-        context.client = client.name
+    context.client = client.name
     if model is not None and not model_allowed(client, model):
         raise PermissionDeniedError(f"this key may not use model {model!r}", param="model")
     return await handler(request)

@@ -1,8 +1,8 @@
 """One error tree for the router, and the table that maps upstream HTTP statuses onto it.
 
 Every error the router raises is a `GatewayError`. The error middleware renders it in the
-inbound client's format through that adapter's `render_error`; `kind` is the router's own
-format-neutral name for the error class, which each adapter maps to its wire vocabulary.
+inbound client's format through that client format's `render_error`; `kind` is the router's
+own format-neutral name for the error class, which each format maps to its wire vocabulary.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ class GatewayError(Exception):
         retry_after: Seconds the client should wait, when known.
         upstream_body: The upstream's decoded error body, when the error came from one (the key
             pool reads quota details from it); never shown to the client.
+        upstream_headers: The upstream answer's HTTP headers (lower-case names), when the
+            error came from one (the key pool reads rate-limit resets from them).
     """
 
     status = 500
@@ -33,12 +35,14 @@ class GatewayError(Exception):
         param: str | None = None,
         retry_after: float | None = None,
         upstream_body: object = None,
+        upstream_headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.retry_after = retry_after
         self.upstream_body = upstream_body
+        self.upstream_headers = upstream_headers
 
 
 class InvalidRequestError(GatewayError):
@@ -114,7 +118,11 @@ UPSTREAM_ERRORS: dict[int, type[GatewayError]] = {
 
 
 def error_for_status(
-    status: int, message: str, retry_after: float | None = None, upstream_body: object = None
+    status: int,
+    message: str,
+    retry_after: float | None = None,
+    upstream_body: object = None,
+    upstream_headers: dict[str, str] | None = None,
 ) -> GatewayError:
     """Build the router error for an upstream HTTP status.
 
@@ -123,11 +131,17 @@ def error_for_status(
         message: Text for the client (should name the provider).
         retry_after: Parsed ``Retry-After`` seconds, if the upstream sent one.
         upstream_body: The upstream's decoded error body, if it sent JSON.
+        upstream_headers: The upstream answer's headers (lower-case names).
     """
     cls = UPSTREAM_ERRORS.get(status)
     if cls is None:
         cls = UpstreamError if status >= 500 else InvalidRequestError
-    err = cls(message, retry_after=retry_after, upstream_body=upstream_body)
+    err = cls(
+        message,
+        retry_after=retry_after,
+        upstream_body=upstream_body,
+        upstream_headers=upstream_headers,
+    )
     if status >= 500 and status != 529:
         # Keep the upstream's own server-error status (529 is Anthropic-only: 503 elsewhere).
         err.status = status

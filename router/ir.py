@@ -1,10 +1,10 @@
 """The router's only internal representation: requests, responses and stream events.
 
-Adapters turn each wire format into these dataclasses and back; providers consume and
-produce them. Conventions:
+The wire formats (`router.formats`) turn each format into these dataclasses and back;
+providers consume and produce them. Conventions:
 
 - Tool results live in ``user`` messages as `ToolResultPart` (Anthropic's and Gemini's model);
-  OpenAI's ``tool`` role messages are folded into a user message by its adapter.
+  OpenAI's ``tool`` role messages are folded into a user message by its format.
 - System messages stay where the client put them (``role="system"``), so a format that allows
   several or mid-conversation system messages keeps them; formats that do not decide how to
   render them.
@@ -172,6 +172,9 @@ class Response:
     stop_sequence: str | None = None
     usage: Usage = field(default_factory=Usage)
     created: int = 0
+    # The upstream answer's HTTP headers (lower-case names), for the key pool's rate-limit
+    # reading; never rendered to clients.
+    upstream_headers: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
 # Stream events. A stream is: StreamStart, then for each output part a PartStart followed by
@@ -185,6 +188,8 @@ class StreamStart:
     model: str
     created: int = 0
     usage: Usage = field(default_factory=Usage)
+    # As `Response.upstream_headers`: the headers the stream's HTTP answer began with.
+    upstream_headers: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass

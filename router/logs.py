@@ -1,5 +1,9 @@
-"""Structured logs: the per-request context (request id and what served it), a JSON or text
-formatter carrying the request id, and redaction of secrets from every line.
+"""Structured logs: the per-request context (request id, what served it, its upstream
+timeouts), a JSON or text formatter carrying the request id, and redaction of secrets from
+every line.
+
+The serving code gets the context from the request (`REQUEST_CONTEXT`) and passes it down;
+the context variable behind `current_request` exists so that log lines carry the request id.
 
 Library modules only log through ``logging.getLogger(__name__)``; `configure_logging` (called
 by the command line, again after a config reload) installs the router's handler.
@@ -19,6 +23,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from aiohttp import web
+
+from . import ir
 from .config import Config, LogConfig, TimeoutsConfig
 
 # Client-sent request ids are kept when they look like ids; anything else is replaced.
@@ -30,7 +37,9 @@ _HANDLER_NAME = "router"
 
 @dataclass
 class RequestContext:
-    """What one client request did, filled in as it runs (for the access log and metrics).
+    """What one client request did, filled in as it runs (for the access log and metrics), and
+    the state its upstream attempts share: the timeouts in force and the current attempt's
+    upstream headers. The serving code passes it down explicitly.
 
     Args:
         id: The request id (``x-request-id``).
@@ -47,11 +56,27 @@ class RequestContext:
     output_tokens: int = 0
     # The upstream timeouts in force when the request started.
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    # The headers of the current attempt's upstream answer (lower-case names), for the key
+    # pool's rate-limit reading.
+    upstream_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def provider(self) -> str | None:
         """The provider of the last attempt (the one that answered, if any did)."""
         return self.attempts[-1] if self.attempts else None
+
+    def count_usage(self, usage: ir.Usage) -> None:
+        """Add an answer's token usage (for the request's metrics).
+
+        Args:
+            usage: The usage the upstream reported.
+        """
+        self.input_tokens += usage.input_tokens
+        self.output_tokens += usage.output_tokens
+
+
+# Where the observe middleware puts the context for the handlers.
+REQUEST_CONTEXT = web.RequestKey("request_context", RequestContext)
 
 
 _CURRENT: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar(

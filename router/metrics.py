@@ -4,27 +4,21 @@ feed them: the per-request middleware and the key pools' state changes."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from functools import wraps
-from typing import TypeVar
+from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import ir
 from .keys import KeyPool
-from .logs import current_request
-from .providers.base import BaseProvider
+from .logs import RequestContext
 
 logger = logging.getLogger(__name__)
 
 KEY_STATES = ("active", "cooling", "parked", "disabled")
 # Generation requests last from milliseconds (errors) to minutes (long streams).
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-
-T = TypeVar("T")
 
 
 class Metrics:
@@ -102,20 +96,22 @@ class Metrics:
             extra={"key_id": key_id, "key_state": new_state},
         )
 
-    def observe(self, route: str, model: str, status: int, seconds: float) -> None:
-        """Record one finished client request (its context gives provider, attempts, tokens).
+    def observe(
+        self, context: RequestContext, route: str, model: str, status: int, seconds: float
+    ) -> None:
+        """Record one finished client request.
 
         Args:
+            context: The request's context (provider, attempts, tokens).
             route: The matched route pattern.
             model: The model label (``other`` for names not configured).
             status: The HTTP status sent.
             seconds: How long it took.
         """
-        context = current_request()
-        provider = (context.provider if context else None) or "none"
+        provider = context.provider or "none"
         self.requests.labels(route, model, provider, str(status)).inc()
         self.latency.labels(route).observe(seconds)
-        if context is None or not context.attempts:
+        if not context.attempts:
             return
         if len(context.attempts) > 1:
             self.retries.labels(model).inc(len(context.attempts) - 1)
@@ -162,38 +158,3 @@ class _KeyStates:
             "Each provider key's state (1 for the current one), by key id.",
             labels=["provider", "key", "state"],
         )
-
-
-def record_attempt(
-    call: Callable[..., Awaitable[T]],
-) -> Callable[..., Awaitable[T]]:
-    """Decorate a fallback-loop call (``call(provider, request, lease)``) so each attempt is
-    counted in the request's context, with the usage of a non-streaming answer.
-
-    Args:
-        call: The call to wrap.
-    """
-
-    @wraps(call)
-    async def attempt(provider: BaseProvider, *args: object) -> T:
-        context = current_request()
-        if context is not None:
-            context.attempts.append(provider.config.name)
-        result = await call(provider, *args)
-        if context is not None and isinstance(result, ir.Response):
-            count_usage(result.usage)
-        return result
-
-    return attempt
-
-
-def count_usage(usage: ir.Usage) -> None:
-    """Add an answer's token usage to the current request's context.
-
-    Args:
-        usage: The usage the upstream reported.
-    """
-    context = current_request()
-    if context is not None:
-        context.input_tokens += usage.input_tokens
-        context.output_tokens += usage.output_tokens

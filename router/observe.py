@@ -14,7 +14,7 @@ from aiohttp import web
 from .backends import CONFIG
 from .config import Config
 from .keys import KEY_POOLS, SHARED_STATE
-from .logs import Redactor, current_request, secrets_of, start_request
+from .logs import REQUEST_CONTEXT, Redactor, secrets_of, start_request
 from .metrics import METRICS, Metrics
 
 access_logger = logging.getLogger("router.access")
@@ -60,6 +60,7 @@ async def observe_middleware(
     cfg = request.app[CONFIG]
     context = start_request(request.headers.get("x-request-id"))
     context.timeouts = cfg.timeouts
+    request[REQUEST_CONTEXT] = context
     status = 500
     try:
         response = await handler(request)
@@ -77,7 +78,7 @@ async def observe_middleware(
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         model = _model_label(cfg, context.model)
-        request.app[METRICS].observe(route, model, status, seconds)
+        request.app[METRICS].observe(context, route, model, status, seconds)
         level = logging.DEBUG if request.path in QUIET_PATHS else logging.INFO
         access_logger.log(
             level,
@@ -102,7 +103,7 @@ async def observe_middleware(
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
     """Streams are prepared inside the handler: give them the request id there."""
-    context = current_request()
+    context = request.get(REQUEST_CONTEXT)
     if context is not None and "x-request-id" not in response.headers:
         response.headers["x-request-id"] = context.id
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from .. import ir
-from ..adapters import anthropic as wire
-from .base import HTTPProvider
+from .base import HTTPProvider, with_upstream_headers
 
 ANTHROPIC_VERSION = "2023-06-01"
 # Fields that /v1/messages/count_tokens accepts.
@@ -30,21 +29,27 @@ class Provider(HTTPProvider):
     async def complete(self, request: ir.Request, key: str | None) -> ir.Response:
         """See `BaseProvider.complete`."""
         url = f"{self.config.base_url}/v1/messages"
-        body = await self.post_json(url, self._body(request), key, _beta(request))
-        return self.upstream_data(wire.parse_response, body)
+        body, headers = await self.post_json(url, self._body(request), key, _beta(request))
+        response = self.upstream_data(self.wire.parse_response, body)
+        response.upstream_headers = headers
+        return response
 
     async def stream(self, request: ir.Request, key: str | None) -> AsyncIterator[ir.StreamEvent]:
         """See `BaseProvider.stream`; an ``error`` event inside the 200 stream is raised."""
         url = f"{self.config.base_url}/v1/messages"
-        parser = wire.StreamParser()
-        async for event in self.post_sse(url, self._body(request), key, _beta(request)):
-            data = self.decode_event(event)
-            for item in self.upstream_data(parser.parse_stream_event, event.event, data):
+        parser = self.wire.stream_parser()
+        body = self._body(request)
+        async with self.open_sse(url, body, key, _beta(request)) as (headers, events):
+            async for event in events:
+                data = self.decode_event(event)
+                for item in with_upstream_headers(
+                    self.upstream_data(parser.feed, data, event.event), headers
+                ):
+                    yield item
+                if data.get("type") == "message_stop":
+                    break
+            for item in parser.finish():
                 yield item
-            if data.get("type") == "message_stop":
-                break
-        for item in parser.finish():
-            yield item
 
     async def count_tokens(self, request: ir.Request, key: str | None) -> int:
         """Ask ``/v1/messages/count_tokens``.
@@ -56,11 +61,11 @@ class Provider(HTTPProvider):
         body = self._body(request)
         body = {k: v for k, v in body.items() if k in _COUNT_FIELDS}
         url = f"{self.config.base_url}/v1/messages/count_tokens"
-        answer = await self.post_json(url, body, key, _beta(request))
+        answer, _ = await self.post_json(url, body, key, _beta(request))
         return int(answer.get("input_tokens") or 0)
 
     def _body(self, request: ir.Request) -> dict:
-        return wire.render_request(self.with_defaults(request))
+        return self.wire.render_request(self.with_defaults(request))
 
 
 def _beta(request: ir.Request) -> dict[str, str]:

@@ -13,7 +13,9 @@ import json
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import aclosing, asynccontextmanager
+from typing import TypeVar
 
 import aiohttp
 
@@ -27,7 +29,11 @@ from ..errors import (
     error_for_status,
     parse_retry_after,
 )
+from ..formats.fields import error_message
+from ..formats.registry import upstream_format
 from ..sse import SSEDecoder, SSEEvent
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +127,18 @@ class BaseProvider(ABC):
 
 
 class HTTPProvider(BaseProvider):
-    """JSON-over-HTTP plumbing: one place maps transport and status errors to `GatewayError`."""
+    """JSON-over-HTTP plumbing: one place maps transport and status errors to `GatewayError`.
+
+    ``wire`` is the provider's upstream format (`router.formats.registry.upstream_format`).
+    The upstream answer's headers travel with what it returns: on the `ir.Response`, the
+    `ir.StreamStart` or the `GatewayError` (the key pool reads rate-limit resets from them).
+    """
+
+    def __init__(
+        self, config: ProviderConfig, session: aiohttp.ClientSession, limits: LimitsConfig
+    ) -> None:
+        super().__init__(config, session, limits)
+        self.wire = upstream_format(config)
 
     @abstractmethod
     def headers(self, key: str | None) -> dict[str, str]:
@@ -140,7 +157,7 @@ class HTTPProvider(BaseProvider):
 
     async def post_json(
         self, url: str, body: dict, key: str | None, headers: dict[str, str] | None = None
-    ) -> dict:
+    ) -> tuple[dict, dict[str, str]]:
         """POST a JSON body and return the decoded JSON answer.
 
         Args:
@@ -148,6 +165,9 @@ class HTTPProvider(BaseProvider):
             body: The request body.
             key: The API key.
             headers: Extra headers for this call.
+
+        Returns:
+            The decoded answer and the answer's headers (lower-case names).
 
         Raises:
             GatewayError: Mapped from the upstream status, a transport error or bad JSON.
@@ -158,26 +178,34 @@ class HTTPProvider(BaseProvider):
             ) as resp:
                 if resp.status >= 400:
                     raise await self._status_error(resp)
+                received = _lower_case(resp.headers)
                 text = await resp.text()
         except asyncio.TimeoutError as err:
             raise GatewayTimeoutError(f"{self.config.name}: upstream timed out") from err
         except aiohttp.ClientError as err:
             raise UpstreamError(f"{self.config.name}: upstream connection failed: {err}") from err
         try:
-            return json.loads(text)
+            return json.loads(text), received
         except json.JSONDecodeError as err:
             raise UpstreamError(f"{self.config.name}: upstream sent invalid JSON") from err
 
-    async def post_sse(
+    @asynccontextmanager
+    async def open_sse(
         self, url: str, body: dict, key: str | None, headers: dict[str, str] | None = None
-    ) -> AsyncIterator[SSEEvent]:
-        """POST a JSON body and yield the server-sent events of the answer.
+    ) -> AsyncIterator[tuple[dict[str, str], AsyncIterator[SSEEvent]]]:
+        """POST a JSON body and open the server-sent events of the answer.
+
+        A `GatewayError` raised inside the block (an error event in the 200 stream, a
+        truncated stream) gets the answer's headers, unless it has its own.
 
         Args:
             url: The endpoint.
             body: The request body.
             key: The API key.
             headers: Extra headers for this call.
+
+        Yields:
+            The answer's headers (lower-case names) and its events.
 
         Raises:
             GatewayError: Mapped from the upstream status or a transport error.
@@ -188,12 +216,14 @@ class HTTPProvider(BaseProvider):
             ) as resp:
                 if resp.status >= 400:
                     raise await self._status_error(resp)
-                decoder = SSEDecoder()
-                async for chunk in resp.content.iter_any():
-                    for event in decoder.feed(chunk):
-                        yield event
-                for event in decoder.flush():
-                    yield event
+                received = _lower_case(resp.headers)
+                async with aclosing(_decode_sse(resp)) as events:
+                    try:
+                        yield received, events
+                    except GatewayError as err:
+                        if err.upstream_headers is None:
+                            err.upstream_headers = received
+                        raise
         except asyncio.TimeoutError as err:
             raise GatewayTimeoutError(f"{self.config.name}: upstream stream timed out") from err
         except aiohttp.ClientError as err:
@@ -221,13 +251,14 @@ class HTTPProvider(BaseProvider):
             f"{self.config.name} ({self.config.type}) returned HTTP {resp.status}: {message}",
             retry_after=retry_after,
             upstream_body=body,
+            upstream_headers=_lower_case(resp.headers),
         )
 
-    def upstream_data(self, parse: object, *args: object) -> object:
-        """Run an adapter's parser on upstream data; its validation errors become 502s.
+    def upstream_data(self, parse: Callable[..., T], *args: object) -> T:
+        """Run an upstream format's parser on upstream data; its validation errors become 502s.
 
         Args:
-            parse: The adapter function.
+            parse: The parser.
             *args: Its arguments.
 
         Raises:
@@ -263,23 +294,6 @@ class HTTPProvider(BaseProvider):
         return data
 
 
-def error_message(body: object) -> str:
-    """Extract the message from an error body in any of the three formats.
-
-    Args:
-        body: The decoded JSON error body (Google sometimes wraps it in a list).
-    """
-    if isinstance(body, list) and body:
-        body = body[0]
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
-        if isinstance(error, str):
-            return error
-    return json.dumps(body)[:500]
-
-
 def _google_retry_delay(body: object) -> float | None:
     """Google sends no Retry-After header but a ``RetryInfo`` detail (``"retryDelay": "31s"``)."""
     error = body.get("error") if isinstance(body, dict) else None
@@ -289,3 +303,31 @@ def _google_retry_delay(body: object) -> float | None:
         if isinstance(delay, str) and delay.endswith("s"):
             return parse_retry_after(delay[:-1])
     return None
+
+
+def with_upstream_headers(
+    events: list[ir.StreamEvent], headers: dict[str, str]
+) -> list[ir.StreamEvent]:
+    """Put the stream's answer headers on its `ir.StreamStart`, if ``events`` holds it.
+
+    Args:
+        events: Events just parsed from the stream.
+        headers: The answer's headers.
+    """
+    for event in events:
+        if isinstance(event, ir.StreamStart):
+            event.upstream_headers = headers
+    return events
+
+
+def _lower_case(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+async def _decode_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
+    decoder = SSEDecoder()
+    async for chunk in resp.content.iter_any():
+        for event in decoder.feed(chunk):
+            yield event
+    for event in decoder.flush():
+        yield event

@@ -7,9 +7,8 @@ from collections.abc import AsyncIterator
 from urllib.parse import quote
 
 from .. import ir
-from ..adapters import gemini as wire
 from ..images import inline_remote_media
-from .base import HTTPProvider
+from .base import HTTPProvider, with_upstream_headers
 
 
 class Provider(HTTPProvider):
@@ -28,24 +27,28 @@ class Provider(HTTPProvider):
 
     async def _body(self, request: ir.Request) -> dict:
         await inline_remote_media(request, self.session, self.limits)
-        return wire.render_request(self.with_defaults(request))
+        return self.wire.render_request(self.with_defaults(request))
 
     async def complete(self, request: ir.Request, key: str | None) -> ir.Response:
         """See `BaseProvider.complete`."""
-        body = await self.post_json(
+        body, headers = await self.post_json(
             self._url(request.model, "generateContent"), await self._body(request), key
         )
-        return self.upstream_data(wire.parse_response, body)
+        response = self.upstream_data(self.wire.parse_response, body)
+        response.upstream_headers = headers
+        return response
 
     async def stream(self, request: ir.Request, key: str | None) -> AsyncIterator[ir.StreamEvent]:
         """See `BaseProvider.stream`."""
         url = self._url(request.model, "streamGenerateContent") + "?alt=sse"
-        parser = wire.StreamParser()
-        async for event in self.post_sse(url, await self._body(request), key):
-            for item in self.upstream_data(parser.parse_stream_event, self.decode_event(event)):
+        parser = self.wire.stream_parser()
+        async with self.open_sse(url, await self._body(request), key) as (headers, events):
+            async for event in events:
+                chunk = self.decode_event(event)
+                for item in with_upstream_headers(self.upstream_data(parser.feed, chunk), headers):
+                    yield item
+            for item in parser.finish():
                 yield item
-        for item in parser.finish():
-            yield item
 
     async def count_tokens(self, request: ir.Request, key: str | None) -> int:
         """Ask ``:countTokens`` with the full request (system prompt and tools included).
@@ -55,7 +58,7 @@ class Provider(HTTPProvider):
             key: The API key.
         """
         inner = {"model": f"models/{request.model}", **(await self._body(request))}
-        answer = await self.post_json(
+        answer, _ = await self.post_json(
             self._url(request.model, "countTokens"), {"generateContentRequest": inner}, key
         )
         return int(answer.get("totalTokens") or 0)

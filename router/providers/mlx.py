@@ -30,9 +30,9 @@ from mlx_smolvlm.engine import (
 from mlx_smolvlm.serving import load_for_serving
 
 from .. import ir
-from ..adapters import new_id
 from ..config import LimitsConfig, MLXConfig, ProviderConfig
 from ..errors import InvalidRequestError, OverloadedError, RateLimitError, UpstreamError
+from ..formats.fields import new_id
 from ..images import fetch_media, is_http
 from .base import BaseProvider
 

@@ -4,20 +4,13 @@ llama.cpp, mlx-lm): ``base_url`` ends in ``/v1`` and the router appends ``/chat/
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from urllib.parse import urlparse
 
 from .. import ir
-from ..adapters import openai as wire
-from ..errors import GatewayError, error_for_status
-from .base import HTTPProvider, error_message
+from .base import HTTPProvider, with_upstream_headers
 
 
 class Provider(HTTPProvider):
     """OpenAI or OpenAI-compatible backend."""
-
-    @property
-    def _compatible(self) -> bool:
-        return urlparse(self.config.base_url).hostname != "api.openai.com"
 
     def headers(self, key: str | None) -> dict[str, str]:
         """``Authorization: Bearer``; none for keyless local servers.
@@ -28,36 +21,29 @@ class Provider(HTTPProvider):
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _body(self, request: ir.Request) -> dict:
-        return wire.render_request(self.with_defaults(request), compatible=self._compatible)
+        return self.wire.render_request(self.with_defaults(request))
 
     async def complete(self, request: ir.Request, key: str | None) -> ir.Response:
         """See `BaseProvider.complete`."""
         url = f"{self.config.base_url}/chat/completions"
-        body = await self.post_json(url, self._body(request), key)
-        return self.upstream_data(wire.parse_response, body)
+        body, headers = await self.post_json(url, self._body(request), key)
+        response = self.upstream_data(self.wire.parse_response, body)
+        response.upstream_headers = headers
+        return response
 
     async def stream(self, request: ir.Request, key: str | None) -> AsyncIterator[ir.StreamEvent]:
-        """See `BaseProvider.stream`."""
+        """See `BaseProvider.stream`; an ``{"error": ...}`` chunk inside the 200 stream is
+        raised."""
         url = f"{self.config.base_url}/chat/completions"
-        parser = wire.StreamParser()
-        async for event in self.post_sse(url, self._body(request), key):
-            if event.data == "[DONE]":
-                break
-            chunk = self.decode_event(event)
-            if "error" in chunk:
-                raise self.stream_error(chunk)
-            for item in self.upstream_data(parser.parse_stream_event, chunk):
+        parser = self.wire.stream_parser()
+        async with self.open_sse(url, self._body(request), key) as (headers, events):
+            async for event in events:
+                if event.data == "[DONE]":
+                    break
+                chunk = self.decode_event(event)
+                if "error" in chunk:
+                    raise self.wire.parse_error(chunk, 500, self.config.name)
+                for item in with_upstream_headers(self.upstream_data(parser.feed, chunk), headers):
+                    yield item
+            for item in parser.finish():
                 yield item
-        for item in parser.finish():
-            yield item
-
-    def stream_error(self, chunk: dict) -> GatewayError:
-        """The error for an ``{"error": ...}`` chunk inside a 200 stream.
-
-        Args:
-            chunk: The error chunk.
-        """
-        error = chunk["error"] if isinstance(chunk["error"], dict) else {}
-        code = error.get("code")
-        status = code if isinstance(code, int) else 500
-        return error_for_status(status, f"{self.config.name}: {error_message(chunk)}")

@@ -211,7 +211,7 @@ async def test_unknown_model_is_404(fakes, clients, client):
 @pytest.mark.parametrize(
     ("extra", "field"),
     [
-        # Anthropic has no JSON mode without a schema (router/adapters/anthropic.py).
+        # Anthropic has no JSON mode without a schema (router/formats/anthropic/upstream.py).
         ({"response_format": {"type": "json_object"}}, "response_format"),
         # Several choices per request are not supported by the router.
         ({"n": 2}, "n"),

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from router import errors, ir
-from router.adapters import anthropic, gemini, openai, openai_responses
+from router.formats import anthropic, gemini, openai
+from router.formats.openai_responses import client as openai_responses
 
 KINDS = [
     # (error class, OpenAI status/type/code, Anthropic status/type, Gemini status/status word)

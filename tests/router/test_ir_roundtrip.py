@@ -9,9 +9,10 @@ import json
 import pytest
 
 from router import ir
-from router.adapters import anthropic, gemini, openai, openai_responses
 from router.errors import UpstreamError
-from router.schema import clean_schema
+from router.formats import anthropic, gemini, openai
+from router.formats.gemini.schema import to_gemini_schema as clean_schema
+from router.formats.openai_responses import client as openai_responses
 
 PNG = "iVBORw0KGgo="
 

@@ -19,7 +19,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from router import ir
-from router.app import _open_stream, create_app
+from router.app import create_app
+from router.attempts import open_stream as _open_stream
 from router.config import Config, LimitsConfig, ProviderConfig
 from router.keys import KEY_POOLS, KeyPool
 from router.providers.base import BaseProvider

@@ -1,10 +1,6 @@
-"""Wire-format codecs: each module translates one API format to and from the IR.
-
-Every adapter exposes ``parse_request``, ``render_response``, a ``StreamRenderer`` with
-``render_stream_event`` (stream grammars need per-stream state) and ``render_error`` for the
-client side. Adapters of formats the router also speaks upstream add ``render_request``,
-``parse_response`` and a ``StreamParser`` that providers use. The helpers here validate raw
-JSON fields so that every adapter names the offending field the same way.
+"""Helpers every format shares: JSON field validation that names the offending field the same
+way in every format, ids, base64 and data URLs, tool-call arguments, reasoning effort <->
+budget, system-prompt splitting, tool-result folding and upstream error messages.
 """
 
 from __future__ import annotations
@@ -231,3 +227,20 @@ def append_tool_result(messages: list[ir.Message], result: ir.ToolResultPart) ->
         last.parts.append(result)
     else:
         messages.append(ir.Message("user", [result]))
+
+
+def error_message(body: object) -> str:
+    """Extract the message from an error body in any of the three formats.
+
+    Args:
+        body: The decoded JSON error body (Google sometimes wraps it in a list).
+    """
+    if isinstance(body, list) and body:
+        body = body[0]
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"]
+        if isinstance(error, str):
+            return error
+    return json.dumps(body)[:500]

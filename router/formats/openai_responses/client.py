@@ -1,4 +1,5 @@
-"""OpenAI Responses API (``POST /v1/responses``) <-> IR, client side only.
+"""OpenAI Responses API (``POST /v1/responses``) for clients: requests to the IR, IR responses,
+streams and errors to the wire (the router does not speak it upstream).
 
 The router is stateless: ``previous_response_id`` and stored items are not supported (a 400);
 clients send the whole conversation as ``input`` items. Reasoning is rendered as ``reasoning``
@@ -10,11 +11,15 @@ from __future__ import annotations
 
 import time
 
-from .. import ir
-from ..errors import GatewayError, InvalidRequestError
-from ..sse import SSEEvent
-from . import append_tool_result, dump_json, field, new_id, objects, parse_data_url
-from .openai import render_error as _render_openai_error
+from aiohttp import web
+
+from ... import ir
+from ...errors import GatewayError, InvalidRequestError
+from ...sse import SSEEvent
+from ..base import ClientCall
+from ..fields import append_tool_result, dump_json, field, new_id, objects, parse_data_url
+from ..openai.client import OpenAIChatClient
+from ..openai.client import render_error as _render_openai_error
 
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
@@ -582,3 +587,22 @@ def render_error(err: GatewayError) -> tuple[int, dict]:
         The HTTP status and the JSON body.
     """
     return _render_openai_error(err)
+
+
+class OpenAIResponsesClient(OpenAIChatClient):
+    """The Responses API as a client speaks it; errors and model listings as Chat Completions."""
+
+    name = "openai_responses"
+    paths = ("/v1/responses",)
+
+    def parse_call(self, body: dict, http: web.Request) -> ClientCall:
+        """See `ClientFormat.parse_call`."""
+        return ClientCall(parse_request(body))
+
+    def render_response(self, response: ir.Response, request: ir.Request) -> dict:
+        """See `ClientFormat.render_response`."""
+        return render_response(response, request)
+
+    def stream_renderer(self, request: ir.Request) -> StreamRenderer:
+        """See `ClientFormat.stream_renderer`."""
+        return StreamRenderer(request)

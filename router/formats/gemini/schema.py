@@ -1,4 +1,6 @@
-"""Clean JSON Schemas into the OpenAPI 3.0 subset Gemini accepts for tools and JSON output.
+"""Gemini's schemas in both directions: JSON Schema to the OpenAPI 3.0 subset Gemini accepts
+for tools and JSON output (`to_gemini_schema`), and Gemini's OpenAPI-style schemas to JSON
+Schema (`from_gemini_schema`).
 
 Gemini rejects ``$schema``, ``additionalProperties``, ``$ref``/``$defs``, ``default``, type
 arrays, ``const`` and most string formats. This resolves references, folds ``null`` unions into
@@ -7,7 +9,7 @@ arrays, ``const`` and most string formats. This resolves references, folds ``nul
 
 from __future__ import annotations
 
-from .errors import InvalidRequestError
+from ...errors import InvalidRequestError
 
 _KEEP = {
     "type",
@@ -39,7 +41,7 @@ _FORMATS = {
 _MAX_DEPTH = 32
 
 
-def clean_schema(schema: dict, where: str = "schema") -> dict:
+def to_gemini_schema(schema: dict, where: str = "schema") -> dict:
     """Return a Gemini-compatible copy of a JSON Schema.
 
     Args:
@@ -119,4 +121,30 @@ def _clean(node: dict, defs: dict, where: str, seen: tuple[str, ...]) -> dict:
             out[key] = value
     if "required" in out and "properties" in out:
         out["required"] = [r for r in out["required"] if r in out["properties"]]
+    return out
+
+
+def from_gemini_schema(schema: object) -> object:
+    """Return the JSON Schema of a Gemini OpenAPI-style schema: upper-case types (``OBJECT``)
+    become lower case, and ``nullable`` becomes a type union.
+
+    Args:
+        schema: A Gemini schema (or a list of them, or None).
+    """
+    if isinstance(schema, list):
+        return [from_gemini_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "type" and isinstance(value, str):
+            out[key] = value.lower()
+        elif key == "properties" and isinstance(value, dict):
+            out[key] = {k: from_gemini_schema(v) for k, v in value.items()}
+        elif key in ("items", "anyOf"):
+            out[key] = from_gemini_schema(value)
+        elif key != "nullable":
+            out[key] = value
+    if schema.get("nullable") and isinstance(out.get("type"), str):
+        out["type"] = [out["type"], "null"]
     return out

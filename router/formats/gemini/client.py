@@ -1,4 +1,6 @@
-"""Gemini ``generateContent`` <-> IR, for clients and for the Gemini upstream.
+"""Gemini ``generateContent`` for clients (``POST /v1beta/models/{model}:{method}``, also under
+``/v1/`` as google-genai 3.x sends it): requests to the IR, IR responses, streams and errors to
+the wire.
 
 Gemini's JSON is camelCase (what Google sends and google-genai writes); requests in
 snake_case, which Google's proto JSON parser also accepts, are read too.
@@ -7,47 +9,31 @@ Tool-call ids: Gemini's ``functionCall.id`` is optional and ``functionResponse``
 name. Calls without an id get one (``call_<hex>``); a response without an id is matched to the
 oldest unanswered call of the same name in the preceding model turn, so ids survive a round
 trip and parallel calls of one function stay paired in order.
-
-Signatures: ``thoughtSignature`` on text and function-call parts is kept on the IR part. For
-Gemini 3 models, a function call in the history without a signature (written by another
-provider or a client that dropped it) gets Google's documented placeholder
-``skip_thought_signature_validator``. Thought parts are not sent back to Gemini.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-import time
 
-from .. import ir
-from ..errors import GatewayError, InvalidRequestError, UpstreamError, error_for_status
-from ..schema import clean_schema
-from ..sse import SSEEvent
-from . import (
+from aiohttp import web
+
+from ... import ir
+from ...errors import GatewayError, InvalidRequestError, NotFoundError, UpstreamError
+from ...sse import SSEEvent
+from ..base import ClientCall, ClientFormat, SSEWriter, StreamWriter
+from ..fields import (
     check_base64,
     dump_json,
-    effort_to_budget,
     field,
     new_id,
     objects,
     parse_arguments,
-    split_system,
     standard_base64,
 )
+from .content import with_signature
+from .schema import from_gemini_schema
 
-SKIP_SIGNATURE = "skip_thought_signature_validator"
-_FINISH_FROM_WIRE: dict[str, ir.FinishReason] = {
-    "STOP": "stop",
-    "MAX_TOKENS": "length",
-    "SAFETY": "content_filter",
-    "RECITATION": "content_filter",
-    "BLOCKLIST": "content_filter",
-    "PROHIBITED_CONTENT": "content_filter",
-    "SPII": "content_filter",
-    "IMAGE_SAFETY": "content_filter",
-}
 _FINISH_TO_WIRE = {
     "stop": "STOP",
     "stop_sequence": "STOP",
@@ -55,6 +41,8 @@ _FINISH_TO_WIRE = {
     "length": "MAX_TOKENS",
     "content_filter": "SAFETY",
 }
+
+
 _STATUSES = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
@@ -67,6 +55,8 @@ _STATUSES = {
     503: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",
 }
+
+
 _SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
 
 
@@ -77,9 +67,6 @@ def _get(
     snake = _SNAKE.sub("_", camel).lower()
     key = camel if camel in obj or snake not in obj else snake
     return field(obj, key, kind, where, required=required)
-
-
-# ---- requests: wire -> IR ----------------------------------------------------------------
 
 
 def parse_request(body: dict, model: str) -> ir.Request:
@@ -221,7 +208,7 @@ def _parse_tools(raw: list) -> list[ir.Tool]:
             dw = f"{at}.functionDeclarations[{j}]"
             schema = _get(decl, "parametersJsonSchema", dict, dw)
             if schema is None:
-                schema = _openapi_to_json_schema(_get(decl, "parameters", dict, dw))
+                schema = from_gemini_schema(_get(decl, "parameters", dict, dw))
             tools.append(
                 ir.Tool(
                     name=field(decl, "name", str, dw, required=True),
@@ -230,28 +217,6 @@ def _parse_tools(raw: list) -> list[ir.Tool]:
                 )
             )
     return tools
-
-
-def _openapi_to_json_schema(schema: object) -> object:
-    """Gemini's OpenAPI-style schemas may use upper-case types (``OBJECT``); JSON Schema
-    wants lower case, and ``nullable`` becomes a type union."""
-    if isinstance(schema, list):
-        return [_openapi_to_json_schema(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {}
-    for key, value in schema.items():
-        if key == "type" and isinstance(value, str):
-            out[key] = value.lower()
-        elif key == "properties" and isinstance(value, dict):
-            out[key] = {k: _openapi_to_json_schema(v) for k, v in value.items()}
-        elif key in ("items", "anyOf"):
-            out[key] = _openapi_to_json_schema(value)
-        elif key != "nullable":
-            out[key] = value
-    if schema.get("nullable") and isinstance(out.get("type"), str):
-        out["type"] = [out["type"], "null"]
-    return out
 
 
 def _parse_tool_config(raw: dict | None) -> ir.ToolChoice | None:
@@ -274,7 +239,7 @@ def _parse_response_format(config: dict) -> ir.ResponseFormat | None:
     mime = _get(config, "responseMimeType", str, cw)
     schema = _get(config, "responseJsonSchema", dict, cw)
     if schema is None:
-        schema = _openapi_to_json_schema(_get(config, "responseSchema", dict, cw))
+        schema = from_gemini_schema(_get(config, "responseSchema", dict, cw))
     if mime in (None, "text/plain") and schema is None:
         return None
     if mime not in (None, "application/json"):
@@ -297,196 +262,6 @@ def _parse_thinking(raw: dict | None) -> ir.Reasoning | None:
     return ir.Reasoning(
         effort=level.lower() if level else None,
         budget_tokens=budget if budget and budget > 0 else None,
-    )
-
-
-# ---- requests: IR -> wire (for the Gemini upstream) ------------------------------------------
-
-
-def render_request(request: ir.Request) -> dict:
-    """Render an IR request as a ``generateContent`` body (the model goes in the URL).
-
-    Remote images must already be inlined (see `router.images`); only non-http URIs (Files
-    API, ``gs://``) are sent as ``fileData``.
-
-    Args:
-        request: The IR request.
-
-    Raises:
-        InvalidRequestError: If a part cannot be expressed for Gemini, naming it.
-    """
-    system, messages = split_system(request.messages)
-    body: dict = {}
-    if system:
-        body["systemInstruction"] = {"parts": [{"text": p.text} for p in system]}
-    names = {p.id: p.name for m in messages for p in m.parts if isinstance(p, ir.ToolCallPart)}
-    needs_signature = request.model.startswith("gemini-3")
-    contents = []
-    for i, message in enumerate(messages):
-        parts = _render_parts(message, f"messages[{i}]", names)
-        if message.role == "assistant" and needs_signature:
-            calls = [p for p in parts if "functionCall" in p]
-            if calls and not any("thoughtSignature" in p for p in calls):
-                calls[0]["thoughtSignature"] = SKIP_SIGNATURE
-        if parts:
-            contents.append(
-                {"role": "model" if message.role == "assistant" else "user", "parts": parts}
-            )
-    body["contents"] = contents
-    if request.tools:
-        body["tools"] = [
-            {"functionDeclarations": [_render_tool(t, i) for i, t in enumerate(request.tools)]}
-        ]
-    if request.tool_choice is not None:
-        choice = request.tool_choice
-        config: dict = {
-            "mode": {"auto": "AUTO", "none": "NONE", "required": "ANY", "tool": "ANY"}[choice.mode]
-        }
-        if choice.mode == "tool":
-            config["allowedFunctionNames"] = [choice.name]
-        body["toolConfig"] = {"functionCallingConfig": config}
-    generation = _render_generation_config(request)
-    if generation:
-        body["generationConfig"] = generation
-    return body
-
-
-def _render_generation_config(request: ir.Request) -> dict:
-    config: dict = {}
-    for key, value in (
-        ("maxOutputTokens", request.max_tokens),
-        ("temperature", request.temperature),
-        ("topP", request.top_p),
-        ("topK", request.top_k),
-        ("seed", request.seed),
-        ("presencePenalty", request.presence_penalty),
-        ("frequencyPenalty", request.frequency_penalty),
-    ):
-        if value is not None:
-            config[key] = value
-    if request.stop:
-        config["stopSequences"] = request.stop
-    fmt = request.response_format
-    if fmt is not None and fmt.type != "text":
-        config["responseMimeType"] = "application/json"
-        if fmt.schema is not None:
-            config["responseSchema"] = clean_schema(fmt.schema, "response_format.schema")
-    reasoning = request.reasoning
-    if reasoning is not None:
-        if not reasoning.enabled:
-            # Only a Gemini client's own budget 0 is sent: models that cannot turn thinking
-            # off (2.5 Pro, 3) reject it, and their default is always valid.
-            if reasoning.budget_tokens == 0:
-                config["thinkingConfig"] = {"thinkingBudget": 0}
-        else:
-            budget = reasoning.budget_tokens or effort_to_budget(reasoning.effort or "")
-            config["thinkingConfig"] = {"includeThoughts": True, "thinkingBudget": budget}
-    return config
-
-
-def _render_parts(message: ir.Message, where: str, names: dict[str, str]) -> list[dict]:
-    parts = []
-    # Thought parts are not sent back; a signature on one belongs on the part after it,
-    # where Gemini put it (see StreamParser).
-    carried: str | None = None
-    for j, part in enumerate(message.parts):
-        at = f"{where}.content[{j}]"
-        if isinstance(part, ir.ThinkingPart):
-            carried = part.signature or carried
-            continue
-        if isinstance(part, ir.TextPart) and not part.text and not part.signature:
-            continue
-        if isinstance(part, ir.TextPart | ir.ToolCallPart) and carried and not part.signature:
-            part = dataclasses.replace(part, signature=carried)
-        carried = None
-        if isinstance(part, ir.TextPart):
-            if part.text or part.signature:
-                parts.append(_with_signature({"text": part.text}, part.signature))
-        elif isinstance(part, ir.MediaPart):
-            parts.append(_render_media(part, at))
-        elif isinstance(part, ir.ToolCallPart):
-            call = {"id": part.id, "name": part.name, "args": parse_arguments(part.arguments, at)}
-            parts.append(_with_signature({"functionCall": call}, part.signature))
-        elif isinstance(part, ir.ToolResultPart):
-            parts.extend(_render_tool_result(part, at, names))
-    return parts
-
-
-def _render_tool_result(part: ir.ToolResultPart, where: str, names: dict[str, str]) -> list:
-    name = part.name or names.get(part.call_id)
-    if name is None:
-        raise InvalidRequestError(
-            f"{where}: tool result for unknown call id {part.call_id!r} (Gemini needs the "
-            "function name)",
-            param=where,
-        )
-    text = "".join(p.text for p in part.content if isinstance(p, ir.TextPart))
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = text
-    if isinstance(value, dict) and not part.is_error:
-        response = value
-    else:
-        response = {"error" if part.is_error else "output": value}
-    out = [{"functionResponse": {"id": part.call_id, "name": name, "response": response}}]
-    # Images a tool returned travel as parts of the same user turn.
-    out += [_render_media(p, where) for p in part.content if isinstance(p, ir.MediaPart)]
-    return out
-
-
-def _render_media(part: ir.MediaPart, where: str) -> dict:
-    if part.data is not None:
-        return {"inlineData": {"mimeType": part.media_type, "data": part.data}}
-    if part.url.startswith(("http://", "https://")):
-        raise InvalidRequestError(f"{where}: remote URL was not inlined for Gemini", param=where)
-    return {"fileData": {"mimeType": part.media_type, "fileUri": part.url}}
-
-
-def _with_signature(part: dict, signature: str | None) -> dict:
-    if signature:
-        part["thoughtSignature"] = signature
-    return part
-
-
-def _render_tool(tool: ir.Tool, index: int) -> dict:
-    decl: dict = {"name": tool.name}
-    if tool.description is not None:
-        decl["description"] = tool.description
-    if tool.parameters and tool.parameters.get("properties"):
-        decl["parameters"] = clean_schema(tool.parameters, f"tools[{index}].parameters")
-    return decl
-
-
-# ---- responses ------------------------------------------------------------------------------
-
-
-def parse_response(body: dict) -> ir.Response:
-    """Parse a ``GenerateContentResponse`` from the upstream.
-
-    Args:
-        body: The decoded JSON response.
-
-    Raises:
-        InvalidRequestError: If a part is malformed.
-    """
-    parser = StreamParser()
-    events = parser.parse_stream_event(body) + parser.finish()
-    return ir.collect_stream(events)
-
-
-def parse_usage(raw: dict) -> ir.Usage:
-    """Read ``usageMetadata`` (Gemini counts thoughts apart from candidates).
-
-    Args:
-        raw: The usage metadata.
-    """
-    thoughts = raw.get("thoughtsTokenCount") or 0
-    return ir.Usage(
-        input_tokens=(raw.get("promptTokenCount") or 0) + (raw.get("toolUsePromptTokenCount") or 0),
-        output_tokens=(raw.get("candidatesTokenCount") or 0) + thoughts,
-        cache_read_tokens=raw.get("cachedContentTokenCount") or 0,
-        reasoning_tokens=thoughts,
     )
 
 
@@ -534,11 +309,11 @@ def render_response(response: ir.Response, request: ir.Request) -> dict:
 
 def _render_output_part(part: ir.Part, index: int) -> dict | None:
     if isinstance(part, ir.TextPart):
-        return _with_signature({"text": part.text}, part.signature)
+        return with_signature({"text": part.text}, part.signature)
     if isinstance(part, ir.ThinkingPart):
         if part.redacted_data is not None:
             return None
-        return _with_signature({"text": part.text, "thought": True}, part.signature)
+        return with_signature({"text": part.text, "thought": True}, part.signature)
     if isinstance(part, ir.ToolCallPart):
         try:
             args = parse_arguments(part.arguments, f"parts[{index}]")
@@ -547,111 +322,8 @@ def _render_output_part(part: ir.Part, index: int) -> dict | None:
                 f"upstream sent tool call {part.name!r} with {err.message}"
             ) from err
         call = {"id": part.id, "name": part.name, "args": args}
-        return _with_signature({"functionCall": call}, part.signature)
+        return with_signature({"functionCall": call}, part.signature)
     return None
-
-
-# ---- streams --------------------------------------------------------------------------------
-
-
-class StreamParser:
-    """Turns the upstream's stream of ``GenerateContentResponse`` chunks into IR events.
-
-    Text in each chunk is a delta; a function call always arrives whole in one part.
-    """
-
-    def __init__(self) -> None:
-        self._started = False
-        self._parts = 0
-        self._open: str | None = None
-        self._had_calls = False
-        self._finish: ir.FinishReason | None = None
-        self._usage = ir.Usage()
-
-    def parse_stream_event(self, chunk: dict) -> list[ir.StreamEvent]:
-        """Translate one chunk.
-
-        Args:
-            chunk: A decoded ``GenerateContentResponse``.
-
-        Raises:
-            GatewayError: If the chunk is an error object.
-        """
-        if "error" in chunk:
-            raise parse_error(chunk, 500)
-        events: list[ir.StreamEvent] = []
-        if chunk.get("usageMetadata"):
-            self._usage = parse_usage(chunk["usageMetadata"])
-        if not self._started:
-            # Gemini reports the prompt's tokens on every chunk, so the start carries them.
-            self._started = True
-            events.append(
-                ir.StreamStart(
-                    chunk.get("responseId") or new_id("resp"),
-                    chunk.get("modelVersion") or "",
-                    int(time.time()),
-                    dataclasses.replace(self._usage, output_tokens=0, reasoning_tokens=0),
-                )
-            )
-        if not chunk.get("candidates") and (chunk.get("promptFeedback") or {}).get("blockReason"):
-            self._finish = "content_filter"
-        for candidate in chunk.get("candidates") or []:
-            if candidate.get("index", 0) != 0:
-                continue
-            for j, part in enumerate((candidate.get("content") or {}).get("parts") or []):
-                events += self._part(part, j)
-            reason = candidate.get("finishReason")
-            if reason and reason != "FINISH_REASON_UNSPECIFIED":
-                self._finish = _FINISH_FROM_WIRE.get(reason, "stop")
-        return events
-
-    def finish(self) -> list[ir.StreamEvent]:
-        """Events at the end of the upstream stream (the single StreamEnd).
-
-        Raises:
-            UpstreamError: If no chunk carried a ``finishReason`` (a truncated stream).
-        """
-        finish = self._finish
-        if finish is None:
-            raise UpstreamError("upstream stream ended without a finishReason")
-        if finish == "stop" and self._had_calls:
-            finish = "tool_calls"
-        return [ir.StreamEnd(finish, usage=self._usage)]
-
-    def _part(self, part: dict, position: int) -> list[ir.StreamEvent]:
-        signature = part.get("thoughtSignature")
-        events: list[ir.StreamEvent] = []
-        if signature and self._open == "thinking" and not part.get("thought"):
-            # Gemini signs the part after its thoughts (text or function call); most client
-            # formats carry a signature only on the reasoning block, so it moves there (and
-            # back onto the following part when rendered for Gemini).
-            events.append(ir.PartDelta(self._parts - 1, signature=signature))
-            signature = None
-        if "functionCall" in part:
-            call = part["functionCall"]
-            index = self._parts
-            self._parts += 1
-            self._open = None
-            self._had_calls = True
-            tool = ir.ToolCallPart(
-                call.get("id") or new_id("call"), call.get("name") or "", "", signature
-            )
-            return events + [
-                ir.PartStart(index, tool),
-                ir.PartDelta(index, arguments=dump_json(call.get("args") or {})),
-            ]
-        if "text" not in part:
-            where = f"candidates[0].content.parts[{position}]"
-            raise InvalidRequestError(f"{where}: unsupported Gemini output part {sorted(part)}")
-        kind = "thinking" if part.get("thought") else "text"
-        if self._open != kind:
-            start = ir.ThinkingPart("") if kind == "thinking" else ir.TextPart("")
-            events.append(ir.PartStart(self._parts, start))
-            self._parts += 1
-            self._open = kind
-        if part["text"] or signature:
-            events.append(ir.PartDelta(self._parts - 1, text=part["text"], signature=signature))
-        return events
 
 
 class StreamRenderer:
@@ -737,7 +409,7 @@ class StreamRenderer:
         part: dict = {"text": text}
         if self._kinds[index] == "thinking":
             part["thought"] = True
-        return _with_signature(part, signature)
+        return with_signature(part, signature)
 
     def _render_call(self) -> dict:
         call = self._call
@@ -759,9 +431,6 @@ class StreamRenderer:
         )
 
 
-# ---- errors ---------------------------------------------------------------------------------
-
-
 def render_error(err: GatewayError) -> tuple[int, dict]:
     """Render an error as Google does: ``{"error": {"code", "message", "status"}}``.
 
@@ -780,13 +449,90 @@ def render_error(err: GatewayError) -> tuple[int, dict]:
     }
 
 
-def parse_error(data: dict, default_status: int) -> GatewayError:
-    """Turn a Google error object into a router error.
+class JSONArrayWriter:
+    """Gemini's stream without ``alt=sse``: one JSON array, written element by element (no
+    keep-alives: a ping would corrupt the array)."""
 
-    Args:
-        data: ``{"error": {"code", "message", "status"}}``.
-        default_status: Status to assume if the object has no code.
-    """
-    error = data.get("error") or {}
-    status = error.get("code") if isinstance(error.get("code"), int) else default_status
-    return error_for_status(status, f"gemini: {error.get('message') or json.dumps(data)}")
+    content_type = "application/json"
+    keepalive = None
+
+    def __init__(self) -> None:
+        self._first = True
+
+    async def write(self, out: web.StreamResponse, events: list[SSEEvent]) -> None:
+        """See `StreamWriter.write`."""
+        for event in events:
+            prefix = b"[" if self._first else b",\r\n"
+            self._first = False
+            await out.write(prefix + event.data.encode())
+
+    async def close(self, out: web.StreamResponse) -> None:
+        """See `StreamWriter.close`."""
+        await out.write(b"[]" if self._first else b"]")
+        await out.write_eof()
+
+
+class GeminiClient(ClientFormat):
+    """``generateContent`` as a client speaks it: the URL names the model and the method."""
+
+    name = "gemini"
+    # google-genai 3.x defaults to API version v1.
+    paths = ("/v1beta/models/{target:.+}", "/v1/models/{target:.+}")
+
+    def parse_call(self, body: dict, http: web.Request) -> ClientCall:
+        """See `ClientFormat.parse_call`: ``{model}:generateContent``,
+        ``:streamGenerateContent`` (server-sent events with ``alt=sse``, else one JSON array) or
+        ``:countTokens`` (of the body or its ``generateContentRequest``).
+
+        Raises:
+            NotFoundError: For a path without a method or a method not served.
+        """
+        model, sep, method = http.match_info["target"].rpartition(":")
+        if not sep or not model:
+            raise NotFoundError(f"no such endpoint: POST {http.path}")
+        if method == "generateContent":
+            return ClientCall(parse_request(body, model))
+        if method == "streamGenerateContent":
+            request = dataclasses.replace(parse_request(body, model), stream=True)
+            return ClientCall(request, sse=http.query.get("alt") == "sse")
+        if method == "countTokens":
+            inner = body.get("generateContentRequest")
+            if isinstance(inner, dict):
+                body = inner
+            elif "contents" not in body:
+                raise InvalidRequestError("contents: field is required", param="contents")
+            return ClientCall(parse_request(body, model), count_tokens=True)
+        raise NotFoundError(f"unsupported Gemini method {method!r}")
+
+    def render_response(self, response: ir.Response, request: ir.Request) -> dict:
+        """See `ClientFormat.render_response`."""
+        return render_response(response, request)
+
+    def stream_renderer(self, request: ir.Request) -> StreamRenderer:
+        """See `ClientFormat.stream_renderer`."""
+        return StreamRenderer(request)
+
+    def stream_writer(self, call: ClientCall) -> StreamWriter:
+        """See `ClientFormat.stream_writer`."""
+        return SSEWriter(self.keepalive) if call.sse else JSONArrayWriter()
+
+    def render_error(self, err: GatewayError) -> tuple[int, dict]:
+        """See `ClientFormat.render_error`."""
+        return render_error(err)
+
+    def render_token_count(self, tokens: int) -> dict:
+        """See `ClientFormat.render_token_count`."""
+        return {"totalTokens": tokens}
+
+    def render_model(self, name: str) -> dict:
+        """See `ClientFormat.render_model`."""
+        methods = ["generateContent", "streamGenerateContent", "countTokens"]
+        return {
+            "name": f"models/{name}",
+            "displayName": name,
+            "supportedGenerationMethods": methods,
+        }
+
+    def render_models(self, names: list[str]) -> dict:
+        """See `ClientFormat.render_models`."""
+        return {"models": [self.render_model(n) for n in names]}

@@ -1,0 +1,1 @@
+"""The OpenAI Responses API, client side only (`client`)."""
