@@ -40,7 +40,7 @@ async def complete(
 async def count_tokens(
     provider: BaseProvider, request: ir.Request, lease: Lease, context: RequestContext
 ) -> int:
-    """The prompt's token count.
+    """The prompt's token count; its answer's headers count for the key like a completion's.
 
     Args:
         provider: The provider.
@@ -49,9 +49,10 @@ async def count_tokens(
         context: The client request's context.
     """
     call = provider.count_tokens(request, lease.key)
-    tokens = await first_byte(call, provider.config.name, context.timeouts)
+    count = await first_byte(call, provider.config.name, context.timeouts)
+    context.upstream_headers = count.upstream_headers
     lease.release()
-    return tokens
+    return count.input_tokens
 
 
 async def open_stream(

@@ -177,6 +177,13 @@ class Response:
     upstream_headers: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
+@dataclass
+class TokenCount:
+    input_tokens: int
+    # As `Response.upstream_headers`.
+    upstream_headers: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+
 # Stream events. A stream is: StreamStart, then for each output part a PartStart followed by
 # its PartDeltas (parts are numbered 0, 1, 2... in order; a PartStart ends the previous part),
 # then exactly one StreamEnd.

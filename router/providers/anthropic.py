@@ -51,7 +51,7 @@ class Provider(HTTPProvider):
             for item in parser.finish():
                 yield item
 
-    async def count_tokens(self, request: ir.Request, key: str | None) -> int:
+    async def count_tokens(self, request: ir.Request, key: str | None) -> ir.TokenCount:
         """Ask ``/v1/messages/count_tokens``.
 
         Args:
@@ -61,8 +61,8 @@ class Provider(HTTPProvider):
         body = self._body(request)
         body = {k: v for k, v in body.items() if k in _COUNT_FIELDS}
         url = f"{self.config.base_url}/v1/messages/count_tokens"
-        answer, _ = await self.post_json(url, body, key, _beta(request))
-        return int(answer.get("input_tokens") or 0)
+        answer, headers = await self.post_json(url, body, key, _beta(request))
+        return ir.TokenCount(int(answer.get("input_tokens") or 0), headers)
 
     def _body(self, request: ir.Request) -> dict:
         return self.wire.render_request(self.with_defaults(request))

@@ -101,7 +101,7 @@ class BaseProvider(ABC):
             GatewayError: Typed by cause, possibly after some events were yielded.
         """
 
-    async def count_tokens(self, request: ir.Request, key: str | None) -> int:
+    async def count_tokens(self, request: ir.Request, key: str | None) -> ir.TokenCount:
         """Count the prompt's tokens. The default is an estimate (4 characters per token,
         a flat 258 per image or file); providers with a counting endpoint override it.
 
@@ -123,7 +123,7 @@ class BaseProvider(ABC):
                         chars += len(getattr(item, "text", ""))
         for tool in request.tools:
             chars += len(tool.name) + len(tool.description or "") + len(json.dumps(tool.parameters))
-        return math.ceil(chars / _CHARS_PER_TOKEN) + media * _TOKENS_PER_MEDIA
+        return ir.TokenCount(math.ceil(chars / _CHARS_PER_TOKEN) + media * _TOKENS_PER_MEDIA)
 
 
 class HTTPProvider(BaseProvider):

@@ -50,7 +50,7 @@ class Provider(HTTPProvider):
             for item in parser.finish():
                 yield item
 
-    async def count_tokens(self, request: ir.Request, key: str | None) -> int:
+    async def count_tokens(self, request: ir.Request, key: str | None) -> ir.TokenCount:
         """Ask ``:countTokens`` with the full request (system prompt and tools included).
 
         Args:
@@ -58,7 +58,7 @@ class Provider(HTTPProvider):
             key: The API key.
         """
         inner = {"model": f"models/{request.model}", **(await self._body(request))}
-        answer, _ = await self.post_json(
+        answer, headers = await self.post_json(
             self._url(request.model, "countTokens"), {"generateContentRequest": inner}, key
         )
-        return int(answer.get("totalTokens") or 0)
+        return ir.TokenCount(int(answer.get("totalTokens") or 0), headers)

@@ -111,7 +111,7 @@ class Provider(BaseProvider):
                     finish = "stop_sequence" if output.stop_sequence is not None else None
                     yield ir.StreamEnd(finish or output.finish_reason, output.stop_sequence, usage)
 
-    async def count_tokens(self, request: ir.Request, key: str | None) -> int:
+    async def count_tokens(self, request: ir.Request, key: str | None) -> ir.TokenCount:
         """The prompt's real token count, image tokens included.
 
         Args:
@@ -126,7 +126,7 @@ class Provider(BaseProvider):
             )
         except ValueError as err:
             raise InvalidRequestError(f"{self.config.name}: {err}") from err
-        return len(prompt.input_ids)
+        return ir.TokenCount(len(prompt.input_ids))
 
     async def _generate(
         self, inputs: _Inputs, params: SamplingParams

@@ -111,3 +111,37 @@ async def test_a_streams_used_up_limit_rests_the_key(aiohttp_client):
         assert first["state"] == "cooling" and second["state"] == "active"
     finally:
         await server.close()
+
+
+async def _used_up_count(request: web.Request) -> web.Response:
+    """A token count whose answer says the key's request budget is used up."""
+    headers = {
+        "anthropic-ratelimit-requests-remaining": "0",
+        "anthropic-ratelimit-requests-reset": "2099-01-01T00:00:00Z",
+    }
+    return web.json_response({"input_tokens": 7}, headers=headers)
+
+
+async def test_a_token_counts_used_up_limit_rests_the_key(aiohttp_client):
+    upstream = web.Application()
+    upstream.router.add_post("/v1/messages/count_tokens", _used_up_count)
+    server = TestServer(upstream, host="127.0.0.1")
+    await server.start_server()
+    try:
+        provider = {
+            "type": "anthropic",
+            "base_url": str(server.make_url("")).rstrip("/"),
+            "keys": ["sk-ant-count-000", "sk-ant-count-111"],
+        }
+        cfg = Config.from_dict(
+            {"providers": {"ant": provider}, "models": {"m": [{"provider": "ant", "model": "up"}]}}
+        )
+        client = await aiohttp_client(create_app(cfg))
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        async with client.post("/v1/messages/count_tokens", json=body) as resp:
+            assert resp.status == 200
+            assert (await resp.json()) == {"input_tokens": 7}
+        [first, second] = client.server.app[KEY_POOLS]["ant"].snapshot()
+        assert first["state"] == "cooling" and second["state"] == "active"
+    finally:
+        await server.close()
