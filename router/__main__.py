@@ -28,7 +28,7 @@ from .app import create_app
 from .auth import check_bind
 from .config import Config, ConfigError, LogConfig, default_config, hash_key, load_config
 from .logs import configure_logging, secrets_of
-from .reload import CONFIG_LOADER, RELOAD_HOOKS, reload_config
+from .reload import CONFIG_LOADER, RELOAD_HOOKS, reload_on_signal
 
 logger = logging.getLogger("router")
 
@@ -221,7 +221,7 @@ async def _serve(cfg: Config, loader: Callable[[], Config] | None) -> None:
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, _reload, app)
+        loop.add_signal_handler(signal.SIGHUP, reload_on_signal, app)
         await stop.wait()
         logger.info("shutting down: no new connections, in-flight requests get up to %g s", grace)
     finally:
@@ -229,14 +229,6 @@ async def _serve(cfg: Config, loader: Callable[[], Config] | None) -> None:
             loop.remove_signal_handler(sig)
         await runner.cleanup()
     logger.info("stopped")
-
-
-def _reload(app: web.Application) -> None:
-    """SIGHUP: apply the config file again; an invalid one leaves the running config."""
-    try:
-        reload_config(app)
-    except ConfigError as err:
-        logger.error("reload failed, the running config is kept: %s", err)
 
 
 if __name__ == "__main__":

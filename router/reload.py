@@ -79,6 +79,19 @@ def reload_config(app: web.Application) -> list[str]:
     return apply_config(app, loader())
 
 
+def reload_on_signal(app: web.Application) -> None:
+    """SIGHUP: apply the config file again; an invalid one is logged and the running config
+    stays.
+
+    Args:
+        app: The running application.
+    """
+    try:
+        reload_config(app)
+    except ConfigError as err:
+        logger.error("reload failed, the running config is kept: %s", err)
+
+
 def apply_config(app: web.Application, new: Config) -> list[str]:
     """Switch a running app to a new config without dropping requests.
 

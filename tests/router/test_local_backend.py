@@ -34,11 +34,11 @@ from mlx_smolvlm import engine as engine_module
 from mlx_smolvlm import serving
 from mlx_smolvlm.generate import GenerationResponse, generate
 from mlx_smolvlm.load import load
-from router.app import create_app
 from router.backends import PROVIDERS
 from router.config import Config, ConfigError, Target, default_config
 from tests.mlx_smolvlm.conftest import build_hf_checkpoint
-from tests.router.fakes import Clients, make_clients
+from tests.router.fakes import KINDS, Clients, make_clients
+from tests.router.helpers import client_roots, running_router
 
 IMAGE = Path(__file__).parents[2] / "mlx_smolvlm" / "assets" / "example.jpg"
 IMAGE_BYTES = IMAGE.read_bytes()
@@ -46,7 +46,6 @@ IMAGE_B64 = base64.b64encode(IMAGE_BYTES).decode()
 QUESTION = "What is in this picture?"
 MODEL = "tiny-vlm"
 MAX_TOKENS = 8
-KINDS = ["openai", "anthropic", "gemini"]
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
 
@@ -71,32 +70,19 @@ def local_config(checkpoint: Path | str, **mlx) -> Config:
     )
 
 
-async def start_router(cfg: Config) -> TestServer:
-    """The router on loopback; closing it stops the engine (the app closes its providers)."""
-    server = TestServer(create_app(cfg), host="127.0.0.1")
-    await server.start_server()
-    return server
-
-
-def roots(server: TestServer) -> dict[str, str]:
-    root = str(server.make_url("")).rstrip("/")
-    return {kind: root for kind in KINDS}
-
-
 def engine_of(server: TestServer) -> engine_module.Engine:
     return server.app[PROVIDERS]["local"].engine
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def router(checkpoint) -> AsyncIterator[TestServer]:
-    server = await start_router(local_config(checkpoint))
-    yield server
-    await server.close()
+    async with running_router(local_config(checkpoint)) as server:
+        yield server
 
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def clients(router) -> AsyncIterator[Clients]:
-    made = make_clients(roots(router))
+    made = make_clients(client_roots(router))
     yield made
     await made.close()
 
@@ -352,71 +338,71 @@ async def hundred_at_once(clients: Clients, client: str) -> list:
 
 @pytest.mark.parametrize("client", KINDS)
 async def test_hundred_requests_against_a_queue_of_eight(checkpoint, client):
-    server = await start_router(local_config(checkpoint, max_sequences=2, max_queue=8))
-    made = make_clients(roots(server))
-    try:
-        results = await hundred_at_once(made, client)
-        errors = [r for r in results if isinstance(r, Exception)]
-        served = len(results) - len(errors)
-        assert served >= 8 and len(errors) >= 50
-        for err in errors:
-            if client == "gemini":
-                assert isinstance(err, genai_errors.ClientError), repr(err)
-                assert err.code == 429 and err.status == "RESOURCE_EXHAUSTED"
-            else:
-                assert err.status_code == 429, repr(err)
-                assert err.response.headers["retry-after"] == "1"
-            assert "max_queue 8" in str(err)
-        # The engine keeps serving afterwards.
-        after = await hundred_at_once(made, client)
-        assert not all(isinstance(r, Exception) for r in after)
-        assert engine_of(server).stats().steps > 0
-    finally:
-        await made.close()
-        await server.close()
+    async with running_router(local_config(checkpoint, max_sequences=2, max_queue=8)) as server:
+        made = make_clients(client_roots(server))
+        try:
+            results = await hundred_at_once(made, client)
+            errors = [r for r in results if isinstance(r, Exception)]
+            served = len(results) - len(errors)
+            assert served >= 8 and len(errors) >= 50
+            for err in errors:
+                if client == "gemini":
+                    assert isinstance(err, genai_errors.ClientError), repr(err)
+                    assert err.code == 429 and err.status == "RESOURCE_EXHAUSTED"
+                else:
+                    assert err.status_code == 429, repr(err)
+                    assert err.response.headers["retry-after"] == "1"
+                assert "max_queue 8" in str(err)
+            # The engine keeps serving afterwards.
+            after = await hundred_at_once(made, client)
+            assert not all(isinstance(r, Exception) for r in after)
+            assert engine_of(server).stats().steps > 0
+        finally:
+            await made.close()
 
 
 async def test_client_disconnect_frees_the_slot_and_memory(checkpoint):
-    server = await start_router(local_config(checkpoint, max_sequences=1, max_context_tokens=None))
-    made = make_clients(roots(server))
-    engine = engine_of(server)
-    try:
-        warm = await made.openai.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "warm up"}], max_tokens=2
-        )
-        assert warm.choices
-        gc.collect()  # models of earlier tests' routers must not be freed during the test
-        before = mx.get_active_memory()
-        stream = await made.openai.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": "Tell me everything"}],
-            max_tokens=5000,
-            stream=True,
-        )
-        seen = 0
-        async for chunk in stream:
-            seen += bool(chunk.choices and chunk.choices[0].delta.content)
-            if seen == 3:
-                break
-        queued = asyncio.create_task(
-            made.openai.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "next"}], max_tokens=4
+    async with running_router(
+        local_config(checkpoint, max_sequences=1, max_context_tokens=None)
+    ) as server:
+        made = make_clients(client_roots(server))
+        engine = engine_of(server)
+        try:
+            warm = await made.openai.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "warm up"}], max_tokens=2
             )
-        )
-        await asyncio.sleep(0.2)
-        assert not queued.done() and engine.stats().waiting == 1
-        await stream.close()  # the client goes away mid-generation
-        answer = await asyncio.wait_for(queued, 10)
-        assert answer.usage.completion_tokens >= 1
-        deadline = time.monotonic() + 5
-        while engine.stats().running or mx.get_active_memory() > before:
-            assert time.monotonic() < deadline, "the slot or memory was not freed"
-            await asyncio.sleep(0.01)
-        assert mx.get_active_memory() <= before  # nothing the request allocated is left
-        assert engine.stats().steps < 500  # the 5000-token stream stopped early
-    finally:
-        await made.close()
-        await server.close()
+            assert warm.choices
+            gc.collect()  # models of earlier tests' routers must not be freed during the test
+            before = mx.get_active_memory()
+            stream = await made.openai.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Tell me everything"}],
+                max_tokens=5000,
+                stream=True,
+            )
+            seen = 0
+            async for chunk in stream:
+                seen += bool(chunk.choices and chunk.choices[0].delta.content)
+                if seen == 3:
+                    break
+            queued = asyncio.create_task(
+                made.openai.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "next"}], max_tokens=4
+                )
+            )
+            await asyncio.sleep(0.2)
+            assert not queued.done() and engine.stats().waiting == 1
+            await stream.close()  # the client goes away mid-generation
+            answer = await asyncio.wait_for(queued, 10)
+            assert answer.usage.completion_tokens >= 1
+            deadline = time.monotonic() + 5
+            while engine.stats().running or mx.get_active_memory() > before:
+                assert time.monotonic() < deadline, "the slot or memory was not freed"
+                await asyncio.sleep(0.01)
+            assert mx.get_active_memory() <= before  # nothing the request allocated is left
+            assert engine.stats().steps < 500  # the 5000-token stream stopped early
+        finally:
+            await made.close()
 
 
 async def test_random_weights_say_so_in_every_model_name(checkpoint, monkeypatch):
@@ -435,20 +421,19 @@ async def test_random_weights_say_so_in_every_model_name(checkpoint, monkeypatch
             "models": {"smolvlm2-256m": [{"provider": "local", "model": "smolvlm2-256m"}]},
         }
     )
-    server = await start_router(cfg)
-    made = make_clients(roots(server))
-    try:
-        r = await made.openai.chat.completions.create(
-            model="smolvlm2-256m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
-        )
-        assert r.model == "smolvlm2-256m-RANDOM-WEIGHTS"
-        m = await made.anthropic.messages.create(
-            model="smolvlm2-256m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
-        )
-        assert m.model == "smolvlm2-256m-RANDOM-WEIGHTS"
-    finally:
-        await made.close()
-        await server.close()
+    async with running_router(cfg) as server:
+        made = make_clients(client_roots(server))
+        try:
+            r = await made.openai.chat.completions.create(
+                model="smolvlm2-256m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+            assert r.model == "smolvlm2-256m-RANDOM-WEIGHTS"
+            m = await made.anthropic.messages.create(
+                model="smolvlm2-256m", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+            assert m.model == "smolvlm2-256m-RANDOM-WEIGHTS"
+        finally:
+            await made.close()
 
 
 def test_default_config_serves_the_local_model_and_keyed_clouds(monkeypatch):

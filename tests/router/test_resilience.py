@@ -19,7 +19,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from router import ir
-from router.app import create_app
 from router.attempts import open_stream as _open_stream
 from router.config import Config, LimitsConfig, ProviderConfig
 from router.keys import KEY_POOLS, KeyPool
@@ -137,9 +136,9 @@ def make_cfg(
 
 
 @pytest_asyncio.fixture
-async def start(aiohttp_client, ups):
+async def start(router_client, ups):
     async def started(**kwargs: object) -> TestClient:
-        return await aiohttp_client(create_app(make_cfg(ups, **kwargs)))
+        return await router_client(make_cfg(ups, **kwargs))
 
     return started
 
