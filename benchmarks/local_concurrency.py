@@ -36,11 +36,11 @@ import mlx_smolvlm
 import mlx.core as mx
 from PIL import Image
 
+from benchmarks import RESULTS
 from mlx_smolvlm.engine import Engine, EngineConfig, SamplingParams
 from mlx_smolvlm.load import load
 from mlx_smolvlm.random_weights import random_checkpoint
 
-RESULTS = Path(__file__).parent / "results"
 CONCURRENCY = (1, 2, 4, 8)
 QUESTIONS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",

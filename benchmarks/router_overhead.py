@@ -60,6 +60,7 @@ from pathlib import Path
 
 import aiohttp
 
+from benchmarks import RESULTS
 from benchmarks.charts import draw
 from benchmarks.fake_provider import FakeConfig
 from benchmarks.gateways import (
@@ -85,7 +86,6 @@ from benchmarks.soak import SoakOptions, run_soak
 
 logger = logging.getLogger(__name__)
 
-RESULTS = Path(__file__).parent / "results"
 SYSTEMS = ("router", "litellm")
 
 

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import RESULTS
 from benchmarks.peers import run_mlx_vlm, run_transformers
 from benchmarks.workloads import (
     WORKLOADS,
@@ -101,7 +102,7 @@ class BenchConfig:
     precisions: tuple[str, ...] = ("fp32",)
     peers: tuple[str, ...] = PEERS
     workloads: tuple[str, ...] = ("a", "b", "c")
-    out: str = "benchmarks/results"
+    out: str = str(RESULTS)
     timeout_s: float = 600.0
     default_timeout_s: float | None = None
     max_tokens: int | None = None
@@ -607,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated; '' for none")
     parser.add_argument("--workloads", default="a,b,c", help="comma-separated: a, b, c")
-    parser.add_argument("--out", default="benchmarks/results", help="output directory")
+    parser.add_argument("--out", default=str(RESULTS), help="output directory")
     parser.add_argument(
         "--timeout", type=float, default=600.0, help="seconds per system and workload"
     )
