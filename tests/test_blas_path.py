@@ -30,10 +30,16 @@ before = gemv_shim_calls()
 out = mx.array(a) @ mx.array(b)
 mx.eval(out)
 after = gemv_shim_calls()
+equal = np.allclose(np.array(out), a @ b, rtol=1e-5, atol=1e-5)
+# The other products libmlx.so imports (cblas_dgemm, cblas_cgemm) also reach a prefixed BLAS.
+for dtype in (np.float64, np.complex64):
+    x, y = (rng.standard_normal(s).astype(dtype) * (1 + 1j if dtype == np.complex64 else 1)
+            for s in ((20, 30), (30, 10)))
+    got = np.array(mx.matmul(mx.array(x), mx.array(y), stream=mx.cpu))
+    equal = equal and np.allclose(got, x @ y, rtol=1e-4, atol=1e-4)
 blas = active_blas()
 print(json.dumps({
-    "library": blas.library, "shim": blas.shim,
-    "equal": bool(np.allclose(np.array(out), a @ b, rtol=1e-5, atol=1e-5)),
+    "library": blas.library, "shim": blas.shim, "equal": bool(equal),
     "shim_used": before is not None and after > before,
 }))
 """
