@@ -7,9 +7,15 @@
  * library is loaded with global symbol visibility before libmlx.so, so MLX's cblas_sgemm
  * resolves here; everything else (and every true matrix-matrix product) goes to the BLAS given
  * to mlx_smolvlm_blas_shim_init.
+ *
+ * That BLAS may name its functions with a prefix (PyPI's scipy-openblas32 exports
+ * scipy_cblas_sgemm, so that it never clashes with another BLAS): then this library is the only
+ * way MLX reaches it, and it also forwards the other BLAS functions libmlx.so imports
+ * (cblas_dgemm, cblas_cgemm).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <stdio.h>
 #include <string.h>
 #include <pthread.h>
 #include <sched.h>
@@ -229,26 +235,46 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
                          int, float, float *, int);
 typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const float *, int,
                          float, float *, int);
+typedef void (*dgemm_fn)(int, int, int, int, int, int, double, const double *, int,
+                         const double *, int, double, double *, int);
+/* Complex: alpha and beta are passed by pointer. */
+typedef void (*cgemm_fn)(int, int, int, int, int, int, const void *, const void *, int,
+                         const void *, int, const void *, void *, int);
 
 static sgemm_fn real_sgemm;
 static sgemv_fn real_sgemv;
+static dgemm_fn real_dgemm;
+static cgemm_fn real_cgemm;
 static long gemv_calls;
 
 /* Without an init call, bind to the next definitions after this library. */
 static void bind_next(void) {
   real_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
   real_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "cblas_sgemv");
+  real_dgemm = (dgemm_fn)dlsym(RTLD_NEXT, "cblas_dgemm");
+  real_cgemm = (cgemm_fn)dlsym(RTLD_NEXT, "cblas_cgemm");
 }
 
-/* Bind to the BLAS at `path` (already loaded or not). Returns 0 on success. */
-int mlx_smolvlm_blas_shim_init(const char *path) {
+static void *lookup(void *handle, const char *prefix, const char *name) {
+  char full[128];
+  if (snprintf(full, sizeof(full), "%s%s", prefix, name) >= (int)sizeof(full)) return NULL;
+  return dlsym(handle, full);
+}
+
+/* Bind to the BLAS at `path` (already loaded or not), whose functions are named `prefix` +
+ * the CBLAS name ("" for most builds, "scipy_" for scipy-openblas32). Returns 0 on success. */
+int mlx_smolvlm_blas_shim_init(const char *path, const char *prefix) {
   void *handle = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
   if (!handle) return 1;
-  sgemm_fn gemm = (sgemm_fn)dlsym(handle, "cblas_sgemm");
-  sgemv_fn gemv = (sgemv_fn)dlsym(handle, "cblas_sgemv");
-  if (!gemm || !gemv) return 2;
-  real_sgemm = gemm;
-  real_sgemv = gemv;
+  sgemm_fn sgemm = (sgemm_fn)lookup(handle, prefix, "cblas_sgemm");
+  sgemv_fn sgemv = (sgemv_fn)lookup(handle, prefix, "cblas_sgemv");
+  dgemm_fn dgemm = (dgemm_fn)lookup(handle, prefix, "cblas_dgemm");
+  cgemm_fn cgemm = (cgemm_fn)lookup(handle, prefix, "cblas_cgemm");
+  if (!sgemm || !sgemv || !dgemm || !cgemm) return 2;
+  real_sgemm = sgemm;
+  real_sgemv = sgemv;
+  real_dgemm = dgemm;
+  real_cgemm = cgemm;
   return 0;
 }
 
@@ -302,4 +328,19 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int M, int N, int K, float
     return;
   }
   real_sgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+/* The other products libmlx.so imports go to the BLAS unchanged. */
+void cblas_dgemm(int order, int trans_a, int trans_b, int M, int N, int K, double alpha,
+                 const double *A, int lda, const double *B, int ldb, double beta, double *C,
+                 int ldc) {
+  if (!real_dgemm) bind_next();
+  real_dgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void cblas_cgemm(int order, int trans_a, int trans_b, int M, int N, int K, const void *alpha,
+                 const void *A, int lda, const void *B, int ldb, const void *beta, void *C,
+                 int ldc) {
+  if (!real_cgemm) bind_next();
+  real_cgemm(order, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }

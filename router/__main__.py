@@ -219,6 +219,8 @@ async def _serve(cfg: Config, loader: Callable[[], Config] | None) -> None:
         logger.info(
             "serving %s on http://%s:%d", ", ".join(cfg.models), cfg.listen.host, cfg.listen.port
         )
+        if (blas := sys.modules.get("mlx_smolvlm.blas")) is not None:  # a local model was loaded
+            logger.info("local model %s", blas.active_blas().describe())
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload_on_signal, app)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +26,7 @@ from router.errors import RateLimitError, UpstreamError
 from router.keys import ACTIVE, COOLING, DISABLED, PARKED, KeyPool, Verdict
 from router.keys.redis_store import SharedKeyState, shared_id
 from router.logs import Redactor, secrets_of
+from tests.redis_server import redis_server_or_skip
 from tests.router.fakes import TEXT_ANSWER
 from tests.router.helpers import RouterProcess, make_config
 from tests.router.test_resilience import CountingOpenAI
@@ -34,7 +34,6 @@ from tests.router.test_resilience import CountingOpenAI
 module_loop = pytest.mark.asyncio(loop_scope="module")
 logger = logging.getLogger(__name__)
 
-REDIS_SERVER = "/usr/bin/redis-server"
 ADMIN_KEY = "shared-admin-key-0001"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 KEYS = [f"sk-shared-key-{i}{i}{i}{i}" for i in range(6)]
@@ -52,9 +51,7 @@ class RedisServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        if shutil.which(REDIS_SERVER) is None:
-            pytest.fail(f"{REDIS_SERVER} is missing: install redis-server (apt-get install redis)")
-        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1"]
+        args = [redis_server_or_skip(), "--port", str(self.port), "--bind", "127.0.0.1"]
         args += ["--save", "", "--appendonly", "no", "--dir", str(self.folder)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
