@@ -348,17 +348,9 @@ class OpenAIChatClient(ClientFormat):
         """See `ClientFormat.parse_call`."""
         return ClientCall(parse_request(body))
 
-    def render_response(self, response: ir.Response, request: ir.Request) -> dict:
-        """See `ClientFormat.render_response`."""
-        return render_response(response, request)
-
-    def stream_renderer(self, request: ir.Request) -> StreamRenderer:
-        """See `ClientFormat.stream_renderer`."""
-        return StreamRenderer(request)
-
-    def render_error(self, err: GatewayError) -> tuple[int, dict]:
-        """See `ClientFormat.render_error`."""
-        return render_error(err)
+    render_response = staticmethod(render_response)
+    stream_renderer = staticmethod(StreamRenderer)
+    render_error = staticmethod(render_error)
 
     def render_model(self, name: str) -> dict:
         """See `ClientFormat.render_model`."""

@@ -599,10 +599,5 @@ class OpenAIResponsesClient(OpenAIChatClient):
         """See `ClientFormat.parse_call`."""
         return ClientCall(parse_request(body))
 
-    def render_response(self, response: ir.Response, request: ir.Request) -> dict:
-        """See `ClientFormat.render_response`."""
-        return render_response(response, request)
-
-    def stream_renderer(self, request: ir.Request) -> StreamRenderer:
-        """See `ClientFormat.stream_renderer`."""
-        return StreamRenderer(request)
+    render_response = staticmethod(render_response)
+    stream_renderer = staticmethod(StreamRenderer)
