@@ -173,11 +173,7 @@ class HTTPProvider(BaseProvider):
             GatewayError: Mapped from the upstream status, a transport error or bad JSON.
         """
         try:
-            async with self.session.post(
-                url, json=body, headers=self._all_headers(key, headers), timeout=self._timeout
-            ) as resp:
-                if resp.status >= 400:
-                    raise await self._status_error(resp)
+            async with self._post(url, body, key, headers) as resp:
                 received = _lower_case(resp.headers)
                 text = await resp.text()
         except asyncio.TimeoutError as err:
@@ -211,11 +207,7 @@ class HTTPProvider(BaseProvider):
             GatewayError: Mapped from the upstream status or a transport error.
         """
         try:
-            async with self.session.post(
-                url, json=body, headers=self._all_headers(key, headers), timeout=self._timeout
-            ) as resp:
-                if resp.status >= 400:
-                    raise await self._status_error(resp)
+            async with self._post(url, body, key, headers) as resp:
                 received = _lower_case(resp.headers)
                 async with aclosing(_decode_sse(resp)) as events:
                     try:
@@ -229,8 +221,18 @@ class HTTPProvider(BaseProvider):
         except aiohttp.ClientError as err:
             raise UpstreamError(f"{self.config.name}: upstream stream failed: {err}") from err
 
-    def _all_headers(self, key: str | None, extra: dict[str, str] | None) -> dict[str, str]:
-        return {**self.config.headers, **(extra or {}), **self.headers(key)}
+    @asynccontextmanager
+    async def _post(
+        self, url: str, body: dict, key: str | None, headers: dict[str, str] | None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST a JSON body; an error status raises before the answer is read."""
+        all_headers = {**self.config.headers, **(headers or {}), **self.headers(key)}
+        async with self.session.post(
+            url, json=body, headers=all_headers, timeout=self._timeout
+        ) as resp:
+            if resp.status >= 400:
+                raise await self._status_error(resp)
+            yield resp
 
     async def _status_error(self, resp: aiohttp.ClientResponse) -> GatewayError:
         raw = await resp.content.read(_ERROR_BODY_LIMIT)
