@@ -185,6 +185,20 @@ class HTTPProvider(BaseProvider):
         except json.JSONDecodeError as err:
             raise UpstreamError(f"{self.config.name}: upstream sent invalid JSON") from err
 
+    async def post_for_response(
+        self, url: str, body: dict, key: str | None, headers: dict[str, str] | None = None
+    ) -> ir.Response:
+        """`post_json`, with the answer parsed by the upstream format into an `ir.Response`
+        that carries the answer's headers.
+
+        Raises:
+            GatewayError: As `post_json`, and a 502 for a malformed answer.
+        """
+        answer, received = await self.post_json(url, body, key, headers)
+        response = self.upstream_data(self.wire.parse_response, answer)
+        response.upstream_headers = received
+        return response
+
     @asynccontextmanager
     async def open_sse(
         self, url: str, body: dict, key: str | None, headers: dict[str, str] | None = None

@@ -31,12 +31,8 @@ class Provider(HTTPProvider):
 
     async def complete(self, request: ir.Request, key: str | None) -> ir.Response:
         """See `BaseProvider.complete`."""
-        body, headers = await self.post_json(
-            self._url(request.model, "generateContent"), await self._body(request), key
-        )
-        response = self.upstream_data(self.wire.parse_response, body)
-        response.upstream_headers = headers
-        return response
+        url = self._url(request.model, "generateContent")
+        return await self.post_for_response(url, await self._body(request), key)
 
     async def stream(self, request: ir.Request, key: str | None) -> AsyncIterator[ir.StreamEvent]:
         """See `BaseProvider.stream`."""
