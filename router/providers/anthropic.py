@@ -49,12 +49,7 @@ class Provider(HTTPProvider):
                 yield item
 
     async def count_tokens(self, request: ir.Request, key: str | None) -> ir.TokenCount:
-        """Ask ``/v1/messages/count_tokens``.
-
-        Args:
-            request: The IR request.
-            key: The API key.
-        """
+        """See `BaseProvider.count_tokens`; asks ``/v1/messages/count_tokens``."""
         body = self._body(request)
         body = {k: v for k, v in body.items() if k in _COUNT_FIELDS}
         url = f"{self.config.base_url}/v1/messages/count_tokens"

@@ -47,12 +47,8 @@ class Provider(HTTPProvider):
                 yield item
 
     async def count_tokens(self, request: ir.Request, key: str | None) -> ir.TokenCount:
-        """Ask ``:countTokens`` with the full request (system prompt and tools included).
-
-        Args:
-            request: The IR request.
-            key: The API key.
-        """
+        """See `BaseProvider.count_tokens`; asks ``:countTokens`` with the full request (system
+        prompt and tools included)."""
         inner = {"model": f"models/{request.model}", **(await self._body(request))}
         answer, headers = await self.post_json(
             self._url(request.model, "countTokens"), {"generateContentRequest": inner}, key
