@@ -83,14 +83,20 @@ def parse_request(body: dict) -> ir.Request:
         presence_penalty=field(body, "presence_penalty", float, ""),
         frequency_penalty=field(body, "frequency_penalty", float, ""),
         response_format=_parse_response_format(field(body, "response_format", dict, "")),
-        reasoning=_parse_effort(effort),
+        reasoning=parse_effort(effort),
         stream=bool(field(body, "stream", bool, "")),
         include_usage=bool(field(options, "include_usage", bool, "stream_options")),
         user=field(body, "user", str, ""),
     )
 
 
-def _parse_effort(effort: str | None) -> ir.Reasoning | None:
+def parse_effort(effort: str | None) -> ir.Reasoning | None:
+    """Read an OpenAI reasoning effort (Chat's ``reasoning_effort``, Responses'
+    ``reasoning.effort``); ``none`` turns reasoning off.
+
+    Args:
+        effort: The effort, or None when the request names none.
+    """
     if effort is None:
         return None
     return ir.Reasoning(enabled=effort != "none", effort=effort)

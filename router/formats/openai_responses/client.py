@@ -18,7 +18,7 @@ from ...errors import GatewayError, InvalidRequestError
 from ...sse import SSEEvent
 from ..base import ClientCall
 from ..fields import append_tool_result, dump_json, field, new_id, objects, parse_data_url
-from ..openai.client import OpenAIChatClient
+from ..openai.client import OpenAIChatClient, parse_effort
 from ..openai.client import render_error as _render_openai_error
 
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
@@ -66,7 +66,7 @@ def parse_request(body: dict) -> ir.Request:
         temperature=field(body, "temperature", float, ""),
         top_p=field(body, "top_p", float, ""),
         response_format=_parse_format(field(text, "format", dict, "text")),
-        reasoning=None if effort is None else ir.Reasoning(enabled=effort != "none", effort=effort),
+        reasoning=parse_effort(effort),
         stream=bool(field(body, "stream", bool, "")),
         include_usage=True,
         user=field(body, "user", str, ""),
