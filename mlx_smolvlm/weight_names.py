@@ -20,15 +20,18 @@ HF_UNPREFIXED = "lm_head"
 EXPORT_TEXT_MODEL = "language_model"
 # Our module paths <-> the exported names, most specific first.
 _TO_EXPORT = (("lm_head", "language_model.lm_head"), ("text_model", EXPORT_TEXT_MODEL))
+_FROM_EXPORT = tuple((theirs, ours) for ours, theirs in _TO_EXPORT)
 
 T = TypeVar("T")
 
 
-def _replace_root(path: str, old: str, new: str) -> str | None:
-    """``path`` with its leading module ``old`` replaced by ``new``, or None if it has none."""
-    if path == old or path.startswith(old + "."):
-        return new + path[len(old) :]
-    return None
+def _rename_root(path: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """``path`` with its leading module renamed by the first ``(old, new)`` pair that matches
+    it, or unchanged if none does."""
+    for old, new in renames:
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old) :]
+    return path
 
 
 def to_export_path(path: str) -> str:
@@ -37,11 +40,7 @@ def to_export_path(path: str) -> str:
     Args:
         path: E.g. ``text_model.layers.0.mlp.down_proj`` or ``lm_head.weight``.
     """
-    for ours, theirs in _TO_EXPORT:
-        renamed = _replace_root(path, ours, theirs)
-        if renamed is not None:
-            return renamed
-    return path
+    return _rename_root(path, _TO_EXPORT)
 
 
 def from_export_path(path: str) -> str:
@@ -50,11 +49,7 @@ def from_export_path(path: str) -> str:
     Args:
         path: An exported name such as ``language_model.lm_head``.
     """
-    for ours, theirs in _TO_EXPORT:
-        renamed = _replace_root(path, theirs, ours)
-        if renamed is not None:
-            return renamed
-    return path
+    return _rename_root(path, _FROM_EXPORT)
 
 
 def to_hf_path(path: str) -> str:

@@ -4,7 +4,10 @@ A `ClientFormat` is what a client speaks to the router: it reads the client's HT
 into a `ClientCall` and renders the router's answers (responses, streams, errors, token counts
 and model listings) in the client's wire shape. An `UpstreamFormat` is what the router speaks
 to a provider: it renders IR requests and parses the provider's responses, streams and errors.
-Both translate only through the IR (`router.ir`); `router.formats.registry` finds them.
+Both translate only through the IR (`router.ir`); `router.formats.registry` finds them. A
+format's class binds its module's functions where they fit the contract as they are
+(``render_response = staticmethod(render_response)``) and writes a method only where it adds
+something (a path, a header, a flag).
 """
 
 from __future__ import annotations

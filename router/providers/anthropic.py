@@ -29,10 +29,7 @@ class Provider(HTTPProvider):
     async def complete(self, request: ir.Request, key: str | None) -> ir.Response:
         """See `BaseProvider.complete`."""
         url = f"{self.config.base_url}/v1/messages"
-        body, headers = await self.post_json(url, self._body(request), key, _beta(request))
-        response = self.upstream_data(self.wire.parse_response, body)
-        response.upstream_headers = headers
-        return response
+        return await self.post_for_response(url, self._body(request), key, _beta(request))
 
     async def stream(self, request: ir.Request, key: str | None) -> AsyncIterator[ir.StreamEvent]:
         """See `BaseProvider.stream`; an ``error`` event inside the 200 stream is raised."""
@@ -52,12 +49,7 @@ class Provider(HTTPProvider):
                 yield item
 
     async def count_tokens(self, request: ir.Request, key: str | None) -> ir.TokenCount:
-        """Ask ``/v1/messages/count_tokens``.
-
-        Args:
-            request: The IR request.
-            key: The API key.
-        """
+        """See `BaseProvider.count_tokens`; asks ``/v1/messages/count_tokens``."""
         body = self._body(request)
         body = {k: v for k, v in body.items() if k in _COUNT_FIELDS}
         url = f"{self.config.base_url}/v1/messages/count_tokens"

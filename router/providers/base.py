@@ -173,11 +173,7 @@ class HTTPProvider(BaseProvider):
             GatewayError: Mapped from the upstream status, a transport error or bad JSON.
         """
         try:
-            async with self.session.post(
-                url, json=body, headers=self._all_headers(key, headers), timeout=self._timeout
-            ) as resp:
-                if resp.status >= 400:
-                    raise await self._status_error(resp)
+            async with self._post(url, body, key, headers) as resp:
                 received = _lower_case(resp.headers)
                 text = await resp.text()
         except asyncio.TimeoutError as err:
@@ -188,6 +184,20 @@ class HTTPProvider(BaseProvider):
             return json.loads(text), received
         except json.JSONDecodeError as err:
             raise UpstreamError(f"{self.config.name}: upstream sent invalid JSON") from err
+
+    async def post_for_response(
+        self, url: str, body: dict, key: str | None, headers: dict[str, str] | None = None
+    ) -> ir.Response:
+        """`post_json`, with the answer parsed by the upstream format into an `ir.Response`
+        that carries the answer's headers.
+
+        Raises:
+            GatewayError: As `post_json`, and a 502 for a malformed answer.
+        """
+        answer, received = await self.post_json(url, body, key, headers)
+        response = self.upstream_data(self.wire.parse_response, answer)
+        response.upstream_headers = received
+        return response
 
     @asynccontextmanager
     async def open_sse(
@@ -211,11 +221,7 @@ class HTTPProvider(BaseProvider):
             GatewayError: Mapped from the upstream status or a transport error.
         """
         try:
-            async with self.session.post(
-                url, json=body, headers=self._all_headers(key, headers), timeout=self._timeout
-            ) as resp:
-                if resp.status >= 400:
-                    raise await self._status_error(resp)
+            async with self._post(url, body, key, headers) as resp:
                 received = _lower_case(resp.headers)
                 async with aclosing(_decode_sse(resp)) as events:
                     try:
@@ -229,8 +235,18 @@ class HTTPProvider(BaseProvider):
         except aiohttp.ClientError as err:
             raise UpstreamError(f"{self.config.name}: upstream stream failed: {err}") from err
 
-    def _all_headers(self, key: str | None, extra: dict[str, str] | None) -> dict[str, str]:
-        return {**self.config.headers, **(extra or {}), **self.headers(key)}
+    @asynccontextmanager
+    async def _post(
+        self, url: str, body: dict, key: str | None, headers: dict[str, str] | None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST a JSON body; an error status raises before the answer is read."""
+        all_headers = {**self.config.headers, **(headers or {}), **self.headers(key)}
+        async with self.session.post(
+            url, json=body, headers=all_headers, timeout=self._timeout
+        ) as resp:
+            if resp.status >= 400:
+                raise await self._status_error(resp)
+            yield resp
 
     async def _status_error(self, resp: aiohttp.ClientResponse) -> GatewayError:
         raw = await resp.content.read(_ERROR_BODY_LIMIT)

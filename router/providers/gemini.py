@@ -31,12 +31,8 @@ class Provider(HTTPProvider):
 
     async def complete(self, request: ir.Request, key: str | None) -> ir.Response:
         """See `BaseProvider.complete`."""
-        body, headers = await self.post_json(
-            self._url(request.model, "generateContent"), await self._body(request), key
-        )
-        response = self.upstream_data(self.wire.parse_response, body)
-        response.upstream_headers = headers
-        return response
+        url = self._url(request.model, "generateContent")
+        return await self.post_for_response(url, await self._body(request), key)
 
     async def stream(self, request: ir.Request, key: str | None) -> AsyncIterator[ir.StreamEvent]:
         """See `BaseProvider.stream`."""
@@ -51,12 +47,8 @@ class Provider(HTTPProvider):
                 yield item
 
     async def count_tokens(self, request: ir.Request, key: str | None) -> ir.TokenCount:
-        """Ask ``:countTokens`` with the full request (system prompt and tools included).
-
-        Args:
-            request: The IR request.
-            key: The API key.
-        """
+        """See `BaseProvider.count_tokens`; asks ``:countTokens`` with the full request (system
+        prompt and tools included)."""
         inner = {"model": f"models/{request.model}", **(await self._body(request))}
         answer, headers = await self.post_json(
             self._url(request.model, "countTokens"), {"generateContentRequest": inner}, key

@@ -26,10 +26,7 @@ class Provider(HTTPProvider):
     async def complete(self, request: ir.Request, key: str | None) -> ir.Response:
         """See `BaseProvider.complete`."""
         url = f"{self.config.base_url}/chat/completions"
-        body, headers = await self.post_json(url, self._body(request), key)
-        response = self.upstream_data(self.wire.parse_response, body)
-        response.upstream_headers = headers
-        return response
+        return await self.post_for_response(url, self._body(request), key)
 
     async def stream(self, request: ir.Request, key: str | None) -> AsyncIterator[ir.StreamEvent]:
         """See `BaseProvider.stream`; an ``{"error": ...}`` chunk inside the 200 stream is

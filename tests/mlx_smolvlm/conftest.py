@@ -42,7 +42,18 @@ def hf_config(
     image_size: int = 64,
     tie: bool = False,
 ) -> SmolVLMConfig | Idefics3Config:
-    """A tiny transformers config (hidden sizes 64 text / 32 vision, 2 layers each)."""
+    """A tiny transformers config (hidden sizes 64 text / 32 vision, 2 layers each).
+
+    Args:
+        model_type: ``smolvlm`` or ``idefics3`` (picks the transformers classes).
+        text_heads: Decoder attention heads.
+        kv_heads: Decoder key/value heads (equal to ``text_heads`` for MHA).
+        head_dim: Explicit decoder head size (default 64 // text_heads).
+        scale_factor: Pixel-shuffle factor; must divide ``image_size // patch_size``.
+        patch_size: Vision patch size.
+        image_size: Vision tile size.
+        tie: Root ``tie_word_embeddings`` (no ``lm_head.weight`` is saved).
+    """
     config_cls, _ = HF_CLASSES[model_type]
     text = dict(
         model_type="llama",
@@ -101,49 +112,26 @@ def _write_processor_files(path: Path, image_size: int, image_seq_len: int) -> N
 def build_hf_checkpoint(
     path: Path,
     *,
-    model_type: str = "smolvlm",
-    text_heads: int = 4,
-    kv_heads: int = 2,
-    head_dim: int | None = None,
-    scale_factor: int = 2,
-    patch_size: int = 16,
-    image_size: int = 64,
-    tie: bool = False,
     sharded: bool = False,
     rope_in_parameters: bool = False,
     seed: int = 0,
+    **config_options: object,
 ) -> Path:
     """Write a tiny random fp32 checkpoint with transformers' ``save_pretrained``.
 
     Args:
         path: Output directory.
-        model_type: ``smolvlm`` or ``idefics3`` (picks the transformers classes).
-        text_heads: Decoder attention heads.
-        kv_heads: Decoder key/value heads (equal to ``text_heads`` for MHA).
-        head_dim: Explicit decoder head size (default 64 // text_heads).
-        scale_factor: Pixel-shuffle factor; must divide ``image_size // patch_size``.
-        patch_size: Vision patch size.
-        image_size: Vision tile size.
-        tie: Root ``tie_word_embeddings`` (no ``lm_head.weight`` is saved).
         sharded: Save several safetensors shards plus ``model.safetensors.index.json``.
         rope_in_parameters: Keep transformers 5's ``text_config.rope_parameters``; otherwise
             rewrite config.json with a top-level ``rope_theta`` like the released checkpoints.
         seed: Weight seed.
+        **config_options: The model's shape, as `hf_config` takes it.
 
     Returns:
         ``path``.
     """
-    config = hf_config(
-        model_type=model_type,
-        text_heads=text_heads,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        scale_factor=scale_factor,
-        patch_size=patch_size,
-        image_size=image_size,
-        tie=tie,
-    )
-    _, model_cls = HF_CLASSES[model_type]
+    config = hf_config(**config_options)
+    _, model_cls = HF_CLASSES[config.model_type]
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     _randomize(model, seed)
@@ -156,7 +144,8 @@ def build_hf_checkpoint(
         rope = saved["text_config"].pop("rope_parameters")
         saved["text_config"]["rope_theta"] = rope["rope_theta"]
     config_path.write_text(json.dumps(saved, indent=2))
-    image_seq_len = (image_size // patch_size // scale_factor) ** 2
+    image_size, patch_size = config.vision_config.image_size, config.vision_config.patch_size
+    image_seq_len = (image_size // patch_size // config.scale_factor) ** 2
     _write_processor_files(path, image_size, image_seq_len)
     return path
 

@@ -7,7 +7,11 @@ import json
 import pytest
 
 from router import errors, ir
-from router.formats import anthropic, gemini, openai
+from router.formats.anthropic import client as anthropic_client
+from router.formats.anthropic import upstream as anthropic_upstream
+from router.formats.gemini import client as gemini_client
+from router.formats.gemini import upstream as gemini_upstream
+from router.formats.openai import client as openai_client
 from router.formats.openai_responses import client as openai_responses
 
 KINDS = [
@@ -66,7 +70,7 @@ KINDS = [
 
 
 @pytest.mark.parametrize("cls,oai,_a,_g", KINDS)
-@pytest.mark.parametrize("adapter", [openai, openai_responses])
+@pytest.mark.parametrize("adapter", [openai_client, openai_responses])
 def test_openai_shape(adapter, cls, oai, _a, _g):
     status, body = adapter.render_error(cls("went wrong", param="messages[1]"))
     assert status == oai[0]
@@ -77,37 +81,40 @@ def test_openai_shape(adapter, cls, oai, _a, _g):
 
 @pytest.mark.parametrize("cls,_o,anth,_g", KINDS)
 def test_anthropic_shape(cls, _o, anth, _g):
-    status, body = anthropic.render_error(cls("went wrong"))
+    status, body = anthropic_client.render_error(cls("went wrong"))
     assert status == anth[0]
     assert body == {"type": "error", "error": {"type": anth[1], "message": "went wrong"}}
 
 
 @pytest.mark.parametrize("cls,_o,_a,gem", KINDS)
 def test_gemini_shape(cls, _o, _a, gem):
-    status, body = gemini.render_error(cls("went wrong"))
+    status, body = gemini_client.render_error(cls("went wrong"))
     assert status == gem[0]
     assert body == {"error": {"code": gem[0], "message": "went wrong", "status": gem[1]}}
 
 
 def test_unknown_model_code_in_openai_format():
-    _, body = openai.render_error(errors.NotFoundError("no model", param="model"))
+    _, body = openai_client.render_error(errors.NotFoundError("no model", param="model"))
     assert body["error"]["code"] == "model_not_found"
 
 
 @pytest.mark.parametrize(
     "adapter,expect",
     [
-        (openai, lambda d: d["error"]["type"] == "rate_limit_error"),
+        (openai_client, lambda d: d["error"]["type"] == "rate_limit_error"),
         (openai_responses, lambda d: d["type"] == "error" and d["code"] == "rate_limit_exceeded"),
-        (anthropic, lambda d: d["type"] == "error" and d["error"]["type"] == "rate_limit_error"),
-        (gemini, lambda d: d["error"]["status"] == "RESOURCE_EXHAUSTED"),
+        (
+            anthropic_client,
+            lambda d: d["type"] == "error" and d["error"]["type"] == "rate_limit_error",
+        ),
+        (gemini_client, lambda d: d["error"]["status"] == "RESOURCE_EXHAUSTED"),
     ],
 )
 def test_in_stream_error_event_per_format(adapter, expect):
     renderer = adapter.StreamRenderer(ir.Request(model="m", messages=[]))
     event, *rest = renderer.render_error(errors.RateLimitError("slow"))
     assert expect(json.loads(event.data))
-    if adapter is anthropic:
+    if adapter is anthropic_client:
         assert event.event == "error"
     if adapter is openai_responses:
         # OpenAI ends a failed Responses stream with the terminal response.failed.
@@ -147,14 +154,14 @@ def test_upstream_status_table(status, cls, retryable):
 
 
 def test_anthropic_error_objects_map_by_type():
-    err = anthropic.parse_error(
+    err = anthropic_upstream.parse_error(
         {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, 500
     )
     assert isinstance(err, errors.OverloadedError) and "Overloaded" in err.message
 
 
 def test_gemini_error_objects_map_by_code():
-    err = gemini.parse_error(
+    err = gemini_upstream.parse_error(
         {"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED"}}, 500
     )
     assert isinstance(err, errors.RateLimitError)

@@ -8,9 +8,8 @@ import json
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer, make_mocked_request
+from aiohttp.test_utils import make_mocked_request
 
-from router.app import create_app
 from router.config import Config, ProviderConfig
 from router.formats.anthropic.upstream import AnthropicUpstream
 from router.formats.base import ClientFormat, UpstreamFormat
@@ -88,29 +87,32 @@ async def _used_up_stream(request: web.Request) -> web.StreamResponse:
     return out
 
 
-async def test_a_streams_used_up_limit_rests_the_key(aiohttp_client):
+async def serve_upstream(aiohttp_server, route: str, handler) -> str:
+    """A loopback upstream that answers ``POST route`` with ``handler``; returns its root URL."""
     upstream = web.Application()
-    upstream.router.add_post("/v1/chat/completions", _used_up_stream)
-    server = TestServer(upstream, host="127.0.0.1")
-    await server.start_server()
-    try:
-        provider = {
-            "type": "openai",
-            "base_url": str(server.make_url("/v1")),
-            "keys": ["sk-stream-000", "sk-stream-111"],
-        }
-        cfg = Config.from_dict(
-            {"providers": {"oai": provider}, "models": {"m": [{"provider": "oai", "model": "up"}]}}
-        )
-        client = await aiohttp_client(create_app(cfg))
-        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-        async with client.post("/v1/chat/completions", json=body) as resp:
-            assert resp.status == 200
-            assert b"[DONE]" in await resp.read()
-        [first, second] = client.server.app[KEY_POOLS]["oai"].snapshot()
-        assert first["state"] == "cooling" and second["state"] == "active"
-    finally:
-        await server.close()
+    upstream.router.add_post(route, handler)
+    server = await aiohttp_server(upstream)
+    return str(server.make_url("")).rstrip("/")
+
+
+def one_provider_config(name: str, provider: dict) -> Config:
+    """A router whose model ``m`` is the provider's model ``up``."""
+    return Config.from_dict(
+        {"providers": {name: provider}, "models": {"m": [{"provider": name, "model": "up"}]}}
+    )
+
+
+async def test_a_streams_used_up_limit_rests_the_key(aiohttp_server, router_client):
+    root = await serve_upstream(aiohttp_server, "/v1/chat/completions", _used_up_stream)
+    keys = ["sk-stream-000", "sk-stream-111"]
+    provider = {"type": "openai", "base_url": f"{root}/v1", "keys": keys}
+    client = await router_client(one_provider_config("oai", provider))
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with client.post("/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+        assert b"[DONE]" in await resp.read()
+    [first, second] = client.server.app[KEY_POOLS]["oai"].snapshot()
+    assert first["state"] == "cooling" and second["state"] == "active"
 
 
 async def _used_up_count(request: web.Request) -> web.Response:
@@ -122,26 +124,14 @@ async def _used_up_count(request: web.Request) -> web.Response:
     return web.json_response({"input_tokens": 7}, headers=headers)
 
 
-async def test_a_token_counts_used_up_limit_rests_the_key(aiohttp_client):
-    upstream = web.Application()
-    upstream.router.add_post("/v1/messages/count_tokens", _used_up_count)
-    server = TestServer(upstream, host="127.0.0.1")
-    await server.start_server()
-    try:
-        provider = {
-            "type": "anthropic",
-            "base_url": str(server.make_url("")).rstrip("/"),
-            "keys": ["sk-ant-count-000", "sk-ant-count-111"],
-        }
-        cfg = Config.from_dict(
-            {"providers": {"ant": provider}, "models": {"m": [{"provider": "ant", "model": "up"}]}}
-        )
-        client = await aiohttp_client(create_app(cfg))
-        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-        async with client.post("/v1/messages/count_tokens", json=body) as resp:
-            assert resp.status == 200
-            assert (await resp.json()) == {"input_tokens": 7}
-        [first, second] = client.server.app[KEY_POOLS]["ant"].snapshot()
-        assert first["state"] == "cooling" and second["state"] == "active"
-    finally:
-        await server.close()
+async def test_a_token_counts_used_up_limit_rests_the_key(aiohttp_server, router_client):
+    root = await serve_upstream(aiohttp_server, "/v1/messages/count_tokens", _used_up_count)
+    keys = ["sk-ant-count-000", "sk-ant-count-111"]
+    provider = {"type": "anthropic", "base_url": root, "keys": keys}
+    client = await router_client(one_provider_config("ant", provider))
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with client.post("/v1/messages/count_tokens", json=body) as resp:
+        assert resp.status == 200
+        assert (await resp.json()) == {"input_tokens": 7}
+    [first, second] = client.server.app[KEY_POOLS]["ant"].snapshot()
+    assert first["state"] == "cooling" and second["state"] == "active"

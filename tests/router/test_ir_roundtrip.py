@@ -10,8 +10,14 @@ import pytest
 
 from router import ir
 from router.errors import UpstreamError
-from router.formats import anthropic, gemini, openai
+from router.formats.anthropic import client as anthropic_client
+from router.formats.anthropic import content as anthropic_content
+from router.formats.anthropic import upstream as anthropic_upstream
+from router.formats.gemini import client as gemini_client
+from router.formats.gemini import upstream as gemini_upstream
 from router.formats.gemini.schema import to_gemini_schema as clean_schema
+from router.formats.openai import client as openai_client
+from router.formats.openai import upstream as openai_upstream
 from router.formats.openai_responses import client as openai_responses
 
 PNG = "iVBORw0KGgo="
@@ -184,12 +190,12 @@ OPENAI_STREAM = [
 
 
 def test_openai_request_round_trip():
-    request = openai.parse_request(copy.deepcopy(OPENAI_REQUEST))
-    assert openai.render_request(request, compatible=True) == OPENAI_REQUEST
+    request = openai_client.parse_request(copy.deepcopy(OPENAI_REQUEST))
+    assert openai_upstream.render_request(request, compatible=True) == OPENAI_REQUEST
 
 
 def test_openai_request_ir_shape():
-    request = openai.parse_request(copy.deepcopy(OPENAI_REQUEST))
+    request = openai_client.parse_request(copy.deepcopy(OPENAI_REQUEST))
     roles = [m.role for m in request.messages]
     # Two tool messages fold into one user turn; the mid-conversation system stays in place.
     assert roles == ["system", "system", "user", "assistant", "user", "system", "user"]
@@ -200,8 +206,8 @@ def test_openai_request_ir_shape():
 
 
 def test_openai_request_for_api_openai_com():
-    request = openai.parse_request(copy.deepcopy(OPENAI_REQUEST))
-    body = openai.render_request(request, compatible=False)
+    request = openai_client.parse_request(copy.deepcopy(OPENAI_REQUEST))
+    body = openai_upstream.render_request(request, compatible=False)
     assert body["max_completion_tokens"] == 300 and "max_tokens" not in body
     assistant = body["messages"][3]
     assert "reasoning_content" not in assistant
@@ -209,13 +215,13 @@ def test_openai_request_for_api_openai_com():
 
 
 def test_openai_response_round_trip():
-    response = openai.parse_response(copy.deepcopy(OPENAI_RESPONSE))
-    assert openai.render_response(response, _request()) == OPENAI_RESPONSE
+    response = openai_upstream.parse_response(copy.deepcopy(OPENAI_RESPONSE))
+    assert openai_client.render_response(response, _request()) == OPENAI_RESPONSE
 
 
 def test_openai_stream_round_trip():
     events = _parse_openai_stream(OPENAI_STREAM)
-    renderer = openai.StreamRenderer(_request(include_usage=True))
+    renderer = openai_client.StreamRenderer(_request(include_usage=True))
     out = [e.data for ev in events for e in renderer.render_stream_event(ev)]
     assert out[-1] == "[DONE]"
     assert [json.loads(d) for d in out[:-1]] == OPENAI_STREAM
@@ -243,7 +249,7 @@ def test_openai_stream_parser_survives_ollama_style_indexes():
 
 
 def _parse_openai_stream(chunks: list[dict]) -> list[ir.StreamEvent]:
-    parser = openai.StreamParser()
+    parser = openai_upstream.StreamParser()
     events = [e for c in copy.deepcopy(chunks) for e in parser.parse_stream_event(c)]
     return events + parser.finish()
 
@@ -430,30 +436,30 @@ ANTHROPIC_STREAM = [
 
 
 def test_anthropic_request_round_trip():
-    request = anthropic.parse_request(copy.deepcopy(ANTHROPIC_REQUEST))
-    assert anthropic.render_request(request) == ANTHROPIC_REQUEST
+    request = anthropic_client.parse_request(copy.deepcopy(ANTHROPIC_REQUEST))
+    assert anthropic_upstream.render_request(request) == ANTHROPIC_REQUEST
 
 
 def test_anthropic_response_round_trip():
-    response = anthropic.parse_response(copy.deepcopy(ANTHROPIC_RESPONSE))
+    response = anthropic_upstream.parse_response(copy.deepcopy(ANTHROPIC_RESPONSE))
     assert response.usage.input_tokens == 50  # 30 + 5 written + 15 read
-    assert anthropic.render_response(response, _request()) == ANTHROPIC_RESPONSE
+    assert anthropic_client.render_response(response, _request()) == ANTHROPIC_RESPONSE
 
 
 def test_anthropic_stream_round_trip():
-    parser = anthropic.StreamParser()
+    parser = anthropic_upstream.StreamParser()
     events = [
         e
         for name, data in copy.deepcopy(ANTHROPIC_STREAM)
         for e in parser.parse_stream_event(name, data)
     ] + parser.finish()
-    renderer = anthropic.StreamRenderer(_request())
+    renderer = anthropic_client.StreamRenderer(_request())
     out = [(e.event, json.loads(e.data)) for ev in events for e in renderer.render_stream_event(ev)]
     assert out == ANTHROPIC_STREAM
 
 
 def test_anthropic_stream_ping_and_truncation():
-    parser = anthropic.StreamParser()
+    parser = anthropic_upstream.StreamParser()
     assert parser.parse_stream_event("ping", {"type": "ping"}) == []
     with pytest.raises(UpstreamError, match="message_stop"):
         parser.finish()
@@ -579,8 +585,8 @@ GEMINI_STREAM = [
 
 
 def test_gemini_request_round_trip():
-    request = gemini.parse_request(copy.deepcopy(GEMINI_REQUEST), "gemini-up")
-    assert gemini.render_request(request) == GEMINI_REQUEST
+    request = gemini_client.parse_request(copy.deepcopy(GEMINI_REQUEST), "gemini-up")
+    assert gemini_upstream.render_request(request) == GEMINI_REQUEST
 
 
 def test_gemini_request_snake_case_is_accepted():
@@ -591,23 +597,23 @@ def test_gemini_request_snake_case_is_accepted():
         ],
         "generation_config": {"max_output_tokens": 5},
     }
-    request = gemini.parse_request(body, "g")
+    request = gemini_client.parse_request(body, "g")
     assert request.max_tokens == 5
     assert request.messages[1].parts[0].media_type == "image/png"
 
 
 def test_gemini_response_round_trip():
-    response = gemini.parse_response(copy.deepcopy(GEMINI_RESPONSE))
+    response = gemini_upstream.parse_response(copy.deepcopy(GEMINI_RESPONSE))
     assert response.finish_reason == "tool_calls"
     assert response.usage.output_tokens == 18 and response.usage.reasoning_tokens == 8
-    assert gemini.render_response(response, _request()) == GEMINI_RESPONSE
+    assert gemini_client.render_response(response, _request()) == GEMINI_RESPONSE
 
 
 def test_gemini_stream_round_trip():
-    parser = gemini.StreamParser()
+    parser = gemini_upstream.StreamParser()
     events = [e for c in copy.deepcopy(GEMINI_STREAM) for e in parser.parse_stream_event(c)]
     events += parser.finish()
-    renderer = gemini.StreamRenderer(_request())
+    renderer = gemini_client.StreamRenderer(_request())
     out = [json.loads(e.data) for ev in events for e in renderer.render_stream_event(ev)]
     assert out == GEMINI_STREAM
 
@@ -635,8 +641,8 @@ def test_gemini_calls_without_ids_pair_with_responses_by_name_in_order():
             },
         ]
     }
-    request = gemini.parse_request(body, "m")
-    wire = openai.render_request(request, compatible=True)
+    request = gemini_client.parse_request(body, "m")
+    wire = openai_upstream.render_request(request, compatible=True)
     calls = wire["messages"][1]["tool_calls"]
     results = wire["messages"][2:]
     assert len({c["id"] for c in calls}) == 2
@@ -645,8 +651,8 @@ def test_gemini_calls_without_ids_pair_with_responses_by_name_in_order():
 
 
 def test_openai_tool_ids_survive_gemini_and_names_are_resolved():
-    request = openai.parse_request(copy.deepcopy(OPENAI_REQUEST))
-    body = gemini.render_request(request)
+    request = openai_client.parse_request(copy.deepcopy(OPENAI_REQUEST))
+    body = gemini_upstream.render_request(request)
     calls = [p["functionCall"] for p in body["contents"][1]["parts"]]
     responses = [p["functionResponse"] for p in body["contents"][2]["parts"]]
     assert [c["id"] for c in calls] == ["call_1", "call_2"]
@@ -661,11 +667,11 @@ def test_openai_tool_ids_survive_gemini_and_names_are_resolved():
 
 
 def test_gemini_signature_round_trips_through_an_openai_client():
-    response = gemini.parse_response(copy.deepcopy(GEMINI_RESPONSE))
-    message = openai.render_response(response, _request())["choices"][0]["message"]
+    response = gemini_upstream.parse_response(copy.deepcopy(GEMINI_RESPONSE))
+    message = openai_client.render_response(response, _request())["choices"][0]["message"]
     call = message["tool_calls"][0]
     assert call["extra_content"] == {"google": {"thought_signature": "Z2VtaW5pLXNpZw=="}}
-    next_request = openai.parse_request(
+    next_request = openai_client.parse_request(
         {
             "model": "m",
             "messages": [
@@ -675,15 +681,15 @@ def test_gemini_signature_round_trips_through_an_openai_client():
             ],
         }
     )
-    parts = gemini.render_request(next_request)["contents"][1]["parts"]
+    parts = gemini_upstream.render_request(next_request)["contents"][1]["parts"]
     assert parts[-1]["thoughtSignature"] == "Z2VtaW5pLXNpZw=="
 
 
 def test_anthropic_signature_round_trips_through_an_openai_client():
-    response = anthropic.parse_response(copy.deepcopy(ANTHROPIC_RESPONSE))
-    message = openai.render_response(response, _request())["choices"][0]["message"]
+    response = anthropic_upstream.parse_response(copy.deepcopy(ANTHROPIC_RESPONSE))
+    message = openai_client.render_response(response, _request())["choices"][0]["message"]
     assert message["thinking_blocks"][0]["signature"] == "EqQBCkYIBxgC"
-    next_request = openai.parse_request(
+    next_request = openai_client.parse_request(
         {
             "model": "m",
             "messages": [
@@ -694,7 +700,7 @@ def test_anthropic_signature_round_trips_through_an_openai_client():
             ],
         }
     )
-    blocks = anthropic.render_request(next_request)["messages"][1]["content"]
+    blocks = anthropic_upstream.render_request(next_request)["messages"][1]["content"]
     assert blocks[0] == {
         "type": "thinking",
         "thinking": "Need two calls.",
@@ -704,7 +710,7 @@ def test_anthropic_signature_round_trips_through_an_openai_client():
 
 
 def test_anthropic_signature_round_trips_through_a_responses_client():
-    response = anthropic.parse_response(copy.deepcopy(ANTHROPIC_RESPONSE))
+    response = anthropic_upstream.parse_response(copy.deepcopy(ANTHROPIC_RESPONSE))
     output = openai_responses.render_response(response, _request())["output"]
     next_request = openai_responses.parse_request(
         {
@@ -717,7 +723,7 @@ def test_anthropic_signature_round_trips_through_a_responses_client():
             ],
         }
     )
-    blocks = anthropic.render_request(next_request)["messages"][1]["content"]
+    blocks = anthropic_upstream.render_request(next_request)["messages"][1]["content"]
     assert blocks[0]["signature"] == "EqQBCkYIBxgC"
     assert [b["type"] for b in blocks] == [
         "thinking",
@@ -729,7 +735,7 @@ def test_anthropic_signature_round_trips_through_a_responses_client():
 
 
 def test_unsigned_reasoning_reaches_anthropic_clients_marked_and_never_anthropic():
-    response = openai.parse_response(
+    response = openai_upstream.parse_response(
         {
             **OPENAI_RESPONSE,
             "choices": [
@@ -741,10 +747,14 @@ def test_unsigned_reasoning_reaches_anthropic_clients_marked_and_never_anthropic
             ],
         }
     )
-    marked = {"type": "thinking", "thinking": "r", "signature": anthropic.UNSIGNED_SIGNATURE}
-    content = anthropic.render_response(response, _request())["content"]
+    marked = {
+        "type": "thinking",
+        "thinking": "r",
+        "signature": anthropic_content.UNSIGNED_SIGNATURE,
+    }
+    content = anthropic_client.render_response(response, _request())["content"]
     assert content == [marked, {"type": "text", "text": "Hi"}]
-    renderer = anthropic.StreamRenderer(_request())
+    renderer = anthropic_client.StreamRenderer(_request())
     events = [
         ir.StreamStart("x", "m"),
         ir.PartStart(0, ir.ThinkingPart("")),
@@ -757,10 +767,10 @@ def test_unsigned_reasoning_reaches_anthropic_clients_marked_and_never_anthropic
     deltas = [e["delta"] for e in out if e["type"] == "content_block_delta"]
     assert deltas[:2] == [
         {"type": "thinking_delta", "thinking": "r"},
-        {"type": "signature_delta", "signature": anthropic.UNSIGNED_SIGNATURE},
+        {"type": "signature_delta", "signature": anthropic_content.UNSIGNED_SIGNATURE},
     ]
     # Sent back: Anthropic never sees the marker; an OpenAI-compatible server gets the text.
-    follow_up = anthropic.parse_request(
+    follow_up = anthropic_client.parse_request(
         {
             "model": "m",
             "max_tokens": 10,
@@ -771,10 +781,10 @@ def test_unsigned_reasoning_reaches_anthropic_clients_marked_and_never_anthropic
             ],
         }
     )
-    assert anthropic.render_request(follow_up)["messages"][1]["content"] == [
+    assert anthropic_upstream.render_request(follow_up)["messages"][1]["content"] == [
         {"type": "text", "text": "Hi"}
     ]
-    compat = openai.render_request(follow_up, compatible=True)["messages"][1]
+    compat = openai_upstream.render_request(follow_up, compatible=True)["messages"][1]
     assert compat["reasoning_content"] == "r"
 
 
@@ -793,15 +803,15 @@ def test_gemini_text_signature_travels_on_the_reasoning_block_and_back():
             }
         ]
     }
-    response = gemini.parse_response(upstream)
-    message = openai.render_response(response, _request())["choices"][0]["message"]
+    response = gemini_upstream.parse_response(upstream)
+    message = openai_client.render_response(response, _request())["choices"][0]["message"]
     assert message["thinking_blocks"] == [
         {"type": "thinking", "thinking": "thinking", "signature": "c2ln"}
     ]
-    follow_up = openai.parse_request(
+    follow_up = openai_client.parse_request(
         {"model": "m", "messages": [{"role": "user", "content": "q"}, message]}
     )
-    parts = gemini.render_request(follow_up)["contents"][1]["parts"]
+    parts = gemini_upstream.render_request(follow_up)["contents"][1]["parts"]
     assert parts == [{"text": "Answer", "thoughtSignature": "c2ln"}]
 
 
@@ -823,7 +833,7 @@ def test_gemini_client_pieces_of_a_thought_merge_and_urlsafe_base64_is_restored(
             },
         ]
     }
-    request = gemini.parse_request(body, "m")
+    request = gemini_client.parse_request(body, "m")
     assert request.messages[0].parts[0].data == "/+8="
     thinking = request.messages[1].parts[0]
     assert (thinking.text, thinking.signature) == ("a b", "YW/+")
@@ -831,7 +841,7 @@ def test_gemini_client_pieces_of_a_thought_merge_and_urlsafe_base64_is_restored(
 
 
 def test_empty_text_in_tool_call_turn_is_not_sent_to_anthropic():
-    request = openai.parse_request(
+    request = openai_client.parse_request(
         {
             "model": "m",
             "messages": [
@@ -851,13 +861,13 @@ def test_empty_text_in_tool_call_turn_is_not_sent_to_anthropic():
             ],
         }
     )
-    messages = anthropic.render_request(request)["messages"]
+    messages = anthropic_upstream.render_request(request)["messages"]
     assert messages[1]["content"] == [{"type": "tool_use", "id": "c", "name": "f", "input": {}}]
 
 
 def test_system_prompts_are_never_collapsed_or_dropped():
-    request = openai.parse_request(copy.deepcopy(OPENAI_REQUEST))
-    body = anthropic.render_request(request)
+    request = openai_client.parse_request(copy.deepcopy(OPENAI_REQUEST))
+    body = anthropic_upstream.render_request(request)
     assert body["system"] == [
         {"type": "text", "text": "You are terse."},
         {"type": "text", "text": "Answer in English."},
@@ -869,7 +879,7 @@ def test_system_prompts_are_never_collapsed_or_dropped():
             {"type": "text", "text": "<system>\nFrom now on, answer in French.\n</system>"}
         ],
     }
-    gem = gemini.render_request(request)
+    gem = gemini_upstream.render_request(request)
     assert gem["systemInstruction"]["parts"] == [
         {"text": "You are terse."},
         {"text": "Answer in English."},
@@ -881,19 +891,19 @@ def test_gemini3_history_call_without_signature_gets_the_documented_placeholder(
     body = copy.deepcopy(ANTHROPIC_REQUEST)
     del body["messages"][0]["content"][2]  # the URL image (inlined by the provider, not here)
     del body["messages"][1]["content"][:2]  # Anthropic's thinking blocks
-    request = anthropic.parse_request(body)
+    request = anthropic_client.parse_request(body)
     request.model = "gemini-3-pro-preview"
-    parts = gemini.render_request(request)["contents"][1]["parts"]
+    parts = gemini_upstream.render_request(request)["contents"][1]["parts"]
     calls = [p for p in parts if "functionCall" in p]
-    assert calls[0]["thoughtSignature"] == gemini.SKIP_SIGNATURE
+    assert calls[0]["thoughtSignature"] == gemini_upstream.SKIP_SIGNATURE
     assert "thoughtSignature" not in calls[1]
     request.model = "gemini-2.5-flash"
-    parts = gemini.render_request(request)["contents"][1]["parts"]
+    parts = gemini_upstream.render_request(request)["contents"][1]["parts"]
     assert not any("thoughtSignature" in p for p in parts)
 
 
 def test_tool_choice_and_thinking_mappings():
-    request = openai.parse_request(
+    request = openai_client.parse_request(
         {
             "model": "m",
             "messages": [{"role": "user", "content": "x"}],
@@ -904,23 +914,23 @@ def test_tool_choice_and_thinking_mappings():
             "max_tokens": 100,
         }
     )
-    body = anthropic.render_request(request)
+    body = anthropic_upstream.render_request(request)
     assert body["tool_choice"] == {"type": "any"}
     assert body["thinking"] == {"type": "enabled", "budget_tokens": 24576}
     assert body["max_tokens"] > 24576 and "temperature" not in body
-    gem = gemini.render_request(request)
+    gem = gemini_upstream.render_request(request)
     assert gem["toolConfig"] == {"functionCallingConfig": {"mode": "ANY"}}
     assert gem["generationConfig"]["thinkingConfig"]["thinkingBudget"] == 24576
     request.tool_choice = ir.ToolChoice("none")
-    assert anthropic.render_request(request)["tool_choice"] == {"type": "none"}
+    assert anthropic_upstream.render_request(request)["tool_choice"] == {"type": "none"}
 
 
 def test_json_schema_maps_to_anthropic_output_config_and_gemini_schema():
-    request = openai.parse_request(copy.deepcopy(OPENAI_REQUEST))
-    assert anthropic.render_request(request)["output_config"] == {
+    request = openai_client.parse_request(copy.deepcopy(OPENAI_REQUEST))
+    assert anthropic_upstream.render_request(request)["output_config"] == {
         "format": {"type": "json_schema", "schema": WEATHER_SCHEMA}
     }
-    config = gemini.render_request(request)["generationConfig"]
+    config = gemini_upstream.render_request(request)["generationConfig"]
     assert config["responseMimeType"] == "application/json"
     assert config["responseSchema"] == WEATHER_SCHEMA
 
@@ -965,10 +975,10 @@ def test_gemini_schema_cleaning():
 
 
 def test_usage_semantics_across_formats():
-    response = anthropic.parse_response(copy.deepcopy(ANTHROPIC_RESPONSE))
-    usage = openai.render_response(response, _request())["usage"]
+    response = anthropic_upstream.parse_response(copy.deepcopy(ANTHROPIC_RESPONSE))
+    usage = openai_client.render_response(response, _request())["usage"]
     assert usage["prompt_tokens"] == 50 and usage["prompt_tokens_details"]["cached_tokens"] == 15
-    meta = gemini.render_response(response, _request())["usageMetadata"]
+    meta = gemini_client.render_response(response, _request())["usageMetadata"]
     assert meta["promptTokenCount"] == 50 and meta["totalTokenCount"] == 90
 
 
@@ -990,11 +1000,11 @@ def test_gemini_function_call_signature_after_thoughts_round_trips_via_anthropic
             }
         ]
     }
-    response = gemini.parse_response(upstream)
-    content = anthropic.render_response(response, _request())["content"]
+    response = gemini_upstream.parse_response(upstream)
+    content = anthropic_client.render_response(response, _request())["content"]
     assert content[0] == {"type": "thinking", "thinking": "plan", "signature": "c2ln"}
     call = content[1]
-    follow_up = anthropic.parse_request(
+    follow_up = anthropic_client.parse_request(
         {
             "model": "m",
             "max_tokens": 10,
@@ -1009,7 +1019,7 @@ def test_gemini_function_call_signature_after_thoughts_round_trips_via_anthropic
         }
     )
     follow_up.model = "gemini-3-pro"
-    parts = gemini.render_request(follow_up)["contents"][1]["parts"]
+    parts = gemini_upstream.render_request(follow_up)["contents"][1]["parts"]
     assert parts == [
         {
             "functionCall": {"id": call["id"], "name": "weather", "args": {}},
@@ -1019,7 +1029,7 @@ def test_gemini_function_call_signature_after_thoughts_round_trips_via_anthropic
 
 
 def test_gemini_stream_start_carries_prompt_tokens():
-    parser = gemini.StreamParser()
+    parser = gemini_upstream.StreamParser()
     first = {
         **GEMINI_STREAM[0],
         "usageMetadata": {"promptTokenCount": 40, "candidatesTokenCount": 1, "totalTokenCount": 41},
@@ -1030,7 +1040,7 @@ def test_gemini_stream_start_carries_prompt_tokens():
 
 
 def test_images_in_tool_results_follow_as_a_user_message_for_openai():
-    request = anthropic.parse_request(
+    request = anthropic_client.parse_request(
         {
             "model": "m",
             "max_tokens": 10,
@@ -1063,7 +1073,7 @@ def test_images_in_tool_results_follow_as_a_user_message_for_openai():
             ],
         }
     )
-    messages = openai.render_request(request, compatible=False)["messages"]
+    messages = openai_upstream.render_request(request, compatible=False)["messages"]
     assert messages[2] == {
         "role": "tool",
         "tool_call_id": "t1",
@@ -1073,7 +1083,7 @@ def test_images_in_tool_results_follow_as_a_user_message_for_openai():
         "role": "user",
         "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}],
     }
-    parts = gemini.render_request(request)["contents"][2]["parts"]
+    parts = gemini_upstream.render_request(request)["contents"][2]["parts"]
     assert parts[1] == {"inlineData": {"mimeType": "image/png", "data": PNG}}
 
 
@@ -1108,7 +1118,7 @@ def test_openai_interleaved_parallel_call_deltas_become_sequential_parts():
     response = ir.collect_stream(events)
     calls = [(p.id, p.name, p.arguments) for p in response.parts[1:]]
     assert calls == [("a", "weather", '{"city":"Paris"}'), ("b", "time", '{"tz":"UTC"}')]
-    renderer = anthropic.StreamRenderer(_request())
+    renderer = anthropic_client.StreamRenderer(_request())
     out = [json.loads(e.data) for ev in events for e in renderer.render_stream_event(ev)]
     inputs = {}
     for event in out:
@@ -1119,17 +1129,23 @@ def test_openai_interleaved_parallel_call_deltas_become_sequential_parts():
 
 def test_reasoning_off_is_sent_only_in_the_clients_own_terms():
     base = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
-    request = openai.parse_request({**base, "reasoning_effort": "none"})
-    assert openai.render_request(request, compatible=False)["reasoning_effort"] == "none"
-    assert anthropic.render_request(request)["thinking"] == {"type": "disabled"}
-    assert "thinkingConfig" not in gemini.render_request(request).get("generationConfig", {})
-    off = anthropic.parse_request({**base, "max_tokens": 5, "thinking": {"type": "disabled"}})
-    assert "reasoning_effort" not in openai.render_request(off, compatible=False)
-    gem = gemini.parse_request(
+    request = openai_client.parse_request({**base, "reasoning_effort": "none"})
+    assert openai_upstream.render_request(request, compatible=False)["reasoning_effort"] == "none"
+    assert anthropic_upstream.render_request(request)["thinking"] == {"type": "disabled"}
+    assert "thinkingConfig" not in gemini_upstream.render_request(request).get(
+        "generationConfig", {}
+    )
+    off = anthropic_client.parse_request(
+        {**base, "max_tokens": 5, "thinking": {"type": "disabled"}}
+    )
+    assert "reasoning_effort" not in openai_upstream.render_request(off, compatible=False)
+    gem = gemini_client.parse_request(
         {
             "contents": [{"parts": [{"text": "x"}]}],
             "generationConfig": {"thinkingConfig": {"thinkingBudget": 0}},
         },
         "m",
     )
-    assert gemini.render_request(gem)["generationConfig"]["thinkingConfig"] == {"thinkingBudget": 0}
+    assert gemini_upstream.render_request(gem)["generationConfig"]["thinkingConfig"] == {
+        "thinkingBudget": 0
+    }

@@ -12,6 +12,9 @@ import logging
 import re
 import signal
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -527,10 +530,22 @@ def process_config(root: str, keys: list[str]) -> dict:
     }
 
 
-async def start_slow_stream(
-    http: aiohttp.ClientSession, url: str
-) -> tuple[asyncio.Task, asyncio.Event]:
-    """Starts a ~3 s stream; returns the task reading it whole and an event set at its first chunk."""
+@asynccontextmanager
+async def openai_router_process(tmp_path: Path, root: str) -> AsyncIterator[RouterProcess]:
+    """The router as a real process on the fake OpenAI upstream (its config file at
+    ``router.config``), killed on exit."""
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(process_config(root, OPENAI_KEYS)))
+    router = RouterProcess(config, tmp_path / "router.log")
+    try:
+        await router.start()
+        yield router
+    finally:
+        await router.stop()
+
+
+async def start_slow_stream(http: aiohttp.ClientSession, url: str) -> asyncio.Task:
+    """Starts a ~3 s stream and waits for its first chunk; returns the task reading it whole."""
     first = asyncio.Event()
 
     async def read() -> bytes:
@@ -548,7 +563,9 @@ async def start_slow_stream(
                     first.set()
             return raw
 
-    return asyncio.ensure_future(read()), first
+    stream = asyncio.ensure_future(read())
+    await asyncio.wait_for(first.wait(), 5)
+    return stream
 
 
 def streamed_text(raw: bytes) -> str:
@@ -565,15 +582,11 @@ async def test_sighup_reload_swaps_keys_without_failing_an_inflight_stream(
 ):
     new_key = "sk-oai-fake-rotated"
     fakes.openai.keys.append(new_key)
-    config = tmp_path / "router.yaml"
-    config.write_text(yaml.safe_dump(process_config(upstreams.roots["openai"], OPENAI_KEYS)))
-    router = RouterProcess(config, tmp_path / "router.log")
+    root = upstreams.roots["openai"]
     try:
-        await router.start()
-        async with aiohttp.ClientSession() as http:
-            stream, first = await start_slow_stream(http, router.url)
-            await asyncio.wait_for(first.wait(), 5)
-            config.write_text(yaml.safe_dump(process_config(upstreams.roots["openai"], [new_key])))
+        async with openai_router_process(tmp_path, root) as router, aiohttp.ClientSession() as http:
+            stream = await start_slow_stream(http, router.url)
+            router.config.write_text(yaml.safe_dump(process_config(root, [new_key])))
             router.proc.send_signal(signal.SIGHUP)
             await router.wait_log("config reloaded")
             assert not stream.done(), "the stream ended before the reload: make it slower"
@@ -585,7 +598,7 @@ async def test_sighup_reload_swaps_keys_without_failing_an_inflight_stream(
                 assert resp.status == 200
             assert fakes.openai.last.key == new_key
             # An invalid config on SIGHUP: logged, and the running one stays.
-            config.write_text("providers: [this is: not valid\n")
+            router.config.write_text("providers: [this is: not valid\n")
             router.proc.send_signal(signal.SIGHUP)
             await router.wait_log("reload failed, the running config is kept")
             async with http.post(f"{router.url}/v1/chat/completions", json=body) as resp:
@@ -593,7 +606,6 @@ async def test_sighup_reload_swaps_keys_without_failing_an_inflight_stream(
             assert fakes.openai.last.key == new_key and router.proc.returncode is None
     finally:
         fakes.openai.keys.remove(new_key)
-        await router.stop()
     log = router.log.read_text()
     assert OPENAI_KEYS[0] not in log and new_key not in log
     assert all(json.loads(line) for line in log.splitlines())
@@ -601,14 +613,9 @@ async def test_sighup_reload_swaps_keys_without_failing_an_inflight_stream(
 
 @module_loop
 async def test_sigterm_finishes_the_inflight_stream_then_exits(fakes, upstreams, tmp_path):
-    config = tmp_path / "router.yaml"
-    config.write_text(yaml.safe_dump(process_config(upstreams.roots["openai"], OPENAI_KEYS)))
-    router = RouterProcess(config, tmp_path / "router.log")
-    try:
-        await router.start()
+    async with openai_router_process(tmp_path, upstreams.roots["openai"]) as router:
         async with aiohttp.ClientSession() as http:
-            stream, first = await start_slow_stream(http, router.url)
-            await asyncio.wait_for(first.wait(), 5)
+            stream = await start_slow_stream(http, router.url)
             router.proc.send_signal(signal.SIGTERM)
             await router.wait_log("shutting down")
             # No new connections while it drains.
@@ -618,8 +625,6 @@ async def test_sigterm_finishes_the_inflight_stream_then_exits(fakes, upstreams,
             assert streamed_text(await asyncio.wait_for(stream, 10)) == SLOW_TEXT
         assert await asyncio.wait_for(router.proc.wait(), 10) == 0
         assert "stopped" in router.log.read_text()
-    finally:
-        await router.stop()
 
 
 # ---- config ---------------------------------------------------------------------------------------

@@ -416,17 +416,9 @@ class AnthropicClient(ClientFormat):
             raise InvalidRequestError("max_tokens: field is required", param="max_tokens")
         return ClientCall(request)
 
-    def render_response(self, response: ir.Response, request: ir.Request) -> dict:
-        """See `ClientFormat.render_response`."""
-        return render_response(response, request)
-
-    def stream_renderer(self, request: ir.Request) -> StreamRenderer:
-        """See `ClientFormat.stream_renderer`."""
-        return StreamRenderer(request)
-
-    def render_error(self, err: GatewayError) -> tuple[int, dict]:
-        """See `ClientFormat.render_error`."""
-        return render_error(err)
+    render_response = staticmethod(render_response)
+    stream_renderer = staticmethod(StreamRenderer)
+    render_error = staticmethod(render_error)
 
     def render_token_count(self, tokens: int) -> dict:
         """See `ClientFormat.render_token_count`."""

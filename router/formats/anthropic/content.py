@@ -183,19 +183,17 @@ def _render_block_body(part: ir.Part, where: str, unsigned: str | None) -> dict 
     return block
 
 
+# The block that carries each kind of media Anthropic takes by URL or base64.
+_MEDIA_BLOCKS = {"image": "image", "pdf": "document"}
+
+
 def _render_media(part: ir.MediaPart, where: str) -> dict:
-    if part.kind == "image":
+    block_type = _MEDIA_BLOCKS.get(part.kind)
+    if block_type is not None:
         if part.url is not None:
-            return {"type": "image", "source": {"type": "url", "url": part.url}}
+            return {"type": block_type, "source": {"type": "url", "url": part.url}}
         return {
-            "type": "image",
-            "source": {"type": "base64", "media_type": part.media_type, "data": part.data},
-        }
-    if part.kind == "pdf":
-        if part.url is not None:
-            return {"type": "document", "source": {"type": "url", "url": part.url}}
-        return {
-            "type": "document",
+            "type": block_type,
             "source": {"type": "base64", "media_type": part.media_type, "data": part.data},
         }
     if part.media_type == "text/plain" and part.data is not None:

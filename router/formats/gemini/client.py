@@ -504,21 +504,14 @@ class GeminiClient(ClientFormat):
             return ClientCall(parse_request(body, model), count_tokens=True)
         raise NotFoundError(f"unsupported Gemini method {method!r}")
 
-    def render_response(self, response: ir.Response, request: ir.Request) -> dict:
-        """See `ClientFormat.render_response`."""
-        return render_response(response, request)
-
-    def stream_renderer(self, request: ir.Request) -> StreamRenderer:
-        """See `ClientFormat.stream_renderer`."""
-        return StreamRenderer(request)
+    render_response = staticmethod(render_response)
+    stream_renderer = staticmethod(StreamRenderer)
 
     def stream_writer(self, call: ClientCall) -> StreamWriter:
         """See `ClientFormat.stream_writer`."""
         return SSEWriter(self.keepalive) if call.sse else JSONArrayWriter()
 
-    def render_error(self, err: GatewayError) -> tuple[int, dict]:
-        """See `ClientFormat.render_error`."""
-        return render_error(err)
+    render_error = staticmethod(render_error)
 
     def render_token_count(self, tokens: int) -> dict:
         """See `ClientFormat.render_token_count`."""

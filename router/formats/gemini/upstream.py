@@ -335,18 +335,7 @@ class GeminiUpstream(UpstreamFormat):
 
     name = "gemini"
 
-    def render_request(self, request: ir.Request) -> dict:
-        """See `UpstreamFormat.render_request`."""
-        return render_request(request)
-
-    def parse_response(self, body: dict) -> ir.Response:
-        """See `UpstreamFormat.parse_response`."""
-        return parse_response(body)
-
-    def stream_parser(self) -> StreamParser:
-        """See `UpstreamFormat.stream_parser`."""
-        return StreamParser()
-
-    def parse_error(self, data: dict, default_status: int, source: str) -> GatewayError:
-        """See `UpstreamFormat.parse_error`."""
-        return parse_error(data, default_status, source)
+    render_request = staticmethod(render_request)
+    parse_response = staticmethod(parse_response)
+    stream_parser = staticmethod(StreamParser)
+    parse_error = staticmethod(parse_error)

@@ -83,14 +83,20 @@ def parse_request(body: dict) -> ir.Request:
         presence_penalty=field(body, "presence_penalty", float, ""),
         frequency_penalty=field(body, "frequency_penalty", float, ""),
         response_format=_parse_response_format(field(body, "response_format", dict, "")),
-        reasoning=_parse_effort(effort),
+        reasoning=parse_effort(effort),
         stream=bool(field(body, "stream", bool, "")),
         include_usage=bool(field(options, "include_usage", bool, "stream_options")),
         user=field(body, "user", str, ""),
     )
 
 
-def _parse_effort(effort: str | None) -> ir.Reasoning | None:
+def parse_effort(effort: str | None) -> ir.Reasoning | None:
+    """Read an OpenAI reasoning effort (Chat's ``reasoning_effort``, Responses'
+    ``reasoning.effort``); ``none`` turns reasoning off.
+
+    Args:
+        effort: The effort, or None when the request names none.
+    """
     if effort is None:
         return None
     return ir.Reasoning(enabled=effort != "none", effort=effort)
@@ -348,17 +354,9 @@ class OpenAIChatClient(ClientFormat):
         """See `ClientFormat.parse_call`."""
         return ClientCall(parse_request(body))
 
-    def render_response(self, response: ir.Response, request: ir.Request) -> dict:
-        """See `ClientFormat.render_response`."""
-        return render_response(response, request)
-
-    def stream_renderer(self, request: ir.Request) -> StreamRenderer:
-        """See `ClientFormat.stream_renderer`."""
-        return StreamRenderer(request)
-
-    def render_error(self, err: GatewayError) -> tuple[int, dict]:
-        """See `ClientFormat.render_error`."""
-        return render_error(err)
+    render_response = staticmethod(render_response)
+    stream_renderer = staticmethod(StreamRenderer)
+    render_error = staticmethod(render_error)
 
     def render_model(self, name: str) -> dict:
         """See `ClientFormat.render_model`."""

@@ -419,14 +419,6 @@ class OpenAIUpstream(UpstreamFormat):
         """See `UpstreamFormat.render_request`."""
         return render_request(request, compatible=self.compatible)
 
-    def parse_response(self, body: dict) -> ir.Response:
-        """See `UpstreamFormat.parse_response`."""
-        return parse_response(body)
-
-    def stream_parser(self) -> StreamParser:
-        """See `UpstreamFormat.stream_parser`."""
-        return StreamParser()
-
-    def parse_error(self, data: dict, default_status: int, source: str) -> GatewayError:
-        """See `UpstreamFormat.parse_error`."""
-        return parse_error(data, default_status, source)
+    parse_response = staticmethod(parse_response)
+    stream_parser = staticmethod(StreamParser)
+    parse_error = staticmethod(parse_error)

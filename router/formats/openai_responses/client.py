@@ -18,7 +18,7 @@ from ...errors import GatewayError, InvalidRequestError
 from ...sse import SSEEvent
 from ..base import ClientCall
 from ..fields import append_tool_result, dump_json, field, new_id, objects, parse_data_url
-from ..openai.client import OpenAIChatClient
+from ..openai.client import OpenAIChatClient, parse_effort
 from ..openai.client import render_error as _render_openai_error
 
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
@@ -66,7 +66,7 @@ def parse_request(body: dict) -> ir.Request:
         temperature=field(body, "temperature", float, ""),
         top_p=field(body, "top_p", float, ""),
         response_format=_parse_format(field(text, "format", dict, "text")),
-        reasoning=None if effort is None else ir.Reasoning(enabled=effort != "none", effort=effort),
+        reasoning=parse_effort(effort),
         stream=bool(field(body, "stream", bool, "")),
         include_usage=True,
         user=field(body, "user", str, ""),
@@ -599,10 +599,5 @@ class OpenAIResponsesClient(OpenAIChatClient):
         """See `ClientFormat.parse_call`."""
         return ClientCall(parse_request(body))
 
-    def render_response(self, response: ir.Response, request: ir.Request) -> dict:
-        """See `ClientFormat.render_response`."""
-        return render_response(response, request)
-
-    def stream_renderer(self, request: ir.Request) -> StreamRenderer:
-        """See `ClientFormat.stream_renderer`."""
-        return StreamRenderer(request)
+    render_response = staticmethod(render_response)
+    stream_renderer = staticmethod(StreamRenderer)
