@@ -10,7 +10,7 @@ from .auth import auth_middleware
 from .backends import CONFIG, backends
 from .config import Config
 from .handlers import setup_routes
-from .middleware import error_middleware
+from .error_middleware import error_middleware
 from .observe import observe_middleware, setup_observe
 from .reload import setup_reload
 
