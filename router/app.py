@@ -9,8 +9,8 @@ from .admin import setup_admin
 from .auth import auth_middleware
 from .backends import CONFIG, backends
 from .config import Config
-from .handlers import setup_routes
 from .error_middleware import error_middleware
+from .handlers import setup_routes
 from .observe import observe_middleware, setup_observe
 from .reload import setup_reload
 
