@@ -1,23 +1,46 @@
-"""The router overhead benchmark's chart: req/s, added latency and added stream TTFB against
-concurrency, one line per system."""
+"""Charts of the benchmarks: `pyplot` (matplotlib, from the ``bench`` extra, or one line saying
+how to get it) and the router overhead benchmark's chart: req/s, added latency and added stream
+TTFB against concurrency, one line per system."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+NO_CHART = 'No chart: matplotlib is not installed (pip install -e ".[bench]" adds it)'
 
 
-def draw(report: dict, path: Path) -> None:
-    """Plot req/s, added p50 latency and added stream TTFB against concurrency.
-
-    Args:
-        report: From `benchmarks.router_overhead.run_benchmark`.
-        path: The PNG to write.
-    """
+def pyplot() -> ModuleType | None:
+    """matplotlib's pyplot on its file-only backend, or None, with one line saying how to get
+    it, without the ``bench`` extra (the benchmarks' tables and JSON need no chart)."""
+    if importlib.util.find_spec("matplotlib") is None:
+        logger.warning(NO_CHART)
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def draw(report: dict, path: Path) -> bool:
+    """Plot req/s, added p50 latency and added stream TTFB against concurrency.
+
+    Args:
+        report: From `benchmarks.router_overhead.run_benchmark`.
+        path: The PNG to write.
+
+    Returns:
+        Whether the chart was written (not without matplotlib).
+    """
+    plt = pyplot()
+    if plt is None:
+        return False
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     panels = (
         ("plain", "rps", "requests/s (plain, OpenAI->OpenAI)"),
@@ -51,3 +74,4 @@ def draw(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True

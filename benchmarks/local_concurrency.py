@@ -94,12 +94,23 @@ async def run(args: argparse.Namespace) -> dict:
     # One 512x512 image is a single tile (the longest edge fits one tile after resizing).
     image = Image.new("RGB", (512, 512), (90, 140, 200)) if args.image else None
     try:
-        await one_round(engine, 2, 8, image)  # warm up
+        logging.info("warming up")
+        await one_round(engine, 2, 8, image)
         rounds: dict[int, list[dict]] = {n: [] for n in CONCURRENCY}
-        for r in range(args.repeats):
+        for r in range(1, args.repeats + 1):
             for n in CONCURRENCY:
-                rounds[n].append(await one_round(engine, n, args.max_tokens, image))
-                logging.info("round %d, %d streams: %s", r, n, rounds[n][-1])
+                logging.info("round %d/%d, %d streams: running", r, args.repeats, n)
+                result = await one_round(engine, n, args.max_tokens, image)
+                rounds[n].append(result)
+                logging.info(
+                    "round %d/%d, %d streams: %.1f tok/s in total, TTFT max %.2f s, %.1f s",
+                    r,
+                    args.repeats,
+                    n,
+                    result["total_tps"],
+                    result["ttft_max_s"],
+                    result["wall_s"],
+                )
     finally:
         engine.close()
     rows = []

@@ -549,8 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     report = asyncio.run(run_benchmark(options))
     print_report(report)
     _write_json(report, out / "router_overhead.json")
-    draw(report, out / "router_overhead.png")
-    print(f"wrote {out / 'router_overhead.png'}")
+    if draw(report, out / "router_overhead.png"):
+        print(f"wrote {out / 'router_overhead.png'}")
     return 0
 
 

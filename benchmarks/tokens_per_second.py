@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import RESULTS
+from benchmarks.charts import pyplot
 from benchmarks.peers import run_mlx_vlm, run_transformers
 from benchmarks.workloads import (
     WORKLOADS,
@@ -423,12 +424,21 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
                         "inputs_dir": str(inputs_dir),
                         "max_tokens": tokens,
                     }
-                    logger.info("Running %s on workload %s", system.label, name)
                     limit = config.timeout_s
                     if system == System("mlx-vlm", "bf16") and config.default_timeout_s:
                         limit = min(limit, config.default_timeout_s)
+                    logger.info(
+                        "%s, workload %s: running (at most %.0f s)", system.label, name, limit
+                    )
+                    start = time.perf_counter()
                     runs[system].append(run_isolated(system, spec, limit))
-                    logger.info("  %s", runs[system][-1].status)
+                    logger.info(
+                        "%s, workload %s: %s after %.1f s",
+                        system.label,
+                        name,
+                        runs[system][-1].status,
+                        time.perf_counter() - start,
+                    )
             results.extend(_median_run(system_runs) for system_runs in runs.values())
     for result in results:
         if result.decode_tps is None or model_dir is None:
@@ -555,14 +565,9 @@ def draw_chart(results: list[RunResult], path: Path) -> bool:
     Returns:
         Whether the chart was written (False, with a logged message, without matplotlib).
     """
-    if importlib.util.find_spec("matplotlib") is None:
-        logger.warning("No chart: matplotlib is not installed (pip install 'mlx-smolvlm[bench]')")
+    plt = pyplot()
+    if plt is None:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     workloads = sorted({r.workload for r in results})
     fig, axes = plt.subplots(2, len(workloads), figsize=(5 * len(workloads), 8), squeeze=False)
     for col, workload in enumerate(workloads):

@@ -5,24 +5,67 @@ Serving is the router's: `smolvlm-router --model PATH_OR_HUB_ID`.
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from .chat import ChatSession
 from .generate import GenerationResponse, stream_generate
+from .image_processing import load_image
+from .sample import make_repetition_penalty, make_sampler
 
 # Errors a user can cause with their input; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError)
 
+DESCRIPTION = (
+    "SmolVLM2 on MLX: answer a prompt about images or a video, chat, or convert a checkpoint. "
+    "Serving over HTTP is smolvlm-router's job (smolvlm-router --model PATH_OR_HUB_ID)."
+)
+MODEL_HELP = (
+    "a local checkpoint directory, or a Hugging Face Hub id (downloaded on first use, then "
+    "read from the Hugging Face cache)"
+)
+CHAT_HELP = """commands:
+  /image PATH_OR_URL  attach an image to your next message (checked at once)
+  /help               list these commands
+  /quit, /exit        end the chat (so does Ctrl-D)"""
+
+
+def add_offline_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="never contact the Hugging Face Hub: use its cache only (sets HF_HUB_OFFLINE=1)",
+    )
+
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--temp", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--repetition-penalty", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--max-tokens", type=int, default=256, help="most tokens to generate (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--temp", type=float, default=0.0, help="temperature, 0 is greedy (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="keep the k likeliest tokens, 0 keeps all (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        help="keep tokens at least this likely relative to the top one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=None, help="above 1 discourages repeats"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
     parser.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
 
 
@@ -39,6 +82,22 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def check_sampling_options(options: dict[str, Any]) -> None:
+    """Refuse sampling options that generation would refuse, before the model loads.
+
+    Args:
+        options: From `sampling_options`.
+
+    Raises:
+        ValueError: An option is out of range (the message names it).
+    """
+    if options["max_tokens"] < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {options['max_tokens']}")
+    make_sampler(options["temperature"], options["top_p"], options["top_k"], options["min_p"])
+    if options["repetition_penalty"] is not None:
+        make_repetition_penalty(options["repetition_penalty"])
+
+
 def format_stats(response: GenerationResponse) -> str:
     return (
         f"[prompt: {response.prompt_tokens} tokens ({response.cached_tokens} cached), "
@@ -49,9 +108,14 @@ def format_stats(response: GenerationResponse) -> str:
 
 
 def print_stream(responses: Any) -> GenerationResponse:
+    """Print the answer as it streams, end it with a newline, then the stats line on stderr."""
+    ends_line = False  # an empty answer is an empty line
     for response in responses:
-        print(response.text, end="", flush=True)
-    print()
+        if response.text:
+            print(response.text, end="", flush=True)
+            ends_line = response.text.endswith("\n")
+    if not ends_line:
+        print(flush=True)
     print(format_stats(response), file=sys.stderr)
     return response
 
@@ -59,20 +123,19 @@ def print_stream(responses: Any) -> GenerationResponse:
 def run_generate(args: argparse.Namespace) -> int:
     from .load import load
 
+    # Every argument is checked before the model loads, which can take a while.
+    options = sampling_options(args)
+    check_sampling_options(options)
+    images = [load_image(source) for source in args.image]
+    if args.video and not Path(args.video).is_file():
+        raise FileNotFoundError(f"Video file not found: {args.video}")
     model, processor = load(args.model)
-    content = [{"type": "image"} for _ in args.image]
+    content = [{"type": "image"} for _ in images]
     if args.video:
         content.append({"type": "video"})
     messages = [{"role": "user", "content": content + [{"type": "text", "text": args.prompt}]}]
     print_stream(
-        stream_generate(
-            model,
-            processor,
-            messages,
-            images=args.image,
-            video=args.video,
-            **sampling_options(args),
-        )
+        stream_generate(model, processor, messages, images=images, video=args.video, **options)
     )
     return 0
 
@@ -80,30 +143,50 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from .load import load
 
+    options = sampling_options(args)
+    check_sampling_options(options)
     model, processor = load(args.model)
     session = ChatSession(model, processor)
-    images: list[str] = []
-    print(
-        "Chat with the model. '/image PATH' attaches an image to your next message; '/quit' ends."
-    )
+    images: list = []
+    print("Chat with the model: '/image PATH' attaches an image, '/help' lists the commands.")
     while True:
         try:
             line = input(">> ").strip()
         except EOFError:
+            print()
             return 0
-        if line in ("/quit", "/exit"):
-            return 0
-        if line.startswith("/image "):
-            images.append(line.removeprefix("/image ").strip())
-            print(f"[{len(images)} image(s) attached to your next message]")
-            continue
         if not line:
             continue
-        try:
-            print_stream(session.ask(line, images, **sampling_options(args)))
-        except USER_ERRORS as err:
-            print(f"error: {err}", file=sys.stderr)
-        images = []
+        command, _, argument = line.partition(" ")
+        if command in ("/quit", "/exit"):
+            return 0
+        if command == "/help":
+            print(CHAT_HELP)
+        elif command == "/image":
+            images = attach_image(images, argument.strip())
+        elif command.startswith("/"):
+            print(f"error: unknown command {command} (/help lists them)", file=sys.stderr)
+        else:
+            try:
+                print_stream(session.ask(line, images, **options))
+            except USER_ERRORS as err:
+                print(f"error: {err}", file=sys.stderr)
+            images = []
+
+
+def attach_image(images: list, source: str) -> list:
+    """``images`` plus the image at ``source``, loaded now so that a bad path or URL is
+    reported at once (and the next message is not lost to it); on error, ``images`` as it was."""
+    if not source:
+        print("error: /image needs a path or URL", file=sys.stderr)
+        return images
+    try:
+        images = [*images, load_image(source)]
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return images
+    print(f"[{len(images)} image(s) attached to your next message]")
+    return images
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -124,34 +207,72 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlx-smolvlm", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    """The options of ``mlx-smolvlm`` and its commands."""
+    parser = argparse.ArgumentParser(prog="mlx-smolvlm", description=DESCRIPTION)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    generate = commands.add_parser("generate", help="answer one prompt, streaming the text")
-    generate.add_argument("--model", required=True, help="a local checkpoint or a hub id")
-    generate.add_argument("--image", action="append", default=[], help="a path or URL (repeatable)")
-    generate.add_argument("--video", default=None, help="a video file")
-    generate.add_argument("--prompt", required=True)
+    generate = commands.add_parser(
+        "generate",
+        help="answer one prompt, streaming the text",
+        description="Answer one prompt about images or a video, streaming the text to stdout "
+        "and one stats line to stderr.",
+    )
+    generate.add_argument("--model", required=True, metavar="PATH_OR_HUB_ID", help=MODEL_HELP)
+    generate.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH_OR_URL",
+        help="an image: a path, an http(s) URL or a data URL (repeatable)",
+    )
+    generate.add_argument("--video", default=None, metavar="PATH", help="a video file")
+    generate.add_argument("--prompt", required=True, help="the question or instruction")
     add_sampling_args(generate)
+    add_offline_arg(generate)
     generate.set_defaults(run=run_generate)
 
-    chat = commands.add_parser("chat", help="an interactive multi-turn chat")
-    chat.add_argument("--model", required=True, help="a local checkpoint or a hub id")
+    chat = commands.add_parser(
+        "chat",
+        help="an interactive multi-turn chat",
+        description="An interactive chat that keeps the conversation's cache between turns.",
+        epilog=CHAT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chat.add_argument("--model", required=True, metavar="PATH_OR_HUB_ID", help=MODEL_HELP)
     add_sampling_args(chat)
+    add_offline_arg(chat)
     chat.set_defaults(run=run_chat)
 
-    convert = commands.add_parser("convert", help="export a Hugging Face checkpoint to MLX")
-    convert.add_argument("--hf-path", required=True, help="a local checkpoint or a hub id")
-    convert.add_argument("--mlx-path", required=True, help="the export directory")
+    convert = commands.add_parser(
+        "convert",
+        help="export a Hugging Face checkpoint to MLX (quantized or not)",
+        description="Export a Hugging Face SmolVLM checkpoint for mlx-vlm and MLX Swift, "
+        "optionally quantized (vision tower and decoder).",
+    )
+    convert.add_argument("--hf-path", required=True, metavar="PATH_OR_HUB_ID", help=MODEL_HELP)
+    convert.add_argument("--mlx-path", required=True, metavar="DIR", help="the export directory")
     convert.add_argument("-q", "--quantize", action="store_true", help="quantize (affine)")
-    convert.add_argument("--q-bits", type=int, default=4, help="4 or 8")
-    convert.add_argument("--q-group-size", type=int, default=64, help="32, 64 or 128")
-    convert.add_argument("--recipe", default="uniform", help="uniform or mixed")
+    convert.add_argument(
+        "--q-bits", type=int, default=4, help="4 or 8 bits per weight (default: %(default)s)"
+    )
+    convert.add_argument(
+        "--q-group-size", type=int, default=64, help="32, 64 or 128 (default: %(default)s)"
+    )
+    convert.add_argument(
+        "--recipe",
+        default="uniform",
+        help="uniform, or mixed: 8-bit vision tower, 4-bit decoder (default: %(default)s)",
+    )
     convert.add_argument(
         "--skip-vision", action="store_true", help="leave the vision tower unquantized"
     )
-    convert.add_argument("--dtype", default=None, help="float16, bfloat16 or float32")
+    convert.add_argument(
+        "--dtype",
+        default=None,
+        help="float16, bfloat16 or float32 (default: the source's dtype)",
+    )
     convert.add_argument("--force", action="store_true", help="replace a non-empty --mlx-path")
+    add_offline_arg(convert)
     convert.set_defaults(run=run_convert)
 
     return parser
@@ -161,10 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line.
 
     Args:
-        argv: Arguments without the program name; defaults to `sys.argv[1:]`.
+        argv: Arguments without the program name; defaults to ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0, 1 for bad input (one ``error:`` line), 130 on Ctrl-C.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read by `load.hub_offline` at download time
     try:
         return args.run(args)
     except USER_ERRORS as err:

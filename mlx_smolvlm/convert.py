@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -258,14 +259,22 @@ def convert(
         dtype = source_dtype if source_dtype in DTYPES else None
     processor = Processor.from_pretrained(src)
 
+    start = time.perf_counter()
+    logger.info("[1/3] Loading %s", src)
     model, _ = load_model(str(src), dtype=dtype)
     if config.tie_word_embeddings:
         model = _untie(model)
     dtype_name = str(model.text_model.embed_tokens.weight.dtype).removeprefix("mlx.core.")
     if dtype_name not in DTYPES:
         raise ConvertError(f"{src} has {dtype_name} weights; pass --dtype")
-    quantization = quantize_model(model, spec) if quantize else None
+    if quantize:
+        logger.info("[2/3] Quantizing to %d bits (%s recipe)", spec.bits, spec.recipe)
+        quantization = quantize_model(model, spec)
+    else:
+        logger.info("[2/3] Not quantizing (pass -q to quantize)")
+        quantization = None
 
+    logger.info("[3/3] Writing the export to %s", dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
     if tmp.exists():
@@ -283,10 +292,11 @@ def convert(
         if tmp.exists():
             shutil.rmtree(tmp)
     logger.info(
-        "Wrote %s (%s, %s, %d shard(s))",
+        "Wrote %s (%s, %s, %d shard(s)) in %.1f s",
         dst,
         dtype_name,
         f"{spec.bits}-bit {spec.recipe}" if quantize else "not quantized",
         len(shards),
+        time.perf_counter() - start,
     )
     return dst

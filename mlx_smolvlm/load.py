@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
+import huggingface_hub.constants
 import mlx.core as mx
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ConfigError, load_config
@@ -35,7 +34,11 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+# What the loader reads from a Hub repo: configs, weights, chat template, tokenizer files.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+# Seconds to open a connection to the Hub before calling it unreachable (see `hub_reachable`).
+HUB_CONNECT_TIMEOUT_S = 5.0
+_TRUE_VALUES = ("1", "ON", "YES", "TRUE")  # as huggingface_hub reads its boolean variables
 _MAX_LISTED = 10
 
 
@@ -51,35 +54,102 @@ def _listing(names: list[str]) -> str:
     return f"{shown}, ... ({more} more)" if more > 0 else shown
 
 
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub is off limits: ``HF_HUB_OFFLINE`` as huggingface_hub read it
+    at import, or as set since (``--offline`` sets it)."""
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE_VALUES
+    return huggingface_hub.constants.HF_HUB_OFFLINE or env
+
+
+def hub_reachable(timeout_s: float = HUB_CONNECT_TIMEOUT_S) -> bool:
+    """Whether a connection to the Hugging Face Hub (or to the HTTPS proxy in front of it) opens
+    within ``timeout_s``.
+
+    huggingface_hub's first call has no timeout: on a network that drops packets it would wait
+    minutes before using the cache. This check makes "offline" a matter of seconds.
+
+    Args:
+        timeout_s: Seconds allowed to connect.
+    """
+    target = urlsplit(huggingface_hub.constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(target.scheme)
+    if proxy and not urllib.request.proxy_bypass(target.hostname or ""):
+        target = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        with socket.create_connection((target.hostname, port), timeout=timeout_s):
+            return True
+    except OSError as err:
+        logger.info("The Hugging Face Hub (%s) cannot be reached: %s", target.hostname, err)
+        return False
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether a model name can only be a local path: absolute, starting with ``./``, ``../`` or
+    ``~``, or not a Hub repo id (``owner/name``: one slash, letters, digits and ``-_.``).
+
+    Args:
+        name: A local directory or a Hub repo id, as the user wrote it.
+    """
+    if name.startswith(("./", "../", "~")) or Path(name).is_absolute():
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """The local snapshot of a Hub repo: the files the loader reads (``HUB_PATTERNS``),
+    downloaded once with huggingface_hub's progress bars and cached; offline, the cached ones.
+
+    Offline is ``hub_offline()`` or a Hub that ``hub_reachable`` cannot reach.
+
+    Args:
+        repo_id: A Hub repo id such as ``HuggingFaceTB/SmolVLM2-256M-Video-Instruct``.
+
+    Raises:
+        LocalEntryNotFoundError: Offline and not in the cache.
+        HfHubHTTPError, HFValidationError: As ``huggingface_hub.snapshot_download`` (no such
+            repo, a gated one, an invalid id).
+    """
+    offline = hub_offline() or not hub_reachable()
+    if not offline:
+        logger.info("Fetching %s from the Hugging Face Hub (once; then from its cache)", repo_id)
+    path = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline)
+    return Path(path)
+
+
 def resolve_model_path(path_or_hub_id: str) -> Path:
     """Return a local checkpoint directory, downloading from the Hugging Face Hub if needed.
 
     Args:
         path_or_hub_id: A local directory, or a Hub repo id such as
-            ``HuggingFaceTB/SmolVLM2-256M-Video-Instruct``.
+            ``HuggingFaceTB/SmolVLM2-256M-Video-Instruct`` (see `download_from_hub`).
 
     Raises:
-        FileNotFoundError: If it is neither a local directory nor obtainable from the Hub
-            (offline and not cached, unknown or gated repo, invalid id).
+        FileNotFoundError: If it is a local path that is not a directory, or a Hub id that
+            cannot be had (offline and not cached, unknown or gated repo).
     """
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise FileNotFoundError(f"{path_or_hub_id} is a file, expected a checkpoint directory")
+    if looks_like_local_path(path_or_hub_id):
+        raise FileNotFoundError(f"No such directory: {path}")
     try:
-        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=HUB_PATTERNS))
-    except (
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-    ) as err:
+        return download_from_hub(path_or_hub_id)
+    except LocalEntryNotFoundError as err:
+        raise FileNotFoundError(
+            f"{path_or_hub_id!r} is not a local directory, and not in the Hugging Face cache "
+            "while offline (HF_HUB_OFFLINE or --offline, or the Hub cannot be reached)"
+        ) from err
+    except (HfHubHTTPError, HFValidationError) as err:
         raise FileNotFoundError(
             f"{path_or_hub_id!r} is not a local directory and could not be fetched from the "
-            f"Hugging Face Hub (offline and not in the cache, or no such repo): {err}"
+            f"Hugging Face Hub: {err}"
         ) from err
 
 

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -128,7 +129,7 @@ def make_random_checkpoint(
     init_random(model, seed)
     weights = {k: v.astype(mx_dtype) for k, v in model.hf_weights().items()}
     mx.save_safetensors(str(out / WEIGHTS_FILE), weights, metadata={"format": "pt"})
-    logger.info("Wrote random %s checkpoint (%s) to %s", shape, dtype, out)
+    logger.debug("Wrote random %s checkpoint (%s) to %s", shape, dtype, out)
     return out
 
 
@@ -151,7 +152,13 @@ def random_checkpoint(shape: str = "256m", dtype: str = "float32") -> Path:
     path = cache_dir() / f"random-{shape}-{dtype}"
     if not (path / WEIGHTS_FILE).is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        logger.info("Writing a random %s checkpoint (%s) to %s (first use)", shape, dtype, path)
+        logger.info(
+            "Making a random-weight %s checkpoint (%s) in %s, once (first use)",
+            shape,
+            dtype,
+            path,
+        )
+        start = time.perf_counter()
         # Written beside and renamed into place, so a crash never leaves half a checkpoint.
         scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         try:
@@ -160,4 +167,5 @@ def random_checkpoint(shape: str = "256m", dtype: str = "float32") -> Path:
             os.replace(scratch, path)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        logger.info("Made the random %s checkpoint in %.1f s", shape, time.perf_counter() - start)
     return path

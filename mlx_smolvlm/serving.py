@@ -9,10 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-from .load import HUB_PATTERNS, load_model, resolve_model_path
+from .load import load_model, resolve_model_path
 from .model import Model
 from .processing import Processor
 from .random_weights import random_checkpoint
@@ -35,14 +32,15 @@ def load_for_serving(
 ) -> ServedModel:
     """Load the model to serve: a directory, a Hub id, or random weights as a last resort.
 
-    With ``random_weights_fallback``, a Hub id is looked up in the Hugging Face cache only
-    (nothing is downloaded), and when it is not there a random-weight checkpoint of the
-    SmolVLM2-256M architecture is served, with a WARNING. Without it, a Hub id not in the
-    cache is downloaded.
+    A Hub id is downloaded on first use (with huggingface_hub's progress bars) and then read
+    from the Hugging Face cache; offline (``HF_HUB_OFFLINE``, ``--offline`` or a Hub that
+    cannot be reached within seconds) only the cache is looked at. With
+    ``random_weights_fallback``, a model that cannot be had is replaced by a random-weight
+    checkpoint of the SmolVLM2-256M architecture, with a WARNING.
 
     Args:
         model: A checkpoint directory or a Hugging Face Hub id.
-        random_weights_fallback: Serve random weights when ``model`` is not on this machine.
+        random_weights_fallback: Serve random weights when ``model`` cannot be had.
         dtype: Cast the weights to this dtype name (e.g. ``float32``); None keeps them.
 
     Raises:
@@ -50,25 +48,20 @@ def load_for_serving(
             be loaded (and random weights are not allowed).
         ValueError: If ``dtype`` is not a floating-point dtype name.
     """
-    path = Path(model).expanduser()
     random_weights = False
-    if not path.is_dir():
-        if random_weights_fallback:
-            try:
-                path = Path(
-                    snapshot_download(model, allow_patterns=HUB_PATTERNS, local_files_only=True)
-                )
-            except (LocalEntryNotFoundError, HFValidationError):
-                path = random_checkpoint("256m", dtype or "float32")
-                random_weights = True
-                logger.warning(
-                    "%s is not on this machine: serving a RANDOM-WEIGHT checkpoint of the "
-                    "SmolVLM2-256M architecture (%s). Its answers are meaningless; put the "
-                    "model in the Hugging Face cache or configure a checkpoint directory.",
-                    model,
-                    path,
-                )
-        else:
-            path = resolve_model_path(model)
+    try:
+        path = resolve_model_path(model)
+    except FileNotFoundError as err:
+        if not random_weights_fallback:
+            raise
+        path = random_checkpoint("256m", dtype or "float32")
+        random_weights = True
+        logger.warning(
+            "%s: serving a RANDOM-WEIGHT checkpoint of the SmolVLM2-256M architecture instead "
+            "(%s): its answers are meaningless. Connect to the network once (the model is "
+            "then cached) or configure a checkpoint directory.",
+            err,
+            path,
+        )
     loaded, path = load_model(str(path), dtype)
     return ServedModel(loaded, Processor.from_pretrained(path), path, random_weights)

@@ -2,8 +2,9 @@
 ``smolvlm-router hash-key`` to make the stored form of a router key.
 
 Without ``--config`` the router runs `default_config`: the local SmolVLM2-256M model (random
-weights, said loudly, when the real one is not on this machine) plus every cloud provider
-whose API key variable is set. ``--model PATH_OR_HUB_ID`` serves that one local model alone.
+weights, said loudly, when the real one cannot be had) plus every cloud provider whose API key
+variable is set. ``--model PATH_OR_HUB_ID`` serves that one local model alone. Client keys
+come from the config, ``ROUTER_CLIENT_KEYS`` and ``--client-key``.
 
 Signals: SIGHUP reloads the config file (an invalid one is logged and the running config
 kept); SIGTERM and SIGINT stop accepting connections and give in-flight requests up to
@@ -17,6 +18,7 @@ import asyncio
 import dataclasses
 import getpass
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -26,7 +28,17 @@ from aiohttp import web
 
 from .app import create_app
 from .auth import check_bind
-from .config import Config, ConfigError, LogConfig, default_config, hash_key, load_config
+from .config import (
+    CLIENT_KEYS_VAR,
+    Config,
+    ConfigError,
+    LogConfig,
+    client_keys_from_env,
+    default_config,
+    hash_key,
+    load_config,
+)
+from .handlers import list_endpoints
 from .logs import configure_logging, secrets_of
 from .reload import CONFIG_LOADER, RELOAD_HOOKS, reload_on_signal
 
@@ -34,6 +46,24 @@ logger = logging.getLogger("router")
 
 # The engine's options that ``--model`` takes; those not given keep the engine's defaults.
 ENGINE_OPTIONS = ("max_sequences", "max_queue", "max_context_tokens")
+
+DESCRIPTION = """\
+An LLM gateway: OpenAI, Anthropic and Gemini clients reach cloud providers and the local
+SmolVLM2 model through one address.
+
+Without --config it serves the local SmolVLM2-256M (downloaded from the Hugging Face Hub on
+first use; offline and not cached, random weights, said loudly) plus each cloud provider whose
+key variable is set (OPENAI_API_KEY, ANTHROPIC_API_KEY, GEMINI_API_KEY). GET / lists the
+models and endpoints."""
+EPILOG = f"""\
+environment:
+  {CLIENT_KEYS_VAR}  router keys for clients, comma-separated, plain or sha256:<hex>
+  HF_HUB_OFFLINE=1    as --offline
+
+signals: SIGHUP reloads --config; SIGTERM and SIGINT stop after in-flight requests
+(up to shutdown_grace_s).
+
+smolvlm-router hash-key --help: making the sha256: form of a router key."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     given = [name for name in ("name", "dtype", *ENGINE_OPTIONS) if vars(args)[name] is not None]
     if given and not args.model:
         parser.error(f"--{given[0].replace('_', '-')} needs --model")
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read when the local model is looked up
     # Until the config's own log settings are known.
     configure_logging(LogConfig(format="text", level=args.log_level or "INFO"), [])
 
@@ -63,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = model_config(args)
         else:
             cfg = default_config()
+        cfg.auth.add_client_keys(client_keys_from_env(), CLIENT_KEYS_VAR)
+        cfg.auth.add_client_keys(args.client_key, "--client-key")
         if args.log_level:
             cfg.log.level = args.log_level.upper()
         return cfg
@@ -77,27 +111,59 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``smolvlm-router`` (``hash-key`` has its own)."""
-    parser = argparse.ArgumentParser(prog="smolvlm-router", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="smolvlm-router",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--config",
-        help="path to router.yaml (default: the local model, plus cloud providers "
-        "whose API key variables are set)",
+        metavar="FILE",
+        help="a router.yaml (router.example.yaml shows every section; default: the local "
+        "model plus the cloud providers whose key variables are set)",
     )
     source.add_argument(
         "--model",
         metavar="PATH_OR_HUB_ID",
         help="serve this local checkpoint or Hub id alone, to every client format",
     )
-    parser.add_argument("--host", help="override listen.host")
-    parser.add_argument("--port", type=int, help="override listen.port")
-    parser.add_argument("--log-level", help="override log.level (default INFO)")
+    parser.add_argument("--host", help="listen address (default: listen.host, else 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="listen port (default: listen.port, else 8080)")
+    parser.add_argument(
+        "--client-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a router key clients must send, plain or sha256:<hex> (repeatable; needed "
+        "with a --host beyond loopback; the environment variable keeps it out of ps)",
+    )
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="never contact the Hugging Face Hub: the local model comes from its cache "
+        "(sets HF_HUB_OFFLINE=1)",
+    )
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING... (default: log.level, INFO)")
     local = parser.add_argument_group("the local model (with --model)")
     local.add_argument("--name", help="the model name clients ask for (default: from --model)")
-    local.add_argument("--dtype", help="cast the weights, e.g. float32")
-    local.add_argument("--max-sequences", type=int, help="requests decoded together")
-    local.add_argument("--max-queue", type=int, help="requests waiting beyond them")
-    local.add_argument("--max-context-tokens", type=int, help="prompt plus answer per request")
+    local.add_argument("--dtype", help="cast the weights, e.g. float32 (default: the checkpoint's)")
+    local.add_argument(
+        "--max-sequences", type=int, help="requests decoded together (default: the engine's, 8)"
+    )
+    local.add_argument(
+        "--max-queue", type=int, help="requests waiting beyond them (default: the engine's, 32)"
+    )
+    local.add_argument(
+        "--max-context-tokens",
+        type=int,
+        help="prompt plus answer per request (default: the model's context)",
+    )
+    # hash-key is a command of its own (see `main`); the usage line shows both forms.
+    parser.usage = (
+        parser.format_usage().removeprefix("usage: ").rstrip() + "\n       %(prog)s hash-key [KEY]"
+    )
     return parser
 
 
@@ -136,9 +202,14 @@ def hash_key_command(argv: list[str]) -> int:
         0, or 2 for an empty key.
     """
     parser = argparse.ArgumentParser(
-        prog="smolvlm-router hash-key", description=hash_key_command.__doc__
+        prog="smolvlm-router hash-key",
+        description="Print the stored form (sha256:<hex>) of a router key, for "
+        f"auth.client_keys, auth.admin_key, {CLIENT_KEYS_VAR} or --client-key. Without KEY, "
+        "it is read from the terminal (or one line of stdin).",
     )
-    parser.add_argument("key", nargs="?", help="the key (prefer the prompt: argv is visible)")
+    parser.add_argument(
+        "key", nargs="?", metavar="KEY", help="the key (prefer the prompt: argv is visible)"
+    )
     args = parser.parse_args(argv)
     if args.key is not None:
         key = args.key
@@ -219,6 +290,7 @@ async def _serve(cfg: Config, loader: Callable[[], Config] | None) -> None:
         logger.info(
             "serving %s on http://%s:%d", ", ".join(cfg.models), cfg.listen.host, cfg.listen.port
         )
+        logger.info("endpoints: %s", ", ".join(list_endpoints(app)))
         if (blas := sys.modules.get("mlx_smolvlm.blas")) is not None:  # a local model was loaded
             logger.info("local model %s", blas.active_blas().describe())
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -110,7 +110,8 @@ def check_bind(host: str, auth: AuthConfig) -> None:
     if not auth.clients and not is_loopback(host):
         raise ConfigError(
             f"listen.host {host!r} is reachable beyond this machine but auth.client_keys is "
-            "empty: add client keys (smolvlm-router hash-key makes one) or listen on 127.0.0.1"
+            "empty: add client keys (auth.client_keys, ROUTER_CLIENT_KEYS or --client-key; "
+            "smolvlm-router hash-key makes one) or listen on 127.0.0.1"
         )
 
 

@@ -255,6 +255,36 @@ class AuthConfig:
         if self.admin_key is not None:
             self.admin_digest = key_digest(self.admin_key, "auth.admin_key")
 
+    def add_client_keys(self, keys: list[str], where: str) -> None:
+        """Add router keys given outside the YAML (plain or ``sha256:``), each for every model.
+
+        Args:
+            keys: The keys.
+            where: Where they come from, for errors (``ROUTER_CLIENT_KEYS``, ``--client-key``).
+
+        Raises:
+            ConfigError: A key is empty or a malformed digest (the message never quotes it).
+        """
+        for i, key in enumerate(keys):
+            try:
+                client = ClientKeyConfig(key=key, name=f"client{len(self.clients)}")
+            except ConfigError as err:
+                raise ConfigError(f"{where}[{i}]: {err}") from err
+            self.clients.append(client)
+        names = [c.name for c in self.clients]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: a key's name client<N> is taken in auth.client_keys")
+
+
+# Router keys from the environment, for containers without a YAML file: comma-separated, each
+# plain or ``sha256:<hex>``, for every model; added to ``auth.client_keys``.
+CLIENT_KEYS_VAR = "ROUTER_CLIENT_KEYS"
+
+
+def client_keys_from_env() -> list[str]:
+    """The router keys of ``ROUTER_CLIENT_KEYS`` (empty when it is unset)."""
+    return [key.strip() for key in os.environ.get(CLIENT_KEYS_VAR, "").split(",") if key.strip()]
+
 
 LOG_FORMATS = ("json", "text")
 

@@ -1,8 +1,9 @@
-"""The client routes: each format's endpoints, answered through the fallback loop, and the
-model listings in the asking client's format."""
+"""The client routes: each format's endpoints, answered through the fallback loop, the
+model listings in the asking client's format, and ``GET /``, which lists what is served."""
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -40,6 +41,40 @@ def setup_routes(app: web.Application) -> None:
         app.router.add_get(path, _list_models)
     for path in MODEL_PATHS:
         app.router.add_get(path, _get_model)
+    app.router.add_get("/", _index)
+
+
+def list_endpoints(app: web.Application) -> list[str]:
+    """Every route of an app as ``METHOD /path``, in the order they were added.
+
+    Args:
+        app: The application.
+    """
+    endpoints = {
+        f"{route.method} {route.resource.canonical}": None
+        for route in app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    }
+    return list(endpoints)
+
+
+async def _index(request: web.Request) -> web.Response:
+    """What this router serves: its models and endpoints, as JSON, or HTML for browsers."""
+    models = list(request.app[CONFIG].models)
+    endpoints = list_endpoints(request.app)
+    if "text/html" not in request.headers.get("Accept", ""):
+        return web.json_response(
+            {"service": "smolvlm-router", "models": models, "endpoints": endpoints}
+        )
+    items = "".join(f"<li><code>{html.escape(m)}</code></li>" for m in models)
+    routes = "".join(f"<li><code>{html.escape(e)}</code></li>" for e in endpoints)
+    page = (
+        '<!doctype html><html><head><meta charset="utf-8"><title>smolvlm-router</title>'
+        "</head><body><h1>smolvlm-router</h1><p>OpenAI, Anthropic and Gemini clients, one "
+        "gateway. Models (also <code>provider/model</code>):</p>"
+        f"<ul>{items}</ul><p>Endpoints:</p><ul>{routes}</ul></body></html>"
+    )
+    return web.Response(text=page, content_type="text/html")
 
 
 async def _serve(fmt: ClientFormat, request: web.Request) -> web.StreamResponse:

@@ -407,6 +407,7 @@ async def test_client_disconnect_frees_the_slot_and_memory(checkpoint):
 
 async def test_random_weights_say_so_in_every_model_name(checkpoint, monkeypatch):
     monkeypatch.setattr(serving, "random_checkpoint", lambda shape, dtype: checkpoint)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Hub id is looked up in the cache only
     cfg = Config.from_dict(
         {
             "providers": {
