@@ -11,7 +11,6 @@ import fnmatch
 import hashlib
 import hmac
 import ipaddress
-import json
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -19,7 +18,8 @@ from aiohttp import web
 
 from .backends import CONFIG
 from .config import AuthConfig, ClientKeyConfig, ConfigError
-from .errors import AuthenticationError, PermissionDeniedError
+from .errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
+from .formats.fields import decode_body
 from .logs import REQUEST_CONTEXT
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,8 @@ def check_bind(host: str, auth: AuthConfig) -> None:
 
 async def requested_model(request: web.Request) -> str | None:
     """The model a request asks for: from the Gemini-style path, else the JSON body's
-    ``model`` (None when there is none, e.g. a body that is not JSON: the handler says why).
+    ``model`` (None when there is none, e.g. a body that is not JSON or nested too deep: the
+    handler says why).
 
     Args:
         request: The request.
@@ -129,10 +130,10 @@ async def requested_model(request: web.Request) -> str | None:
     if request.method != "POST" or not request.can_read_body:
         return None
     try:
-        body = json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = decode_body(await request.read())
+    except InvalidRequestError:
         return None
-    model = body.get("model") if isinstance(body, dict) else None
+    model = body.get("model")
     return model if isinstance(model, str) else None
 
 
