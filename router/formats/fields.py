@@ -313,7 +313,7 @@ def refuse_options(request: ir.Request, target: str, handled: tuple[str, ...] = 
 
     Args:
         request: The IR request.
-        target: The upstream format's name, for the message.
+        target: Who cannot honour them (``Anthropic``), for the message.
         handled: The options the target renders itself.
 
     Raises:
@@ -322,8 +322,8 @@ def refuse_options(request: ir.Request, target: str, handled: tuple[str, ...] = 
     for name, neutral in _NEUTRAL.items():
         if name not in handled and getattr(request, name) not in neutral:
             raise InvalidRequestError(
-                f"{name}: {target} models do not support this option; route this model to an "
-                "OpenAI upstream or leave it out",
+                f"{name}: not supported by {target} (leave it out, or use a model served by an "
+                "OpenAI upstream)",
                 param=name,
             )
 
