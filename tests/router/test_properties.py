@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -50,6 +51,29 @@ def turns(draw: st.DrawFn) -> list[tuple[str, str]]:
     return [*pairs, ("user", draw(TEXT))]
 
 
+@dataclass
+class ToolRound:
+    """An answered tool call, placed before the last user turn."""
+
+    name: str
+    call_id: str
+    args: dict
+    # Never valid JSON on its own ("r:" first), so it reaches every upstream as text.
+    result: str
+
+
+def tool_round(draw: st.DrawFn) -> ToolRound | None:
+    if not draw(st.booleans()):
+        return None
+    key = st.text("abcdefgh", min_size=1, max_size=5)
+    return ToolRound(
+        name=draw(st.sampled_from(["lookup", "get_weather"])),
+        call_id=f"call_{draw(st.integers(0, 10**6))}",
+        args=draw(st.dictionaries(key, st.integers() | TEXT, max_size=2)),
+        result="r:" + draw(TEXT),
+    )
+
+
 def sampling(draw: st.DrawFn, temperature_max: float) -> dict[str, object]:
     """Portable sampling options, under their IR names."""
     options: dict[str, object] = {}
@@ -72,12 +96,24 @@ def openai_request(draw: st.DrawFn) -> tuple[str, dict, list[str]]:
     messages = [{"role": "system", "content": system}] if system else []
     messages += [{"role": role, "content": text} for role, text in conversation]
     body: dict = {"model": model, "messages": messages, **sampling(draw, 2)}
+    tool = tool_round(draw)
+    if tool:
+        call = {"name": tool.name, "arguments": json.dumps(tool.args)}
+        messages[-1:-1] = [
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": tool.call_id, "type": "function", "function": call}],
+            },
+            {"role": "tool", "tool_call_id": tool.call_id, "content": tool.result},
+        ]
+        body["tools"] = [{"type": "function", "function": {"name": tool.name}}]
     if model == "gpt" and draw(st.booleans()):
         # OpenAI-only options travel to the OpenAI upstream.
         body |= {"seed": draw(st.integers(0, 2**31)), "logprobs": True, "top_logprobs": 2}
         body |= {"n": draw(st.integers(1, 3)), "store": False, "user": draw(TEXT)}
     texts = [text for _, text in conversation] + ([system] if system else [])
-    return OPENAI, body, texts
+    return OPENAI, body, texts + ([tool.result] if tool else [])
 
 
 @st.composite
@@ -96,8 +132,17 @@ def responses_request(draw: st.DrawFn) -> tuple[str, dict, list[str]]:
     instructions = draw(st.none() | TEXT)
     if instructions:
         body["instructions"] = instructions
+    tool = tool_round(draw)
+    if tool:
+        arguments = json.dumps(tool.args)
+        body["input"][-1:-1] = [
+            {"type": "function_call", "call_id": tool.call_id, "name": tool.name}
+            | {"arguments": arguments},
+            {"type": "function_call_output", "call_id": tool.call_id, "output": tool.result},
+        ]
+        body["tools"] = [{"type": "function", "name": tool.name, "parameters": {}}]
     texts = [text for _, text in conversation] + ([instructions] if instructions else [])
-    return RESPONSES, body, texts
+    return RESPONSES, body, texts + ([tool.result] if tool else [])
 
 
 @st.composite
@@ -120,8 +165,17 @@ def anthropic_request(draw: st.DrawFn) -> tuple[str, dict, list[str]]:
     system = draw(st.none() | TEXT)
     if system:
         body["system"] = system
+    tool = tool_round(draw)
+    if tool:
+        use = {"type": "tool_use", "id": tool.call_id, "name": tool.name, "input": tool.args}
+        result = {"type": "tool_result", "tool_use_id": tool.call_id, "content": tool.result}
+        body["messages"][-1:-1] = [
+            {"role": "assistant", "content": [use]},
+            {"role": "user", "content": [result]},
+        ]
+        body["tools"] = [{"name": tool.name, "input_schema": {"type": "object"}}]
     texts = [text for _, text in conversation] + ([system] if system else [])
-    return ANTHROPIC, body, texts
+    return ANTHROPIC, body, texts + ([tool.result] if tool else [])
 
 
 @st.composite
@@ -143,9 +197,18 @@ def gemini_request(draw: st.DrawFn) -> tuple[str, dict, list[str]]:
     system = draw(st.none() | TEXT)
     if system:
         body["systemInstruction"] = {"parts": [{"text": system}]}
+    tool = tool_round(draw)
+    if tool:
+        call = {"functionCall": {"name": tool.name, "args": tool.args}}
+        answer = {"functionResponse": {"name": tool.name, "response": {"output": tool.result}}}
+        body["contents"][-1:-1] = [
+            {"role": "model", "parts": [call]},
+            {"role": "user", "parts": [answer]},
+        ]
+        body["tools"] = [{"functionDeclarations": [{"name": tool.name}]}]
     body["model"] = draw(st.sampled_from(MODELS))  # moved into the path by `send`
     texts = [text for _, text in conversation] + ([system] if system else [])
-    return GEMINI, body, texts
+    return GEMINI, body, texts + ([tool.result] if tool else [])
 
 
 VALID = openai_request() | responses_request() | anthropic_request() | gemini_request()
