@@ -59,6 +59,7 @@ def parse_request(body: dict) -> ir.Request:
     reasoning = field(body, "reasoning", dict, "") or {}
     effort = field(reasoning, "effort", str, "reasoning")
     include = field(body, "include", list, "") or []
+    top_logprobs = field(body, "top_logprobs", int, "", minimum=0, maximum=20)
     return ir.Request(
         model=model,
         messages=messages,
@@ -73,9 +74,9 @@ def parse_request(body: dict) -> ir.Request:
         stream=bool(field(body, "stream", bool, "")),
         include_usage=True,
         user=field(body, "user", str, ""),
-        # Asked for with ``include: ["message.output_text.logprobs"]``.
-        logprobs=True if _LOGPROBS in include else None,
-        top_logprobs=field(body, "top_logprobs", int, "", minimum=0, maximum=20),
+        # Asked for with ``include: ["message.output_text.logprobs"]`` or ``top_logprobs``.
+        logprobs=True if _LOGPROBS in include or top_logprobs else None,
+        top_logprobs=top_logprobs,
         service_tier=field(body, "service_tier", str, ""),
         store=field(body, "store", bool, ""),
         metadata=parse_metadata(field(body, "metadata", dict, ""), "metadata"),
