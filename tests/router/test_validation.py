@@ -12,6 +12,8 @@ import logging
 import pytest
 
 from router.config import Config
+from router.errors import InvalidRequestError
+from router.formats.fields import decode_body
 from router.keys import KEY_POOLS
 from router.sse import SSEDecoder
 from tests.router.helpers import (
@@ -210,6 +212,13 @@ async def test_deep_json_is_a_400_without_a_traceback(client, fake, caplog, path
     assert "nested deeper than 64" in error_message(path, await resp.json())
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not fake.seen
+
+
+def test_the_depth_bound_is_exact_and_names_the_field():
+    assert decode_body(b'{"a": ' + nested(63).encode() + b"}")["a"]
+    with pytest.raises(InvalidRequestError) as info:
+        decode_body(b'{"a": ' + nested(64).encode() + b"}")
+    assert info.value.param == "a" + "[0]" * 63
 
 
 async def test_json_at_the_depth_bound_is_accepted(client, fake):
