@@ -8,6 +8,10 @@ What Anthropic cannot express (see also `router.formats.anthropic.content`):
 - Sampling: the current Messages API takes no ``temperature``/``top_p``/``top_k`` (they are
   absent from the anthropic SDK 2.x request types and rejected as unknown fields), so they are
   not forwarded; the client's ``max_tokens`` and stop sequences are.
+- OpenAI-only options: ``service_tier`` ``auto``/``default`` map to ``auto``/``standard_only``,
+  ``parallel_tool_calls: false`` to ``disable_parallel_tool_use`` and ``user`` to
+  ``metadata.user_id``; the others (``n``, ``seed``, log probabilities, ``logit_bias``, the
+  penalties, ``store``, ``metadata``, ``prediction``) are a 400 (`refuse_options`).
 """
 
 from __future__ import annotations

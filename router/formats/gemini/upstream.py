@@ -5,6 +5,12 @@ Signatures: ``thoughtSignature`` on text and function-call parts is kept on the 
 Gemini 3 models, a function call in the history without a signature (written by another
 provider or a client that dropped it) gets Google's documented placeholder
 ``skip_thought_signature_validator``. Thought parts are not sent back to Gemini.
+
+OpenAI-only options: ``seed`` and the penalties go into ``generationConfig``, ``logprobs`` and
+``top_logprobs`` become ``responseLogprobs`` and ``logprobs`` (the answer's ``logprobsResult``
+comes back as IR token log probabilities); the others (``n``, ``logit_bias``, a
+``service_tier``, ``store``, ``metadata``, ``prediction``, ``parallel_tool_calls: false``) are a
+400.
 """
 
 from __future__ import annotations
