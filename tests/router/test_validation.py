@@ -195,6 +195,16 @@ async def test_anthropic_stream_opening_with_overloaded_falls_back(client, fake)
     assert [s.path for s in fake.seen] == ["/v1/messages", "/v1/chat/completions"]
 
 
+async def test_gemini_stream_opening_with_an_error_is_mapped_before_the_first_byte(client, fake):
+    error = {"error": {"message": "slow down", "status": "RESOURCE_EXHAUSTED"}}
+    fake.queue("gemini", Answer(events=[(None, error)]))
+    body = {**OPENAI_BODY, "model": "gemini", "stream": True}
+    resp = await client.post(OPENAI_PATH, json=body)
+    assert resp.status == 429
+    assert (await resp.json())["error"]["type"] == "rate_limit_error"
+    assert states(client, "gem") == ["cooling"]
+
+
 # ---- bodies: JSON depth, non-finite and huge numbers ----------------------------------------
 
 
