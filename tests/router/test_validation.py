@@ -293,7 +293,7 @@ INVALID = [
     # Sampling values.
     (OPENAI_PATH, {**OPENAI_BODY, "temperature": 2.5}, "temperature"),
     (OPENAI_PATH, {**OPENAI_BODY, "top_p": 1.5}, "top_p"),
-    (OPENAI_PATH, {**OPENAI_BODY, "top_k": -1}, "top_k"),
+    (OPENAI_PATH, {**OPENAI_BODY, "top_k": -2}, "top_k"),
     (OPENAI_PATH, {**OPENAI_BODY, "presence_penalty": 3}, "presence_penalty"),
     (OPENAI_PATH, {**OPENAI_BODY, "frequency_penalty": -2.5}, "frequency_penalty"),
     (OPENAI_PATH, {**OPENAI_BODY, "n": 0}, "n"),
@@ -416,6 +416,12 @@ async def test_a_system_only_chat_still_reaches_an_openai_upstream(client, fake)
     resp = await client.post(OPENAI_PATH, json={"model": "gpt", "messages": messages})
     assert resp.status == 200
     assert fake.seen[-1].body["messages"] == messages
+
+
+async def test_vllm_top_k_of_minus_one_means_no_top_k(client, fake):
+    resp = await client.post(OPENAI_PATH, json={**OPENAI_BODY, "model": "gemini", "top_k": -1})
+    assert resp.status == 200
+    assert "topK" not in fake.seen[-1].body.get("generationConfig", {})
 
 
 async def test_answered_tool_calls_still_pass(client, fake):

@@ -88,7 +88,7 @@ def parse_request(body: dict) -> ir.Request:
         max_tokens=max_tokens,
         temperature=field(body, "temperature", float, "", minimum=0, maximum=2),
         top_p=field(body, "top_p", float, "", minimum=0, maximum=1),
-        top_k=field(body, "top_k", int, "", minimum=0),
+        top_k=_parse_top_k(field(body, "top_k", int, "", minimum=-1)),
         stop=_parse_stop(stop),
         seed=field(body, "seed", int, ""),
         presence_penalty=field(body, "presence_penalty", float, "", minimum=-2, maximum=2),
@@ -107,6 +107,11 @@ def parse_request(body: dict) -> ir.Request:
         metadata=parse_metadata(field(body, "metadata", dict, ""), "metadata"),
         prediction=_parse_prediction(field(body, "prediction", dict, "")),
     )
+
+
+def _parse_top_k(top_k: int | None) -> int | None:
+    """vLLM's ``top_k`` of -1 or 0 means every token: the same as none."""
+    return top_k if top_k is None or top_k > 0 else None
 
 
 def _parse_stop(stop: str | list | None) -> list[str]:
