@@ -117,7 +117,8 @@ def check_bind(host: str, auth: AuthConfig) -> None:
 
 async def requested_model(request: web.Request) -> str | None:
     """The model a request asks for: from the Gemini-style path, else the JSON body's
-    ``model`` (None when there is none, e.g. a body that is not JSON: the handler says why).
+    ``model`` (None when there is none, e.g. a body that is not JSON or nested too deep: the
+    handler says why).
 
     Args:
         request: The request.
@@ -131,7 +132,8 @@ async def requested_model(request: web.Request) -> str | None:
         return None
     try:
         body = json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
+        # Not JSON, or nested past the decoder's limit: the handler's decode_body says why.
         return None
     model = body.get("model") if isinstance(body, dict) else None
     return model if isinstance(model, str) else None

@@ -4,7 +4,6 @@ model listings in the asking client's format, and ``GET /``, which lists what is
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -12,9 +11,9 @@ from aiohttp import web
 
 from .attempts import complete, count_tokens
 from .backends import CONFIG
-from .errors import InvalidRequestError
 from .fallback import request_affinity, resolve_targets, run_with_fallback
 from .formats.base import ClientFormat
+from .formats.fields import decode_body
 from .formats.registry import (
     CLIENT_FORMATS,
     MODEL_LIST_PATHS,
@@ -80,7 +79,7 @@ async def _index(request: web.Request) -> web.Response:
 async def _serve(fmt: ClientFormat, request: web.Request) -> web.StreamResponse:
     """Answer one client call in its format: a complete answer, a stream or a token count."""
     context = request[REQUEST_CONTEXT]
-    call = fmt.parse_call(await _read_json(request), request)
+    call = fmt.parse_call(decode_body(await request.read()), request)
     ir_request = call.request
     affinity = request_affinity(request, ir_request)
     if call.count_tokens:
@@ -90,17 +89,6 @@ async def _serve(fmt: ClientFormat, request: web.Request) -> web.StreamResponse:
         return await stream_answer(request, fmt, call, context, affinity)
     response = await run_with_fallback(request.app, context, ir_request, complete, affinity)
     return web.json_response(fmt.render_response(response, ir_request))
-
-
-async def _read_json(request: web.Request) -> dict:
-    raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InvalidRequestError(f"request body is not valid JSON: {err}") from err
-    if not isinstance(body, dict):
-        raise InvalidRequestError("request body must be a JSON object")
-    return body
 
 
 async def _list_models(request: web.Request) -> web.Response:

@@ -12,6 +12,10 @@ providers consume and produce them. Conventions:
 - ``cache`` on a part or tool marks a prompt-cache breakpoint after it (Anthropic's
   ``cache_control``); its value is the cache TTL (``"5m"`` or ``"1h"``). Formats without
   explicit breakpoints ignore it.
+- OpenAI-only request options (``n``, log probabilities, ``logit_bias``, ``service_tier``,
+  ``store``, ``metadata``, ``prediction``) are carried so that an OpenAI upstream gets them
+  unchanged; an upstream format that cannot honour one refuses the request with a 400 naming
+  it, rather than dropping it.
 - `Usage.input_tokens` counts *all* prompt tokens (cached ones included) and `output_tokens`
   counts all generated tokens (reasoning included), as OpenAI reports them.
 """
@@ -126,6 +130,16 @@ class Reasoning:
 
 
 @dataclass
+class TokenLogprob:
+    """One output token's log probability, with the most likely alternatives (``top``)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
 class Request:
     model: str
     messages: list[Message]
@@ -146,6 +160,20 @@ class Request:
     # OpenAI ``stream_options.include_usage``: the client wants the usage chunk.
     include_usage: bool = False
     user: str | None = None
+    # How many answers (OpenAI ``n``); None or 1: one.
+    n: int | None = None
+    # Log probabilities of the output tokens, with ``top_logprobs`` alternatives each.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    # OpenAI ``logit_bias``: token id (as text) -> bias.
+    logit_bias: dict[str, float] | None = None
+    # OpenAI's tiers (``auto``, ``default``, ``flex``, ``priority``...).
+    service_tier: str | None = None
+    # OpenAI's stored completions and their tags.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    # OpenAI Predicted Outputs: the text the answer is expected to resemble.
+    prediction: str | None = None
     # Beta flags from an Anthropic client's ``anthropic-beta`` header; sent only to Anthropic.
     anthropic_beta: list[str] = field(default_factory=list)
 
@@ -164,6 +192,16 @@ class Usage:
 
 
 @dataclass
+class Choice:
+    """One more answer to the same request (OpenAI ``n`` > 1): the first is the `Response`
+    itself."""
+
+    parts: list[Part]
+    finish_reason: FinishReason = "stop"
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
 class Response:
     id: str
     model: str
@@ -175,6 +213,10 @@ class Response:
     # The upstream answer's HTTP headers (lower-case names), for the key pool's rate-limit
     # reading; never rendered to clients.
     upstream_headers: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # The output tokens' log probabilities, when the request asked for them.
+    logprobs: list[TokenLogprob] | None = None
+    # Answers 2..n of a request with ``n`` > 1.
+    alternatives: list[Choice] = field(default_factory=list)
 
 
 @dataclass
@@ -213,6 +255,8 @@ class PartDelta:
     text: str = ""
     arguments: str = ""
     signature: str | None = None
+    # Log probabilities of the tokens of ``text``, when the request asked for them.
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -234,7 +278,10 @@ def collect_stream(events: list[StreamEvent]) -> Response:
     start = next(e for e in events if isinstance(e, StreamStart))
     end = next(e for e in events if isinstance(e, StreamEnd))
     parts: list = []
+    logprobs: list[TokenLogprob] | None = None
     for event in events:
+        if isinstance(event, PartDelta) and event.logprobs is not None:
+            logprobs = (logprobs or []) + event.logprobs
         if isinstance(event, PartStart):
             parts.append(dataclasses.replace(event.part))  # the events stay unchanged
         elif isinstance(event, PartDelta):
@@ -249,5 +296,12 @@ def collect_stream(events: list[StreamEvent]) -> Response:
         if isinstance(part, ToolCallPart) and not part.arguments:
             part.arguments = "{}"
     return Response(
-        start.id, start.model, parts, end.finish_reason, end.stop_sequence, end.usage, start.created
+        start.id,
+        start.model,
+        parts,
+        end.finish_reason,
+        end.stop_sequence,
+        end.usage,
+        start.created,
+        logprobs=logprobs,
     )

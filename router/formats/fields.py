@@ -1,5 +1,5 @@
-"""Helpers every format shares: JSON field validation that names the offending field the same
-way in every format, ids, base64 and data URLs, tool-call arguments, reasoning effort <->
+"""Helpers every format shares: the client body's JSON decoding (bounded depth, finite numbers),
+JSON field validation that names the offending field the same way in every format, ids, base64 and data URLs, tool-call arguments, reasoning effort <->
 budget, system-prompt splitting, tool-result folding and upstream error messages.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import secrets
 
 from .. import ir
@@ -23,10 +24,102 @@ _NAMES = {
 }
 
 
+# Deeper JSON is refused before anything walks it recursively.
+MAX_JSON_DEPTH = 64
+
+
+def decode_body(raw: bytes) -> dict:
+    """Decode a client's JSON body: an object, at most `MAX_JSON_DEPTH` levels deep, with only
+    finite numbers (Python's json reads ``NaN``, ``Infinity`` and ``1e999``, which are not JSON
+    and no upstream takes).
+
+    Args:
+        raw: The body's bytes (their size is bounded by the app's ``client_max_size``).
+
+    Raises:
+        InvalidRequestError: Naming the field at fault where there is one.
+    """
+    try:
+        body = json.loads(raw)
+    except RecursionError as err:
+        # The C decoder gives up at the interpreter's recursion limit (~1,000 levels).
+        raise InvalidRequestError(
+            f"request body: JSON nested deeper than {MAX_JSON_DEPTH} levels"
+        ) from err
+    except ValueError as err:
+        # JSONDecodeError, UnicodeDecodeError, and an integer of more than 4,300 digits.
+        raise InvalidRequestError(f"request body is not valid JSON: {err}") from err
+    if not isinstance(body, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    check_json(body)
+    return body
+
+
+def check_json(value: object) -> None:
+    """Walk decoded JSON without recursion, refusing deep nesting and non-finite numbers.
+
+    Args:
+        value: The decoded JSON.
+
+    Raises:
+        InvalidRequestError: Naming the first field nested too deep or holding a non-finite
+            number.
+    """
+    if _is_sound(value):
+        return
+    # Rare: walk again, this time keeping paths, to name the field.
+    stack: list[tuple[object, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                raise InvalidRequestError(
+                    f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels", param=path
+                )
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for key, child in pairs:
+                child_path = f"{path}[{key}]" if isinstance(key, int) else _join(path, key)
+                stack.append((child, child_path, depth + 1))
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise InvalidRequestError(
+                f"{path}: {item} is not a JSON number (numbers must be finite)", param=path
+            )
+
+
+def _is_sound(value: object) -> bool:
+    """Whether decoded JSON is within the depth bound and all its numbers are finite: the fast
+    walk, level by level, without paths (about 16 ms for 1 MB of 10,000 small messages)."""
+    level = [value]
+    for _ in range(MAX_JSON_DEPTH):
+        deeper = []
+        for item in level:
+            for child in item.values() if type(item) is dict else item:
+                kind = type(child)
+                if kind is dict or kind is list:
+                    deeper.append(child)
+                elif kind is float and not math.isfinite(child):
+                    return False
+        if not deeper:
+            return True
+        level = deeper
+    return False
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
 def field(
-    obj: dict, key: str, kind: type | tuple[type, ...], where: str, *, required: bool = False
+    obj: dict,
+    key: str,
+    kind: type | tuple[type, ...],
+    where: str,
+    *,
+    required: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
 ) -> object:
-    """Read ``obj[key]`` and check its JSON type.
+    """Read ``obj[key]`` and check its JSON type (and, for numbers, its range).
 
     Args:
         obj: The JSON object.
@@ -34,9 +127,12 @@ def field(
         kind: Accepted Python type(s); ``float`` also accepts integers.
         where: Path of ``obj`` in the request (``messages[2]``), for the error message.
         required: Whether a missing or null field is an error.
+        minimum: The smallest accepted number, if bounded below.
+        maximum: The largest accepted number, if bounded above.
 
     Raises:
-        InvalidRequestError: If the field is missing (when required) or has the wrong type.
+        InvalidRequestError: If the field is missing (when required), has the wrong type or
+            is out of range.
     """
     path = f"{where}.{key}" if where else key
     value = obj.get(key)
@@ -52,7 +148,38 @@ def field(
         raise InvalidRequestError(
             f"{path}: expected {expected}, got {type(value).__name__}", param=path
         )
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        check_range(value, path, minimum, maximum)
     return value
+
+
+def check_range(
+    value: float, path: str, minimum: float | None = None, maximum: float | None = None
+) -> None:
+    """Check a number against its bounds.
+
+    Args:
+        value: The number.
+        path: Its path in the request.
+        minimum: The smallest accepted value, if any.
+        maximum: The largest accepted value, if any.
+
+    Raises:
+        InvalidRequestError: If the number is out of range.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRequestError(f"{path}: must be a finite number", param=path)
+    low = minimum is None or value >= minimum
+    high = maximum is None or value <= maximum
+    if low and high:
+        return
+    if maximum is None:
+        bounds = f"at least {minimum:g}"
+    elif minimum is None:
+        bounds = f"at most {maximum:g}"
+    else:
+        bounds = f"between {minimum:g} and {maximum:g}"
+    raise InvalidRequestError(f"{path}: must be {bounds}, got {value!r:.40}", param=path)
 
 
 def objects(value: list, where: str) -> list[dict]:
@@ -185,6 +312,42 @@ def budget_to_effort(budget: int) -> str:
         if budget <= tokens:
             return effort
     return "high"
+
+
+# OpenAI-only request options, each with the values that ask for nothing.
+_NEUTRAL: dict[str, tuple] = {
+    "n": (None, 1),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "seed": (None,),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "service_tier": (None, "auto"),
+    "store": (None, False),
+    "metadata": (None, {}),
+    "prediction": (None,),
+}
+
+
+def refuse_options(request: ir.Request, target: str, handled: tuple[str, ...] = ()) -> None:
+    """Refuse the OpenAI-only options a target cannot honour, rather than drop them.
+
+    Args:
+        request: The IR request.
+        target: Who cannot honour them (``Anthropic``), for the message.
+        handled: The options the target renders itself.
+
+    Raises:
+        InvalidRequestError: Naming the first option set to more than its neutral value.
+    """
+    for name, neutral in _NEUTRAL.items():
+        if name not in handled and getattr(request, name) not in neutral:
+            raise InvalidRequestError(
+                f"{name}: not supported by {target} (leave it out, or use a model served by an "
+                "OpenAI upstream)",
+                param=name,
+            )
 
 
 def split_system(messages: list[ir.Message]) -> tuple[list[ir.TextPart], list[ir.Message]]:

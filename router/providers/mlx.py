@@ -32,7 +32,7 @@ from mlx_smolvlm.serving import load_for_serving
 from .. import ir
 from ..config import LimitsConfig, MLXConfig, ProviderConfig
 from ..errors import InvalidRequestError, OverloadedError, RateLimitError, UpstreamError
-from ..formats.fields import new_id
+from ..formats.fields import new_id, refuse_options
 from ..images import fetch_media, is_http
 from .base import BaseProvider
 
@@ -153,11 +153,7 @@ class Provider(BaseProvider):
             raise UpstreamError(f"{name}: the local model failed: {err}") from err
 
     def _params(self, request: ir.Request) -> SamplingParams:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(request, name):
-                raise InvalidRequestError(
-                    f"{name} is not supported by the local model {request.model!r}", param=name
-                )
+        refuse_options(request, f"the local model {request.model!r}", handled=("seed",))
         context = self.engine.max_context
         return SamplingParams(
             max_tokens=request.max_tokens or context,

@@ -867,6 +867,7 @@ def test_empty_text_in_tool_call_turn_is_not_sent_to_anthropic():
 
 def test_system_prompts_are_never_collapsed_or_dropped():
     request = openai_client.parse_request(copy.deepcopy(OPENAI_REQUEST))
+    request.seed = None  # Anthropic has no seed (a 400: tests/router/test_validation.py)
     body = anthropic_upstream.render_request(request)
     assert body["system"] == [
         {"type": "text", "text": "You are terse."},
@@ -891,6 +892,7 @@ def test_gemini3_history_call_without_signature_gets_the_documented_placeholder(
     body = copy.deepcopy(ANTHROPIC_REQUEST)
     del body["messages"][0]["content"][2]  # the URL image (inlined by the provider, not here)
     del body["messages"][1]["content"][:2]  # Anthropic's thinking blocks
+    del body["tool_choice"]  # Gemini cannot disable parallel calls (a 400 of its own)
     request = anthropic_client.parse_request(body)
     request.model = "gemini-3-pro-preview"
     parts = gemini_upstream.render_request(request)["contents"][1]["parts"]
@@ -927,6 +929,7 @@ def test_tool_choice_and_thinking_mappings():
 
 def test_json_schema_maps_to_anthropic_output_config_and_gemini_schema():
     request = openai_client.parse_request(copy.deepcopy(OPENAI_REQUEST))
+    request.seed = None  # Anthropic has no seed (a 400: tests/router/test_validation.py)
     assert anthropic_upstream.render_request(request)["output_config"] == {
         "format": {"type": "json_schema", "schema": WEATHER_SCHEMA}
     }

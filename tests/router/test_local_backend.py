@@ -317,6 +317,17 @@ async def test_tools_are_refused_clearly(clients):
         )
 
 
+@module_loop
+@pytest.mark.parametrize(
+    ("option", "value"), [("logprobs", True), ("n", 2), ("presence_penalty", 0.5)]
+)
+async def test_openai_options_the_local_model_cannot_honour_are_400s(clients, option, value):
+    with pytest.raises(openai.BadRequestError, match=f"{option}: not supported by the local"):
+        await clients.openai.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], **{option: value}
+        )
+
+
 async def hundred_at_once(clients: Clients, client: str) -> list:
     async def one(k: int):
         prompt = f"Say {k}"

@@ -51,7 +51,10 @@ def parse_request(body: dict) -> ir.Request:
     """
     model = field(body, "model", str, "", required=True)
     raw_messages = objects(field(body, "messages", list, "", required=True), "messages")
+    if not raw_messages:
+        raise InvalidRequestError("messages: must not be empty", param="messages")
     messages: list[ir.Message] = []
+    calls: set[str] = set()
     system = field(body, "system", (str, list), "")
     if isinstance(system, str):
         messages.append(ir.Message("system", [ir.TextPart(system)]))
@@ -69,6 +72,10 @@ def parse_request(body: dict) -> ir.Request:
                 f"{where}.role: expected 'user' or 'assistant'", param=f"{where}.role"
             )
         content = field(raw, "content", (str, list), where, required=True)
+        if role == "user" and not content:
+            raise InvalidRequestError(
+                f"{where}.content: a user message must not be empty", param=f"{where}.content"
+            )
         if isinstance(content, str):
             parts = [ir.TextPart(content)]
         else:
@@ -77,26 +84,54 @@ def parse_request(body: dict) -> ir.Request:
                 parse_block(b, f"{where}.content[{j}]", allowed)
                 for j, b in enumerate(objects(content, f"{where}.content"))
             ]
+        _check_tool_results(parts, calls, where)
         messages.append(ir.Message(role, parts))
     tool_choice, parallel = _parse_tool_choice(field(body, "tool_choice", dict, ""))
     metadata = field(body, "metadata", dict, "") or {}
+    tier = field(body, "service_tier", str, "")
+    if tier not in (None, "auto", "standard_only"):
+        raise InvalidRequestError(
+            "service_tier: expected 'auto' or 'standard_only'", param="service_tier"
+        )
     return ir.Request(
         model=model,
         messages=messages,
         tools=_parse_tools(field(body, "tools", list, "") or []),
         tool_choice=tool_choice,
         parallel_tool_calls=parallel,
-        max_tokens=field(body, "max_tokens", int, ""),
-        temperature=field(body, "temperature", float, ""),
-        top_p=field(body, "top_p", float, ""),
-        top_k=field(body, "top_k", int, ""),
-        stop=list(field(body, "stop_sequences", list, "") or []),
+        max_tokens=field(body, "max_tokens", int, "", minimum=1),
+        temperature=field(body, "temperature", float, "", minimum=0, maximum=1),
+        top_p=field(body, "top_p", float, "", minimum=0, maximum=1),
+        top_k=field(body, "top_k", int, "", minimum=0),
+        stop=_parse_stop(field(body, "stop_sequences", list, "")),
         response_format=_parse_output_format(body),
         reasoning=_parse_thinking(field(body, "thinking", dict, "")),
         stream=bool(field(body, "stream", bool, "")),
         include_usage=True,
         user=field(metadata, "user_id", str, "metadata"),
+        service_tier={"standard_only": "default"}.get(tier, tier),
     )
+
+
+def _check_tool_results(parts: list, calls: set[str], where: str) -> None:
+    """Record tool_use ids and refuse a tool_result that answers none of them."""
+    for j, part in enumerate(parts):
+        if isinstance(part, ir.ToolCallPart):
+            calls.add(part.id)
+        elif isinstance(part, ir.ToolResultPart) and part.call_id not in calls:
+            at = f"{where}.content[{j}].tool_use_id"
+            raise InvalidRequestError(
+                f"{at}: no earlier tool_use has id {part.call_id!r}", param=at
+            )
+
+
+def _parse_stop(raw: list | None) -> list[str]:
+    for i, item in enumerate(raw or []):
+        if not isinstance(item, str):
+            raise InvalidRequestError(
+                f"stop_sequences[{i}]: expected a string", param=f"stop_sequences[{i}]"
+            )
+    return list(raw or [])
 
 
 _USER_BLOCKS = ("text", "image", "document", "tool_result")
@@ -148,7 +183,7 @@ def _parse_thinking(raw: dict | None) -> ir.Reasoning | None:
         return ir.Reasoning(enabled=False)
     if kind == "enabled":
         return ir.Reasoning(
-            budget_tokens=field(raw, "budget_tokens", int, "thinking", required=True)
+            budget_tokens=field(raw, "budget_tokens", int, "thinking", required=True, minimum=1)
         )
     if kind == "adaptive":
         return ir.Reasoning()
@@ -408,13 +443,12 @@ class AnthropicClient(ClientFormat):
         Raises:
             InvalidRequestError: Also for a message request without ``max_tokens``.
         """
+        counting = http.path.endswith("/count_tokens")
+        if not counting:
+            field(body, "max_tokens", int, "", required=True)
         request = parse_request(body)
         request.anthropic_beta = parse_beta_flags(http.headers.get("anthropic-beta", ""))
-        if http.path.endswith("/count_tokens"):
-            return ClientCall(request, count_tokens=True)
-        if request.max_tokens is None:
-            raise InvalidRequestError("max_tokens: field is required", param="max_tokens")
-        return ClientCall(request)
+        return ClientCall(request, count_tokens=counting)
 
     render_response = staticmethod(render_response)
     stream_renderer = staticmethod(StreamRenderer)

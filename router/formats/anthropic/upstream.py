@@ -8,6 +8,10 @@ What Anthropic cannot express (see also `router.formats.anthropic.content`):
 - Sampling: the current Messages API takes no ``temperature``/``top_p``/``top_k`` (they are
   absent from the anthropic SDK 2.x request types and rejected as unknown fields), so they are
   not forwarded; the client's ``max_tokens`` and stop sequences are.
+- OpenAI-only options: ``service_tier`` ``auto``/``default`` map to ``auto``/``standard_only``,
+  ``parallel_tool_calls: false`` to ``disable_parallel_tool_use`` and ``user`` to
+  ``metadata.user_id``; the others (``n``, ``seed``, log probabilities, ``logit_bias``, the
+  penalties, ``store``, ``metadata``, ``prediction``) are a 400 (`refuse_options`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 from ... import ir
 from ...errors import GatewayError, InvalidRequestError, UpstreamError, error_for_status
 from ..base import UpstreamFormat
-from ..fields import effort_to_budget, new_id, split_system
+from ..fields import effort_to_budget, new_id, refuse_options, split_system
 from .content import ASSISTANT_BLOCKS, parse_block, render_block, render_cache
 
 logger = logging.getLogger(__name__)
@@ -63,8 +67,9 @@ def render_request(request: ir.Request) -> dict:
 
     Raises:
         InvalidRequestError: If the request holds something Anthropic cannot express (audio,
-            JSON mode without a schema), naming the field.
+            JSON mode without a schema, OpenAI-only options, no message), naming the field.
     """
+    refuse_options(request, "Anthropic", handled=("service_tier",))
     system, messages = split_system(request.messages)
     body: dict = {"model": request.model, "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS}
     if system:
@@ -76,6 +81,12 @@ def render_request(request: ir.Request) -> dict:
         for m in (_render_message(m, f"messages[{i}]") for i, m in enumerate(messages))
         if m["content"]
     ]
+    if not body["messages"]:
+        raise InvalidRequestError(
+            "messages: the conversation has no user or assistant content (Anthropic needs at "
+            "least one non-empty message)",
+            param="messages",
+        )
     if request.tools:
         body["tools"] = [_render_tool(t) for t in request.tools]
     choice = _render_tool_choice(request)
@@ -108,9 +119,25 @@ def render_request(request: ir.Request) -> dict:
         body["output_config"] = {"format": {"type": "json_schema", "schema": fmt.schema}}
     if request.user:
         body["metadata"] = {"user_id": request.user}
+    if request.service_tier is not None:
+        body["service_tier"] = _render_service_tier(request.service_tier)
     if request.stream:
         body["stream"] = True
     return body
+
+
+# OpenAI's service tiers that Anthropic has: "auto" (priority capacity when available) and
+# "default" (standard capacity only).
+SERVICE_TIERS = {"auto": "auto", "default": "standard_only"}
+
+
+def _render_service_tier(tier: str) -> str:
+    if tier not in SERVICE_TIERS:
+        raise InvalidRequestError(
+            f"service_tier: Anthropic has no {tier!r} tier (only 'auto' and 'default')",
+            param="service_tier",
+        )
+    return SERVICE_TIERS[tier]
 
 
 def _render_tool_choice(request: ir.Request) -> dict | None:
@@ -158,8 +185,15 @@ def parse_response(body: dict) -> ir.Response:
         body: The decoded JSON response.
 
     Raises:
-        InvalidRequestError: If a content block is malformed.
+        GatewayError: For an error object inside the 200 (``overloaded_error`` a retryable
+            503, ``rate_limit_error`` a 429...), so that the key pool and fallback see it.
+        InvalidRequestError: If ``content`` is missing or a content block is malformed (the
+            provider turns this into a 502).
     """
+    if body.get("type") == "error":
+        raise parse_error(body, 500)
+    if not isinstance(body.get("content"), list):
+        raise InvalidRequestError("the response has no content array")
     parts = [
         parse_block(b, f"content[{i}]", ASSISTANT_BLOCKS)
         for i, b in enumerate(body.get("content") or [])
@@ -303,9 +337,13 @@ def parse_error(data: dict, default_status: int, source: str = "anthropic") -> G
         default_status: Status to assume for an unknown error type.
         source: Who sent it, named at the start of the message.
     """
-    error = data.get("error") or {}
-    status = _ERRORS_FROM_WIRE.get(error.get("type"), default_status)
-    return error_for_status(status, f"{source}: {error.get('message') or json.dumps(data)}")
+    error = data.get("error") if isinstance(data.get("error"), dict) else {}
+    kind = error.get("type")
+    status = (
+        _ERRORS_FROM_WIRE.get(kind, default_status) if isinstance(kind, str) else default_status
+    )
+    message = error.get("message") or json.dumps(data)
+    return error_for_status(status, f"{source}: {message}", upstream_body=data)
 
 
 class AnthropicUpstream(UpstreamFormat):

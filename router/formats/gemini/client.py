@@ -31,7 +31,7 @@ from ..fields import (
     parse_arguments,
     standard_base64,
 )
-from .content import with_signature
+from .content import render_logprobs_result, with_signature
 from .schema import from_gemini_schema
 
 _FINISH_TO_WIRE = {
@@ -61,12 +61,19 @@ _SNAKE = re.compile(r"(?<!^)(?=[A-Z])")
 
 
 def _get(
-    obj: dict, camel: str, kind: type | tuple[type, ...], where: str, *, required: bool = False
+    obj: dict,
+    camel: str,
+    kind: type | tuple[type, ...],
+    where: str,
+    *,
+    required: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
 ) -> object:
     """``field`` that accepts the camelCase name or its snake_case spelling."""
     snake = _SNAKE.sub("_", camel).lower()
     key = camel if camel in obj or snake not in obj else snake
-    return field(obj, key, kind, where, required=required)
+    return field(obj, key, kind, where, required=required, minimum=minimum, maximum=maximum)
 
 
 def parse_request(body: dict, model: str) -> ir.Request:
@@ -86,6 +93,8 @@ def parse_request(body: dict, model: str) -> ir.Request:
         messages.append(ir.Message("system", parts))
     pending: dict[str, list[str]] = {}
     contents = objects(_get(body, "contents", list, "", required=True), "contents")
+    if not contents:
+        raise InvalidRequestError("contents: must not be empty", param="contents")
     for i, content in enumerate(contents):
         where = f"contents[{i}]"
         role = field(content, "role", str, where) or "user"
@@ -108,23 +117,35 @@ def parse_request(body: dict, model: str) -> ir.Request:
         messages=messages,
         tools=_parse_tools(_get(body, "tools", list, "") or []),
         tool_choice=_parse_tool_config(_get(body, "toolConfig", dict, "")),
-        max_tokens=_get(config, "maxOutputTokens", int, cw),
-        temperature=_get(config, "temperature", float, cw),
-        top_p=_get(config, "topP", float, cw),
-        top_k=_get(config, "topK", int, cw),
-        stop=list(_get(config, "stopSequences", list, cw) or []),
+        max_tokens=_get(config, "maxOutputTokens", int, cw, minimum=1),
+        temperature=_get(config, "temperature", float, cw, minimum=0, maximum=2),
+        top_p=_get(config, "topP", float, cw, minimum=0, maximum=1),
+        top_k=_get(config, "topK", int, cw, minimum=0),
+        stop=_parse_stop(_get(config, "stopSequences", list, cw)),
         seed=_get(config, "seed", int, cw),
         presence_penalty=_get(config, "presencePenalty", float, cw),
         frequency_penalty=_get(config, "frequencyPenalty", float, cw),
         response_format=_parse_response_format(config),
         reasoning=_parse_thinking(_get(config, "thinkingConfig", dict, cw)),
         include_usage=True,
+        logprobs=_get(config, "responseLogprobs", bool, cw),
+        top_logprobs=_get(config, "logprobs", int, cw, minimum=0, maximum=20),
     )
+
+
+def _parse_stop(raw: list | None) -> list[str]:
+    where = "generationConfig.stopSequences"
+    for i, item in enumerate(raw or []):
+        if not isinstance(item, str):
+            raise InvalidRequestError(f"{where}[{i}]: expected a string", param=f"{where}[{i}]")
+    return list(raw or [])
 
 
 def _parse_parts(content: dict, where: str, pending: dict[str, list[str]] | None) -> list:
     """Parse ``content.parts``; ``pending`` pairs function calls and responses (None: system)."""
     raw_parts = objects(field(content, "parts", list, where, required=True), f"{where}.parts")
+    if not raw_parts:
+        raise InvalidRequestError(f"{where}.parts: must not be empty", param=f"{where}.parts")
     parts: list = []
     for j, raw in enumerate(raw_parts):
         at = f"{where}.parts[{j}]"
@@ -180,8 +201,13 @@ def _parse_function_response(raw: dict, where: str, pending: dict[str, list[str]
     name = field(raw, "name", str, where, required=True)
     call_id = field(raw, "id", str, where)
     queue = pending.get(name) or []
+    if call_id is None and not queue:
+        raise InvalidRequestError(
+            f"{where}: no unanswered functionCall named {name!r} in the preceding model turn",
+            param=where,
+        )
     if call_id is None:
-        call_id = queue.pop(0) if queue else new_id("call")
+        call_id = queue.pop(0)
     elif call_id in queue:
         queue.remove(call_id)
     response = field(raw, "response", dict, where) or {}
@@ -299,6 +325,8 @@ def render_response(response: ir.Response, request: ir.Request) -> dict:
         "finishReason": _FINISH_TO_WIRE[response.finish_reason],
         "index": 0,
     }
+    if response.logprobs is not None:
+        candidate["logprobsResult"] = render_logprobs_result(response.logprobs)
     return {
         "candidates": [candidate],
         "usageMetadata": render_usage(response.usage),
@@ -375,8 +403,9 @@ class StreamRenderer:
                 self._call.arguments += event.arguments
                 self._call.signature = event.signature or self._call.signature
                 return []
-            if kind in ("text", "thinking") and (event.text or event.signature):
-                return [self._chunk([self._text_part(event.index, event.text, event.signature)])]
+            if kind in ("text", "thinking") and (event.text or event.signature or event.logprobs):
+                part = self._text_part(event.index, event.text, event.signature)
+                return [self._chunk([part], event.logprobs)]
             return []
         parts = []
         if self._call is not None:
@@ -422,8 +451,10 @@ class StreamRenderer:
             return []
         return [self._chunk([self._render_call()])]
 
-    def _chunk(self, parts: list[dict]) -> SSEEvent:
-        candidate = {"content": {"role": "model", "parts": parts}, "index": 0}
+    def _chunk(self, parts: list[dict], logprobs: list[ir.TokenLogprob] | None = None) -> SSEEvent:
+        candidate: dict = {"content": {"role": "model", "parts": parts}, "index": 0}
+        if logprobs is not None:
+            candidate["logprobsResult"] = render_logprobs_result(logprobs)
         return SSEEvent(
             dump_json(
                 {"candidates": [candidate], "modelVersion": self._model, "responseId": self._id}

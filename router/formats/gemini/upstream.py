@@ -5,6 +5,12 @@ Signatures: ``thoughtSignature`` on text and function-call parts is kept on the 
 Gemini 3 models, a function call in the history without a signature (written by another
 provider or a client that dropped it) gets Google's documented placeholder
 ``skip_thought_signature_validator``. Thought parts are not sent back to Gemini.
+
+OpenAI-only options: ``seed`` and the penalties go into ``generationConfig``, ``logprobs`` and
+``top_logprobs`` become ``responseLogprobs`` and ``logprobs`` (the answer's ``logprobsResult``
+comes back as IR token log probabilities); the others (``n``, ``logit_bias``, a
+``service_tier``, ``store``, ``metadata``, ``prediction``, ``parallel_tool_calls: false``) are a
+400.
 """
 
 from __future__ import annotations
@@ -16,8 +22,15 @@ import time
 from ... import ir
 from ...errors import GatewayError, InvalidRequestError, UpstreamError, error_for_status
 from ..base import UpstreamFormat
-from ..fields import dump_json, effort_to_budget, new_id, parse_arguments, split_system
-from .content import with_signature
+from ..fields import (
+    dump_json,
+    effort_to_budget,
+    new_id,
+    parse_arguments,
+    refuse_options,
+    split_system,
+)
+from .content import parse_logprobs_result, with_signature
 from .schema import to_gemini_schema
 
 SKIP_SIGNATURE = "skip_thought_signature_validator"
@@ -45,8 +58,19 @@ def render_request(request: ir.Request) -> dict:
         request: The IR request.
 
     Raises:
-        InvalidRequestError: If a part cannot be expressed for Gemini, naming it.
+        InvalidRequestError: If a part or option cannot be expressed for Gemini, or no message
+            is left to send, naming it.
     """
+    refuse_options(
+        request,
+        "Gemini",
+        handled=("seed", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs"),
+    )
+    if request.parallel_tool_calls is False and request.tools:
+        raise InvalidRequestError(
+            "parallel_tool_calls: Gemini cannot be told to call one tool at a time",
+            param="parallel_tool_calls",
+        )
     system, messages = split_system(request.messages)
     body: dict = {}
     if system:
@@ -64,6 +88,12 @@ def render_request(request: ir.Request) -> dict:
             contents.append(
                 {"role": "model" if message.role == "assistant" else "user", "parts": parts}
             )
+    if not contents:
+        raise InvalidRequestError(
+            "messages: the conversation has no user or model content (Gemini needs at least "
+            "one non-empty turn)",
+            param="messages",
+        )
     body["contents"] = contents
     if request.tools:
         body["tools"] = [
@@ -98,6 +128,10 @@ def _render_generation_config(request: ir.Request) -> dict:
             config[key] = value
     if request.stop:
         config["stopSequences"] = request.stop
+    if request.logprobs:
+        config["responseLogprobs"] = True
+        if request.top_logprobs is not None:
+            config["logprobs"] = request.top_logprobs
     fmt = request.response_format
     if fmt is not None and fmt.type != "text":
         config["responseMimeType"] = "application/json"
@@ -191,8 +225,13 @@ def parse_response(body: dict) -> ir.Response:
         body: The decoded JSON response.
 
     Raises:
-        InvalidRequestError: If a part is malformed.
+        GatewayError: For an error object inside the 200 (mapped by its code or status).
+        InvalidRequestError: If a part is malformed, or there is no candidate and no block
+            reason (the provider turns this into a 502).
     """
+    if "error" not in body and not body.get("candidates"):
+        if not (body.get("promptFeedback") or {}).get("blockReason"):
+            raise InvalidRequestError("the response has no candidates")
     parser = StreamParser()
     events = parser.parse_stream_event(body) + parser.finish()
     return ir.collect_stream(events)
@@ -259,6 +298,9 @@ class StreamParser:
                 continue
             for j, part in enumerate((candidate.get("content") or {}).get("parts") or []):
                 events += self._part(part, j)
+            tokens = parse_logprobs_result(candidate.get("logprobsResult"))
+            if tokens:
+                events += self._logprobs(events, tokens)
             reason = candidate.get("finishReason")
             if reason and reason != "FINISH_REASON_UNSPECIFIED":
                 self._finish = _FINISH_FROM_WIRE.get(reason, "stop")
@@ -280,6 +322,23 @@ class StreamParser:
         if finish == "stop" and self._had_calls:
             finish = "tool_calls"
         return [ir.StreamEnd(finish, usage=self._usage)]
+
+    def _logprobs(
+        self, events: list[ir.StreamEvent], tokens: list[ir.TokenLogprob]
+    ) -> list[ir.StreamEvent]:
+        """Put a chunk's token log probabilities on its text delta (or a delta of their own)."""
+        last = events[-1] if events else None
+        if isinstance(last, ir.PartDelta) and last.text and self._open == "text":
+            last.logprobs = tokens
+            return []
+        if self._open != "text":
+            self._open = "text"
+            self._parts += 1
+            return [
+                ir.PartStart(self._parts - 1, ir.TextPart("")),
+                ir.PartDelta(self._parts - 1, logprobs=tokens),
+            ]
+        return [ir.PartDelta(self._parts - 1, logprobs=tokens)]
 
     def _part(self, part: dict, position: int) -> list[ir.StreamEvent]:
         signature = part.get("thoughtSignature")
@@ -325,9 +384,31 @@ def parse_error(data: dict, default_status: int, source: str = "gemini") -> Gate
         default_status: Status to assume if the object has no code.
         source: Who sent it, named at the start of the message.
     """
-    error = data.get("error") or {}
-    status = error.get("code") if isinstance(error.get("code"), int) else default_status
-    return error_for_status(status, f"{source}: {error.get('message') or json.dumps(data)}")
+    error = data.get("error") if isinstance(data.get("error"), dict) else {}
+    code = error.get("code")
+    if isinstance(code, int) and not isinstance(code, bool):
+        status = code
+    else:
+        name = error.get("status")
+        status = (
+            _STATUS_CODES.get(name, default_status) if isinstance(name, str) else default_status
+        )
+    message = error.get("message") or json.dumps(data)
+    return error_for_status(status, f"{source}: {message}", upstream_body=data)
+
+
+# Google's status names, for an error object without a numeric code.
+_STATUS_CODES = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
 
 
 class GeminiUpstream(UpstreamFormat):

@@ -43,6 +43,10 @@ _ERROR_TYPES = {
 }
 
 
+# Fields of the Chat Completions API the router cannot carry: refused rather than dropped.
+_UNSUPPORTED = ("audio", "web_search_options", "functions", "function_call")
+
+
 def parse_request(body: dict) -> ir.Request:
     """Parse a Chat Completions request body.
 
@@ -56,16 +60,23 @@ def parse_request(body: dict) -> ir.Request:
     raw_messages = objects(field(body, "messages", list, "", required=True), "messages")
     if not raw_messages:
         raise InvalidRequestError("messages: must not be empty", param="messages")
-    if field(body, "n", int, "") not in (None, 1):
-        raise InvalidRequestError("n: only n=1 is supported", param="n")
+    for name in _UNSUPPORTED:
+        if body.get(name) is not None:
+            raise InvalidRequestError(f"{name}: not supported by the router", param=name)
+    if body.get("modalities") not in (None, ["text"]):
+        raise InvalidRequestError("modalities: only text output is supported", param="modalities")
+    stream = bool(field(body, "stream", bool, ""))
+    n = field(body, "n", int, "", minimum=1, maximum=128)
+    if stream and n not in (None, 1):
+        raise InvalidRequestError("n: a stream carries one answer (n=1)", param="n")
     messages: list[ir.Message] = []
     tool_names: dict[str, str] = {}
     for i, raw in enumerate(raw_messages):
         _parse_message(raw, f"messages[{i}]", messages, tool_names)
     stop = field(body, "stop", (str, list), "")
-    max_tokens = field(body, "max_completion_tokens", int, "")
+    max_tokens = field(body, "max_completion_tokens", int, "", minimum=1)
     if max_tokens is None:
-        max_tokens = field(body, "max_tokens", int, "")
+        max_tokens = field(body, "max_tokens", int, "", minimum=1)
     options = field(body, "stream_options", dict, "") or {}
     effort = field(body, "reasoning_effort", str, "")
     return ir.Request(
@@ -75,19 +86,75 @@ def parse_request(body: dict) -> ir.Request:
         tool_choice=_parse_tool_choice(body.get("tool_choice")),
         parallel_tool_calls=field(body, "parallel_tool_calls", bool, ""),
         max_tokens=max_tokens,
-        temperature=field(body, "temperature", float, ""),
-        top_p=field(body, "top_p", float, ""),
-        top_k=field(body, "top_k", int, ""),
-        stop=[stop] if isinstance(stop, str) else list(stop or []),
+        temperature=field(body, "temperature", float, "", minimum=0, maximum=2),
+        top_p=field(body, "top_p", float, "", minimum=0, maximum=1),
+        top_k=_parse_top_k(field(body, "top_k", int, "", minimum=-1)),
+        stop=_parse_stop(stop),
         seed=field(body, "seed", int, ""),
-        presence_penalty=field(body, "presence_penalty", float, ""),
-        frequency_penalty=field(body, "frequency_penalty", float, ""),
+        presence_penalty=field(body, "presence_penalty", float, "", minimum=-2, maximum=2),
+        frequency_penalty=field(body, "frequency_penalty", float, "", minimum=-2, maximum=2),
         response_format=_parse_response_format(field(body, "response_format", dict, "")),
         reasoning=parse_effort(effort),
-        stream=bool(field(body, "stream", bool, "")),
+        stream=stream,
         include_usage=bool(field(options, "include_usage", bool, "stream_options")),
         user=field(body, "user", str, ""),
+        n=n,
+        logprobs=field(body, "logprobs", bool, ""),
+        top_logprobs=field(body, "top_logprobs", int, "", minimum=0, maximum=20),
+        logit_bias=_parse_logit_bias(field(body, "logit_bias", dict, "")),
+        service_tier=field(body, "service_tier", str, ""),
+        store=field(body, "store", bool, ""),
+        metadata=parse_metadata(field(body, "metadata", dict, ""), "metadata"),
+        prediction=_parse_prediction(field(body, "prediction", dict, "")),
     )
+
+
+def _parse_top_k(top_k: int | None) -> int | None:
+    """vLLM's ``top_k`` of -1 or 0 means every token: the same as none."""
+    return top_k if top_k is None or top_k > 0 else None
+
+
+def _parse_stop(stop: str | list | None) -> list[str]:
+    if isinstance(stop, str):
+        return [stop]
+    for i, item in enumerate(stop or []):
+        if not isinstance(item, str):
+            raise InvalidRequestError(f"stop[{i}]: expected a string", param=f"stop[{i}]")
+    return list(stop or [])
+
+
+def _parse_logit_bias(raw: dict | None) -> dict[str, float] | None:
+    if raw is None:
+        return None
+    for token in raw:
+        field(raw, token, float, "logit_bias", required=True, minimum=-100, maximum=100)
+    return raw
+
+
+def parse_metadata(raw: dict | None, where: str) -> dict[str, str] | None:
+    """Read OpenAI ``metadata`` (string values; Chat and Responses share it).
+
+    Args:
+        raw: The object, or None.
+        where: Its path in the request.
+
+    Raises:
+        InvalidRequestError: If a value is not a string.
+    """
+    if raw is None:
+        return None
+    for key in raw:
+        field(raw, key, str, where, required=True)
+    return raw
+
+
+def _parse_prediction(raw: dict | None) -> str | None:
+    if raw is None:
+        return None
+    if field(raw, "type", str, "prediction", required=True) != "content":
+        raise InvalidRequestError("prediction.type: expected 'content'", param="prediction.type")
+    parts = parse_content(raw, "prediction", text_only=True)
+    return "".join(p.text for p in parts)
 
 
 def parse_effort(effort: str | None) -> ir.Reasoning | None:
@@ -114,6 +181,11 @@ def _parse_message(
         out.append(ir.Message("assistant", parse_assistant(raw, where, tool_names)))
     elif role == "tool":
         call_id = field(raw, "tool_call_id", str, where, required=True)
+        if call_id not in tool_names:
+            raise InvalidRequestError(
+                f"{where}.tool_call_id: no assistant tool call {call_id!r} precedes this result",
+                param=f"{where}.tool_call_id",
+            )
         result = ir.ToolResultPart(
             call_id, tool_names.get(call_id), parse_content(raw, where, text_only=False)
         )
@@ -191,37 +263,70 @@ def render_usage(usage: ir.Usage) -> dict:
 
 
 def render_response(response: ir.Response, request: ir.Request) -> dict:
-    """Render an IR response as a ``chat.completion`` object.
+    """Render an IR response as a ``chat.completion`` object (one choice per answer).
 
     Args:
         response: The IR response.
         request: The client's request (unused by this format; kept for a uniform signature).
     """
-    message: dict = {"role": "assistant"}
-    texts = [p.text for p in response.parts if isinstance(p, ir.TextPart)]
-    calls = [p for p in response.parts if isinstance(p, ir.ToolCallPart)]
-    message["content"] = "".join(texts) if texts or not calls else None
-    thinking = [p for p in response.parts if isinstance(p, ir.ThinkingPart)]
-    if thinking:
-        message["reasoning_content"] = "".join(p.text for p in thinking)
-        message["thinking_blocks"] = [_render_thinking_block(p) for p in thinking]
-    if calls:
-        message["tool_calls"] = [render_tool_call(c) for c in calls]
+    first = ir.Choice(response.parts, response.finish_reason, response.logprobs)
     return {
         "id": response.id,
         "object": "chat.completion",
         "created": response.created,
         "model": response.model,
         "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": _FINISH_TO_WIRE[response.finish_reason],
-            }
+            _render_choice(choice, i) for i, choice in enumerate([first, *response.alternatives])
         ],
         "usage": render_usage(response.usage),
     }
+
+
+def _render_choice(choice: ir.Choice, index: int) -> dict:
+    message: dict = {"role": "assistant"}
+    texts = [p.text for p in choice.parts if isinstance(p, ir.TextPart)]
+    calls = [p for p in choice.parts if isinstance(p, ir.ToolCallPart)]
+    message["content"] = "".join(texts) if texts or not calls else None
+    thinking = [p for p in choice.parts if isinstance(p, ir.ThinkingPart)]
+    if thinking:
+        message["reasoning_content"] = "".join(p.text for p in thinking)
+        message["thinking_blocks"] = [_render_thinking_block(p) for p in thinking]
+    if calls:
+        message["tool_calls"] = [render_tool_call(c) for c in calls]
+    return {
+        "index": index,
+        "message": message,
+        "logprobs": render_logprobs(choice.logprobs),
+        "finish_reason": _FINISH_TO_WIRE[choice.finish_reason],
+    }
+
+
+def render_logprobs(tokens: list[ir.TokenLogprob] | None) -> dict | None:
+    """Render token log probabilities as a choice's ``logprobs`` object.
+
+    Args:
+        tokens: The tokens, or None when none were asked for.
+    """
+    if tokens is None:
+        return None
+    return {"content": render_tokens(tokens), "refusal": None}
+
+
+def render_tokens(tokens: list[ir.TokenLogprob]) -> list[dict]:
+    """Render token log probabilities as OpenAI's list of ``{"token", "logprob", "bytes",
+    "top_logprobs"}`` (Chat's ``logprobs.content``, Responses' ``output_text.logprobs``).
+
+    Args:
+        tokens: The tokens.
+    """
+    return [_render_token(t) for t in tokens]
+
+
+def _render_token(token: ir.TokenLogprob, top: bool = True) -> dict:
+    wire = {"token": token.token, "logprob": token.logprob, "bytes": token.bytes}
+    if top:
+        wire["top_logprobs"] = [_render_token(t, top=False) for t in token.top]
+    return wire
 
 
 def _render_thinking_block(part: ir.ThinkingPart) -> dict:
@@ -292,7 +397,9 @@ class StreamRenderer:
                 block.text += event.text
                 block.signature = event.signature or block.signature
                 return [self._chunk({"reasoning_content": event.text})] if event.text else []
-            return [self._chunk({"content": event.text})] if event.text else []
+            if not event.text and event.logprobs is None:
+                return []
+            return [self._chunk({"content": event.text}, logprobs=event.logprobs)]
         out = self._flush_thinking()
         out.append(self._chunk({}, finish_reason=_FINISH_TO_WIRE[event.finish_reason]))
         if self._include_usage:
@@ -319,8 +426,18 @@ class StreamRenderer:
         self._thinking.clear()
         return out
 
-    def _chunk(self, delta: dict, finish_reason: str | None = None) -> SSEEvent:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def _chunk(
+        self,
+        delta: dict,
+        finish_reason: str | None = None,
+        logprobs: list[ir.TokenLogprob] | None = None,
+    ) -> SSEEvent:
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": render_logprobs(logprobs),
+            "finish_reason": finish_reason,
+        }
         chunk = {**self._head, "choices": [choice]}
         if self._include_usage:
             chunk["usage"] = None

@@ -53,6 +53,11 @@ def render_request(request: ir.Request, *, compatible: bool) -> dict:
             body[key] = getattr(request, key)
     if request.top_k is not None and compatible:
         body["top_k"] = request.top_k
+    for key in ("n", "logprobs", "top_logprobs", "logit_bias", "service_tier", "store", "metadata"):
+        if getattr(request, key) is not None:
+            body[key] = getattr(request, key)
+    if request.prediction is not None:
+        body["prediction"] = {"type": "content", "content": request.prediction}
     if request.stop:
         body["stop"] = request.stop
     if request.response_format is not None:
@@ -210,31 +215,63 @@ def parse_response(body: dict) -> ir.Response:
         body: The decoded JSON response.
 
     Raises:
-        InvalidRequestError: If a message field has the wrong type (the provider turns this
-            into a 502).
+        GatewayError: For an error object inside the 200 (mapped by its type: a rate limit is
+            a 429, a server error a 5xx), so that the key pool and fallback see it.
+        InvalidRequestError: If ``choices`` or a message is missing or malformed (the provider
+            turns this into a 502).
     """
-    choices = body.get("choices") or [{}]
-    choice = choices[0]
-    message = choice.get("message") or {}
-    parts = (
-        parse_assistant(
-            {k: v for k, v in message.items() if k != "role" and v is not None}, "message", {}
-        )
-        if message
-        else []
+    if body.get("error"):
+        raise parse_error(body, 500)
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise InvalidRequestError("the response has no choices")
+    parsed = [_parse_choice(choice, f"choices[{i}]") for i, choice in enumerate(choices)]
+    first = parsed[0]
+    return ir.Response(
+        id=body.get("id") or new_id("chatcmpl"),
+        model=body.get("model") or "",
+        parts=first.parts,
+        finish_reason=first.finish_reason,
+        usage=parse_usage(body.get("usage") or {}),
+        created=body.get("created") or int(time.time()),
+        logprobs=first.logprobs,
+        alternatives=parsed[1:],
+    )
+
+
+def _parse_choice(choice: object, where: str) -> ir.Choice:
+    if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
+        raise InvalidRequestError(f"{where}: a choice must hold a message object")
+    message = choice["message"]
+    parts = parse_assistant(
+        {k: v for k, v in message.items() if k != "role" and v is not None}, f"{where}.message", {}
     )
     if message.get("reasoning") and not any(isinstance(p, ir.ThinkingPart) for p in parts):
         parts.insert(0, ir.ThinkingPart(message["reasoning"]))
     finish = _FINISH_FROM_WIRE.get(choice.get("finish_reason") or "stop", "stop")
     if finish == "stop" and any(isinstance(p, ir.ToolCallPart) for p in parts):
         finish = "tool_calls"
-    return ir.Response(
-        id=body.get("id") or new_id("chatcmpl"),
-        model=body.get("model") or "",
-        parts=parts,
-        finish_reason=finish,
-        usage=parse_usage(body.get("usage") or {}),
-        created=body.get("created") or int(time.time()),
+    return ir.Choice(parts, finish, parse_logprobs(choice.get("logprobs")))
+
+
+def parse_logprobs(raw: object) -> list[ir.TokenLogprob] | None:
+    """Read a choice's ``logprobs`` (``{"content": [{"token", "logprob", "bytes",
+    "top_logprobs"}]}``); None when the upstream sent none.
+
+    Args:
+        raw: The ``logprobs`` value.
+    """
+    if not isinstance(raw, dict) or not isinstance(raw.get("content"), list):
+        return None
+    return [_parse_token(t) for t in raw["content"]]
+
+
+def _parse_token(raw: dict) -> ir.TokenLogprob:
+    return ir.TokenLogprob(
+        token=raw["token"],
+        logprob=float(raw["logprob"]),
+        bytes=raw.get("bytes"),
+        top=[_parse_token(t) for t in raw.get("top_logprobs") or []],
     )
 
 
@@ -309,6 +346,9 @@ class StreamParser:
                     events.append(ir.PartDelta(self._parts - 1, signature=block["signature"]))
             if delta.get("content"):
                 events += self._text("text", delta["content"])
+            tokens = parse_logprobs(choice.get("logprobs"))
+            if tokens:
+                events += self._logprobs(events, tokens)
             for position, call in enumerate(delta.get("tool_calls") or []):
                 events += self._tool_call(call, position)
             if choice.get("finish_reason"):
@@ -358,6 +398,17 @@ class StreamParser:
             events.append(ir.PartDelta(self._parts - 1, text=text))
         return events
 
+    def _logprobs(
+        self, events: list[ir.StreamEvent], tokens: list[ir.TokenLogprob]
+    ) -> list[ir.StreamEvent]:
+        """Put a chunk's token log probabilities on its text delta (or a delta of their own)."""
+        last = events[-1] if events else None
+        if isinstance(last, ir.PartDelta) and last.text and self._open == ("text", last.index):
+            last.logprobs = tokens
+            return []
+        opened = self._text("text", "")
+        return [*opened, ir.PartDelta(self._parts - 1, logprobs=tokens)]
+
     def _tool_call(self, call: dict, position: int) -> list[ir.StreamEvent]:
         events: list[ir.StreamEvent] = []
         fn = call.get("function") or {}
@@ -387,19 +438,44 @@ class StreamParser:
         return events
 
 
+# Error ``type``/``code`` strings of OpenAI and compatible servers, for an error inside a 200.
+_ERRORS_FROM_WIRE = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "rate_limit_error": 429,
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+    "tokens": 429,
+    "server_error": 500,
+    "api_error": 500,
+    "overloaded_error": 503,
+    "service_unavailable": 503,
+    "timeout": 504,
+}
+
+
 def parse_error(data: dict, default_status: int, source: str = "openai") -> GatewayError:
-    """Turn an ``{"error": {...}}`` object (an error chunk inside a 200 stream) into a router
-    error; its ``code``, when a number, is the status.
+    """Turn an ``{"error": {...}}`` object (a body or chunk inside a 200) into a router error;
+    its ``code``, when a number, is the status, else its ``code`` or ``type`` name one.
 
     Args:
         data: The error object.
-        default_status: Status to assume when ``code`` is not a number.
+        default_status: Status to assume when neither names one.
         source: Who sent it, named at the start of the message.
     """
     error = data["error"] if isinstance(data.get("error"), dict) else {}
     code = error.get("code")
-    status = code if isinstance(code, int) else default_status
-    return error_for_status(status, f"{source}: {error_message(data)}")
+    if isinstance(code, int) and not isinstance(code, bool):
+        status = code
+    else:
+        status = _ERRORS_FROM_WIRE.get(
+            code if isinstance(code, str) else "",
+            _ERRORS_FROM_WIRE.get(error.get("type") if isinstance(error.get("type"), str) else ""),
+        )
+        status = status or default_status
+    return error_for_status(status, f"{source}: {error_message(data)}", upstream_body=data)
 
 
 class OpenAIUpstream(UpstreamFormat):

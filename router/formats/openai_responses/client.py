@@ -18,7 +18,7 @@ from ...errors import GatewayError, InvalidRequestError
 from ...sse import SSEEvent
 from ..base import ClientCall
 from ..fields import append_tool_result, dump_json, field, new_id, objects, parse_data_url
-from ..openai.client import OpenAIChatClient, parse_effort
+from ..openai.client import OpenAIChatClient, parse_effort, parse_metadata, render_tokens
 from ..openai.client import render_error as _render_openai_error
 
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
@@ -47,6 +47,8 @@ def parse_request(body: dict) -> ir.Request:
     if instructions:
         messages.append(ir.Message("system", [ir.TextPart(instructions)]))
     raw_input = field(body, "input", (str, list), "", required=True)
+    if not raw_input:
+        raise InvalidRequestError("input: must not be empty", param="input")
     if isinstance(raw_input, str):
         messages.append(ir.Message("user", [ir.TextPart(raw_input)]))
     else:
@@ -56,21 +58,32 @@ def parse_request(body: dict) -> ir.Request:
     text = field(body, "text", dict, "") or {}
     reasoning = field(body, "reasoning", dict, "") or {}
     effort = field(reasoning, "effort", str, "reasoning")
+    include = field(body, "include", list, "") or []
+    top_logprobs = field(body, "top_logprobs", int, "", minimum=0, maximum=20)
     return ir.Request(
         model=model,
         messages=messages,
         tools=_parse_tools(field(body, "tools", list, "") or []),
         tool_choice=_parse_tool_choice(body.get("tool_choice")),
         parallel_tool_calls=field(body, "parallel_tool_calls", bool, ""),
-        max_tokens=field(body, "max_output_tokens", int, ""),
-        temperature=field(body, "temperature", float, ""),
-        top_p=field(body, "top_p", float, ""),
+        max_tokens=field(body, "max_output_tokens", int, "", minimum=1),
+        temperature=field(body, "temperature", float, "", minimum=0, maximum=2),
+        top_p=field(body, "top_p", float, "", minimum=0, maximum=1),
         response_format=_parse_format(field(text, "format", dict, "text")),
         reasoning=parse_effort(effort),
         stream=bool(field(body, "stream", bool, "")),
         include_usage=True,
         user=field(body, "user", str, ""),
+        # Asked for with ``include: ["message.output_text.logprobs"]`` or ``top_logprobs``.
+        logprobs=True if _LOGPROBS in include or top_logprobs else None,
+        top_logprobs=top_logprobs,
+        service_tier=field(body, "service_tier", str, ""),
+        store=field(body, "store", bool, ""),
+        metadata=parse_metadata(field(body, "metadata", dict, ""), "metadata"),
     )
+
+
+_LOGPROBS = "message.output_text.logprobs"
 
 
 def _append(messages: list[ir.Message], role: str, part: ir.Part) -> None:
@@ -113,6 +126,11 @@ def _parse_item(item: dict, where: str, messages: list[ir.Message], names: dict[
         _append(messages, "assistant", ir.ToolCallPart(call_id, name, arguments))
     elif kind == "function_call_output":
         call_id = field(item, "call_id", str, where, required=True)
+        if call_id not in names:
+            raise InvalidRequestError(
+                f"{where}.call_id: no earlier function_call has call_id {call_id!r}",
+                param=f"{where}.call_id",
+            )
         output = field(item, "output", (str, list), where, required=True)
         content = (
             [ir.TextPart(output)]
@@ -258,7 +276,7 @@ def _envelope(
             "effort": request.reasoning.effort if request.reasoning else None,
             "summary": None,
         },
-        "store": False,
+        "store": bool(request.store),
         "temperature": request.temperature,
         "text": {"format": {"type": "text"}},
         "tool_choice": (
@@ -280,18 +298,20 @@ def _envelope(
         "truncation": "disabled",
         "usage": usage,
         "user": request.user,
-        "metadata": {},
+        "metadata": request.metadata or {},
     }
 
 
-def _item(part: ir.Part, item_id: str) -> dict | None:
+def _item(
+    part: ir.Part, item_id: str, logprobs: list[ir.TokenLogprob] | None = None
+) -> dict | None:
     if isinstance(part, ir.TextPart):
         return {
             "type": "message",
             "id": item_id,
             "status": "completed",
             "role": "assistant",
-            "content": [_text_content(part.text)],
+            "content": [_text_content(part.text, logprobs)],
         }
     if isinstance(part, ir.ToolCallPart):
         return {
@@ -315,8 +335,9 @@ def _item(part: ir.Part, item_id: str) -> dict | None:
     return None
 
 
-def _text_content(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_content(text: str, logprobs: list[ir.TokenLogprob] | None = None) -> dict:
+    tokens = render_tokens(logprobs or [])
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": tokens}
 
 
 def _item_id(part: ir.Part) -> str:
@@ -331,7 +352,12 @@ def render_response(response: ir.Response, request: ir.Request) -> dict:
         response: The IR response.
         request: The client's request (echoed in the envelope as OpenAI does).
     """
-    output = [_item(p, _item_id(p)) for p in response.parts]
+    # The answer's token log probabilities belong to its first text item.
+    texts = [i for i, p in enumerate(response.parts) if isinstance(p, ir.TextPart)]
+    output = [
+        _item(p, _item_id(p), response.logprobs if texts[:1] == [i] else None)
+        for i, p in enumerate(response.parts)
+    ]
     return _envelope(
         _response_id(response.id),
         response.model,
@@ -363,6 +389,7 @@ class StreamRenderer:
         self._created = int(time.time())
         self._output: list[dict] = []
         self._current: tuple[int, ir.Part, str] | None = None  # (IR index, part, item id)
+        self._tokens: list[ir.TokenLogprob] = []  # the current text item's log probabilities
 
     def render_stream_event(self, event: ir.StreamEvent) -> list[SSEEvent]:
         """Render one IR event.
@@ -501,7 +528,8 @@ class StreamRenderer:
                 )
             ]
         part.text += event.text
-        if not event.text:
+        self._tokens += event.logprobs or []
+        if not event.text and not event.logprobs:
             return []
         return [
             self._event(
@@ -510,7 +538,7 @@ class StreamRenderer:
                 output_index=index,
                 content_index=0,
                 delta=event.text,
-                logprobs=[],
+                logprobs=render_tokens(event.logprobs or []),
             )
         ]
 
@@ -529,7 +557,7 @@ class StreamRenderer:
                     output_index=index,
                     content_index=0,
                     text=part.text,
-                    logprobs=[],
+                    logprobs=render_tokens(self._tokens),
                 )
             )
             out.append(
@@ -538,7 +566,7 @@ class StreamRenderer:
                     item_id=item_id,
                     output_index=index,
                     content_index=0,
-                    part=_text_content(part.text),
+                    part=_text_content(part.text, self._tokens),
                 )
             )
         elif isinstance(part, ir.ToolCallPart):
@@ -571,7 +599,8 @@ class StreamRenderer:
                     part={"type": "summary_text", "text": part.text},
                 )
             )
-        item = _item(part, item_id)
+        item = _item(part, item_id, self._tokens if isinstance(part, ir.TextPart) else None)
+        self._tokens = []
         self._output.append(item)
         out.append(self._event("response.output_item.done", output_index=index, item=item))
         return out
