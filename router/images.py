@@ -274,6 +274,8 @@ class MediaFetcher:
                 # Connect details (refused, unreachable, unresolvable) go to the log only.
                 logger.info("image URL %s could not be fetched: %r", _shown(url), err)
                 raise _not_fetched(url) from None
+            except ValueError as err:  # a malformed URL or redirect target
+                raise _not_fetched(url, "invalid URL") from err
         media_type = part.media_type
         if "/" in content_type and not content_type.startswith(
             ("application/octet-stream", "text/")
