@@ -59,6 +59,7 @@ from benchmarks.gateways import (
     wait_ready,
 )
 from benchmarks.loadgen import CLIENT_KEY, send
+from benchmarks.procfs import tree_cpu_s
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ class HostileOptions:
         big_mib: Size of each big image.
         big_urls: Big image URLs in the over-the-limit request.
         big_parallel: Requests with two big images at once.
+        provider_connections: Each provider's ``max_connections`` (None: the default, 1000;
+            100 shows aiohttp's default pool, which the router used to share).
     """
 
     streams: int = 500
@@ -97,6 +100,7 @@ class HostileOptions:
     big_mib: int = 15
     big_urls: int = 12
     big_parallel: int = 10
+    provider_connections: int | None = None
 
 
 class Sidecar:
@@ -104,7 +108,8 @@ class Sidecar:
 
     def __init__(self, big_bytes: int) -> None:
         self.big = b"\x89PNG" + b"x" * (big_bytes - 4)
-        app = web.Application()
+        # The Gemini fake takes the inlined images (aiohttp's default body limit is 1 MiB).
+        app = web.Application(client_max_size=1024 * MIB)
         app.router.add_get("/slow.png", self.slow)
         app.router.add_get("/big.png", self.big_image)
         app.router.add_post("/v1beta/models/{target}", self.gemini)
@@ -139,10 +144,15 @@ class Sidecar:
         return web.json_response(answer)
 
 
-def hostile_config(fake_url: str, sidecar_url: str, port: int) -> dict:
+def hostile_config(
+    fake_url: str, sidecar_url: str, port: int, provider_connections: int | None
+) -> dict:
     """The benchmark router's config (`benchmarks.gateways.router_config`) plus a Gemini
     provider at the sidecar, and the sidecar's address allowed for media."""
     config = router_config(fake_url, port)
+    if provider_connections is not None:
+        for provider in config["providers"].values():
+            provider["max_connections"] = provider_connections
     config["providers"]["fake-gemini"] = {
         "type": "gemini",
         "base_url": sidecar_url,
@@ -188,10 +198,21 @@ async def post(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[in
     return resp.status, message, time.monotonic() - started
 
 
+async def peak_connections(session: aiohttp.ClientSession, fake: Server, peak: list[int]) -> None:
+    """Record the fake's most open connections (its ``/stats``) until cancelled."""
+    while True:
+        async with session.get(f"{fake.url}/stats") as resp:
+            peak[0] = max(peak[0], (await resp.json())["connections"])
+        await asyncio.sleep(0.05)
+
+
 async def measure_streams(
-    session: aiohttp.ClientSession, router: Server, options: HostileOptions
+    session: aiohttp.ClientSession, router: Server, fake: Server, options: HostileOptions
 ) -> dict:
     """``options.streams`` concurrent streams, all started at once."""
+    peak = [0]
+    sampler = asyncio.ensure_future(peak_connections(session, fake, peak))
+    cpu = tree_cpu_s(router.proc.pid)
     started = time.monotonic()
     samples = await asyncio.gather(
         *(
@@ -200,6 +221,7 @@ async def measure_streams(
         )
     )
     wall = time.monotonic() - started
+    sampler.cancel()
     outcomes: dict[str, int] = {}
     for sample in samples:
         outcomes[sample.outcome] = outcomes.get(sample.outcome, 0) + 1
@@ -211,6 +233,9 @@ async def measure_streams(
         "outcomes": outcomes,
         "latency_p50_s": round(statistics.median(latencies), 2),
         "latency_max_s": round(latencies[-1], 2),
+        "upstream_peak_connections": peak[0],
+        # On a busy machine the wall time is this CPU time's share of a core, not a pool's cap.
+        "router_cpu_s": round(tree_cpu_s(router.proc.pid) - cpu, 2),
     }
 
 
@@ -324,7 +349,8 @@ async def run_hostile(options: HostileOptions) -> dict:
         fake = start_fake(FakeConfig(chunks=PIECES, chunk_interval_s=interval), None, workdir)
         sidecar = Sidecar(options.big_mib * MIB)
         await sidecar.start()
-        router = start_router(hostile_config(fake.url, sidecar.url, free_port()), workdir)
+        config = hostile_config(fake.url, sidecar.url, free_port(), options.provider_connections)
+        router = start_router(config, workdir)
         connector = aiohttp.TCPConnector(limit=0)
         timeout = aiohttp.ClientTimeout(total=120)
         try:
@@ -332,7 +358,7 @@ async def run_hostile(options: HostileOptions) -> dict:
                 await wait_ready(router, session, PIECES)
                 report = {
                     "options": asdict(options),
-                    "streams": await measure_streams(session, router, options),
+                    "streams": await measure_streams(session, router, fake, options),
                     "slow_media": await measure_slow_media(session, router, sidecar, options),
                     "big_media": await measure_big_media(session, router, sidecar, options),
                 }
@@ -357,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-mib", type=int, default=defaults.big_mib)
     parser.add_argument("--big-urls", type=int, default=defaults.big_urls)
     parser.add_argument("--big-parallel", type=int, default=defaults.big_parallel)
+    parser.add_argument("--provider-connections", type=int, default=None)
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     options = HostileOptions(
@@ -368,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         big_mib=args.big_mib,
         big_urls=args.big_urls,
         big_parallel=args.big_parallel,
+        provider_connections=args.provider_connections,
     )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     report = asyncio.run(run_hostile(options))
