@@ -5,7 +5,9 @@ Three parts, each against the same router:
 
 - ``streams``: ``--streams`` (500) concurrent Anthropic-format streams through the router to
   `benchmarks.fake_provider`, each stream lasting ``--stream-s`` (2) seconds at the fake
-  (20 pieces). Reports the wall time until every stream has ended, and the outcomes. Each
+  (20 pieces). Reports the wall time until every stream has ended (and the same streams
+  straight to the fake, the machine's baseline), the outcomes, the most connections the fake
+  saw at once and the router's CPU time. Each
   upstream provider has its own pool (``max_connections``, default 1000), so no hidden cap of
   100 connections queues the streams.
 - ``slow_media``: ``--slow-requests`` (40) requests, each with ``media.max_urls`` (8) image
@@ -209,7 +211,19 @@ async def peak_connections(session: aiohttp.ClientSession, fake: Server, peak: l
 async def measure_streams(
     session: aiohttp.ClientSession, router: Server, fake: Server, options: HostileOptions
 ) -> dict:
-    """``options.streams`` concurrent streams, all started at once."""
+    """``options.streams`` concurrent streams, all started at once: first straight to the
+    fake (the baseline on this machine), then through the router."""
+    # Its own session, closed after: its connections must not count as the router's.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as direct:
+        started = time.monotonic()
+        await asyncio.gather(
+            *(
+                send(direct, fake.url, "anthropic", STREAM_MODEL, True, f"d{i}", PIECES, 60.0)
+                for i in range(options.streams)
+            )
+        )
+        direct_wall = time.monotonic() - started
+    await asyncio.sleep(0.5)
     peak = [0]
     sampler = asyncio.ensure_future(peak_connections(session, fake, peak))
     cpu = tree_cpu_s(router.proc.pid)
@@ -230,6 +244,7 @@ async def measure_streams(
         "streams": options.streams,
         "stream_s": options.stream_s,
         "wall_s": round(wall, 2),
+        "direct_wall_s": round(direct_wall, 2),
         "outcomes": outcomes,
         "latency_p50_s": round(statistics.median(latencies), 2),
         "latency_max_s": round(latencies[-1], 2),
