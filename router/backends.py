@@ -28,9 +28,7 @@ async def backends(app: web.Application) -> AsyncIterator[None]:
     """
     cfg = app[CONFIG]
     media = app[MEDIA] = MediaFetcher(cfg)
-    app[PROVIDERS] = {
-        name: make_provider(p, media, cfg.limits) for name, p in cfg.providers.items()
-    }
+    app[PROVIDERS] = {name: make_provider(p, media) for name, p in cfg.providers.items()}
     shared = None
     if cfg.shared_state is not None:
         # Imported here: a router without shared state never loads redis.

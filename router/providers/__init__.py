@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import importlib
 
-from ..config import LimitsConfig, ProviderConfig
+from ..config import ProviderConfig
 from ..images import MediaFetcher
 from .base import BaseProvider
 
 
-def make_provider(
-    config: ProviderConfig, media: MediaFetcher, limits: LimitsConfig
-) -> BaseProvider:
+def make_provider(config: ProviderConfig, media: MediaFetcher) -> BaseProvider:
     """Instantiate the provider class for ``config.type``.
 
     Args:
         config: The provider's config.
-        media: The app's media fetcher.
-        limits: The router's limits.
+        media: The app's media fetcher (it reads the config's limits at each fetch).
     """
     module = importlib.import_module(f"{__name__}.{config.type}")
-    return module.Provider(config, media, limits)
+    return module.Provider(config, media)

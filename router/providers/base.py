@@ -22,7 +22,7 @@ from typing import TypeVar
 import aiohttp
 
 from .. import ir
-from ..config import LimitsConfig, ProviderConfig
+from ..config import ProviderConfig
 from ..errors import (
     GatewayError,
     GatewayTimeoutError,
@@ -52,13 +52,11 @@ class BaseProvider(ABC):
     Args:
         config: This provider's config (``config.name`` names it in errors).
         media: The app's media fetcher (for providers that inline media URLs).
-        limits: The router's limits.
     """
 
-    def __init__(self, config: ProviderConfig, media: MediaFetcher, limits: LimitsConfig) -> None:
+    def __init__(self, config: ProviderConfig, media: MediaFetcher) -> None:
         self.config = config
         self.media = media
-        self.limits = limits
 
     async def close(self) -> None:
         """Release what the provider holds; the app calls it at shutdown."""
@@ -136,8 +134,8 @@ class HTTPProvider(BaseProvider):
     default of 100 would queue every request beyond it, streams included).
     """
 
-    def __init__(self, config: ProviderConfig, media: MediaFetcher, limits: LimitsConfig) -> None:
-        super().__init__(config, media, limits)
+    def __init__(self, config: ProviderConfig, media: MediaFetcher) -> None:
+        super().__init__(config, media)
         self.wire = upstream_format(config)
         connector = aiohttp.TCPConnector(
             limit=config.max_connections, limit_per_host=config.max_connections

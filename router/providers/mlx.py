@@ -28,7 +28,7 @@ from mlx_smolvlm.engine import (
 from mlx_smolvlm.serving import load_for_serving
 
 from .. import ir
-from ..config import LimitsConfig, MLXConfig, ProviderConfig
+from ..config import MLXConfig, ProviderConfig
 from ..errors import InvalidRequestError, OverloadedError, RateLimitError, UpstreamError
 from ..formats.fields import new_id
 from ..images import MediaFetcher, is_http
@@ -52,14 +52,13 @@ class Provider(BaseProvider):
     Args:
         config: This provider's config; ``config.mlx`` holds the model and its limits.
         media: The app's media fetcher (for image URLs).
-        limits: The router's limits.
 
     Raises:
         FileNotFoundError, ValueError: The model cannot be loaded (see `load_for_serving`).
     """
 
-    def __init__(self, config: ProviderConfig, media: MediaFetcher, limits: LimitsConfig) -> None:
-        super().__init__(config, media, limits)
+    def __init__(self, config: ProviderConfig, media: MediaFetcher) -> None:
+        super().__init__(config, media)
         self.options = config.mlx or MLXConfig()
         served = load_for_serving(
             self.options.model,
