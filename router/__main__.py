@@ -266,6 +266,10 @@ def run_server(
     return 0
 
 
+# Connections waiting to be accepted (the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 4096
+
+
 async def _serve(cfg: Config, loader: Callable[[], Config] | None) -> None:
     grace = cfg.shutdown_grace_s
     app = create_app(cfg)
@@ -285,7 +289,8 @@ async def _serve(cfg: Config, loader: Callable[[], Config] | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     try:
-        site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port)
+        # A deep accept queue: with aiohttp's 128, a burst of new clients waits on SYN retries.
+        site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, backlog=LISTEN_BACKLOG)
         await site.start()
         logger.info(
             "serving %s on http://%s:%d", ", ".join(cfg.models), cfg.listen.host, cfg.listen.port

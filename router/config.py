@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -59,6 +60,71 @@ class LimitsConfig:
     # While a stream waits for its first token, a ping (``: ping``; Anthropic: ``event: ping``)
     # every this many seconds keeps proxies with idle timeouts from closing it (0 disables).
     keepalive_s: float = 15.0
+
+
+# Host name patterns of media.allow / media.deny: a name, or ``*.`` and a name (its subdomains).
+_HOST_PATTERN = re.compile(r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?")
+
+
+@dataclass
+class MediaConfig:
+    """Which media URLs the router itself fetches (to inline images for Gemini and the local
+    model), and per-request bounds; see router/images.py.
+
+    ``allow`` and ``deny`` hold CIDRs (``10.8.0.0/16``, ``fd00::/8``, a single address) and
+    host names (``images.example.com``; ``*.example.com`` for its subdomains). A resolved
+    address in ``deny``, or a denied host name, is never fetched; an address in ``allow``, or
+    any address of an allowed host name, is fetched even when it is not public.
+    """
+
+    # Fetch public (globally routable) addresses; false: only what ``allow`` names.
+    allow_public: bool = True
+    allow: list[str] = field(default_factory=list)
+    deny: list[str] = field(default_factory=list)
+    # Per client request: media URLs fetched, their bytes together, and fetches at once.
+    max_urls: int = 8
+    max_total_bytes: int = 32 * 1024 * 1024
+    max_concurrency: int = 4
+    # Redirects followed per URL (each hop is checked again).
+    max_redirects: int = 3
+    # The media fetcher's own connection pool, for all requests together (read at start).
+    max_connections: int = 100
+
+    allow_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(
+        init=False, repr=False
+    )
+    allow_hosts: list[str] = field(init=False, repr=False)
+    deny_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(
+        init=False, repr=False
+    )
+    deny_hosts: list[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("max_urls", "max_total_bytes", "max_concurrency", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"media.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_redirects < 0:
+            raise ConfigError(f"media.max_redirects: must be >= 0, got {self.max_redirects}")
+        self.allow_networks, self.allow_hosts = _networks_and_hosts(self.allow, "media.allow")
+        self.deny_networks, self.deny_hosts = _networks_and_hosts(self.deny, "media.deny")
+
+
+def _networks_and_hosts(entries: list, where: str) -> tuple[list, list[str]]:
+    """Split a list of CIDRs and host name patterns (lower-cased, without a trailing dot)."""
+    networks, hosts = [], []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, str):
+            raise ConfigError(f"{where}[{i}]: expected a CIDR or a host name, got {entry!r}")
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+            continue
+        except ValueError:
+            pass
+        host = entry.strip().lower()
+        if not _HOST_PATTERN.fullmatch(host):
+            raise ConfigError(f"{where}[{i}]: {entry!r} is neither a CIDR nor a host name")
+        hosts.append(host.rstrip("."))
+    return networks, hosts
 
 
 def _default_engine_config() -> EngineConfig:
@@ -145,6 +211,9 @@ class ProviderConfig:
     default_max_tokens: int | None = None
     # Extra headers for every upstream request (e.g. OpenAI-Organization).
     headers: dict[str, str] = field(default_factory=dict)
+    # This provider's own connection pool: connections open at once (its one host included).
+    # Requests beyond it wait for a free connection, so keep it above the expected concurrency.
+    max_connections: int = 1000
     # The local model's options (type mlx only).
     mlx: MLXConfig | None = None
 
@@ -161,6 +230,8 @@ class ProviderConfig:
             )
         if self.max_queue < 0 or self.queue_timeout_s < 0 or self.park_s <= 0:
             raise ConfigError(f"{where}: max_queue and queue_timeout_s must be >= 0 and park_s > 0")
+        if self.max_connections < 1:
+            raise ConfigError(f"{where}.max_connections: must be >= 1, got {self.max_connections}")
         self.key_configs = [_key_config(k, f"{where}.keys[{i}]") for i, k in enumerate(self.keys)]
 
 
@@ -383,6 +454,7 @@ class Config:
     models: dict[str, list[Target]]
     listen: ListenConfig = field(default_factory=ListenConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
@@ -404,11 +476,12 @@ class Config:
                 or a model that names an undefined provider.
         """
         _require_mapping(data, "config")
-        sections = {"listen", "providers", "models", "limits", "retry", "auth", "timeouts"}
-        sections |= {"shutdown_grace_s", "log", "shared_state"}
+        sections = {"listen", "providers", "models", "limits", "media", "retry", "auth"}
+        sections |= {"timeouts", "shutdown_grace_s", "log", "shared_state"}
         _reject_unknown(data, sections, "config")
         listen = _build(ListenConfig, data.get("listen") or {}, "listen")
         limits = _build(LimitsConfig, data.get("limits") or {}, "limits")
+        media = _build(MediaConfig, data.get("media") or {}, "media")
         retry = _build(RetryConfig, data.get("retry") or {}, "retry")
         auth = _build(AuthConfig, data.get("auth") or {}, "auth")
         timeouts = _build(TimeoutsConfig, data.get("timeouts") or {}, "timeouts")
@@ -458,6 +531,7 @@ class Config:
             models=models,
             listen=listen,
             limits=limits,
+            media=media,
             retry=retry,
             auth=auth,
             timeouts=timeouts,

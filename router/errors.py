@@ -84,6 +84,21 @@ class UpstreamError(GatewayError):
     retryable = True
 
 
+def credential_rejected(provider: str, status: int) -> UpstreamError:
+    """The error for a provider that rejected the router's own key (HTTP 401/403, or an
+    invalid-key message): the client's request and key are not at fault, so it is a 502, and
+    it quotes nothing of the upstream's message (which may echo part of the key).
+
+    Args:
+        provider: The provider's name.
+        status: The upstream's HTTP status.
+    """
+    return UpstreamError(
+        f"{provider}: the upstream rejected the router's credential for this provider "
+        f"(HTTP {status}); the router's operator must fix its provider key"
+    )
+
+
 class OverloadedError(GatewayError):
     """The upstream is overloaded (503, Anthropic's 529)."""
 

@@ -13,8 +13,8 @@ from aiohttp import web
 from . import ir
 from .backends import CONFIG, PROVIDERS
 from .config import Config, Target
-from .errors import GatewayError, NotFoundError
-from .keys import ACTIVE, KEY_POOLS, Lease, classify_failure, exhausted_limit_reset
+from .errors import GatewayError, NotFoundError, credential_rejected
+from .keys import ACTIVE, DISABLED, KEY_POOLS, Lease, classify_failure, exhausted_limit_reset
 from .logs import RequestContext
 from .providers.base import BaseProvider
 
@@ -56,7 +56,8 @@ async def run_with_fallback(
     """Try the model's targets in order, each on as many of its keys as needed.
 
     Each failure is classified for its key (`classify_failure`): a rate-limited, exhausted or
-    rejected key leaves the pool for its time and the request moves to another key; a 5xx,
+    rejected key leaves the pool for its time and the request moves to another key (a
+    rejected key's error becomes `credential_rejected`, a 502, should it be the last); a 5xx,
     overload or timeout (the provider's trouble, not the key's) moves to the next target
     without blaming the key; any other error is the client's answer at once. Attempts
     and time are bounded by the config's ``retry``. ``call`` must not have sent anything to
@@ -113,6 +114,9 @@ async def run_with_fallback(
                 if verdict.state == ACTIVE and not err.retryable:
                     raise
                 last = err
+                if verdict.state == DISABLED:
+                    # Not the client's fault: its SDK must not read a 401 as its own key's.
+                    last = credential_rejected(target.provider, err.status)
                 if verdict.state == ACTIVE or lease.key_id is None:
                     break
                 tried.append(lease.key_id)

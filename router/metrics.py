@@ -104,7 +104,7 @@ class Metrics:
         Args:
             context: The request's context (provider, attempts, tokens).
             route: The matched route pattern.
-            model: The model label (``other`` for names not configured).
+            model: The model label, bounded by the config (``other``, ``provider/other``).
             status: The HTTP status sent.
             seconds: How long it took.
         """

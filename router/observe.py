@@ -109,12 +109,20 @@ async def _add_request_id(request: web.Request, response: web.StreamResponse) ->
 
 
 def _model_label(cfg: Config, model: str | None) -> str:
-    """A bounded metric label: configured aliases and ``provider/model`` names, else other."""
+    """A bounded metric label: a configured alias, or ``provider/model`` when the config names
+    that target; another model of a configured provider is ``provider/other``, anything else
+    ``other`` (so clients cannot create series at will)."""
     if model is None:
         return "none"
-    if model in cfg.models or model.partition("/")[0] in cfg.providers:
+    if model in cfg.models:
         return model
-    return "other"
+    provider, sep, name = model.partition("/")
+    if not sep or provider not in cfg.providers:
+        return "other"
+    targets = (t for ts in cfg.models.values() for t in ts)
+    if any(t.provider == provider and t.model == name for t in targets):
+        return model
+    return f"{provider}/other"
 
 
 # ---- probes ----------------------------------------------------------------------------------

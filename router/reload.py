@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from .auth import check_bind, require_admin
-from .backends import CONFIG, PROVIDERS, SESSION
+from .backends import CONFIG, MEDIA, PROVIDERS
 from .config import Config, ConfigError
 from .errors import InvalidRequestError
 from .keys import KEY_POOLS, SHARED_STATE, KeyPool
@@ -123,9 +123,7 @@ def apply_config(app: web.Application, new: Config) -> list[str]:
         if name not in old.providers or p != old.providers[name] or new.limits != old.limits
     ]
     try:
-        built = {
-            name: make_provider(new.providers[name], app[SESSION], new.limits) for name in changed
-        }
+        built = {name: make_provider(new.providers[name], app[MEDIA]) for name in changed}
     except (ValueError, OSError) as err:  # e.g. a local model that cannot load
         raise ConfigError(f"reload: cannot start a provider: {err}") from err
     metrics = app[METRICS]

@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import importlib
 
-import aiohttp
-
-from ..config import LimitsConfig, ProviderConfig
+from ..config import ProviderConfig
+from ..images import MediaFetcher
 from .base import BaseProvider
 
 
-def make_provider(
-    config: ProviderConfig, session: aiohttp.ClientSession, limits: LimitsConfig
-) -> BaseProvider:
+def make_provider(config: ProviderConfig, media: MediaFetcher) -> BaseProvider:
     """Instantiate the provider class for ``config.type``.
 
     Args:
         config: The provider's config.
-        session: The app's shared HTTP session.
-        limits: The router's limits (image fetching, etc.).
+        media: The app's media fetcher (it reads the config's limits at each fetch).
     """
     module = importlib.import_module(f"{__name__}.{config.type}")
-    return module.Provider(config, session, limits)
+    return module.Provider(config, media)

@@ -1,8 +1,10 @@
 """The provider interface, and the HTTP plumbing shared by the cloud providers.
 
 A provider turns an IR request into a result, nothing else: key choice, fallback and
-rendering for the client happen elsewhere. An in-process backend (the local MLX model)
-subclasses `BaseProvider` directly and ignores ``session`` and ``key``.
+rendering for the client happen elsewhere. An HTTP provider has a connection pool of its own
+(``max_connections`` in its config), apart from the other providers' and from the media
+fetcher's. An in-process backend (the local MLX model) subclasses `BaseProvider` directly and
+ignores ``key``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import TypeVar
 import aiohttp
 
 from .. import ir
-from ..config import LimitsConfig, ProviderConfig
+from ..config import ProviderConfig
 from ..errors import (
     GatewayError,
     GatewayTimeoutError,
@@ -31,6 +33,7 @@ from ..errors import (
 )
 from ..formats.fields import error_message
 from ..formats.registry import upstream_format
+from ..images import MediaFetcher
 from ..sse import SSEDecoder, SSEEvent
 
 T = TypeVar("T")
@@ -48,20 +51,15 @@ class BaseProvider(ABC):
 
     Args:
         config: This provider's config (``config.name`` names it in errors).
-        session: The app's shared HTTP session.
-        limits: The router's limits.
+        media: The app's media fetcher (for providers that inline media URLs).
     """
 
-    def __init__(
-        self, config: ProviderConfig, session: aiohttp.ClientSession, limits: LimitsConfig
-    ) -> None:
+    def __init__(self, config: ProviderConfig, media: MediaFetcher) -> None:
         self.config = config
-        self.session = session
-        self.limits = limits
+        self.media = media
 
     async def close(self) -> None:
-        """Release what the provider holds; the app calls it at shutdown (HTTP providers hold
-        nothing of their own: the session belongs to the app)."""
+        """Release what the provider holds; the app calls it at shutdown."""
         logger.debug("provider %s closed", self.config.name)
 
     def with_defaults(self, request: ir.Request) -> ir.Request:
@@ -132,13 +130,22 @@ class HTTPProvider(BaseProvider):
     ``wire`` is the provider's upstream format (`router.formats.registry.upstream_format`).
     The upstream answer's headers travel with what it returns: on the `ir.Response`, the
     `ir.StreamStart` or the `GatewayError` (the key pool reads rate-limit resets from them).
+    ``session`` is the provider's own, with ``config.max_connections`` connections (aiohttp's
+    default of 100 would queue every request beyond it, streams included).
     """
 
-    def __init__(
-        self, config: ProviderConfig, session: aiohttp.ClientSession, limits: LimitsConfig
-    ) -> None:
-        super().__init__(config, session, limits)
+    def __init__(self, config: ProviderConfig, media: MediaFetcher) -> None:
+        super().__init__(config, media)
         self.wire = upstream_format(config)
+        connector = aiohttp.TCPConnector(
+            limit=config.max_connections, limit_per_host=config.max_connections
+        )
+        self.session = aiohttp.ClientSession(connector=connector)
+
+    async def close(self) -> None:
+        """Close the provider's connection pool."""
+        await self.session.close()
+        await super().close()
 
     @abstractmethod
     def headers(self, key: str | None) -> dict[str, str]:

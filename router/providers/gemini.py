@@ -26,7 +26,7 @@ class Provider(HTTPProvider):
         return f"{self.config.base_url}/v1beta/models/{quote(model, safe='-._~')}:{method}"
 
     async def _body(self, request: ir.Request) -> dict:
-        await inline_remote_media(request, self.session, self.limits)
+        await inline_remote_media(request, self.media)
         return self.wire.render_request(self.with_defaults(request))
 
     async def complete(self, request: ir.Request, key: str | None) -> ir.Response:

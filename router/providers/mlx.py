@@ -17,8 +17,6 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-import aiohttp
-
 from mlx_smolvlm.engine import (
     ContextLengthError,
     Engine,
@@ -30,10 +28,10 @@ from mlx_smolvlm.engine import (
 from mlx_smolvlm.serving import load_for_serving
 
 from .. import ir
-from ..config import LimitsConfig, MLXConfig, ProviderConfig
+from ..config import MLXConfig, ProviderConfig
 from ..errors import InvalidRequestError, OverloadedError, RateLimitError, UpstreamError
 from ..formats.fields import new_id, refuse_options
-from ..images import fetch_media, is_http
+from ..images import MediaFetcher, is_http
 from .base import BaseProvider
 
 RANDOM_WEIGHTS_SUFFIX = "-RANDOM-WEIGHTS"
@@ -53,17 +51,14 @@ class Provider(BaseProvider):
 
     Args:
         config: This provider's config; ``config.mlx`` holds the model and its limits.
-        session: The app's HTTP session (to fetch image URLs).
-        limits: The router's limits.
+        media: The app's media fetcher (for image URLs).
 
     Raises:
         FileNotFoundError, ValueError: The model cannot be loaded (see `load_for_serving`).
     """
 
-    def __init__(
-        self, config: ProviderConfig, session: aiohttp.ClientSession, limits: LimitsConfig
-    ) -> None:
-        super().__init__(config, session, limits)
+    def __init__(self, config: ProviderConfig, media: MediaFetcher) -> None:
+        super().__init__(config, media)
         self.options = config.mlx or MLXConfig()
         served = load_for_serving(
             self.options.model,
@@ -186,16 +181,13 @@ class Provider(BaseProvider):
                 param="response_format",
             )
         # URLs download concurrently, before anything else is checked.
-        downloads = iter(
-            await asyncio.gather(
-                *(
-                    fetch_media(part, self.session, self.limits)
-                    for message in request.messages
-                    for part in message.parts
-                    if isinstance(part, ir.MediaPart) and is_http(part.url)
-                )
-            )
-        )
+        remote = [
+            part
+            for message in request.messages
+            for part in message.parts
+            if isinstance(part, ir.MediaPart) and is_http(part.url)
+        ]
+        downloads = iter(await self.media.fetch(remote) if remote else [])
         messages, images, video = [], [], None
         for i, message in enumerate(request.messages):
             content = []

@@ -270,6 +270,10 @@ ANTHROPIC_BODY = {
 GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
 
 
+# The address of the loopback fixtures that serve images (media URLs are public-only by default).
+LOOPBACK_FIXTURES = "127.0.0.1/32"
+
+
 def make_config(base_url: str, **limits: object) -> Config:
     """Providers of all three types pointing at the fake, and a few model aliases."""
     return Config.from_dict(
@@ -289,6 +293,8 @@ def make_config(base_url: str, **limits: object) -> Config:
                 ],
             },
             "limits": {"max_body_bytes": 1024 * 1024, "image_timeout_s": 0.5, **limits},
+            # The test-only allow-list: the loopback fake serves the images.
+            "media": {"allow": [LOOPBACK_FIXTURES]},
         }
     )
 

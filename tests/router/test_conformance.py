@@ -46,7 +46,7 @@ from tests.router.fakes import (
     read_first_text_then_leave,
     run_scenario,
 )
-from tests.router.helpers import client_roots, running_router
+from tests.router.helpers import LOOPBACK_FIXTURES, client_roots, running_router
 
 # Async tests share the module-scoped fakes and router, so they run on the module's event loop.
 module_loop = pytest.mark.asyncio(loop_scope="module")
@@ -83,6 +83,7 @@ def router_config(roots: dict[str, str]) -> dict:
                 {"provider": "oai", "model": UPSTREAM_MODELS["openai"]},
             ],
         },
+        "media": {"allow": [LOOPBACK_FIXTURES]},
     }
 
 
@@ -128,22 +129,23 @@ async def test_matrix(fakes, clients, client, upstream, scenario, stream):
         assert model == UPSTREAM_MODELS[upstream], f"upstream model {model!r}"
 
 
+# An upstream 401 rejects the router's own key: the client gets a 502 that says so.
 ERROR_CLASSES = {
     "openai": {
         400: openai.BadRequestError,
-        401: openai.AuthenticationError,
+        401: openai.InternalServerError,
         429: openai.RateLimitError,
         500: openai.InternalServerError,
     },
     "anthropic": {
         400: anthropic.BadRequestError,
-        401: anthropic.AuthenticationError,
+        401: anthropic.InternalServerError,
         429: anthropic.RateLimitError,
         500: anthropic.InternalServerError,
     },
     "gemini": {
         400: genai_errors.ClientError,
-        401: genai_errors.ClientError,
+        401: genai_errors.ServerError,
         429: genai_errors.ClientError,
         500: genai_errors.ServerError,
     },
@@ -159,11 +161,17 @@ ERROR_CLASSES["responses"] = ERROR_CLASSES["openai"]
 async def test_upstream_errors_reach_client_sdk(
     fakes, fresh_clients, client, upstream, status, stream
 ):
-    """An upstream 400/401/429/500 surfaces as the client SDK's own exception, message kept."""
+    """An upstream 400/429/500 surfaces as the client SDK's own exception, message kept; an
+    upstream 401 (the router's key rejected, on every key) as a 502 that says so."""
     with pytest.raises(ERROR_CLASSES[client][status]) as info:
         await ask(client, fresh_clients, f"m-{upstream}", f"scenario:error-{status}", stream)
     err = info.value
     got = err.code if client == "gemini" else err.status_code
+    if status == 401:
+        assert got == 502, f"status {got}: {err}"
+        assert "rejected the router's credential" in str(err), err
+        assert ERROR_MESSAGE not in str(err), f"the upstream's message reached the client: {err}"
+        return
     # Server errors may be reported as 500 or as a gateway's 502; both are "upstream failed".
     assert got == status or (status == 500 and got in (500, 502)), f"status {got}: {err}"
     assert ERROR_MESSAGE in str(err), f"upstream message lost: {err}"

@@ -38,7 +38,7 @@ from router.backends import PROVIDERS
 from router.config import Config, ConfigError, Target, default_config
 from tests.mlx_smolvlm.conftest import build_hf_checkpoint
 from tests.router.fakes import KINDS, Clients, make_clients
-from tests.router.helpers import client_roots, running_router
+from tests.router.helpers import LOOPBACK_FIXTURES, client_roots, running_router
 
 IMAGE = Path(__file__).parents[2] / "mlx_smolvlm" / "assets" / "example.jpg"
 IMAGE_BYTES = IMAGE.read_bytes()
@@ -66,6 +66,7 @@ def local_config(checkpoint: Path | str, **mlx) -> Config:
         {
             "providers": {"local": {"type": "mlx", "mlx": options}},
             "models": {MODEL: [{"provider": "local", "model": MODEL}]},
+            "media": {"allow": [LOOPBACK_FIXTURES]},
         }
     )
 

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from router import ir
 from router.attempts import open_stream as _open_stream
-from router.config import Config, LimitsConfig, ProviderConfig
+from router.config import Config, ProviderConfig
 from router.keys import KEY_POOLS, KeyPool
 from router.providers.base import BaseProvider
 from tests.router.fakes import (
@@ -414,7 +414,7 @@ async def test_a_stream_closed_or_dropped_before_it_is_read_gives_its_key_back()
     """A client may leave before the router reads past the buffered first delta."""
     cfg = ProviderConfig(name="p", type="openai", keys=[{"key": "k" * 12, "max_concurrent": 1}])
     pool = KeyPool(cfg)
-    provider = _TwoDeltas(cfg, None, LimitsConfig())
+    provider = _TwoDeltas(cfg, None)
     request = ir.Request("m", [ir.Message("user", [ir.TextPart("hi")])], stream=True)
 
     def in_flight() -> int:

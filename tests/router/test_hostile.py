@@ -1,0 +1,90 @@
+"""The router's answers to hostile clients and misbehaving upstreams beyond media: metric
+labels that clients cannot multiply, and a provider's rejection of the router's own key."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+
+from tests.router.helpers import ANTHROPIC_BODY, OPENAI_BODY, Answer
+
+# ---- metric labels -----------------------------------------------------------------------------
+
+
+def series(text: str) -> set[str]:
+    """The sample lines (name and labels) of a Prometheus exposition."""
+    return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line and line[0] != "#"}
+
+
+async def test_random_model_names_do_not_create_series(client, fake):
+    await client.post("/v1/chat/completions", json=OPENAI_BODY)
+    await client.post("/v1/chat/completions", json={**OPENAI_BODY, "model": "oai/gpt-up"})
+    before = series(await (await client.get("/metrics")).text())
+    statuses = set()
+    for i in range(100):
+        name = uuid.uuid4().hex
+        # Unknown aliases, `provider/anything` and unknown providers.
+        model = [name, f"oai/{name}", f"nobody/{name}"][i % 3]
+        resp = await client.post("/v1/chat/completions", json={**OPENAI_BODY, "model": model})
+        statuses.add(resp.status)
+    assert statuses == {200, 404}
+    text = await (await client.get("/metrics")).text()
+    after = series(text)
+    new = after - before
+    models = set(re.findall(r'model="([^"]*)"', "\n".join(new)))
+    assert models <= {"other", "oai/other", "none"}, models  # none: the /metrics scrapes
+    assert len(new) < 40, sorted(new)
+    # Configured names keep their own label.
+    assert 'model="gpt"' in text and 'model="oai/gpt-up"' in text
+
+
+# ---- the router's own key rejected upstream ----------------------------------------------------
+
+
+def rejection(status: int, key: str) -> Answer:
+    # Upstreams quote (part of) the key they were sent.
+    return Answer(status=status, body={"error": {"message": f"Incorrect API key: {key}"}})
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_rejected_router_key_is_a_502_without_key_fragments(client, fake, status):
+    """Every key of the fallback model's providers is rejected: the client gets a 502 that
+    says the router's credential was rejected, not a 401 its SDK would blame on its own key."""
+    fake.queue("openai", rejection(status, "sk-1"))
+    fake.queue("anthropic", rejection(status, "ak-1"), rejection(status, "ak-2"))
+    resp = await client.post("/v1/chat/completions", json={**OPENAI_BODY, "model": "fallback"})
+    assert resp.status == 502
+    body = await resp.json()
+    message = body["error"]["message"]
+    assert "rejected the router's credential" in message, body
+    assert body["error"]["type"] != "authentication_error"
+    assert len(fake.seen) == 3, "every key of every provider was tried"
+    text = await resp.text()
+    for fragment in ("sk-1", "ak-1", "ak-2", "k-1", "k-2", "Incorrect API key"):
+        assert fragment not in text
+
+
+async def test_a_rejected_key_is_a_502_in_the_anthropic_format(client, fake):
+    fake.queue("anthropic", rejection(401, "ak-1"), rejection(401, "ak-2"))
+    resp = await client.post("/v1/messages", json=ANTHROPIC_BODY)
+    assert resp.status == 502
+    body = await resp.json()
+    assert body["type"] == "error" and body["error"]["type"] == "api_error", body
+    assert "rejected the router's credential" in body["error"]["message"]
+
+
+async def test_gemini_invalid_key_400_is_a_502(client, fake):
+    body = {"error": {"code": 400, "message": "API key not valid. Please pass a valid API key."}}
+    fake.queue("gemini", Answer(status=400, body=body))
+    resp = await client.post("/v1/chat/completions", json={**OPENAI_BODY, "model": "gemini"})
+    assert resp.status == 502
+    assert "rejected the router's credential" in (await resp.json())["error"]["message"]
+
+
+async def test_another_key_serves_when_one_is_rejected(client, fake):
+    fake.queue("anthropic", rejection(401, "ak-1"))
+    resp = await client.post("/v1/messages", json=ANTHROPIC_BODY)
+    assert resp.status == 200
+    assert len(fake.seen) == 2
