@@ -11,6 +11,7 @@ from typing import Any
 from .chat import ChatSession
 from .generate import GenerationResponse, stream_generate
 
+MMPROJ_HELP = "the vision mmproj GGUF of a GGUF --model / --hf-path (text only without it)"
 # Errors a user can cause with their input; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError)
 
@@ -59,7 +60,7 @@ def print_stream(responses: Any) -> GenerationResponse:
 def run_generate(args: argparse.Namespace) -> int:
     from .load import load
 
-    model, processor = load(args.model)
+    model, processor = load(args.model, mmproj=args.mmproj)
     content = [{"type": "image"} for _ in args.image]
     if args.video:
         content.append({"type": "video"})
@@ -80,7 +81,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_chat(args: argparse.Namespace) -> int:
     from .load import load
 
-    model, processor = load(args.model)
+    model, processor = load(args.model, mmproj=args.mmproj)
     session = ChatSession(model, processor)
     images: list[str] = []
     print(
@@ -119,6 +120,7 @@ def run_convert(args: argparse.Namespace) -> int:
         skip_vision=args.skip_vision,
         dtype=args.dtype,
         force=args.force,
+        mmproj=args.mmproj,
     )
     return 0
 
@@ -128,21 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="answer one prompt, streaming the text")
-    generate.add_argument("--model", required=True, help="a local checkpoint or a hub id")
+    generate.add_argument("--model", required=True, help="a local checkpoint, a hub id or a GGUF")
     generate.add_argument("--image", action="append", default=[], help="a path or URL (repeatable)")
     generate.add_argument("--video", default=None, help="a video file")
     generate.add_argument("--prompt", required=True)
+    generate.add_argument("--mmproj", default=None, help=MMPROJ_HELP)
     add_sampling_args(generate)
     generate.set_defaults(run=run_generate)
 
     chat = commands.add_parser("chat", help="an interactive multi-turn chat")
-    chat.add_argument("--model", required=True, help="a local checkpoint or a hub id")
+    chat.add_argument("--model", required=True, help="a local checkpoint, a hub id or a GGUF")
+    chat.add_argument("--mmproj", default=None, help=MMPROJ_HELP)
     add_sampling_args(chat)
     chat.set_defaults(run=run_chat)
 
     convert = commands.add_parser("convert", help="export a Hugging Face checkpoint to MLX")
-    convert.add_argument("--hf-path", required=True, help="a local checkpoint or a hub id")
+    convert.add_argument("--hf-path", required=True, help="a local checkpoint, a hub id or a GGUF")
     convert.add_argument("--mlx-path", required=True, help="the export directory")
+    convert.add_argument("--mmproj", default=None, help=MMPROJ_HELP)
     convert.add_argument("-q", "--quantize", action="store_true", help="quantize (affine)")
     convert.add_argument("--q-bits", type=int, default=4, help="4 or 8")
     convert.add_argument("--q-group-size", type=int, default=64, help="32, 64 or 128")

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelConfig, load_config
 from .device_ops import DTYPES
+from .gguf import gguf_paths, is_gguf, write_checkpoint
 from .load import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, load_model, resolve_model_path
 from .model import Model
 from .processing import Processor
@@ -210,6 +212,7 @@ def convert(
     dtype: str | None = None,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    mmproj: str | None = None,
 ) -> Path:
     """Convert a checkpoint into an MLX export.
 
@@ -217,7 +220,8 @@ def convert(
     complete, so an interrupted conversion never leaves a directory that loads.
 
     Args:
-        hf_path: A local Hugging Face checkpoint directory or a Hub repo id.
+        hf_path: A local Hugging Face checkpoint directory, a Hub repo id, or a llama.cpp
+            GGUF (with ``mmproj``).
         mlx_path: The export directory.
         quantize: Quantize the weights (affine).
         q_bits: Bits per weight (4 or 8).
@@ -228,6 +232,8 @@ def convert(
             quantization scales; default the source's ``torch_dtype``, else its weights' dtype.
         force: Replace a non-empty ``mlx_path``.
         max_shard_bytes: Largest safetensors file.
+        mmproj: For a GGUF ``hf_path``, its vision ``mmproj`` GGUF (required: the export
+            needs the vision tower). The GGUF is dequantized first.
 
     Returns:
         ``mlx_path``.
@@ -239,7 +245,25 @@ def convert(
         FileNotFoundError: If the source, its config, weights or tokenizer files are missing.
         ConfigError: If the source is not a SmolVLM / Idefics3 checkpoint.
         WeightsError: If its tensors do not fit its config.
+        GGUFError: If a GGUF source is unreadable, unsupported or has no mmproj.
     """
+    if is_gguf(hf_path):
+        with tempfile.TemporaryDirectory() as tmp:
+            source = write_checkpoint(*gguf_paths(hf_path, mmproj), Path(tmp))
+            return convert(
+                str(source),
+                mlx_path,
+                quantize=quantize,
+                q_bits=q_bits,
+                q_group_size=q_group_size,
+                recipe=recipe,
+                skip_vision=skip_vision,
+                dtype=dtype,
+                force=force,
+                max_shard_bytes=max_shard_bytes,
+            )
+    if mmproj is not None:
+        raise ConvertError(f"--mmproj is for GGUF sources; {hf_path} is not a GGUF")
     # Every check runs before any work.
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"Unsupported dtype {dtype!r}; expected one of {list(DTYPES)}")
