@@ -24,12 +24,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelConfig, load_config
 from .device_ops import DTYPES
-from .gguf import gguf_paths, is_gguf, write_checkpoint
+from .gguf import GGUFError, gguf_paths, is_gguf, read_checkpoint
 from .load import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, load_model, resolve_model_path
 from .model import Model
 from .processing import Processor
 from .quantize import QuantizationSpec, quantize_model
-from .weight_names import to_export_names
+from .weight_names import to_export_names, to_hf_names
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +178,37 @@ def _untie(model: Model) -> Model:
     return untied
 
 
+def write_gguf_checkpoint(text_path: Path, mmproj_path: Path | None, out_dir: Path) -> Path:
+    """Write a llama.cpp text GGUF and its mmproj as a Hugging Face style checkpoint.
+
+    The weights are dequantized to float32 (``convert`` quantizes them again on request).
+
+    Args:
+        text_path: The text GGUF.
+        mmproj_path: Its mmproj.
+        out_dir: An existing, empty directory.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        GGUFError: As ``gguf.read_checkpoint``, or without an mmproj: the export is a SmolVLM
+            checkpoint, which mlx-vlm and MLX Swift load only with its vision tower.
+    """
+    if mmproj_path is None:
+        raise GGUFError(
+            f"{text_path} alone is a text-only model, and the MLX export (for mlx-vlm and MLX "
+            "Swift) needs the vision tower: pass its mmproj GGUF (--mmproj)"
+        )
+    checkpoint = read_checkpoint(text_path, mmproj_path, dequantize=True)
+    # GGUF keeps the patch convolution in PyTorch's layout, as Hugging Face checkpoints do.
+    mx.save_safetensors(str(out_dir / WEIGHTS_FILE), to_hf_names(checkpoint.weights))
+    config = {**checkpoint.config.to_dict(), "torch_dtype": "float32"}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    checkpoint.processor.save_pretrained(out_dir)
+    return out_dir
+
+
 def _check_destination(mlx_path: Path, source: Path, force: bool) -> None:
     if mlx_path.exists() and not mlx_path.is_dir():
         raise ConvertError(f"Destination {mlx_path} exists and is not a directory")
@@ -249,7 +280,7 @@ def convert(
     """
     if is_gguf(hf_path):
         with tempfile.TemporaryDirectory() as tmp:
-            source = write_checkpoint(*gguf_paths(hf_path, mmproj), Path(tmp))
+            source = write_gguf_checkpoint(*gguf_paths(hf_path, mmproj), Path(tmp))
             return convert(
                 str(source),
                 mlx_path,

@@ -39,7 +39,7 @@ from .image_processing import ImageProcessor, ImageProcessorConfig
 from .processing import Processor
 from .prompt import IMAGE_TOKEN
 from .tokenizer import Tokenizer
-from .weight_names import from_gguf_name, to_export_path, to_hf_names
+from .weight_names import from_gguf_name, to_export_path
 
 logger = logging.getLogger(__name__)
 
@@ -580,36 +580,3 @@ def read_checkpoint(
     )
     processor = build_processor(text, mmproj, config)
     return GGUFCheckpoint(config, weights, _quantization_block(quantized), processor)
-
-
-def write_checkpoint(text_path: Path, mmproj_path: Path | None, out_dir: Path) -> Path:
-    """Write a text GGUF and its mmproj as a Hugging Face style checkpoint (for ``convert``).
-
-    The weights are dequantized to float32 (``convert`` quantizes them again on request).
-
-    Args:
-        text_path: The text GGUF.
-        mmproj_path: Its mmproj.
-        out_dir: An existing, empty directory.
-
-    Returns:
-        ``out_dir``.
-
-    Raises:
-        GGUFError: As ``read_checkpoint``, or without an mmproj: the MLX export is a SmolVLM
-            checkpoint, which mlx-vlm and MLX Swift load only with its vision tower.
-    """
-    if mmproj_path is None:
-        raise GGUFError(
-            f"{text_path} alone is a text-only model, and the MLX export (for mlx-vlm and MLX "
-            "Swift) needs the vision tower: pass its mmproj GGUF (--mmproj)"
-        )
-    from .load import WEIGHTS_FILE  # load imports this module
-
-    checkpoint = read_checkpoint(text_path, mmproj_path, dequantize=True)
-    # GGUF keeps the patch convolution in PyTorch's layout, as Hugging Face checkpoints do.
-    mx.save_safetensors(str(out_dir / WEIGHTS_FILE), to_hf_names(checkpoint.weights))
-    config = {**checkpoint.config.to_dict(), "torch_dtype": "float32"}
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    checkpoint.processor.save_pretrained(out_dir)
-    return out_dir
