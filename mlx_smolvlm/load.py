@@ -235,9 +235,10 @@ def _load_gguf(
     text_path, mmproj_path = gguf_paths(path, mmproj)
     checkpoint = read_checkpoint(text_path, mmproj_path)
     model = Model(checkpoint.config)
+    weights = model.sanitize(checkpoint.weights)  # GGUF keeps PyTorch's convolution layout
     if checkpoint.quantization is not None:
-        apply_quantization(model, checkpoint.quantization, checkpoint.weights)
-    _finish_loading(model, checkpoint.weights, dtype, text_path)
+        apply_quantization(model, checkpoint.quantization, weights)
+    _finish_loading(model, weights, dtype, text_path)
     return model, text_path, checkpoint.processor
 
 
