@@ -355,6 +355,21 @@ def test_text_gguf_equals_the_checkpoint_and_q8_stays_quantized(tiny, hf_referen
     )
 
 
+@pytest.mark.parametrize("qtype, dtype", [(Q.F16, torch.float16), (Q.BF16, torch.bfloat16)])
+def test_half_precision_tensors_load_as_written(tiny, tmp_path, hf_reference, qtype, dtype):
+    path = write_text_gguf(tiny["checkpoint"], tmp_path / f"{qtype.name}.gguf", qtype=qtype)
+    model, _ = load_model(str(path))
+    reference = hf_reference(tiny["checkpoint"]).model.text_model.layers[0]
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj"):
+        ours = model.text_model.layers[0]
+        theirs = reference
+        for part in name.split("."):
+            ours, theirs = getattr(ours, part), getattr(theirs, part)
+        assert ours.weight.dtype == getattr(mx, str(dtype).removeprefix("torch."))
+        expected = theirs.weight.detach().to(dtype).float().numpy()
+        np.testing.assert_array_equal(np.array(ours.weight.astype(mx.float32)), expected)
+
+
 def test_mmproj_gguf_equals_transformers_on_images(tiny, hf_reference):
     model, processor = load(str(tiny["text"]), dtype="float32", mmproj=str(tiny["mmproj"]))
     reference_processor = Processor.from_pretrained(tiny["checkpoint"])
