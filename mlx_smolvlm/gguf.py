@@ -327,8 +327,7 @@ def _affine_blocks(tensor: gguf.ReaderTensor) -> tuple[np.ndarray, np.ndarray, n
     d = blocks[..., :2].copy().view(np.float16)[..., 0]
     if tensor.tensor_type == Q.Q8_0:
         # Signed bytes -> q + 128 in 0..255; MLX packs four 8-bit values per uint32, low first.
-        q = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        packed = q
+        packed = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
         bias = d * np.float16(-128)
     else:
         start = 4 if tensor.tensor_type == Q.Q4_1 else 2

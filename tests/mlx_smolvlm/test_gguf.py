@@ -499,3 +499,5 @@ def test_mmproj_that_does_not_fit_is_named(tiny, tmp_path):
         load_model(text, mmproj=str(other))
     with pytest.raises(GGUFError, match="architecture 'llama'; the mmproj must be 'clip'"):
         load_model(text, mmproj=text)
+    with pytest.raises(ValueError, match="mmproj is for GGUF models"):
+        load_model(str(checkpoint), mmproj=str(tiny["mmproj"]))
