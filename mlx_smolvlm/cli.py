@@ -15,6 +15,7 @@ from .generate import GenerationResponse, stream_generate
 from .image_processing import load_image
 from .sample import make_repetition_penalty, make_sampler
 
+MMPROJ_HELP = "the vision mmproj GGUF of a GGUF --model / --hf-path (text only without it)"
 # Errors a user can cause with their input; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError)
 
@@ -23,8 +24,8 @@ DESCRIPTION = (
     "Serving over HTTP is smolvlm-router's job (smolvlm-router --model PATH_OR_HUB_ID)."
 )
 MODEL_HELP = (
-    "a local checkpoint directory, or a Hugging Face Hub id (downloaded on first use, then "
-    "read from the Hugging Face cache)"
+    "a local checkpoint directory, a llama.cpp GGUF file, or a Hugging Face Hub id (downloaded "
+    "on first use, then read from the Hugging Face cache)"
 )
 CHAT_HELP = """commands:
   /image PATH_OR_URL  attach an image to your next message (checked at once)
@@ -129,7 +130,7 @@ def run_generate(args: argparse.Namespace) -> int:
     images = [load_image(source) for source in args.image]
     if args.video and not Path(args.video).is_file():
         raise FileNotFoundError(f"Video file not found: {args.video}")
-    model, processor = load(args.model)
+    model, processor = load(args.model, mmproj=args.mmproj)
     content = [{"type": "image"} for _ in images]
     if args.video:
         content.append({"type": "video"})
@@ -145,7 +146,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     options = sampling_options(args)
     check_sampling_options(options)
-    model, processor = load(args.model)
+    model, processor = load(args.model, mmproj=args.mmproj)
     session = ChatSession(model, processor)
     images: list = []
     print("Chat with the model: '/image PATH' attaches an image, '/help' lists the commands.")
@@ -202,6 +203,7 @@ def run_convert(args: argparse.Namespace) -> int:
         skip_vision=args.skip_vision,
         dtype=args.dtype,
         force=args.force,
+        mmproj=args.mmproj,
     )
     return 0
 
@@ -227,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--video", default=None, metavar="PATH", help="a video file")
     generate.add_argument("--prompt", required=True, help="the question or instruction")
+    generate.add_argument("--mmproj", default=None, metavar="PATH", help=MMPROJ_HELP)
     add_sampling_args(generate)
     add_offline_arg(generate)
     generate.set_defaults(run=run_generate)
@@ -239,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     chat.add_argument("--model", required=True, metavar="PATH_OR_HUB_ID", help=MODEL_HELP)
+    chat.add_argument("--mmproj", default=None, metavar="PATH", help=MMPROJ_HELP)
     add_sampling_args(chat)
     add_offline_arg(chat)
     chat.set_defaults(run=run_chat)
@@ -251,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--hf-path", required=True, metavar="PATH_OR_HUB_ID", help=MODEL_HELP)
     convert.add_argument("--mlx-path", required=True, metavar="DIR", help="the export directory")
+    convert.add_argument("--mmproj", default=None, metavar="PATH", help=MMPROJ_HELP)
     convert.add_argument("-q", "--quantize", action="store_true", help="quantize (affine)")
     convert.add_argument(
         "--q-bits", type=int, default=4, help="4 or 8 bits per weight (default: %(default)s)"

@@ -20,6 +20,12 @@ TEXT_MODEL_TYPES = ("llama",)
 VISION_MODEL_TYPES = ("smolvlm_vision", "idefics3_vision", "idefics3")
 
 
+TEXT_ONLY_ERROR = (
+    "This model is text only (a GGUF decoder loaded without its vision mmproj): it takes no "
+    "images or video"
+)
+
+
 class ConfigError(ValueError):
     """A configuration that this port cannot build a model from."""
 
@@ -144,7 +150,8 @@ class ModelConfig(BaseConfig):
 
     model_type: str
     text_config: TextConfig = field(default_factory=TextConfig)
-    vision_config: VisionConfig = field(default_factory=VisionConfig)
+    # None: a text-only model (a GGUF decoder loaded without its mmproj).
+    vision_config: VisionConfig | None = field(default_factory=VisionConfig)
     scale_factor: int = 2
     image_token_id: int = 128257
     # transformers ties `lm_head` to `embed_tokens` from the root key only.
@@ -155,11 +162,15 @@ class ModelConfig(BaseConfig):
             raise ConfigError(
                 f"model_type {self.model_type!r} is not supported (expected one of {list(MODEL_TYPES)})"
             )
-        # A missing or null sub-config means transformers' defaults.
+        # A missing or null text config means transformers' defaults, and so does a missing
+        # vision config; a null one means no vision tower.
         if not isinstance(self.text_config, TextConfig):
             self.text_config = TextConfig.from_dict(self.text_config or {})
+        if self.vision_config is None:
+            self.image_seq_len = 0
+            return
         if not isinstance(self.vision_config, VisionConfig):
-            self.vision_config = VisionConfig.from_dict(self.vision_config or {})
+            self.vision_config = VisionConfig.from_dict(self.vision_config)
         # Tokens per full tile, as transformers computes it; the connector checks at run time
         # that the patch grid of each image is divisible by scale_factor.
         side = self.vision_config.num_patches_per_side

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelConfig, load_config
 from .device_ops import DTYPES
+from .gguf import GGUFError, gguf_paths, is_gguf, read_checkpoint
 from .load import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, load_model, resolve_model_path
 from .model import Model
 from .processing import Processor
 from .quantize import QuantizationSpec, quantize_model
-from .weight_names import to_export_names
+from .weight_names import to_export_names, to_hf_names
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +179,37 @@ def _untie(model: Model) -> Model:
     return untied
 
 
+def write_gguf_checkpoint(text_path: Path, mmproj_path: Path | None, out_dir: Path) -> Path:
+    """Write a llama.cpp text GGUF and its mmproj as a Hugging Face style checkpoint.
+
+    The weights are dequantized to float32 (``convert`` quantizes them again on request).
+
+    Args:
+        text_path: The text GGUF.
+        mmproj_path: Its mmproj.
+        out_dir: An existing, empty directory.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        GGUFError: As ``gguf.read_checkpoint``, or without an mmproj: the export is a SmolVLM
+            checkpoint, which mlx-vlm and MLX Swift load only with its vision tower.
+    """
+    if mmproj_path is None:
+        raise GGUFError(
+            f"{text_path} alone is a text-only model, and the MLX export (for mlx-vlm and MLX "
+            "Swift) needs the vision tower: pass its mmproj GGUF (--mmproj)"
+        )
+    checkpoint = read_checkpoint(text_path, mmproj_path, dequantize=True)
+    # GGUF keeps the patch convolution in PyTorch's layout, as Hugging Face checkpoints do.
+    mx.save_safetensors(str(out_dir / WEIGHTS_FILE), to_hf_names(checkpoint.weights))
+    config = {**checkpoint.config.to_dict(), "torch_dtype": "float32"}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    checkpoint.processor.save_pretrained(out_dir)
+    return out_dir
+
+
 def _check_destination(mlx_path: Path, source: Path, force: bool) -> None:
     if mlx_path.exists() and not mlx_path.is_dir():
         raise ConvertError(f"Destination {mlx_path} exists and is not a directory")
@@ -211,6 +244,7 @@ def convert(
     dtype: str | None = None,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    mmproj: str | None = None,
 ) -> Path:
     """Convert a checkpoint into an MLX export.
 
@@ -218,7 +252,8 @@ def convert(
     complete, so an interrupted conversion never leaves a directory that loads.
 
     Args:
-        hf_path: A local Hugging Face checkpoint directory or a Hub repo id.
+        hf_path: A local Hugging Face checkpoint directory, a Hub repo id, or a llama.cpp
+            GGUF (with ``mmproj``).
         mlx_path: The export directory.
         quantize: Quantize the weights (affine).
         q_bits: Bits per weight (4 or 8).
@@ -229,6 +264,8 @@ def convert(
             quantization scales; default the source's ``torch_dtype``, else its weights' dtype.
         force: Replace a non-empty ``mlx_path``.
         max_shard_bytes: Largest safetensors file.
+        mmproj: For a GGUF ``hf_path``, its vision ``mmproj`` GGUF (required: the export
+            needs the vision tower). The GGUF is dequantized first.
 
     Returns:
         ``mlx_path``.
@@ -240,7 +277,25 @@ def convert(
         FileNotFoundError: If the source, its config, weights or tokenizer files are missing.
         ConfigError: If the source is not a SmolVLM / Idefics3 checkpoint.
         WeightsError: If its tensors do not fit its config.
+        GGUFError: If a GGUF source is unreadable, unsupported or has no mmproj.
     """
+    if is_gguf(hf_path):
+        with tempfile.TemporaryDirectory() as tmp:
+            source = write_gguf_checkpoint(*gguf_paths(hf_path, mmproj), Path(tmp))
+            return convert(
+                str(source),
+                mlx_path,
+                quantize=quantize,
+                q_bits=q_bits,
+                q_group_size=q_group_size,
+                recipe=recipe,
+                skip_vision=skip_vision,
+                dtype=dtype,
+                force=force,
+                max_shard_bytes=max_shard_bytes,
+            )
+    if mmproj is not None:
+        raise ConvertError(f"--mmproj is for GGUF sources; {hf_path} is not a GGUF")
     # Every check runs before any work.
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"Unsupported dtype {dtype!r}; expected one of {list(DTYPES)}")

@@ -377,7 +377,8 @@ def stream_generate(
     while reused > 0 and isinstance(keys[reused], str) and keys[reused - 1] == keys[reused]:
         reused -= 1  # never split a tile's features between the cache and the new prefill
     prompt_cache.trim_to(reused)
-    first_new_tile = sum(isinstance(key, str) for key in keys[:reused]) // seq_len
+    # A text-only model (seq_len 0) has no tiles.
+    first_new_tile = sum(isinstance(key, str) for key in keys[:reused]) // max(seq_len, 1)
     new_tiles = list(range(first_new_tile, len(prompt.tile_hashes)))
     features, encoded = None, 0
     if new_tiles:

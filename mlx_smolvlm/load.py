@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ConfigError, load_config
 from .device_ops import compute_dtype
+from .gguf import gguf_paths, is_gguf, read_checkpoint
 from .model import Model
 from .quantize import apply_quantization
 
@@ -252,48 +253,29 @@ def check_weights(model: Model, weights: dict[str, mx.array], source: Path) -> N
         )
 
 
-def load_model(path_or_hub_id: str, dtype: mx.Dtype | str | None = None) -> tuple[Model, Path]:
-    """Build the model from a checkpoint's ``config.json`` and load its weights strictly.
-
-    Args:
-        path_or_hub_id: A local checkpoint directory or a Hugging Face Hub repo id.
-        dtype: Cast floating-point weights to this dtype (``mx.float32`` or a name such as
-            ``"bfloat16"``); ``"auto"`` is the device's compute dtype
-            (``device_ops.compute_dtype``: float32 on the CPU backend, where bf16/fp16 matmuls
-            are scalar loops, and the checkpoint's dtype on GPUs; ``MLX_SMOLVLM_DTYPE``
-            overrides it); None keeps the checkpoint's dtype.
-
-    Returns:
-        The evaluated model and the resolved local directory.
+def _resolve_dtype(dtype: mx.Dtype | str | None) -> mx.Dtype | str | None:
+    """``dtype`` as an MLX dtype, ``"auto"`` or None.
 
     Raises:
-        FileNotFoundError: If the directory, ``config.json`` or weight files are missing.
-        ConfigError: If ``config.json`` is invalid or describes an unsupported model.
-        WeightsError: If tensors are missing, unexpected, wrongly shaped or unreadable.
-        QuantizationError: If the ``quantization`` block is malformed or does not fit.
-        ValueError: If ``dtype`` is not a floating-point dtype.
+        ValueError: If it is not a floating-point dtype (or its name).
     """
-    model_dir = resolve_model_path(path_or_hub_id)
-    auto = isinstance(dtype, str) and dtype == "auto"
-    if isinstance(dtype, str) and not auto:
+    if isinstance(dtype, str) and dtype == "auto":
+        return dtype
+    if isinstance(dtype, str):
         if not isinstance(getattr(mx, dtype, None), mx.Dtype):
             raise ValueError(f"Unknown dtype {dtype!r}")
         dtype = getattr(mx, dtype)
-    if dtype is not None and not auto and not mx.issubdtype(dtype, mx.floating):
+    if dtype is not None and not mx.issubdtype(dtype, mx.floating):
         raise ValueError(f"dtype must be a floating-point type, got {dtype}")
-    config = load_config(model_dir)
-    model = Model(config)
-    weights = model.sanitize(load_weights(model_dir))
-    quantization = read_quantization(model_dir)
-    if quantization is not None:
-        apply_quantization(model, quantization, weights)
-    elif any(k.endswith(".scales") for k in weights):
-        raise WeightsError(
-            f"{model_dir} has quantized weights (.scales tensors) but its config.json has no "
-            "'quantization' block"
-        )
-    check_weights(model, weights, model_dir)
-    if auto:
+    return dtype
+
+
+def _finish_loading(
+    model: Model, weights: dict[str, mx.array], dtype: mx.Dtype | str | None, source: Path
+) -> None:
+    """Check the weights strictly, cast them, put them into ``model`` and evaluate it."""
+    check_weights(model, weights, source)
+    if dtype == "auto":
         stored = next(v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating))
         dtype = compute_dtype(stored)
     if dtype is not None:
@@ -305,25 +287,100 @@ def load_model(path_or_hub_id: str, dtype: mx.Dtype | str | None = None) -> tupl
     try:
         mx.eval(model.parameters())  # reads the tensor data: truncated files fail here
     except RuntimeError as err:
-        raise WeightsError(f"Cannot read the weights in {model_dir}: {err}") from err
+        raise WeightsError(f"Cannot read the weights in {source}: {err}") from err
     model.eval()
     logger.info(
-        "Loaded %s (%d parameters) from %s", config.model_type, model.parameter_count(), model_dir
+        "Loaded %s (%d parameters%s) from %s",
+        model.config.model_type,
+        model.parameter_count(),
+        "" if model.config.vision_config is not None else ", text only",
+        source,
     )
+
+
+def _load_gguf(
+    path: str, dtype: mx.Dtype | str | None, mmproj: str | None
+) -> tuple[Model, Path, Processor]:
+    """Load a llama.cpp text GGUF (and its mmproj) as ``load_model`` loads a checkpoint."""
+    text_path, mmproj_path = gguf_paths(path, mmproj)
+    checkpoint = read_checkpoint(text_path, mmproj_path)
+    model = Model(checkpoint.config)
+    weights = model.sanitize(checkpoint.weights)  # GGUF keeps PyTorch's convolution layout
+    if checkpoint.quantization is not None:
+        apply_quantization(model, checkpoint.quantization, weights)
+    _finish_loading(model, weights, dtype, text_path)
+    return model, text_path, checkpoint.processor
+
+
+def load_model(
+    path_or_hub_id: str, dtype: mx.Dtype | str | None = None, mmproj: str | None = None
+) -> tuple[Model, Path]:
+    """Build the model from a checkpoint's ``config.json`` and load its weights strictly.
+
+    A llama.cpp GGUF (a ``.gguf`` file, or a directory of GGUF files) loads through
+    ``mlx_smolvlm.gguf``: text only, unless an mmproj is given or lies beside it.
+
+    Args:
+        path_or_hub_id: A local checkpoint directory, a Hugging Face Hub repo id, or a GGUF.
+        dtype: Cast floating-point weights to this dtype (``mx.float32`` or a name such as
+            ``"bfloat16"``); ``"auto"`` is the device's compute dtype
+            (``device_ops.compute_dtype``: float32 on the CPU backend, where bf16/fp16 matmuls
+            are scalar loops, and the checkpoint's dtype on GPUs; ``MLX_SMOLVLM_DTYPE``
+            overrides it); None keeps the checkpoint's dtype.
+        mmproj: For a GGUF, its vision ``mmproj`` GGUF.
+
+    Returns:
+        The evaluated model and the resolved local directory (for a GGUF, the text GGUF file).
+
+    Raises:
+        FileNotFoundError: If the directory, ``config.json`` or weight files are missing.
+        ConfigError: If ``config.json`` is invalid or describes an unsupported model.
+        WeightsError: If tensors are missing, unexpected, wrongly shaped or unreadable.
+        QuantizationError: If the ``quantization`` block is malformed or does not fit.
+        GGUFError: If a GGUF is unreadable or unsupported, or its mmproj does not fit it.
+        ValueError: If ``dtype`` is not a floating-point dtype, or ``mmproj`` is given for a
+            checkpoint that is not a GGUF.
+    """
+    dtype = _resolve_dtype(dtype)
+    if is_gguf(path_or_hub_id):
+        model, path, _ = _load_gguf(path_or_hub_id, dtype, mmproj)
+        return model, path
+    if mmproj is not None:
+        raise ValueError(f"mmproj is for GGUF models; {path_or_hub_id} is not a GGUF")
+    model_dir = resolve_model_path(path_or_hub_id)
+    config = load_config(model_dir)
+    model = Model(config)
+    weights = model.sanitize(load_weights(model_dir))
+    quantization = read_quantization(model_dir)
+    if quantization is not None:
+        apply_quantization(model, quantization, weights)
+    elif any(k.endswith(".scales") for k in weights):
+        raise WeightsError(
+            f"{model_dir} has quantized weights (.scales tensors) but its config.json has no "
+            "'quantization' block"
+        )
+    _finish_loading(model, weights, dtype, model_dir)
     return model, model_dir
 
 
-def load(path_or_hub_id: str, dtype: mx.Dtype | str | None = "auto") -> tuple[Model, Processor]:
+def load(
+    path_or_hub_id: str, dtype: mx.Dtype | str | None = "auto", mmproj: str | None = None
+) -> tuple[Model, Processor]:
     """Load the model, in the device's compute dtype unless told otherwise, and its processor.
 
     Args:
-        path_or_hub_id: A local checkpoint directory or a Hugging Face Hub repo id.
+        path_or_hub_id: A local checkpoint directory, a Hugging Face Hub repo id, or a GGUF
+            (whose tokenizer and chat template come from its metadata).
         dtype: As ``load_model``; by default the device's (float32 on the Linux CPU backend).
+        mmproj: For a GGUF, its vision ``mmproj`` GGUF.
 
     Raises:
-        FileNotFoundError, ConfigError, WeightsError: As ``load_model``.
+        FileNotFoundError, ConfigError, WeightsError, GGUFError: As ``load_model``.
     """
     from .processing import Processor
 
-    model, model_dir = load_model(path_or_hub_id, dtype)
+    if is_gguf(path_or_hub_id):
+        model, _, processor = _load_gguf(path_or_hub_id, _resolve_dtype(dtype), mmproj)
+        return model, processor
+    model, model_dir = load_model(path_or_hub_id, dtype, mmproj)
     return model, Processor.from_pretrained(model_dir)

@@ -10,7 +10,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .cache import KVCache
-from .config import ModelConfig
+from .config import TEXT_ONLY_ERROR, ModelConfig
 from .language import TextModel
 from .vision import VisionModel
 from .weight_names import from_checkpoint_names, to_hf_names
@@ -82,8 +82,9 @@ class Model(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.vision_model = VisionModel(config.vision_config)
-        self.connector = Connector(config)
+        if config.vision_config is not None:
+            self.vision_model = VisionModel(config.vision_config)
+            self.connector = Connector(config)
         self.text_model = TextModel(config.text_config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(
@@ -107,8 +108,11 @@ class Model(nn.Module):
             ``(n_real_images, image_seq_len, text_hidden)`` features, batch-major.
 
         Raises:
-            ValueError: If shapes do not match each other or the vision config.
+            ValueError: If shapes do not match each other or the vision config, or the model
+                is text only.
         """
+        if self.config.vision_config is None:
+            raise ValueError(TEXT_ONLY_ERROR)
         pixel_values = _as_array(pixel_values, "pixel_values")
         vcfg = self.config.vision_config
         if pixel_values.ndim != 5 or pixel_values.shape[2] != vcfg.num_channels:
@@ -261,9 +265,9 @@ class Model(nn.Module):
                     "config.json sets tie_word_embeddings but the checkpoint's lm_head.weight "
                     "differs from model.text_model.embed_tokens.weight"
                 )
-        weights = self.vision_model.sanitize(weights)
+        weights = VisionModel.sanitize(weights)
         return self.text_model.sanitize(weights)
 
     def hf_weights(self) -> dict[str, mx.array]:
         """This model's parameters under Hugging Face names and layouts (inverse of ``sanitize``)."""
-        return to_hf_names(self.vision_model.unsanitize(dict(tree_flatten(self.parameters()))))
+        return to_hf_names(VisionModel.unsanitize(dict(tree_flatten(self.parameters()))))

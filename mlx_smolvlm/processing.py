@@ -19,7 +19,7 @@ import numpy as np
 import tokenizers
 from PIL import Image
 
-from .config import load_config
+from .config import TEXT_ONLY_ERROR, load_config
 from .image_processing import (
     ImageInput,
     ImageProcessor,
@@ -268,7 +268,8 @@ class Processor:
             image's tiles.
 
         Raises:
-            ValueError: Placeholders and media disagree, or both images and a video are given.
+            ValueError: Placeholders and media disagree, both images and a video are given, or
+                the model is text only (`image_seq_len` 0) and media are given.
             ImageLoadError: An image cannot be read.
             VideoLoadError: The video cannot be read.
         """
@@ -277,6 +278,8 @@ class Processor:
         if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
             images = [images]
         images = list(images or [])
+        if (images or video is not None) and not self.image_seq_len:
+            raise ValueError(TEXT_ONLY_ERROR)
         if images and video is not None:
             raise ValueError("Pass either images or one video per prompt, not both")
         n_images, n_videos = text.count(IMAGE_TOKEN), text.count(VIDEO_TOKEN)

@@ -53,7 +53,8 @@ class Tokenizer:
         for key in SPECIAL_TOKEN_KEYS:
             value = config.get(key)
             self.special_tokens[key] = value["content"] if isinstance(value, dict) else value
-        self.image_token_id = self.token_to_id(IMAGE_TOKEN)
+        # None for a text-only vocabulary (a SmolLM2 GGUF).
+        self.image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self._added = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
         if eos_token_ids is None:

@@ -90,3 +90,61 @@ def to_export_names(weights: dict[str, T]) -> dict[str, T]:
         weights: Tensors by our parameter path.
     """
     return {to_export_path(k): v for k, v in weights.items()}
+
+
+# llama.cpp's GGUF names (``convert_hf_to_gguf.py``) -> our module paths. The text GGUF holds
+# the decoder (``blk.N.*``); the ``mmproj`` GGUF holds the vision tower (``v.*``) and the
+# connector (``mm.*``). Each maps a module; its ``.weight`` / ``.bias`` follow.
+_GGUF_MODULES = {
+    "token_embd": "text_model.embed_tokens",
+    "output_norm": "text_model.norm",
+    "output": "lm_head",
+    "v.patch_embd": "vision_model.embeddings.patch_embedding",
+    "v.position_embd": "vision_model.embeddings.position_embedding",
+    "v.post_ln": "vision_model.post_layernorm",
+    "mm.model.fc": "connector.modality_projection.proj",
+}
+_GGUF_TEXT_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# llama.cpp calls SigLIP's fc1 the FFN's "up" and fc2 its "down".
+_GGUF_VISION_BLOCK = {
+    "ln1": "layer_norm1",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_out": "self_attn.out_proj",
+    "ln2": "layer_norm2",
+    "ffn_up": "mlp.fc1",
+    "ffn_down": "mlp.fc2",
+}
+_GGUF_BLOCKS = (
+    ("blk.", "text_model.layers.", _GGUF_TEXT_BLOCK),
+    ("v.blk.", "vision_model.encoder.layers.", _GGUF_VISION_BLOCK),
+)
+
+
+def from_gguf_name(name: str) -> str | None:
+    """Our parameter path for a llama.cpp GGUF tensor name, or None if it has none.
+
+    Args:
+        name: E.g. ``blk.3.attn_q.weight``, ``v.blk.0.ln1.bias`` or ``mm.model.fc.weight``.
+    """
+    module, _, param = name.rpartition(".")
+    if param not in ("weight", "bias"):
+        return None
+    if module in _GGUF_MODULES:
+        return f"{_GGUF_MODULES[module]}.{param}"
+    for prefix, ours, table in _GGUF_BLOCKS:
+        index, _, part = module.removeprefix(prefix).partition(".")
+        if module.startswith(prefix) and index.isdigit() and part in table:
+            return f"{ours}{index}.{table[part]}.{param}"
+    return None

@@ -35,6 +35,7 @@ from ..images import MediaFetcher, is_http
 from .base import BaseProvider
 
 RANDOM_WEIGHTS_SUFFIX = "-RANDOM-WEIGHTS"
+TEXT_ONLY_SUFFIX = "-TEXT-ONLY"
 
 
 @dataclasses.dataclass
@@ -66,6 +67,7 @@ class Provider(BaseProvider):
             dtype=self.options.dtype,
         )
         self.random_weights = served.random_weights
+        self.text_only = served.text_only
         self.engine = Engine(served.model, served.processor, self.options.engine)
 
     async def close(self) -> None:
@@ -73,11 +75,14 @@ class Provider(BaseProvider):
         await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
 
     def served_name(self, model: str) -> str:
-        """The model name in responses; it says so when the weights are random.
+        """The model name in responses; it says so when the weights are random or the model
+        is text only (a GGUF without its mmproj).
 
         Args:
             model: The name the router's config gives this model.
         """
+        if self.text_only:
+            model += TEXT_ONLY_SUFFIX
         return model + RANDOM_WEIGHTS_SUFFIX if self.random_weights else model
 
     async def complete(self, request: ir.Request, key: str | None) -> ir.Response:
@@ -180,6 +185,16 @@ class Provider(BaseProvider):
                 f"{request.response_format.type!r}",
                 param="response_format",
             )
+        if self.text_only:
+            for i, message in enumerate(request.messages):
+                for j, part in enumerate(message.parts):
+                    if isinstance(part, ir.MediaPart):
+                        where = f"messages[{i}].content[{j}]"
+                        raise InvalidRequestError(
+                            f"{where}: the local model {request.model!r} is text only (a GGUF "
+                            "without its vision mmproj) and takes no images or video",
+                            param=where,
+                        )
         # URLs download concurrently, before anything else is checked.
         remote = [
             part
