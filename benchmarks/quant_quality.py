@@ -27,6 +27,8 @@ from pathlib import Path
 
 import mlx_smolvlm  # noqa: F401
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 from benchmarks.export_sizes import weight_bytes
 from benchmarks.trained_weights import trained_checkpoint
@@ -59,9 +61,33 @@ def heldout_ids(source: Path, n_tokens: int) -> mx.array:
     return mx.array([ids[: n_tokens + 1]])
 
 
+def dequantize_model(model: nn.Module) -> None:
+    """Replace quantized layers by dense fp32 ones holding the same (dequantized) weights.
+
+    The products are the quantized model's up to summation order, and the dense fp32 matmul is
+    about 100x faster than MLX's quantized one on the CPU.
+    """
+    dense = []
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            weight = mx.dequantize(
+                module.weight, module.scales, module.biases, module.group_size, module.bits
+            )
+            if isinstance(module, nn.QuantizedEmbedding):
+                layer = nn.Embedding(*weight.shape)
+            else:
+                layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+                if "bias" in module:
+                    layer.bias = module.bias
+            layer.weight = weight
+            dense.append((path, layer))
+    model.update_modules(tree_unflatten(dense))
+
+
 def log_probs(model_dir: Path, ids: mx.array) -> mx.array:
     """Next-token log-probabilities ``(n_tokens, vocab)`` with fp32 activations."""
     model, _ = load_model(str(model_dir), dtype="float32")
+    dequantize_model(model)
     logits = model(ids[:, :-1])[0].astype(mx.float32)
     out = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     mx.eval(out)
