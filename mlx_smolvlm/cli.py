@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-q", "--quantize", action="store_true", help="quantize (affine)")
     convert.add_argument("--q-bits", type=int, default=4, help="4 or 8")
     convert.add_argument("--q-group-size", type=int, default=64, help="32, 64 or 128")
-    convert.add_argument("--recipe", default="uniform", help="uniform or mixed")
+    convert.add_argument("--recipe", default="uniform", help="uniform, mixed or calibrated")
     convert.add_argument(
         "--skip-vision", action="store_true", help="leave the vision tower unquantized"
     )
