@@ -3,10 +3,12 @@
 The checkpoint is SmolVLM2-256M's architecture with SmolLM2-135M-Instruct as the decoder and a
 random vision tower (``benchmarks/trained_weights.py``, built once per machine). Trained weights
 have the outlier activations that random ones lack, so these bounds are the real numerical test.
-Tiles are single 512x512 images (no splitting) to keep the vision tower's cost small.
+Tiles are single 512x512 images (no splitting) to keep the vision tower's cost small; each
+tile still costs seconds per framework, so the image tests are the bulk of this file's time.
 
 Measured (fp32, 2-core x86 CPU): max |logit diff| 9.9e-5 text, 4.8e-4 one image, 4.0e-4 two
-images, 3.0e-4 three video frames (logit std 6.5-8.4); top-1 agreement 100 % everywhere.
+images, 1.6e-4 two video frames (3.0e-4 with three; logit std 5.6-8.4); top-1 agreement 100 %
+everywhere. The video test uses two frames to keep the default suite's cost down.
 """
 
 from __future__ import annotations
@@ -85,9 +87,9 @@ def test_image_parity(models, n_images):
 
 def test_video_frames_parity(models):
     model, processor, ref = models
-    media = video_prompt([0.0, 1.0, 2.0], 3.0, processor.image_seq_len)
+    media = video_prompt([0.0, 1.5], 3.0, processor.image_seq_len)
     ids = prompt_ids(processor, media, "What happens in this video?")
-    assert compare(model, ref, ids, tiles(3)) < ATOL
+    assert compare(model, ref, ids, tiles(2)) < ATOL
 
 
 def greedy_reference(ref, ids: np.ndarray, n: int, pixels: np.ndarray | None = None) -> list:
@@ -110,6 +112,7 @@ def test_greedy_text_equals_transformers_and_knows_paris(models):
     assert "Paris" in result.text, result.text
 
 
+@pytest.mark.slow  # a vision pass in each framework plus 8 decode steps: about 50 s on 2 cores
 def test_greedy_with_an_image_equals_transformers(models):
     model, processor, ref = models
     ids = prompt_ids(processor, image_prompt(0, 0, processor.image_seq_len), "Describe the image.")
