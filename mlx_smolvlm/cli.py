@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--recipe",
         default="uniform",
-        help="uniform, or mixed: 8-bit vision tower, 4-bit decoder (default: %(default)s)",
+        help="uniform; mixed: 8-bit vision tower, 4-bit decoder; calibrated: GPTQ on a shipped calibration set, 8-bit embeddings and head (default: %(default)s)",
     )
     convert.add_argument(
         "--skip-vision", action="store_true", help="leave the vision tower unquantized"

@@ -29,11 +29,19 @@ from .gguf import GGUFError, gguf_paths, is_gguf, read_checkpoint
 from .load import WEIGHTS_FILE, WEIGHTS_INDEX_FILE, load_model, resolve_model_path
 from .model import Model
 from .processing import Processor
-from .quantize import QuantizationSpec, quantize_model
+from .prompt import image_prompt
+from .quantize import Calibration, QuantizationSpec, quantize_model
 from .weight_names import to_export_names, to_hf_names
 
 logger = logging.getLogger(__name__)
 
+ASSETS = Path(__file__).parent / "assets"
+# The `calibrated` recipe's data: about 4 KB of English prose and chat written for this
+# repository, and tiles of the example photo (the global tile first).
+CALIBRATION_TEXT = ASSETS / "calibration.txt"
+CALIBRATION_IMAGE = ASSETS / "example.jpg"
+CALIBRATION_CHUNK_TOKENS = 512
+CALIBRATION_TILES = 4
 MAX_SHARD_BYTES = 5 * 1024**3
 SHARD_FILE = "model-{:05d}-of-{:05d}.safetensors"
 # Text fields the export leaves as the source wrote them: MLX Swift reads none of them and the
@@ -168,6 +176,39 @@ def save_processor(processor: Processor, out_dir: Path) -> None:
         )
 
 
+def calibration_data(
+    processor: Processor,
+    text_path: Path = CALIBRATION_TEXT,
+    image_path: Path = CALIBRATION_IMAGE,
+    with_images: bool = True,
+) -> Calibration:
+    """The ``calibrated`` recipe's inputs: the text in chunks of ``CALIBRATION_CHUNK_TOKENS``
+    tokens, and up to ``CALIBRATION_TILES`` tiles of the image (its global tile first) with a
+    prompt that shows the decoder the global tile's features.
+
+    Args:
+        processor: The checkpoint's processor.
+        text_path: A UTF-8 text file.
+        image_path: An image file.
+        with_images: Include the image (False when the vision tower is not quantized and the
+            connector alone needs no more than one tile).
+    """
+    ids = processor.tokenizer.encode(text_path.read_text(encoding="utf-8"))
+    step = CALIBRATION_CHUNK_TOKENS
+    texts = [mx.array([ids[i : i + step]]) for i in range(0, len(ids), step)]
+    tiles = processor("<image>", images=[str(image_path)]).pixel_values
+    # The global tile (the last one) first: the image prompt below shows it to the decoder.
+    order = [len(tiles) - 1, *range(len(tiles) - 1)]
+    tiles = tiles[order[: CALIBRATION_TILES if with_images else 1]]
+    seq_len = processor.image_seq_len
+    prompt = f"User:{image_prompt(0, 0, seq_len)}Describe this image.<end_of_utterance>\nAssistant:"
+    return Calibration(
+        texts=texts,
+        pixel_values=mx.array(tiles[None]),
+        image_prompt_ids=mx.array([processor.tokenizer.encode(prompt)]),
+    )
+
+
 def _untie(model: Model) -> Model:
     """A copy of a tied model with an explicit ``lm_head`` equal to the embeddings."""
     config = dataclasses.replace(model.config, tie_word_embeddings=False)
@@ -258,7 +299,8 @@ def convert(
         quantize: Quantize the weights (affine).
         q_bits: Bits per weight (4 or 8).
         q_group_size: Quantization group size (32, 64 or 128).
-        recipe: ``uniform`` or ``mixed`` (sensitive layers at 8 bits).
+        recipe: ``uniform``, ``mixed`` (sensitive layers at 8 bits) or ``calibrated`` (GPTQ
+            on the shipped calibration text and image, embeddings and ``lm_head`` at 8 bits).
         skip_vision: Leave the vision tower unquantized (the connector is still quantized).
         dtype: ``float16``, ``bfloat16`` or ``float32`` for the unquantized tensors and the
             quantization scales; default the source's ``torch_dtype``, else its weights' dtype.
@@ -324,7 +366,10 @@ def convert(
         raise ConvertError(f"{src} has {dtype_name} weights; pass --dtype")
     if quantize:
         logger.info("[2/3] Quantizing to %d bits (%s recipe)", spec.bits, spec.recipe)
-        quantization = quantize_model(model, spec)
+        calibration = None
+        if spec.recipe == "calibrated":
+            calibration = calibration_data(processor, with_images=not skip_vision)
+        quantization = quantize_model(model, spec, calibration)
     else:
         logger.info("[2/3] Not quantizing (pass -q to quantize)")
         quantization = None

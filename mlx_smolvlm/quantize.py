@@ -21,6 +21,11 @@ Rules (see ``layer_quantization``):
 - Recipe ``uniform``: every quantized layer at ``bits``. Recipe ``mixed``: ``bits`` with
   8 bits for the parts that measurement on the 256M architecture found most sensitive
   (``is_sensitive``: the vision tower, the connector, the token embeddings and ``lm_head``).
+- Recipe ``calibrated``: the token embeddings and ``lm_head`` at 8 bits (round to nearest);
+  every other Linear at ``bits`` with GPTQ's error compensation (``gptq_quantize``), from
+  Hessians of its inputs on a small calibration set of text and image tiles
+  (``Calibration``). Chosen by measurement on the trained SmolLM2 decoder
+  (``benchmarks/quant_quality.py``): see the README.
 
 On load, a module is quantized iff ``<path>.scales`` is among the weights (as in mlx-vlm and
 MLX Swift), with its bits and group size from the config's ``quantization`` block.
@@ -29,11 +34,13 @@ MLX Swift), with its bits and group size from the config's ``quantization`` bloc
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .weight_names import from_export_path, to_export_path
 
@@ -43,7 +50,7 @@ MODE = "affine"
 SUPPORTED_BITS = (4, 8)
 # Largest first: the fallback for layers the requested size does not divide.
 SUPPORTED_GROUP_SIZES = (128, 64, 32)
-RECIPES = ("uniform", "mixed")
+RECIPES = ("uniform", "mixed", "calibrated")
 HIGH_BITS = 8
 # Kept unquantized whatever the recipe (the patch conv and norms have no `to_quantized`).
 KEEP_MODULES = ("vision_model.embeddings.position_embedding",)
@@ -54,6 +61,18 @@ KEEP_MODULES = ("vision_model.embeddings.position_embedding",)
 # by 2-3 %, the whole first or last decoder layer by under 1 %.
 SENSITIVE_PREFIXES = ("vision_model.",)
 SENSITIVE_MODULES = ("lm_head", "text_model.embed_tokens", "connector.modality_projection.proj")
+# The `calibrated` recipe's 8-bit layers: on the trained decoder they carry much of the 4-bit
+# loss, and at 8 bits they cost 28 MB of the 256M export; GPTQ does not apply to an embedding.
+CALIBRATED_HIGH_BITS_MODULES = ("lm_head", "text_model.embed_tokens")
+# GPTQ: dampening (a fraction of the mean Hessian diagonal) and columns per lazy update.
+GPTQ_DAMP = 0.01
+GPTQ_BLOCK = 128
+# Linears that read the same input share one Hessian and one GPTQ pass (rows are independent).
+SHARED_INPUT = {
+    "self_attn.k_proj": "self_attn.q_proj",
+    "self_attn.v_proj": "self_attn.q_proj",
+    "mlp.up_proj": "mlp.gate_proj",
+}
 
 
 class QuantizationError(ValueError):
@@ -128,6 +147,8 @@ def layer_quantization(spec: QuantizationSpec, path: str, module: nn.Module) -> 
     bits = spec.bits
     if spec.recipe == "mixed" and is_sensitive(path):
         bits = max(bits, HIGH_BITS)
+    if spec.recipe == "calibrated" and path in CALIBRATED_HIGH_BITS_MODULES:
+        bits = max(bits, HIGH_BITS)
     group_size = _fitting_group_size(spec.group_size, module.weight.shape[-1])
     if group_size is None:
         logger.info(
@@ -139,21 +160,247 @@ def layer_quantization(spec: QuantizationSpec, path: str, module: nn.Module) -> 
     return {"group_size": group_size, "bits": bits}
 
 
-def quantize_model(model: nn.Module, spec: QuantizationSpec) -> dict[str, Any]:
+@dataclass
+class Calibration:
+    """Inputs that the ``calibrated`` recipe runs through the model to collect Hessians.
+
+    Args:
+        texts: ``(1, L)`` token id arrays, run through the decoder one by one.
+        pixel_values: ``(1, tiles, C, H, W)`` image tiles for the vision tower and connector.
+        image_prompt_ids: ``(1, L)`` ids holding one tile's ``<image>`` tokens: the decoder
+            then also sees the first tile's features.
+    """
+
+    texts: list[mx.array] = field(default_factory=list)
+    pixel_values: mx.array | None = None
+    image_prompt_ids: mx.array | None = None
+
+
+class _HessianRecorder(nn.Module):
+    """Wraps a Linear and accumulates ``X^T X`` of its inputs (in NumPy, so it is no parameter)."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.linear = linear
+        self.total = np.zeros((linear.weight.shape[1],) * 2)
+        self.count = 0
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+        self.total += np.array(rows.T @ rows, dtype=np.float64)
+        self.count += rows.shape[0]
+        return self.linear(x)
+
+    def hessian(self) -> np.ndarray:
+        """``2 X^T X / n`` as GPTQ defines it."""
+        if self.count == 0:
+            raise QuantizationError("The calibration data never reached this layer")
+        return self.total * (2.0 / self.count)
+
+
+def _module_at(model: nn.Module, path: str) -> tuple[Any, str]:
+    """The parent of the module at ``path`` and the last name (an int for list items)."""
+    *parents, last = path.split(".")
+    node: Any = model
+    for name in parents:
+        node = node[int(name)] if isinstance(node, list) else getattr(node, name)
+    return node, last
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, last = _module_at(model, path)
+    if isinstance(parent, list):
+        parent[int(last)] = module
+    else:
+        setattr(parent, last, module)
+
+
+def _get_module(model: nn.Module, path: str) -> nn.Module:
+    parent, last = _module_at(model, path)
+    return parent[int(last)] if isinstance(parent, list) else getattr(parent, last)
+
+
+def shared_input_leader(path: str) -> str:
+    """The module whose input ``path`` shares (``k_proj`` -> ``q_proj``), else ``path``."""
+    for follower, leader in SHARED_INPUT.items():
+        if path.endswith("." + follower):
+            return path[: -len(follower)] + leader
+    return path
+
+
+def collect_hessians(
+    model: nn.Module, calibration: Calibration, paths: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Run ``calibration`` through ``model`` and return each Linear's input Hessian.
+
+    Args:
+        model: The full-precision ``Model``.
+        calibration: The calibration inputs.
+        paths: Linear module paths; modules that share an input share one Hessian, keyed by
+            ``shared_input_leader``.
+
+    Returns:
+        ``{leader path: (in, in) float64 Hessian}``.
+    """
+    leaders = sorted({shared_input_leader(p) for p in paths})
+    recorders = {p: _HessianRecorder(_get_module(model, p)) for p in leaders}
+    for path, recorder in recorders.items():
+        _set_module(model, path, recorder)
+    # fp32 is the fast path on the CPU, and a bf16 -> fp32 -> bf16 round trip is exact.
+    dtype = model.text_model.embed_tokens.weight.dtype
+    model.set_dtype(mx.float32)
+    try:
+        for ids in calibration.texts:
+            mx.eval(model(ids, logits_to_keep=1))
+        if calibration.pixel_values is not None:
+            features = model.encode_images(calibration.pixel_values)
+            if calibration.image_prompt_ids is not None:
+                mx.eval(model(calibration.image_prompt_ids, image_features=features[:1]))
+            mx.eval(features)
+    finally:
+        model.set_dtype(dtype)
+        for path, recorder in recorders.items():
+            _set_module(model, path, recorder.linear)
+    return {path: recorder.hessian() for path, recorder in recorders.items()}
+
+
+def _round_to_dtype(x: np.ndarray, dtype: mx.Dtype) -> np.ndarray:
+    """``x`` rounded to ``dtype`` (the scales' storage type) and back to float32."""
+    return np.array(mx.array(x.astype(np.float32)).astype(dtype).astype(mx.float32))
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Integer levels ``(out, in)`` packed into MLX's ``uint32`` layout ``(out, in * bits / 32)``."""
+    per_word = 32 // bits
+    words = q.astype(np.uint32).reshape(q.shape[0], -1, per_word)
+    shifts = np.arange(per_word, dtype=np.uint32) * bits
+    return np.bitwise_or.reduce(words << shifts, axis=-1)
+
+
+def gptq_quantize(
+    weight: np.ndarray, hessian: np.ndarray, bits: int, group_size: int, dtype: mx.Dtype
+) -> tuple[mx.array, mx.array, mx.array]:
+    """GPTQ (Frantar et al., 2022) into MLX's affine format: ``w ~ scale * q + bias`` per group.
+
+    Columns are quantized left to right; each column's rounding error is spread over the
+    columns not yet quantized, weighted by the inverse Hessian of the layer's inputs, so the
+    layer's output on the calibration inputs changes as little as possible. Each group's scale
+    and bias come from its (already compensated) weights' range, rounded to ``dtype`` first.
+
+    Args:
+        weight: ``(out, in)`` weights.
+        hessian: ``(in, in)`` input Hessian (``collect_hessians``).
+        bits: 4 or 8.
+        group_size: Columns per scale; divides ``GPTQ_BLOCK`` and ``in``.
+        dtype: The scales' and biases' dtype.
+
+    Returns:
+        ``(packed weight, scales, biases)`` for ``nn.QuantizedLinear``.
+    """
+    W = weight.astype(np.float32).copy()
+    rows, cols = W.shape
+    H = hessian.copy()
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H[np.diag_indices(cols)] += GPTQ_DAMP * np.mean(np.diag(H))
+    # Upper Cholesky factor of H^-1: row i holds the error-propagation weights of column i.
+    U = np.linalg.cholesky(np.linalg.inv(H)).T.astype(np.float32)
+    levels = 2**bits - 1
+    Q = np.empty((rows, cols), dtype=np.uint8)
+    n_groups = cols // group_size
+    scales = np.empty((rows, n_groups), dtype=np.float32)
+    biases = np.empty((rows, n_groups), dtype=np.float32)
+    for start in range(0, cols, GPTQ_BLOCK):
+        end = min(start + GPTQ_BLOCK, cols)
+        block = W[:, start:end].copy()
+        errors = np.zeros_like(block)
+        for i in range(end - start):
+            col = start + i
+            if col % group_size == 0:
+                group = block[:, i : i + group_size]
+                low, high = group.min(axis=1), group.max(axis=1)
+                scale = _round_to_dtype(np.maximum((high - low) / levels, 1e-8), dtype)
+                bias = _round_to_dtype(low, dtype)
+                scales[:, col // group_size], biases[:, col // group_size] = scale, bias
+                scale = np.where(scale == 0, 1e-8, scale)
+            w = block[:, i]
+            q = np.clip(np.round((w - bias) / scale), 0, levels)
+            Q[:, col] = q
+            error = (w - (scale * q + bias)) / U[col, col]
+            block[:, i:] -= np.outer(error, U[col, col:end])
+            errors[:, i] = error
+        W[:, end:] -= errors @ U[start:end, end:]
+    return (
+        mx.array(pack(Q, bits)),
+        mx.array(scales).astype(dtype),
+        mx.array(biases).astype(dtype),
+    )
+
+
+def _gptq_layers(
+    model: nn.Module, plan: dict[str, dict], calibration: Calibration
+) -> dict[str, tuple[mx.array, mx.array, mx.array]]:
+    """GPTQ results for every Linear of ``plan`` below ``HIGH_BITS``, by module path."""
+    targets = {
+        path: params
+        for path, params in plan.items()
+        if params["bits"] < HIGH_BITS and isinstance(_get_module(model, path), nn.Linear)
+    }
+    hessians = collect_hessians(model, calibration, list(targets))
+    # Modules with one input and the same settings are quantized as one stacked matrix.
+    stacks: dict[tuple, list[str]] = {}
+    for path, params in targets.items():
+        key = (shared_input_leader(path), params["bits"], params["group_size"])
+        stacks.setdefault(key, []).append(path)
+    results = {}
+    for (leader, bits, group_size), paths in stacks.items():
+        modules = [_get_module(model, p) for p in paths]
+        stacked = np.concatenate([np.array(m.weight.astype(mx.float32)) for m in modules])
+        wq, scales, biases = gptq_quantize(
+            stacked, hessians[leader], bits, group_size, modules[0].weight.dtype
+        )
+        offset = 0
+        for path, module in zip(paths, modules, strict=True):
+            rows = slice(offset, offset + module.weight.shape[0])
+            results[path] = (wq[rows], scales[rows], biases[rows])
+            offset = rows.stop
+    logger.info("GPTQ quantized %d layers from %d Hessians", len(results), len(hessians))
+    return results
+
+
+def quantize_model(
+    model: nn.Module, spec: QuantizationSpec, calibration: Calibration | None = None
+) -> dict[str, Any]:
     """Quantize ``model`` in place.
 
     Args:
         model: A full-precision ``Model``.
         spec: The quantization settings.
+        calibration: The inputs of the ``calibrated`` recipe (required for it, else unused).
 
     Returns:
         The ``quantization`` block for ``config.json``: the defaults plus a per-layer entry,
         under its exported name, for every layer whose settings differ from them.
+
+    Raises:
+        QuantizationError: If the ``calibrated`` recipe gets no calibration data.
     """
+    plan = {}
+    for path, module in model.named_modules():
+        params = layer_quantization(spec, path, module)
+        if params is not None:
+            plan[path] = params
+    compensated = {}
+    if spec.recipe == "calibrated":
+        if calibration is None:
+            raise QuantizationError("The 'calibrated' recipe needs calibration data")
+        compensated = _gptq_layers(model, plan, calibration)
+
     block: dict[str, Any] = {"group_size": spec.group_size, "bits": spec.bits, "mode": MODE}
 
     def predicate(path: str, module: nn.Module) -> bool | dict:
-        params = layer_quantization(spec, path, module)
+        params = plan.get(path)
         if params is None:
             return False
         if params != {"group_size": spec.group_size, "bits": spec.bits}:
@@ -161,6 +408,9 @@ def quantize_model(model: nn.Module, spec: QuantizationSpec) -> dict[str, Any]:
         return {**params, "mode": MODE}
 
     nn.quantize(model, class_predicate=predicate)
+    for path, (weight, scales, biases) in compensated.items():
+        module = _get_module(model, path)
+        module.weight, module.scales, module.biases = weight, scales, biases
     logger.info("Quantized %d layers (%s)", len(quantized_layers(model)), spec)
     return block
 

