@@ -347,7 +347,14 @@ class SharedKeyState:
         """Reach Redis once (a failure only logs: the keeper keeps trying), and start the
         keeper thread, the state re-reads and the event listener."""
         loop = asyncio.get_running_loop()
-        self.available = await self._read_states()
+        # The first contact from a thread too: its timeout is Redis's, not a busy loop's lag.
+        try:
+            await asyncio.to_thread(self._renew)
+        except (RedisError, OSError) as err:
+            self._down(err)
+        else:
+            self.available = True
+            await self._read_states()  # if it times out, the heartbeat reads them again
         self._keeper = threading.Thread(
             target=self._keep, args=(loop,), name="redis-lease-keeper", daemon=True
         )
