@@ -338,7 +338,9 @@ class SharedKeyState:
         self._loops: list[asyncio.Task] = []
         self._resync = True
         self._warned = -WARN_EVERY_S
-        self._down_at = -WARN_EVERY_S
+        # When Redis was last found down, and up: a call's failure or success that began
+        # before the other verdict is stale (a loop or the keeper may report it late).
+        self._down_at = self._up_at = -WARN_EVERY_S
         self._closed = threading.Event()
 
     # ---- lifetime ----------------------------------------------------------------------------
@@ -348,12 +350,14 @@ class SharedKeyState:
         keeper thread, the state re-reads and the event listener."""
         loop = asyncio.get_running_loop()
         # The first contact from a thread too: its timeout is Redis's, not a busy loop's lag.
+        started = time.monotonic()
         try:
             await asyncio.to_thread(self._renew)
         except (RedisError, OSError) as err:
-            self._down(err)
+            self._down(err, started)
         else:
             self.available = True
+            self._up_at = started
             await self._read_states()  # if it times out, the heartbeat reads them again
         self._keeper = threading.Thread(
             target=self._keep, args=(loop,), name="redis-lease-keeper", daemon=True
@@ -441,6 +445,7 @@ class SharedKeyState:
             ]
         # redis-py can finish a command whose caller was cancelled as if nothing happened: the
         # script runs in its own task, and one admitted for a cancelled request is released.
+        started = time.monotonic()
         call = asyncio.ensure_future(self._acquire(args=args))
         try:
             index, now_ms, wait_ms, states = await asyncio.shield(call)
@@ -450,7 +455,7 @@ class SharedKeyState:
             call.add_done_callback(lambda done: self._settle(done, lease, candidates))
             raise
         except (RedisError, OSError) as err:
-            self._failed(err)
+            self._failed(err, started)
             self._abandon(lease)
             return None, "", POLL_S if self.available else 0.0
         for rid, state, until, reason in states:
@@ -551,10 +556,11 @@ class SharedKeyState:
             self._spawn(self._apply(held.ops(lease, DROP)))
 
     async def _apply(self, ops: list[str]) -> None:
+        started = time.monotonic()
         try:
             await self._leases(args=[self._prefix, self._ttl_ms, *ops])
         except (RedisError, OSError) as err:
-            self._failed(err)
+            self._failed(err, started)
 
     def _keep(self, loop: asyncio.AbstractEventLoop) -> None:
         """The keeper thread: renew this instance's leases every ``heartbeat_s`` until close,
@@ -564,7 +570,7 @@ class SharedKeyState:
             try:
                 self._renew()
             except (RedisError, OSError) as err:
-                outcome: tuple[Callable[..., None], Any] = (self._down, err)
+                outcome: tuple[Callable[..., None], ...] = (self._down, err, started)
             else:
                 outcome = (self._back, started)
             try:
@@ -608,10 +614,11 @@ class SharedKeyState:
         task.add_done_callback(self._pending.discard)
 
     async def _report(self, args: list, mirror: bool) -> None:
+        started = time.monotonic()
         try:
             state, until, reason, now_ms = await self._finish(args=args)
         except (RedisError, OSError) as err:
-            self._failed(err)
+            self._failed(err, started)
             return
         if mirror:
             # Only a state change is mirrored here (its event may come later): a plain
@@ -627,17 +634,21 @@ class SharedKeyState:
         until_mono = None if until == "" else self._clock() + (float(until) - now_ms) / 1000
         pool.apply_shared(key, state, until_mono, reason)
 
-    def _failed(self, err: BaseException) -> None:
+    def _failed(self, err: BaseException, since: float) -> None:
         """A call from the event loop failed. A timeout there is no verdict on Redis: redis-py
         times reads on the loop, so a busy loop times out calls that Redis answered at once
         (the keeper, whose timeouts are real, tells a slow Redis). Other failures: it is down."""
         if isinstance(err, (RedisTimeoutError, TimeoutError)):
             logger.debug("shared key state: a Redis call timed out on the event loop: %s", err)
             return
-        self._down(err)
+        self._down(err, since)
 
-    def _down(self, err: BaseException) -> None:
-        """Redis failed: serve locally, warn (rate-limited), resync when it is back."""
+    def _down(self, err: BaseException, since: float) -> None:
+        """Redis failed (a call that began at ``since``): serve locally, warn (rate-limited),
+        resync when it is back; unless Redis was found reachable after that call began."""
+        if since < self._up_at:
+            logger.debug("shared key state: a Redis call from before it was back failed: %s", err)
+            return
         self.last_error = f"{type(err).__name__}: {err}"
         self._resync = True
         self._down_at = time.monotonic()
@@ -660,6 +671,7 @@ class SharedKeyState:
         if self.available or self._closed.is_set() or since < self._down_at:
             return
         self.available = True
+        self._up_at = since
         self.last_error = ""
         self._resync = True
         logger.info("shared key state: Redis reachable, sharing key state")
@@ -669,11 +681,12 @@ class SharedKeyState:
     async def _read_states(self) -> bool:
         """Read every key's shared state into the mirror; whether Redis answered."""
         self._resync = False
+        started = time.monotonic()
         try:
             now_ms, states = await self._states(args=[self._prefix, *self._keys])
         except (RedisError, OSError) as err:
             self._resync = True
-            self._failed(err)
+            self._failed(err, started)
             return False
         found = {rid: (state, until, reason) for rid, state, until, reason in states}
         for rid in self._keys:
@@ -694,16 +707,18 @@ class SharedKeyState:
         channel = f"{self._prefix}:events"
         while not self._closed.is_set():
             pubsub = self._redis.pubsub()
+            started = time.monotonic()
             try:
                 await pubsub.subscribe(channel)
                 # Changes published while unsubscribed are read by the next heartbeat.
                 self._resync = True
                 while not self._closed.is_set():
+                    started = time.monotonic()
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None:
                         self._on_event(message["data"])
             except (RedisError, OSError) as err:
-                self._failed(err)
+                self._failed(err, started)
             finally:
                 await pubsub.aclose()
             await asyncio.sleep(self.config.heartbeat_s)
