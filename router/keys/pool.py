@@ -41,11 +41,13 @@ class Lease:
     Args:
         pool: The pool it came from.
         key: The key (None for a keyless provider).
+        shared_lease: Its lease id in the pool's shared store ('' : none).
     """
 
-    def __init__(self, pool: KeyPool, key: PooledKey | None) -> None:
+    def __init__(self, pool: KeyPool, key: PooledKey | None, shared_lease: str = "") -> None:
         self._pool = pool
         self._key = key
+        self._shared_lease = shared_lease
         self._done = key is None
 
     @property
@@ -66,7 +68,7 @@ class Lease:
         """
         if not self._done:
             self._done = True
-            self._pool._finish(self._key, tokens, None)
+            self._pool._finish(self._key, tokens, None, self._shared_lease)
 
     def fail(self, verdict: Verdict) -> None:
         """The request failed; ``verdict`` says what that means for the key.
@@ -76,7 +78,7 @@ class Lease:
         """
         if not self._done:
             self._done = True
-            self._pool._finish(self._key, 0, verdict)
+            self._pool._finish(self._key, 0, verdict, self._shared_lease)
 
     def rest(self, seconds: float, reason: str) -> None:
         """Cool the key for ``seconds`` although this request succeeded (its response said a
@@ -89,9 +91,7 @@ class Lease:
         if self._key is not None:
             self._pool._set_state(self._key, COOLING, self._pool._clock() + seconds, reason)
             if self._pool.shared is not None:
-                self._pool.shared.finish(
-                    self._key, release=False, state=COOLING, seconds=seconds, reason=reason
-                )
+                self._pool.shared.finish(self._key, state=COOLING, seconds=seconds, reason=reason)
 
     def scrub(self, text: str) -> str:
         """``text`` with this lease's key string replaced by its masked form.
@@ -188,13 +188,20 @@ class KeyPool:
                 ready = [k for k in healthy if k.has_room(now)]
                 pause = math.inf
                 if ready:
-                    if self.shared is None or not self.shared.available:
+                    if self.shared is None:
                         return self._lease(self._choose(ready, affinity), now)
+                    if not self.shared.available:
+                        key = self._choose(ready, affinity)
+                        return self._lease(key, now, self.shared.admit_locally(key))
                     first = self._choose(ready, affinity)
                     others = [k for k in ready if k is not first]
-                    key, pause = await self.shared.acquire([first, *others])
+                    key, lease, pause = await self.shared.acquire([first, *others])
                     if key is not None:
-                        return self._lease(key, self._clock())
+                        return self._lease(key, self._clock(), lease)
+                    if not self.shared.available:
+                        # The store failed on the way: decide again on the local state, whose
+                        # room other requests may have taken meanwhile.
+                        continue
                     now = self._clock()
                     healthy = [k for k in healthy if k.state == ACTIVE]
                 if not queued:
@@ -263,9 +270,9 @@ class KeyPool:
         self._cursor = chosen.index + 1
         return chosen
 
-    def _lease(self, key: PooledKey, now: float) -> Lease:
+    def _lease(self, key: PooledKey, now: float, shared_lease: str = "") -> Lease:
         key.start_request(now)
-        return Lease(self, key)
+        return Lease(self, key, shared_lease)
 
     def _next_change(self, healthy: list[PooledKey], now: float) -> float:
         """The earliest time a budget window frees or a cooling/parked key returns."""
@@ -306,7 +313,9 @@ class KeyPool:
 
     # ---- outcomes and states -----------------------------------------------------------------
 
-    def _finish(self, key: PooledKey, tokens: int, verdict: Verdict | None) -> None:
+    def _finish(
+        self, key: PooledKey, tokens: int, verdict: Verdict | None, shared_lease: str
+    ) -> None:
         now = self._clock()
         key.end_request(now, tokens)
         state, seconds, reason = "", None, ""
@@ -327,7 +336,7 @@ class KeyPool:
                 self._set_state(key, state, None if seconds is None else now + seconds, reason)
         if self.shared is not None:
             self.shared.finish(
-                key, release=True, tokens=tokens, state=state, seconds=seconds, reason=reason
+                key, lease=shared_lease, tokens=tokens, state=state, seconds=seconds, reason=reason
             )
         self.wake()
 
@@ -419,7 +428,7 @@ class KeyPool:
         key = self._key(key_id)
         self._set_state(key, DISABLED, None, reason)
         if self.shared is not None:
-            self.shared.finish(key, release=False, state=DISABLED, reason=reason)
+            self.shared.finish(key, state=DISABLED, reason=reason)
 
     def enable(self, key_id: str) -> None:
         """Put a key back into service, whatever its state.
@@ -434,7 +443,7 @@ class KeyPool:
         key.strikes = 0
         self._set_state(key, ACTIVE, None, "enabled")
         if self.shared is not None:
-            self.shared.finish(key, release=False, state=ACTIVE, reason="enabled", force=True)
+            self.shared.finish(key, state=ACTIVE, reason="enabled", force=True)
         self.wake()
 
 

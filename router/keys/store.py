@@ -2,8 +2,9 @@
 
 Without a shared store each pool's own state is the whole truth. With one (`SharedStore`,
 implemented on Redis by `redis_store.SharedKeyState`), each pool stays the first gate and the
-local mirror: it asks the store before it hands out a key, reports each request's end to it,
-and mirrors the states the store reports back through `KeyMirror`.
+local mirror: it asks the store before it hands out a key, reports each request's end to it
+(by the lease id the store gave), and mirrors the states the store reports back through
+`KeyMirror`.
 """
 
 from __future__ import annotations
@@ -58,26 +59,32 @@ class SharedStore(Protocol):
         """Share a pool's keys (replacing those of an older pool of the same provider)."""
         ...
 
-    async def acquire(self, candidates: list[PooledKey]) -> tuple[PooledKey | None, float]:
+    async def acquire(self, candidates: list[PooledKey]) -> tuple[PooledKey | None, str, float]:
         """Admit the first candidate that is active and has room across all instances.
 
         Returns:
-            The admitted key and 0, or None and how long to wait before asking again.
+            The admitted key, its lease id (for `finish`) and 0; or None, '' and how long to
+            wait before asking again.
         """
+        ...
+
+    def admit_locally(self, key: PooledKey) -> str:
+        """A lease id for a request the pool admitted on its own state while the store is
+        unavailable (the store counts it once it is reachable again)."""
         ...
 
     def finish(
         self,
         key: PooledKey,
         *,
-        release: bool,
+        lease: str = "",
         tokens: int = 0,
         state: str = "",
         seconds: float | None = None,
         reason: str = "",
         force: bool = False,
     ) -> None:
-        """Report a request's end and/or a key's new state."""
+        """Report a request's end (``lease``: its lease id) and/or a key's new state."""
         ...
 
 

@@ -136,8 +136,13 @@ async def test_concurrent_greedy_requests_equal_each_alone(loaded, make_engine):
         generate(model, processor, m, images=i, max_tokens=n, ignore_eos=True) for m, i in REQUESTS
     ]
     engine = make_engine(max_sequences=4)
+    # Prepared before the gather, the four reach the engine in one event-loop turn and join one
+    # prefill group, so the step count below does not depend on how fast images are prepared
+    # (message requests are prepared one after another on a worker thread, which slows more
+    # than decoding under CPU load).
+    prompts = [prepare_prompt(processor, m, i) for m, i in REQUESTS]
     results = await asyncio.gather(
-        *(collect(engine, m, i, max_tokens=n, ignore_eos=True) for m, i in REQUESTS)
+        *(collect(engine, p, max_tokens=n, ignore_eos=True) for p in prompts)
     )
     for request, expected, outputs in zip(REQUESTS, alone, results, strict=True):
         last = outputs[-1]
