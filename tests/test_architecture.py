@@ -2,6 +2,8 @@
 and ``TYPE_CHECKING`` blocks) of mlx_smolvlm, router and benchmarks points one way."""
 
 import ast
+import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -100,3 +102,47 @@ def test_cycles_are_found():
 
 def test_no_import_cycle_between_the_projects_modules():
     assert cycles(import_graph()) == []
+
+
+def main_dependencies() -> set[str]:
+    """Distribution names of pyproject's main ``dependencies`` (no extras)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    names = (re.split(r"[<>=!~;\[ ]", spec, maxsplit=1)[0] for spec in project["dependencies"])
+    return {name.lower().replace("_", "-") for name in names}
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """Top-level names of the absolute imports a module makes outside ``try`` blocks (those
+    guard optional extras)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try) for n in ast.walk(t)}
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in guarded:
+            continue
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_library_imports_only_its_main_dependencies():
+    """`pip install .` (no extras) must be enough for every library module: a package that only a
+    test extra brings once broke README's main command on a fresh machine."""
+    from importlib.metadata import packages_distributions
+
+    declared = main_dependencies()
+    distributions = packages_distributions()
+    missing = {}
+    for package in ("mlx_smolvlm", "router"):
+        for path in (ROOT / package).rglob("*.py"):
+            for name in top_level_imports(path):
+                if name in sys.stdlib_module_names or name in PACKAGES:
+                    continue
+                dists = {d.lower().replace("_", "-") for d in distributions.get(name, [name])}
+                if not dists & declared:
+                    missing.setdefault(name, []).append(str(path.relative_to(ROOT)))
+    assert missing == {}
