@@ -75,7 +75,9 @@ class VisionEncoder(_Module):
         self.connector = model.model.connector
         self.patch_size = model.config.vision_config.patch_size
 
-    def forward(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         B, N, C, H, W = pixel_values.shape
         pixels = pixel_values.reshape(B * N, C, H, W)
         masks = pixel_attention_mask.reshape(B * N, H, W)
@@ -179,6 +181,28 @@ def load_source(src: Path) -> torch.nn.Module:
     return model.eval()
 
 
+def cast_position_ids(path: Path) -> None:
+    """Cast the vision position ids back to int64 before their embedding lookup.
+
+    transformers fills the ids of padding patches with ``torch.full(..., fill_value=0)``,
+    which the TorchScript exporter writes as a float ``ConstantOfShape``; the ``Where`` that
+    merges it with the bucketized ids then promotes every id to float, which ``Gather``
+    refuses. The ids are small integers, so the cast is exact.
+    """
+    model = onnx.load(str(path))
+    (gather,) = [n for n in model.graph.node if n.name.endswith("position_embedding/Gather")]
+    cast_out = f"{gather.input[1]}_int64"
+    cast = onnx.helper.make_node(
+        "Cast", [gather.input[1]], [cast_out], to=onnx.TensorProto.INT64, name=f"{gather.name}_ids"
+    )
+    gather.input[1] = cast_out
+    nodes = list(model.graph.node)
+    nodes.insert(nodes.index(gather), cast)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(path))
+
+
 def _export(module: torch.nn.Module, args: tuple, path: Path, names: dict, axes: dict) -> None:
     with torch.no_grad():
         torch.onnx.export(
@@ -218,13 +242,17 @@ def export_graphs(model: torch.nn.Module, onnx_dir: Path) -> None:
             "image_features": {0: "num_real_images"},
         },
     )
+    cast_position_ids(onnx_dir / "vision_encoder.onnx")
     input_ids = torch.tensor([[1, 2, 3]])
     _export(
         EmbedTokens(model),
         (input_ids,),
         onnx_dir / "embed_tokens.onnx",
         {"inputs": ["input_ids"], "outputs": ["inputs_embeds"]},
-        {"input_ids": {0: "batch_size", 1: "sequence_length"}, "inputs_embeds": {0: "batch_size", 1: "sequence_length"}},
+        {
+            "input_ids": {0: "batch_size", 1: "sequence_length"},
+            "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+        },
     )
     layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
     head_dim = text.head_dim
@@ -269,7 +297,9 @@ def _check_source(src: Path) -> dict:
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (SmolVLM2 and SmolVLM)"
         )
     if "quantization" in config or "quantization_config" in config:
-        raise OnnxExportError(f"{src} is already quantized; export from the full-precision checkpoint")
+        raise OnnxExportError(
+            f"{src} is already quantized; export from the full-precision checkpoint"
+        )
     return config
 
 

@@ -1,0 +1,217 @@
+"""The ONNX export (`mlx_smolvlm.onnx_export`) run by ONNX Runtime against transformers.
+
+Every export is driven by the three-session loop of the SmolVLM model cards (vision encoder,
+token embeddings, merged decoder with an explicit cache), on tiny random checkpoints written by
+transformers (GQA and MHA, pixel-shuffle factors 2/3/4, SmolVLM and Idefics3) and, in the slow
+suite, on the trained-decoder fixture. Inputs come from transformers' own processor, as in
+the cards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from PIL import Image
+
+from mlx_smolvlm.cli import main as cli_main
+from mlx_smolvlm.onnx_export import GRAPHS, OnnxExportError, export_onnx
+from mlx_smolvlm.processing import Processor
+from mlx_smolvlm.random_weights import ASSETS
+
+ATOL = 1e-3
+NEW_TOKENS = 6
+CONFIGS = {
+    "gqa-scale2": dict(kv_heads=2, scale_factor=2),
+    "mha-scale4": dict(text_heads=4, kv_heads=4, scale_factor=4),
+    "gqa-scale3": dict(kv_heads=1, scale_factor=3, image_size=96),
+    "idefics3-mha": dict(model_type="idefics3", text_heads=2, kv_heads=2, scale_factor=2),
+}
+
+
+@pytest.fixture(scope="module")
+def exported(hf_checkpoint, tmp_path_factory):
+    """``exported(name) -> (checkpoint, export)``, each exported once per module."""
+    done: dict[str, tuple[Path, Path]] = {}
+
+    def get(name: str) -> tuple[Path, Path]:
+        if name not in done:
+            source = hf_checkpoint(**CONFIGS[name])
+            done[name] = source, export_onnx(str(source), tmp_path_factory.mktemp(name) / "onnx")
+        return done[name]
+
+    return get
+
+
+def card_inputs(path: Path, n_images: int = 1, question: str = "Describe it.") -> dict:
+    """The model card's inputs (a chat prompt with images), from the repository's processor,
+    which equals transformers' (tests/mlx_smolvlm/test_prompt.py; transformers' own needs
+    torchvision for its video half)."""
+    processor = Processor.from_pretrained(path)
+    photo = Image.open(ASSETS / "example.jpg").convert("RGB")
+    images = [photo, photo.crop((0, 0, photo.width // 2, photo.height // 2))][:n_images]
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}])
+    prepared = processor(prompt, images=images)
+    ids = np.array([prepared.input_ids], dtype=np.int64)
+    pixels = prepared.pixel_values.astype(np.float32)
+    mask = prepared.pixel_attention_mask
+    mask = np.ones((pixels.shape[0], *pixels.shape[2:]), bool) if mask is None else mask
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "pixel_values": pixels[None],
+        "pixel_attention_mask": mask.astype(bool)[None],
+    }
+
+
+def card_loop(export: Path, inputs: dict, max_new_tokens: int, variant: str = "") -> tuple:
+    """The SmolVLM model cards' ONNX Runtime loop, as published (position ids start at 1 and
+    cached steps pass a one-token attention mask, both as the cards do).
+
+    Returns:
+        The generated tokens and the decoder's logits of every step.
+    """
+    config = json.loads((export / "config.json").read_text())
+    text = config["text_config"]
+    head_dim = text.get("head_dim", text["hidden_size"] // text["num_attention_heads"])
+    eos = json.loads((export / "generation_config.json").read_text())["eos_token_id"]
+    sessions = {
+        graph: onnxruntime.InferenceSession(str(export / "onnx" / f"{graph}{variant}.onnx"))
+        for graph in GRAPHS
+    }
+    batch_size = inputs["input_ids"].shape[0]
+    past_key_values = {
+        f"past_key_values.{layer}.{kv}": np.zeros(
+            [batch_size, text["num_key_value_heads"], 0, head_dim], dtype=np.float32
+        )
+        for layer in range(text["num_hidden_layers"])
+        for kv in ("key", "value")
+    }
+    image_features = None
+    input_ids = inputs["input_ids"]
+    attention_mask = inputs["attention_mask"]
+    position_ids = np.cumsum(inputs["attention_mask"], axis=-1)
+    tokens, step_logits = [], []
+    for _ in range(max_new_tokens):
+        inputs_embeds = sessions["embed_tokens"].run(None, {"input_ids": input_ids})[0]
+        if image_features is None:
+            image_features = sessions["vision_encoder"].run(
+                ["image_features"],
+                {
+                    "pixel_values": inputs["pixel_values"],
+                    "pixel_attention_mask": inputs["pixel_attention_mask"].astype(np.bool_),
+                },
+            )[0]
+            image_mask = inputs["input_ids"] == config["image_token_id"]
+            inputs_embeds[image_mask] = image_features.reshape(-1, image_features.shape[-1])
+        logits, *present_key_values = sessions["decoder_model_merged"].run(
+            None,
+            dict(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                **past_key_values,
+            ),
+        )
+        step_logits.append(logits)
+        input_ids = logits[:, -1].argmax(-1, keepdims=True)
+        attention_mask = np.ones_like(input_ids)
+        position_ids = position_ids[:, -1:] + 1
+        for j, key in enumerate(past_key_values):
+            past_key_values[key] = present_key_values[j]
+        tokens.append(int(input_ids[0, 0]))
+        if (input_ids == eos).all():
+            break
+    return tokens, step_logits
+
+
+def reference_logits(model, inputs: dict, tokens: list[int]) -> np.ndarray:
+    """transformers' logits over the prompt followed by ``tokens``, in one uncached pass."""
+    ids = np.concatenate([inputs["input_ids"], np.array([tokens])], axis=1)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.ones(ids.shape, dtype=torch.long),
+            pixel_values=torch.from_numpy(inputs["pixel_values"]),
+            pixel_attention_mask=torch.from_numpy(inputs["pixel_attention_mask"]).bool(),
+        )
+    return out.logits.numpy()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_prompt_with_images_and_cached_steps_match_transformers(name, exported, hf_reference):
+    source, export = exported(name)
+    inputs = card_inputs(source, n_images=2 if name == "gqa-scale2" else 1)
+    assert inputs["pixel_values"].shape[1] > 1  # the image is split into tiles
+    tokens, step_logits = card_loop(export, inputs, NEW_TOKENS)
+    theirs = reference_logits(hf_reference(source), inputs, tokens)
+    prompt_len = inputs["input_ids"].shape[1]
+    # The prompt (every position), then each cached step's one position.
+    np.testing.assert_allclose(step_logits[0][0], theirs[0, :prompt_len], atol=ATOL, rtol=0)
+    for step, logits in enumerate(step_logits[1:]):
+        np.testing.assert_allclose(logits[0, -1], theirs[0, prompt_len + step], atol=ATOL, rtol=0)
+    assert tokens == theirs[0, prompt_len - 1 :].argmax(-1)[: len(tokens)].tolist()
+
+
+def test_full_attention_mask_and_left_padding_match_transformers(exported, hf_reference):
+    """transformers.js passes the whole sequence's mask and 0-based positions: a left-padded
+    batch of two prompts."""
+    source, export = exported("gqa-scale2")
+    tokenizer = Processor.from_pretrained(source).tokenizer
+    rows = [tokenizer.encode(t) for t in ("A short one.", "A longer prompt, with more in it.")]
+    width = max(map(len, rows))
+    ids = np.array([[0] * (width - len(r)) + r for r in rows], dtype=np.int64)
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=np.int64)
+    positions = np.clip(np.cumsum(mask, axis=-1) - 1, 0, None)
+    with torch.no_grad():
+        theirs = hf_reference(source)(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(positions),
+        ).logits.numpy()
+    text = json.loads((export / "config.json").read_text())["text_config"]
+    past = {
+        f"past_key_values.{i}.{kv}": np.zeros(
+            (2, text["num_key_value_heads"], 0, text["head_dim"]), np.float32
+        )
+        for i in range(text["num_hidden_layers"])
+        for kv in ("key", "value")
+    }
+    embed = onnxruntime.InferenceSession(str(export / "onnx" / "embed_tokens.onnx"))
+    decoder = onnxruntime.InferenceSession(str(export / "onnx" / "decoder_model_merged.onnx"))
+    embeds = embed.run(None, {"input_ids": ids})[0]
+    ours = decoder.run(
+        None, dict(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **past)
+    )[0]
+    real = mask.astype(bool)  # padded positions' outputs are meaningless in both
+    np.testing.assert_allclose(ours[real], theirs[real], atol=ATOL, rtol=0)
+
+
+def test_vision_encoder_drops_padding_images_and_masks_padded_pixels(exported, hf_reference):
+    """A batch of two prompts: the first's second image is padding (all zero, as transformers
+    pads the image axis) and its first image is padded at the bottom (mask zero there)."""
+    source, export = exported("mha-scale4")
+    size = json.loads((source / "config.json").read_text())["vision_config"]["image_size"]
+    gen = np.random.default_rng(0)
+    pixels = gen.uniform(-1, 1, (2, 2, 3, size, size)).astype(np.float32)
+    mask = np.ones((2, 2, size, size), bool)
+    pixels[0, 1], mask[0, 1] = 0.0, False
+    pixels[0, 0, :, size // 2 :], mask[0, 0, size // 2 :] = 0.0, False
+    session = onnxruntime.InferenceSession(str(export / "onnx" / "vision_encoder.onnx"))
+    ours = session.run(None, {"pixel_values": pixels, "pixel_attention_mask": mask})[0]
+    with torch.no_grad():
+        theirs = hf_reference(source).model.get_image_features(
+            pixel_values=torch.from_numpy(pixels), pixel_attention_mask=torch.from_numpy(mask)
+        )
+    features = torch.cat(theirs.pooler_output).numpy()
+    assert ours.shape[0] == 3  # three real images
+    np.testing.assert_allclose(ours.reshape(features.shape), features, atol=ATOL, rtol=0)
