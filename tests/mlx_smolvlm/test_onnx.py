@@ -10,10 +10,7 @@ the cards.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
+from mlx_smolvlm import onnx_export
 from mlx_smolvlm.cli import main as cli_main
-from mlx_smolvlm.onnx_export import GRAPHS, OnnxExportError, export_onnx
+from mlx_smolvlm.onnx_export import GRAPHS, export_onnx
 from mlx_smolvlm.processing import Processor
 from mlx_smolvlm.random_weights import ASSETS
 
@@ -215,3 +213,80 @@ def test_vision_encoder_drops_padding_images_and_masks_padded_pixels(exported, h
     features = torch.cat(theirs.pooler_output).numpy()
     assert ours.shape[0] == 3  # three real images
     np.testing.assert_allclose(ours.reshape(features.shape), features, atol=ATOL, rtol=0)
+
+
+def refused(capsys, *args: str) -> str:
+    """Run ``mlx-smolvlm export-onnx ARGS``; assert it failed with one error line, return it."""
+    capsys.readouterr()  # what building the checkpoint printed
+    assert cli_main(["export-onnx", *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_bad_input_is_refused_before_any_work(hf_checkpoint, tmp_path, capsys, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the export started")
+
+    monkeypatch.setattr(onnx_export, "load_source", no_work)
+    source = hf_checkpoint(**CONFIGS["gqa-scale2"])
+    dst = tmp_path / "out"
+    other = tmp_path / "llava"
+    shutil.copytree(source, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "llava"}))
+    assert "'llava'" in refused(capsys, "--hf-path", str(other), "--onnx-path", str(dst))
+    err = refused(capsys, "--hf-path", str(source), "--onnx-path", str(dst), "--quantize", "q3")
+    assert "'q3'" in err and "int8, q4, q4f16" in err
+    assert "fp16" in refused(
+        capsys, "--hf-path", str(source), "--onnx-path", str(dst), "--dtype", "bf16"
+    )
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    assert "--force" in refused(capsys, "--hf-path", str(source), "--onnx-path", str(dst))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llava", "out"]  # no partial export
+    assert (dst / "keep.txt").read_text() == "mine"
+
+
+def test_a_missing_extra_is_named(hf_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(onnx_export, "_IMPORT_ERROR", ImportError("x", name="onnxruntime"))
+    source = hf_checkpoint(**CONFIGS["gqa-scale2"])
+    err = refused(capsys, "--hf-path", str(source), "--onnx-path", str(tmp_path / "out"))
+    assert "onnxruntime is missing" in err and "pip install 'mlx-smolvlm[onnx]'" in err
+
+
+def test_an_interrupted_export_leaves_no_directory(hf_checkpoint, tmp_path, monkeypatch):
+    source = hf_checkpoint(**CONFIGS["gqa-scale2"])
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export, "save_processor", interrupt)  # after every graph
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(str(source), tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "keep.txt").write_text("mine")
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(str(source), old, force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]
+    assert (old / "keep.txt").read_text() == "mine"
+
+
+def test_the_command_writes_the_published_layout_and_variants(hf_checkpoint, tmp_path):
+    source = hf_checkpoint(**CONFIGS["gqa-scale2"])
+    dst = tmp_path / "out"
+    args = ["--hf-path", str(source), "--onnx-path", str(dst), "--dtype", "fp16"]
+    assert cli_main(["export-onnx", *args, "--quantize", "int8", "--quantize", "q4f16"]) == 0
+    names = {p.name for p in (dst / "onnx").iterdir()}
+    variants = ("", "_fp16", "_int8", "_q4f16")
+    assert names == {f"{graph}{v}.onnx" for graph in GRAPHS for v in variants}
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "chat_template.json"):
+        assert (dst / name).is_file(), name
+    inputs = card_inputs(source)
+    fp32, _ = card_loop(dst, inputs, NEW_TOKENS)
+    fp16, _ = card_loop(dst, inputs, NEW_TOKENS, variant="_fp16")
+    assert fp16[:2] == fp32[:2]  # every variant runs the same loop (fp32 inputs and cache)
+    for variant in ("_int8", "_q4f16"):
+        assert len(card_loop(dst, inputs, 2, variant=variant)[0]) == 2
