@@ -10,7 +10,10 @@ the cards.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +23,15 @@ import torch
 from PIL import Image
 
 from mlx_smolvlm import onnx_export
+from mlx_smolvlm.blas import cache_dir
 from mlx_smolvlm.cli import main as cli_main
 from mlx_smolvlm.onnx_export import GRAPHS, export_onnx
 from mlx_smolvlm.processing import Processor
 from mlx_smolvlm.random_weights import ASSETS
 
 ATOL = 1e-3
+TRANSFORMERS_JS_VERSION = "4.3.2"
+GENERATE_JS = Path(__file__).parent / "js" / "generate.cjs"
 NEW_TOKENS = 6
 CONFIGS = {
     "gqa-scale2": dict(kv_heads=2, scale_factor=2),
@@ -290,3 +296,82 @@ def test_the_command_writes_the_published_layout_and_variants(hf_checkpoint, tmp
     assert fp16[:2] == fp32[:2]  # every variant runs the same loop (fp32 inputs and cache)
     for variant in ("_int8", "_q4f16"):
         assert len(card_loop(dst, inputs, 2, variant=variant)[0]) == 2
+
+
+@pytest.fixture(scope="session")
+def transformers_js() -> Path:
+    """A directory whose node_modules holds the pinned @huggingface/transformers, installed
+    with npm once per machine under the cache directory (written beside, then renamed)."""
+    missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(
+            f"{' and '.join(missing)} not found: the transformers.js test needs Node.js 18+ "
+            "and npm (apt-get install nodejs npm; .ci/run installs them)"
+        )
+    path = cache_dir() / f"transformers-js-{TRANSFORMERS_JS_VERSION}"
+    if (path / "node_modules" / "@huggingface" / "transformers" / "package.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        package = f"@huggingface/transformers@{TRANSFORMERS_JS_VERSION}"
+        subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--prefix", tmp, package],
+            check=True,
+            capture_output=True,
+            # onnxruntime-node's CPU binaries ship in the package; skip its optional GPU download.
+            env={**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"},
+            timeout=600,
+        )
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    return path
+
+
+def transformers_js_generate(
+    js_dir: Path, export: Path, inputs: dict, max_new_tokens: int, tmp_path: Path
+) -> list[int]:
+    """Greedy tokens of transformers.js (Node) on ``export`` for the card's ``inputs``."""
+    request = {"model_dir": str(export), "dtype": "fp32", "max_new_tokens": max_new_tokens}
+    for name, dtype in (
+        ("input_ids", np.int64),
+        ("pixel_values", np.float32),
+        ("pixel_attention_mask", np.uint8),
+    ):
+        array = np.ascontiguousarray(inputs[name], dtype=dtype)
+        array.tofile(tmp_path / f"{name}.bin")
+        request[name] = {"file": str(tmp_path / f"{name}.bin"), "dims": list(array.shape)}
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    done = subprocess.run(
+        ["node", str(GENERATE_JS), str(tmp_path / "request.json")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRANSFORMERS_JS_DIR": str(js_dir)},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["tokens"]
+
+
+def transformers_greedy(model, inputs: dict, max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.from_numpy(inputs["input_ids"]),
+            attention_mask=torch.from_numpy(inputs["attention_mask"]),
+            pixel_values=torch.from_numpy(inputs["pixel_values"]),
+            pixel_attention_mask=torch.from_numpy(inputs["pixel_attention_mask"]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_transformers_js_generates_the_same_greedy_tokens(
+    exported, hf_reference, transformers_js, tmp_path
+):
+    source, export = exported("gqa-scale2")
+    inputs = card_inputs(source, n_images=2)
+    theirs = transformers_greedy(hf_reference(source), inputs, NEW_TOKENS)
+    assert len(theirs) == NEW_TOKENS
+    assert card_loop(export, inputs, NEW_TOKENS)[0] == theirs
+    js_tokens = transformers_js_generate(transformers_js, export, inputs, NEW_TOKENS, tmp_path)
+    assert js_tokens == theirs
