@@ -7,7 +7,8 @@ and ``{graph}_q4f16.onnx``: the suffixes transformers.js picks with its ``dtype`
   float32, so the same loop (and fp32 past keys/values) runs every variant.
 - ``int8``: ONNX Runtime's dynamic quantization (int8 weights, activations quantized per call).
 - ``q4``: ONNX Runtime's ``MatMulNBits`` (4-bit weights in symmetric blocks of 32 along the
-  input axis, fp32 scales); other ops stay fp32.
+  input axis, fp32 scales), and in ``embed_tokens`` its ``GatherBlockQuantized`` (blocks of 32
+  along the hidden axis); other ops stay fp32.
 - ``q4f16``: ``q4`` on the fp16 graph (fp16 scales and activations).
 """
 
@@ -25,6 +26,8 @@ except ImportError:  # `onnx_export.require_onnx_extra` names the extra
     pass
 
 logger = logging.getLogger(__name__)
+# The quantizer logs every node it visits at INFO.
+logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
 
 DTYPE_VARIANTS = ("fp16",)
 QUANTIZATIONS = ("int8", "q4", "q4f16")
@@ -40,8 +43,18 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return convert_float_to_float16(model, keep_io_types=True)
 
 
-def to_q4(model: onnx.ModelProto) -> onnx.ModelProto:
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=Q4_BLOCK_SIZE, is_symmetric=True)
+def to_q4(model: onnx.ModelProto, embeddings: bool) -> onnx.ModelProto:
+    """4-bit MatMul weights, and the embedding table too when ``embeddings`` (the token
+    embeddings; the vision position embeddings are added with no norm after them and stay)."""
+    op_types = ("MatMul", "Gather") if embeddings else ("MatMul",)
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=4,
+        block_size=Q4_BLOCK_SIZE,
+        is_symmetric=True,
+        op_types_to_quantize=op_types,
+        quant_axes=(("MatMul", 0), ("Gather", 1)),
+    )
     quantizer.process()
     return quantizer.model.model
 
@@ -66,6 +79,6 @@ def write_variant(onnx_dir: Path, graph: str, variant: str) -> Path:
     if variant in ("fp16", "q4f16"):
         model = to_fp16(model)
     if variant in ("q4", "q4f16"):
-        model = to_q4(model)
+        model = to_q4(model, embeddings=graph == "embed_tokens")
     onnx.save(model, target)
     return target

@@ -328,10 +328,15 @@ def transformers_js() -> Path:
 
 
 def transformers_js_generate(
-    js_dir: Path, export: Path, inputs: dict, max_new_tokens: int, tmp_path: Path
+    js_dir: Path,
+    export: Path,
+    inputs: dict,
+    max_new_tokens: int,
+    tmp_path: Path,
+    dtype: str = "fp32",
 ) -> list[int]:
     """Greedy tokens of transformers.js (Node) on ``export`` for the card's ``inputs``."""
-    request = {"model_dir": str(export), "dtype": "fp32", "max_new_tokens": max_new_tokens}
+    request = {"model_dir": str(export), "dtype": dtype, "max_new_tokens": max_new_tokens}
     for name, dtype in (
         ("input_ids", np.int64),
         ("pixel_values", np.float32),
@@ -375,3 +380,18 @@ def test_transformers_js_generates_the_same_greedy_tokens(
     assert card_loop(export, inputs, NEW_TOKENS)[0] == theirs
     js_tokens = transformers_js_generate(transformers_js, export, inputs, NEW_TOKENS, tmp_path)
     assert js_tokens == theirs
+
+
+def test_transformers_js_runs_the_q4_variant_like_onnx_runtime(
+    hf_checkpoint, transformers_js, tmp_path
+):
+    source = hf_checkpoint(**CONFIGS["gqa-scale2"])
+    export = export_onnx(str(source), tmp_path / "export", quantize=["q4"])
+    inputs = card_inputs(source)
+    ort_tokens = card_loop(export, inputs, NEW_TOKENS, variant="_q4")[0]
+    js_dir = tmp_path / "js"
+    js_dir.mkdir()
+    js_tokens = transformers_js_generate(
+        transformers_js, export, inputs, NEW_TOKENS, js_dir, dtype="q4"
+    )
+    assert js_tokens == ort_tokens
