@@ -22,12 +22,15 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.trained_weights import trained_checkpoint
 from mlx_smolvlm import onnx_export
 from mlx_smolvlm.blas import cache_dir
 from mlx_smolvlm.cli import main as cli_main
 from mlx_smolvlm.onnx_export import GRAPHS, export_onnx
 from mlx_smolvlm.processing import Processor
+from mlx_smolvlm.prompt import image_prompt
 from mlx_smolvlm.random_weights import ASSETS
+from tests.mlx_smolvlm.test_trained_weights import prompt_ids, tiles
 
 ATOL = 1e-3
 TRANSFORMERS_JS_VERSION = "4.3.2"
@@ -395,3 +398,27 @@ def test_transformers_js_runs_the_q4_variant_like_onnx_runtime(
         transformers_js, export, inputs, NEW_TOKENS, js_dir, dtype="q4"
     )
     assert js_tokens == ort_tokens
+
+
+@pytest.mark.slow  # the 256M export (1-4 minutes) and three runtimes: 3-10 minutes on 2 cores
+@pytest.mark.timeout(1800)
+def test_trained_weights_greedy_text_equals_transformers(hf_reference, transformers_js, tmp_path):
+    """One 512x512 tile (as tests/mlx_smolvlm/test_trained_weights.py) keeps the vision cost
+    to one tile per runtime."""
+    source = trained_checkpoint()
+    export = export_onnx(str(source), tmp_path / "export")
+    processor = Processor.from_pretrained(source)
+    ids = prompt_ids(processor, image_prompt(0, 0, processor.image_seq_len), "Describe the image.")
+    pixels = tiles(1)
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "pixel_values": pixels,
+        "pixel_attention_mask": np.ones((1, 1, *pixels.shape[-2:]), bool),
+    }
+    theirs = transformers_greedy(hf_reference(source), inputs, 16)
+    ours = card_loop(export, inputs, 16)[0]
+    assert ours == theirs[: len(ours)] and len(ours) in (len(theirs), 16)
+    js_dir = tmp_path / "js"
+    js_dir.mkdir()
+    assert transformers_js_generate(transformers_js, export, inputs, 16, js_dir) == theirs
