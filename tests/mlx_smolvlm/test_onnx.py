@@ -270,10 +270,12 @@ def test_an_interrupted_export_leaves_no_directory(hf_checkpoint, tmp_path, monk
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(onnx_export, "save_processor", interrupt)  # after every graph
+    monkeypatch.setattr(onnx_export, "load_source", interrupt)  # early: nothing traced yet
     with pytest.raises(KeyboardInterrupt):
         export_onnx(str(source), tmp_path / "new")
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    monkeypatch.setattr(onnx_export, "save_processor", interrupt)  # late: after every graph
     old = tmp_path / "old"
     old.mkdir()
     (old / "keep.txt").write_text("mine")
