@@ -339,11 +339,11 @@ def export_onnx(
         raise OnnxExportError(
             f"Unknown --quantize {unknown[0]!r}; expected one of {', '.join(QUANTIZATIONS)}"
         )
+    require_onnx_extra()
     dst = Path(onnx_path)
     src = resolve_model_path(hf_path)
     _check_source(src)
     _check_destination(dst, src, force)
-    require_onnx_extra()
     processor = Processor.from_pretrained(src)
 
     start = time.perf_counter()

@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks import onnx_quality
 from benchmarks.trained_weights import trained_checkpoint
 from mlx_smolvlm import onnx_export
 from mlx_smolvlm.blas import cache_dir
@@ -289,9 +290,10 @@ def test_the_command_writes_the_published_layout_and_variants(hf_checkpoint, tmp
     source = hf_checkpoint(**CONFIGS["gqa-scale2"])
     dst = tmp_path / "out"
     args = ["--hf-path", str(source), "--onnx-path", str(dst), "--dtype", "fp16"]
-    assert cli_main(["export-onnx", *args, "--quantize", "int8", "--quantize", "q4f16"]) == 0
+    quantize = ["--quantize", "int8", "--quantize", "q4", "--quantize", "q4f16"]
+    assert cli_main(["export-onnx", *args, *quantize]) == 0
     names = {p.name for p in (dst / "onnx").iterdir()}
-    variants = ("", "_fp16", "_int8", "_q4f16")
+    variants = ("", "_fp16", "_int8", "_q4", "_q4f16")
     assert names == {f"{graph}{v}.onnx" for graph in GRAPHS for v in variants}
     for name in ("config.json", "generation_config.json", "tokenizer.json", "chat_template.json"):
         assert (dst / name).is_file(), name
@@ -299,8 +301,15 @@ def test_the_command_writes_the_published_layout_and_variants(hf_checkpoint, tmp
     fp32, _ = card_loop(dst, inputs, NEW_TOKENS)
     fp16, _ = card_loop(dst, inputs, NEW_TOKENS, variant="_fp16")
     assert fp16[:2] == fp32[:2]  # every variant runs the same loop (fp32 inputs and cache)
-    for variant in ("_int8", "_q4f16"):
+    for variant in ("_int8", "_q4", "_q4f16"):
         assert len(card_loop(dst, inputs, 2, variant=variant)[0]) == 2
+    # benchmarks/onnx_quality.py on this export (its smoke test).
+    rows = {row["variant"]: row for row in onnx_quality.measure(dst, source, n_tokens=32)}
+    assert list(rows) == ["fp32", "fp16", "int8", "q4", "q4f16"]
+    assert rows["fp32"]["mean_kl"] == 0 and rows["fp32"]["top1_agreement"] == 1
+    assert abs(rows["fp16"]["perplexity"] / rows["fp32"]["perplexity"] - 1) < 0.01
+    sizes = [rows[v]["total_mb"] for v in ("fp32", "fp16", "q4f16")]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
 
 
 @pytest.fixture(scope="session")
