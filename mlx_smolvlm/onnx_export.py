@@ -131,9 +131,9 @@ def decoder_bias(
 ) -> torch.Tensor:
     """The additive causal and padding mask ``(batch, 1, seq, past + seq)``.
 
-    ``attention_mask`` covers the last ``mask_len`` keys: the whole sequence (transformers.js,
-    ONNX Runtime GenAI) or only the new tokens (the model cards' loop passes ones of the new
-    tokens' length); keys before it count as attended.
+    ``attention_mask`` covers the last ``mask_len`` keys: the whole sequence (transformers.js)
+    or only the new tokens (the model cards' loop passes ones of the new tokens' length); keys
+    before it count as attended.
     """
     total = past_len + seq_len
     mask = torch.nn.functional.pad(attention_mask, (total - attention_mask.shape[1], 0), value=1)
