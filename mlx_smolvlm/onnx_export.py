@@ -27,6 +27,7 @@ import shutil
 import time
 from pathlib import Path
 
+from .config import TextConfig, load_config
 from .convert import ConvertError, _check_destination, _replace_directory, save_processor
 from .load import resolve_model_path
 from .onnx_quantize import DTYPE_VARIANTS, QUANTIZATIONS, write_variant
@@ -50,6 +51,8 @@ ONNX_DIR = "onnx"
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 SUPPORTED_MODEL_TYPES = ("smolvlm", "idefics3")
 EXTRA_HINT = "pip install 'mlx-smolvlm[onnx]'"
+# One ONNX file holds at most 2 GiB (protobuf's limit); larger graphs need external data files.
+MAX_GRAPH_BYTES = 2**31 - 1
 
 
 class OnnxExportError(ConvertError):
@@ -285,6 +288,19 @@ def export_graphs(model: torch.nn.Module, onnx_dir: Path) -> None:
     )
 
 
+def decoder_bytes(text: TextConfig) -> int:
+    """The fp32 bytes of the decoder graph's weights: its layers and ``lm_head``."""
+    h, heads, kv, head_dim = (
+        text.hidden_size,
+        text.num_attention_heads,
+        text.num_key_value_heads,
+        text.head_dim,
+    )
+    attention = 2 * h * heads * head_dim + 2 * h * kv * head_dim
+    layer = attention + 3 * h * text.intermediate_size + 2 * h
+    return 4 * (text.num_hidden_layers * layer + h + text.vocab_size * h)
+
+
 def _check_source(src: Path) -> dict:
     config_path = src / "config.json"
     if not config_path.is_file():
@@ -299,6 +315,13 @@ def _check_source(src: Path) -> dict:
     if "quantization" in config or "quantization_config" in config:
         raise OnnxExportError(
             f"{src} is already quantized; export from the full-precision checkpoint"
+        )
+    size = decoder_bytes(load_config(src).text_config)
+    if size > MAX_GRAPH_BYTES:
+        raise OnnxExportError(
+            f"{src}'s decoder is {size / 1e9:.1f} GB in fp32, over ONNX's 2 GiB single-file "
+            "limit; this export does not write external data files yet (SmolVLM2-256M and "
+            "500M fit)"
         )
     return config
 

@@ -246,6 +246,10 @@ def test_bad_input_is_refused_before_any_work(hf_checkpoint, tmp_path, capsys, m
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "model_type": "llava"}))
     assert "'llava'" in refused(capsys, "--hf-path", str(other), "--onnx-path", str(dst))
+    big = tmp_path / "2.2b"  # SmolVLM2-2.2B's config: a 6.8 GB fp32 decoder
+    shutil.copytree(ASSETS / "shapes" / "2.2b", big)
+    err = refused(capsys, "--hf-path", str(big), "--onnx-path", str(dst))
+    assert "decoder is 6.8 GB" in err and "2 GiB" in err
     err = refused(capsys, "--hf-path", str(source), "--onnx-path", str(dst), "--quantize", "q3")
     assert "'q3'" in err and "int8, q4, q4f16" in err
     assert "fp16" in refused(
@@ -254,7 +258,7 @@ def test_bad_input_is_refused_before_any_work(hf_checkpoint, tmp_path, capsys, m
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
     assert "--force" in refused(capsys, "--hf-path", str(source), "--onnx-path", str(dst))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["llava", "out"]  # no partial export
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2.2b", "llava", "out"]  # no partial
     assert (dst / "keep.txt").read_text() == "mine"
 
 
