@@ -1,10 +1,12 @@
-"""The ONNX export (`mlx_smolvlm.onnx_export`) run by ONNX Runtime against transformers.
+"""The ONNX export (`mlx_smolvlm.onnx_export`) run by ONNX Runtime and transformers.js against
+transformers.
 
-Every export is driven by the three-session loop of the SmolVLM model cards (vision encoder,
-token embeddings, merged decoder with an explicit cache), on tiny random checkpoints written by
-transformers (GQA and MHA, pixel-shuffle factors 2/3/4, SmolVLM and Idefics3) and, in the slow
-suite, on the trained-decoder fixture. Inputs come from transformers' own processor, as in
-the cards.
+Exports are driven by the three-session loop of the SmolVLM model cards (vision encoder, token
+embeddings, merged decoder with an explicit cache) and by transformers.js under Node
+(`js/generate.cjs`), on tiny random checkpoints written by transformers (GQA and MHA,
+pixel-shuffle factors 2/3/4, SmolVLM and Idefics3) and, in the slow suite, on the
+trained-decoder fixture. Inputs come from the repository's processor, which equals
+transformers' (whose own needs torchvision).
 """
 
 from __future__ import annotations
