@@ -102,6 +102,11 @@ function lineChart(container, lines, label) {
       .filter(Boolean)
       .join(" ");
     svg.append(svgEl("polyline", { points, fill: "none", stroke: line.color, "stroke-width": 2 }));
+    // Dots too: a lone point of a sparse series draws no line.
+    for (const point of points.split(" ").filter(Boolean)) {
+      const [cx, cy] = point.split(",");
+      svg.append(svgEl("circle", { cx, cy, r: 2.5, fill: line.color }));
+    }
   }
   const text = svgEl("text", { x: 2, y: height + 12, "font-size": 10, fill: "#5b6575" });
   text.textContent = `max ${max < 10 ? max.toFixed(2) : Math.round(max)}`;
@@ -141,7 +146,7 @@ const pages = {
     every: 2000,
     async load() {
       $("#t-keys").textContent = await activeKeys();
-      const s = await api("/admin/stats?window_s=300");
+      const s = await api(`/admin/stats?window_s=${$("#window").value}`);
       const width = s.window_s / s.series.length;
       $("#t-rps").textContent = s.rps.toFixed(2);
       $("#t-errors").textContent = `${fmtNum(s.errors)} of ${fmtNum(s.requests)}`;
@@ -502,6 +507,7 @@ async function start() {
   $("#log-prev").addEventListener("click", () => { state.logOffset = Math.max(0, state.logOffset - PAGE_SIZE); refresh("requests"); });
   $("#log-next").addEventListener("click", () => { state.logOffset += PAGE_SIZE; refresh("requests"); });
   $("#chat-form").addEventListener("submit", chat);
+  $("#window").addEventListener("change", () => refresh("overview"));
   $("#reload").addEventListener("click", async () => {
     const result = $("#reload-result");
     try {
