@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..auth import ADMIN_SESSION, matches_digest, require_admin
+from ..auth import ADMIN_SESSION, matches_digest, requested_model, require_admin
 from ..backends import CONFIG
 from ..config import Config
 from ..errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
@@ -130,7 +130,10 @@ async def _playground(request: web.Request) -> web.StreamResponse:
     """An OpenAI chat completion on behalf of the logged-in admin (the ``console`` client):
     any configured model, whatever the client keys allow."""
     require_admin(request)
-    request[REQUEST_CONTEXT].client = CONSOLE_CLIENT
+    context = request[REQUEST_CONTEXT]
+    context.client = CONSOLE_CLIENT
+    # The client auth that fills in the model for other routes does not run here.
+    context.model = await requested_model(request)
     return await serve_call(OPENAI, request)
 
 
