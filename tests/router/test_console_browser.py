@@ -23,6 +23,7 @@ from router.app import create_app
 from tests.router.console_fixtures import ADMIN_KEY, CLIENT_KEY, OTHER_CLIENT_KEY, console_config
 from tests.router.helpers import PNG_BYTES, Answer, FakeUpstream, openai_chunk
 
+# .ci/run installs Debian's chromium; Playwright's own browser download is not used.
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Expectations poll up to this long (the key's cool-down is 2 s).
 WAIT_MS = 8000
