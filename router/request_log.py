@@ -320,9 +320,11 @@ class RequestLog:
             raise StoreUnavailableError(self._unavailable(str(err))) from err
 
     def _unavailable(self, reason: str) -> str:
+        n = len(self.pending)
+        buffered = f"{n} requests are" if n != 1 else "1 request is"
         return (
-            f"the request log store is unavailable ({reason}); {len(self.pending)} requests are "
-            "buffered and will be written when it is back"
+            f"the request log store is unavailable ({reason}); {buffered} buffered and will "
+            "be written when it is back"
         )
 
     def _rows(self, sql: str, args: list | tuple = ()) -> list[dict]:

@@ -64,8 +64,13 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 @pytest.fixture
-async def console(aiohttp_server, fake, browser, tmp_path) -> AsyncIterator[Console]:
-    server = await aiohttp_server(create_app(console_config(fake.base_url, tmp_path / "log.db")))
+def log_path(tmp_path: Path) -> Path:
+    return tmp_path / "log.db"
+
+
+@pytest.fixture
+async def console(aiohttp_server, fake, browser, log_path) -> AsyncIterator[Console]:
+    server = await aiohttp_server(create_app(console_config(fake.base_url, log_path)))
     context = await browser.new_context(viewport={"width": 1280, "height": 860})
     page = await context.new_page()
     errors: list[str] = []
@@ -87,6 +92,19 @@ async def test_login_refuses_a_wrong_key_then_shows_the_overview(console: Consol
     await expect(page.locator("#t-errors")).to_have_text("0 of 1", timeout=WAIT_MS)
     await expect(page.locator("#t-keys")).to_have_text("4 / 4")
     await expect(page.locator("#chart-requests svg polyline").first).to_be_attached()
+
+
+@pytest.mark.parametrize("log_path", [Path("/nonexistent-volume/log.db")])
+async def test_the_overview_says_when_the_log_store_is_unavailable(console: Console) -> None:
+    assert await console.chat("gpt") == 200
+    await console.login()
+    banner = console.page.get_by_role("alert").filter(has_text="request log store")
+    await expect(banner).to_have_text(
+        "the request log store is unavailable (unable to open database file); 1 request is "
+        "buffered and will be written when it is back"
+    )
+    # The key states do not depend on the log.
+    await expect(console.page.locator("#t-keys")).to_have_text("4 / 4")
 
 
 async def test_key_cools_after_an_upstream_429_and_comes_back(console: Console) -> None:
