@@ -40,6 +40,10 @@ def console_config(base_url: str, log_path: Path | str, **request_log: object) -
                 "gpt": [{"provider": "oai", "model": "gpt-up"}],
                 "claude": [{"provider": "claude", "model": "claude-up"}],
                 "gemini": [{"provider": "gem", "model": "gemini-up"}],
+                "fallback": [
+                    {"provider": "oai", "model": "gpt-up"},
+                    {"provider": "claude", "model": "claude-up"},
+                ],
             },
             "auth": {
                 "admin_key": ADMIN_KEY,

@@ -8,6 +8,7 @@ script error on a laptop and a phone screen.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from router.app import create_app
 from tests.router.console_fixtures import ADMIN_KEY, CLIENT_KEY, OTHER_CLIENT_KEY, console_config
-from tests.router.helpers import PNG_BYTES, Answer, FakeUpstream, openai_chunk
+from tests.router.helpers import PNG_BYTES, Answer, FakeUpstream, openai_chunk, openai_text
 
 # .ci/run installs Debian's chromium; Playwright's own browser download is not used.
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -203,8 +204,11 @@ async def test_every_page_renders_on_a_laptop_and_a_phone(
     console: Console, browser: Browser, tmp_path: Path
 ) -> None:
     """Each page after some traffic, without script errors, with screenshots (README's)."""
-    out = Path(os.environ.get("ROUTER_CONSOLE_SCREENSHOTS") or tmp_path)
+    keep = os.environ.get("ROUTER_CONSOLE_SCREENSHOTS")
+    out = Path(keep or tmp_path)
     out.mkdir(parents=True, exist_ok=True)
+    # README's screenshots get traffic spread over seconds, with varied upstream latency.
+    rounds, pause = (20, 0.3) if keep else (4, 0.0)
     console.fake.queue(
         "anthropic",
         Answer(
@@ -213,19 +217,25 @@ async def test_every_page_renders_on_a_laptop_and_a_phone(
             headers={"retry-after": "30"},
         ),
     )
-    for model, key in [
-        ("gpt", CLIENT_KEY),
-        ("claude", OTHER_CLIENT_KEY),
-        ("gemini", CLIENT_KEY),
-    ] * 4:
-        await console.chat(model, key)
+    for i in range(rounds):
+        console.fake.queue("openai", Answer(body=openai_text("hello"), delay_s=0.02 * (i % 7)))
+        for model, key in [
+            ("gpt", CLIENT_KEY),
+            ("claude", OTHER_CLIENT_KEY),
+            ("gemini", CLIENT_KEY),
+        ]:
+            await console.chat(model, key)
+        await asyncio.sleep(pause)
+    # A routing decision: oai fails with a 5xx, the fallback list moves on to claude.
+    console.fake.queue("openai", Answer(status=503, body={"error": {"message": "overloaded"}}))
+    assert await console.chat("fallback") == 200
     await console.chat("nope", CLIENT_KEY)
     page = console.page
     await console.login()
     pages = {
         "overview": "#t-rps",
         "providers": 'tr[data-id="claude/0"]',
-        "models": "#decisions-table tbody tr",
+        "models": "#decisions-table td:text('oai → claude')",
         "clients": "#clients-table tbody tr",
         "requests": "#log-table tbody tr",
         "playground": "#chat-model option",
@@ -233,6 +243,8 @@ async def test_every_page_renders_on_a_laptop_and_a_phone(
     }
     for name, ready in pages.items():
         await page.goto(f"{console.url}/ui#{name}")
+        if name == "overview":
+            await page.get_by_label("Window", exact=True).select_option("60")
         await expect(page.locator(ready).first).to_be_attached(timeout=WAIT_MS)
         await page.wait_for_timeout(300)
         await page.screenshot(path=out / f"console-{name}.png", full_page=True)

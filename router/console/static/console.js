@@ -102,7 +102,8 @@ function lineChart(container, lines, label) {
       .filter(Boolean)
       .join(" ");
     svg.append(svgEl("polyline", { points, fill: "none", stroke: line.color, "stroke-width": 2 }));
-    // Dots too: a lone point of a sparse series draws no line.
+    // Dots for a series with gaps (latency of empty buckets): a lone point draws no line.
+    if (!line.values.includes(null)) continue;
     for (const point of points.split(" ").filter(Boolean)) {
       const [cx, cy] = point.split(",");
       svg.append(svgEl("circle", { cx, cy, r: 2.5, fill: line.color }));
