@@ -171,7 +171,9 @@ class RequestLog:
         Args:
             entry: The request's row.
         """
-        for name in ("path", "client", "model", "error", "request_body", "response_body"):
+        # The request id too: it may be the client's own x-request-id.
+        scrubbed = ("request_id", "path", "client", "model", "error")
+        for name in (*scrubbed, "request_body", "response_body"):
             value = getattr(entry, name)
             if value:
                 setattr(entry, name, self.redactor.scrub(value))
@@ -471,21 +473,22 @@ async def request_log_middleware(
     """
     if not is_logged(request.path):
         return await handler(request)
-    bodies = request.app[CONFIG].request_log.bodies
-    # Read now when bodies are kept: the handler's own read then returns the same bytes.
-    request_body = (await request.read()).decode("utf-8", "replace") if bodies else None
     response: web.StreamResponse | None = None
     status = 500
+    request_body = None
     try:
         response = await handler(request)
         status = response.status
+        # The handler has read the body: this returns its bytes (unless it was too large).
+        if request.app[CONFIG].request_log.bodies and status != 413:
+            request_body = (await request.read()).decode("utf-8", "replace")
         return response
     except asyncio.CancelledError:
         status = 499  # the client went away
         raise
     finally:
         entry = _entry(request, request[REQUEST_CONTEXT], status, response)
-        if bodies:
+        if request.app[CONFIG].request_log.bodies:
             entry.request_body = _cut(request_body)
             entry.response_body = _cut(_text_of(response))
         request.app[REQUEST_LOG].record(entry)

@@ -101,7 +101,12 @@ async def test_no_secret_is_ever_stored(aiohttp_client, fake: FakeUpstream, tmp_
     fake.queue("openai", Answer(status=400, body={"error": {"message": "bad sk-one-123456789"}}))
     assert await chat(client, "gpt") == 400
     assert await chat(client, "gpt", key="sk-one-123456789") == 401
-    page = await flushed(client, 3)
+    # A client may send anything that looks like an id as its request id, a key too.
+    body = {"model": "gpt", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}", "x-request-id": ADMIN_KEY}
+    assert (await client.post("/v1/chat/completions", json=body, headers=headers)).status == 200
+    page = await flushed(client, 4)
+    page["requests"] = page["requests"][1:]
     rows = [
         await (await client.get(f"/admin/requests/{r['id']}", headers=ADMIN)).json()
         for r in page["requests"]
@@ -113,6 +118,24 @@ async def test_no_secret_is_ever_stored(aiohttp_client, fake: FakeUpstream, tmp_
     stored = b"".join(p.read_bytes() for p in tmp_path.iterdir())
     for secret in SECRETS:
         assert secret.encode() not in stored, secret
+
+
+async def test_a_body_over_the_limit_is_logged_in_the_clients_format(
+    aiohttp_client, fake: FakeUpstream, tmp_path: Path
+):
+    cfg = console_config(fake.base_url, tmp_path / "l.db", bodies=True)
+    cfg.limits.max_body_bytes = 1000
+    client = await aiohttp_client(create_app(cfg))
+    resp = await client.post(
+        "/v1/messages",
+        json={"model": "claude", "max_tokens": 5, "messages": [], "pad": "x" * 2000},
+        headers={"x-api-key": CLIENT_KEY},
+    )
+    assert resp.status == 413
+    assert (await resp.json())["type"] == "error"  # Anthropic's shape
+    (row,) = (await flushed(client, 1))["requests"]
+    assert row["status"] == 413
+    assert row["error"] == "request body exceeds the 1000 byte limit"
 
 
 async def test_retention_by_age(tmp_path: Path):
