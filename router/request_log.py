@@ -12,6 +12,7 @@ usual. ``GET /admin/requests`` searches the log and ``GET /admin/stats`` summari
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import sqlite3
@@ -19,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 from aiohttp import web
 
@@ -45,6 +46,8 @@ UNLOGGED_PREFIXES = ("/admin/", "/ui")
 UNLOGGED_PATHS = ("/health", "/metrics")
 PLAYGROUND_PATH = "/ui/api/chat/completions"
 PAGE_MAX = 500
+# Rows per write transaction: a backlog after an outage goes in several flushes.
+FLUSH_ROWS = 5000
 
 
 @dataclass
@@ -154,7 +157,9 @@ class RequestLog:
     def __init__(self, cfg: RequestLogConfig, secrets: list[str]) -> None:
         self.cfg = cfg
         self.redactor = Redactor(secrets)
-        self.pending: deque[LoggedRequest] = deque()
+        # Rows as tuples (made on the loop), so the writer thread runs SQLite's C code only
+        # and holds the GIL as little as possible.
+        self.pending: deque[tuple] = deque()
         self.dropped = 0
         # Why the store failed last (None while it works).
         self.error: str | None = None
@@ -177,7 +182,7 @@ class RequestLog:
             value = getattr(entry, name)
             if value:
                 setattr(entry, name, self.redactor.scrub(value))
-        self.pending.append(entry)
+        self.pending.append(tuple(vars(entry).values()))
         if len(self.pending) > MAX_PENDING:
             self.pending.popleft()
             self.dropped += 1
@@ -188,11 +193,13 @@ class RequestLog:
         Returns:
             Whether the store took them; if not, they stay buffered for the next flush.
         """
-        batch = list(self.pending)
+        batch = list(itertools.islice(self.pending, FLUSH_ROWS))
+        dropped = self.dropped
         try:
             if batch:
                 await self._call(self._write, batch)
-                for _ in batch:
+                # Rows dropped meanwhile (a full buffer) were the oldest: this batch's first.
+                for _ in range(max(0, len(batch) - (self.dropped - dropped))):
                     self.pending.popleft()
             if time.monotonic() - self._last_retention >= RETENTION_EVERY_S:
                 await self._call(self.apply_retention)
@@ -208,10 +215,10 @@ class RequestLog:
         self.error = None
         return True
 
-    def _write(self, batch: list[LoggedRequest]) -> None:
+    def _write(self, batch: list[tuple]) -> None:
         db = self._connection()
         with db:
-            db.executemany(_INSERT, [tuple(asdict(e).values()) for e in batch])
+            db.executemany(_INSERT, batch)
 
     def apply_retention(self, now: float | None = None) -> int:
         """Delete rows older than ``max_age_s``, then the oldest until the store is under
@@ -272,8 +279,9 @@ class RequestLog:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def close(self) -> None:
-        """Write what is buffered (once more) and close the store."""
-        await self.flush()
+        """Write what is buffered (if the store takes it) and close the store."""
+        while await self.flush() and self.pending:
+            pass
         self._close()
         self._thread.shutdown(wait=True)
 
