@@ -245,6 +245,12 @@ async def test_every_page_renders_on_a_laptop_and_a_phone(
         await page.goto(f"{console.url}/ui#{name}")
         if name == "overview":
             await page.get_by_label("Window", exact=True).select_option("60")
+        if name == "playground":
+            playground = page.get_by_role("region", name="Playground")
+            await playground.get_by_label("Message").fill("Say hello in five words.")
+            await playground.get_by_role("button", name="Send").click()
+            provider = page.locator('dd[data-field="Provider"]')
+            await expect(provider).to_have_text("oai", timeout=WAIT_MS)
         await expect(page.locator(ready).first).to_be_attached(timeout=WAIT_MS)
         await page.wait_for_timeout(300)
         await page.screenshot(path=out / f"console-{name}.png", full_page=True)
