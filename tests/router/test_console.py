@@ -14,9 +14,10 @@ from aiohttp.test_utils import TestClient
 
 from router.app import create_app
 from router.auth import ADMIN_SESSION
-from router.config import Config
+from router.config import AuthConfig, Config
 from router.console import SESSIONS
 from router.console.session import COOKIE, CSRF_HEADER, Sessions
+from router.reload import CONFIG_LOADER, apply_config
 from tests.router.console_fixtures import ADMIN_KEY, CLIENT_KEY, console_config
 from tests.router.helpers import FakeUpstream
 
@@ -128,6 +129,18 @@ async def test_a_forged_or_tampered_cookie_is_refused(aiohttp_client, fake, tmp_
         assert error_of(await resp.json()) == "invalid console session: log in again"
 
 
+async def test_a_new_admin_key_ends_every_session(aiohttp_client, fake, tmp_path):
+    cfg = console_config(fake.base_url, tmp_path / "log.db")
+    client = await serve(aiohttp_client, cfg)
+    await login(client)
+    new = console_config(fake.base_url, tmp_path / "log.db")
+    new.auth = AuthConfig(admin_key="another-admin-key-0123456789")
+    apply_config(client.app, new)
+    resp = await client.get("/admin/keys")
+    assert resp.status == 401
+    assert error_of(await resp.json()) == "invalid console session: log in again"
+
+
 async def test_state_changing_calls_need_the_csrf_token(aiohttp_client, fake, tmp_path):
     client = await serve(aiohttp_client, console_config(fake.base_url, tmp_path / "log.db"))
     csrf = await login(client)
@@ -152,8 +165,6 @@ async def test_state_changing_calls_need_the_csrf_token(aiohttp_client, fake, tm
 async def test_config_reload_from_the_console_shows_validation_errors(
     aiohttp_client, fake, tmp_path
 ):
-    from router.reload import CONFIG_LOADER
-
     cfg = console_config(fake.base_url, tmp_path / "log.db")
     app = create_app(cfg)
     bad = {"providers": {}, "models": {"m": [{"provider": "nowhere", "model": "x"}]}}

@@ -74,6 +74,11 @@ function fillTable(selector, rows, toCells, emptyText) {
   }
 }
 
+// The provider that answered, after the ones tried before it (retries and fallbacks).
+function route(r) {
+  return r.attempts.includes(",") ? r.attempts.split(",").join(" → ") : r.provider;
+}
+
 function statusClass(status) {
   return status >= 400 ? "num status-err" : "num";
 }
@@ -251,7 +256,7 @@ const pages = {
       $("#log-prev").disabled = state.logOffset === 0;
       $("#log-next").disabled = last >= page.total;
       fillTable("#log-table", page.requests, (r) => [
-        cell(fmtTime(r.ts)), cell(r.client), cell(r.model), cell(r.provider), cell(r.rule),
+        cell(fmtTime(r.ts)), cell(r.client), cell(r.model), cell(route(r)), cell(r.rule),
         cell(r.status, statusClass(r.status)), cell(fmtMs(r.latency_ms), "num"),
         cell(`${r.input_tokens} / ${r.output_tokens}`, "num"), cell(fmtCost(r.cost), "num"),
         cell(r.error || r.request_id),
