@@ -25,10 +25,11 @@ from ..formats.registry import OPENAI
 from ..handlers import serve_call
 from ..keys import mask_key
 from ..logs import REQUEST_CONTEXT, Redactor, secrets_of
-from .session import COOKIE, Sessions, session_secret
+from .session import COOKIE, LoginThrottle, Sessions, session_secret
 
 STATIC = Path(__file__).parent / "static"
 SESSIONS = web.AppKey("console_sessions", Sessions)
+LOGIN_THROTTLE = web.AppKey("console_login_throttle", LoginThrottle)
 CONSOLE_CLIENT = "console"
 # The page may load only its own assets; images are the playground's attachments (data URLs).
 SECURITY_HEADERS = {
@@ -51,6 +52,7 @@ def setup_console(app: web.Application, sessions: Sessions | None = None) -> Non
     """
     app[SESSIONS] = sessions or Sessions(session_secret())
     app[ADMIN_SESSION] = app[SESSIONS].check
+    app[LOGIN_THROTTLE] = LoginThrottle()
     app.router.add_get("/ui", _page)
     app.router.add_get("/ui/", _page)
     app.router.add_static("/ui/static", STATIC, append_version=True)
@@ -92,7 +94,11 @@ async def _login(request: web.Request) -> web.Response:
         key = (await request.post()).get("admin_key")
     if not isinstance(key, str) or not key:
         raise InvalidRequestError("admin_key: enter the router's admin key", param="admin_key")
+    throttle = request.app[LOGIN_THROTTLE]
+    address = request.remote or ""
+    throttle.check(address)
     if not matches_digest(key, digest):
+        throttle.failed(address)
         raise AuthenticationError("wrong admin key")
     sessions = request.app[SESSIONS]
     cookie, session = sessions.issue(digest)

@@ -12,21 +12,28 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 
 from aiohttp import web
 
 from ..backends import CONFIG
-from ..errors import AuthenticationError, PermissionDeniedError
+from ..errors import AuthenticationError, PermissionDeniedError, RateLimitError
 
 COOKIE = "router_console"
 CSRF_HEADER = "X-CSRF-Token"
 SECRET_VAR = "ROUTER_CONSOLE_SECRET"
 SESSION_TTL_S = 8 * 3600.0
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+# Wrong admin keys one client address may send per window before its logins get 429.
+LOGIN_FAILURES = 10
+LOGIN_WINDOW_S = 60.0
+# Addresses remembered at most; past it, those without a recent failure are forgotten.
+LOGIN_ADDRESSES = 10_000
 
 
 class Sessions:
@@ -108,6 +115,53 @@ class Sessions:
     def _sign(self, data: str, admin_digest: bytes) -> str:
         mac = hmac.new(self._secret + admin_digest, data.encode(), hashlib.sha256)
         return base64.urlsafe_b64encode(mac.digest()).decode().rstrip("=")
+
+
+class LoginThrottle:
+    """Slows the guessing of the admin key: `LOGIN_FAILURES` wrong keys from one address within
+    `LOGIN_WINDOW_S` and its further logins are refused (429) until the oldest failure ages out.
+
+    Args:
+        clock: Monotonic time source (injectable for tests).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._failures: dict[str, deque[float]] = {}
+
+    def check(self, address: str) -> None:
+        """Refuse a login from an address with too many recent failures.
+
+        Args:
+            address: The client's address.
+
+        Raises:
+            RateLimitError: With ``retry_after``, when the address is over the limit.
+        """
+        times = self._recent(address)
+        if len(times) >= LOGIN_FAILURES:
+            wait = times[0] + LOGIN_WINDOW_S - self._clock()
+            raise RateLimitError(
+                f"too many wrong admin keys from this address: try again in {math.ceil(wait)} s",
+                retry_after=wait,
+            )
+
+    def failed(self, address: str) -> None:
+        """Count a wrong key from an address.
+
+        Args:
+            address: The client's address.
+        """
+        if len(self._failures) >= LOGIN_ADDRESSES:
+            for stale in [a for a in self._failures if not self._recent(a)]:
+                del self._failures[stale]
+        self._failures.setdefault(address, deque()).append(self._clock())
+
+    def _recent(self, address: str) -> deque[float]:
+        times = self._failures.get(address, deque())
+        while times and times[0] <= self._clock() - LOGIN_WINDOW_S:
+            times.popleft()
+        return times
 
 
 def session_secret() -> bytes:

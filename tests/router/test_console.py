@@ -16,7 +16,7 @@ from router.app import create_app
 from router.auth import ADMIN_SESSION
 from router.config import AuthConfig, Config
 from router.console import SESSIONS
-from router.console.session import COOKIE, CSRF_HEADER, Sessions
+from router.console.session import COOKIE, CSRF_HEADER, LOGIN_FAILURES, Sessions
 from router.reload import CONFIG_LOADER, apply_config
 from tests.router.console_fixtures import ADMIN_KEY, CLIENT_KEY, console_config
 from tests.router.helpers import FakeUpstream
@@ -87,6 +87,20 @@ async def test_a_wrong_admin_key_gets_a_clear_401_and_no_cookie(aiohttp_client, 
     assert error_of(await resp.json()) == "not logged in"
     resp = await client.get("/admin/keys")
     assert resp.status == 401
+
+
+async def test_guessing_the_admin_key_is_throttled(aiohttp_client, fake, tmp_path):
+    client = await serve(aiohttp_client, console_config(fake.base_url, tmp_path / "log.db"))
+    for _ in range(LOGIN_FAILURES):
+        assert (await client.post("/ui/login", json={"admin_key": "guess"})).status == 401
+    # Even the right key waits now: a guesser cannot tell which of its tries was right.
+    resp = await client.post("/ui/login", json={"admin_key": ADMIN_KEY})
+    assert resp.status == 429
+    wait = int(resp.headers["Retry-After"])
+    assert 50 <= wait <= 60  # the first failure ages out a minute after it
+    assert error_of(await resp.json()) == (
+        f"too many wrong admin keys from this address: try again in {wait} s"
+    )
 
 
 async def test_the_console_is_off_without_an_admin_key(aiohttp_client, fake, tmp_path):
