@@ -14,6 +14,7 @@ from .backends import CONFIG
 from .fallback import request_affinity, resolve_targets, run_with_fallback
 from .formats.base import ClientFormat
 from .formats.fields import decode_body
+from .formats.ollama.discovery import setup_discovery
 from .formats.registry import (
     CLIENT_FORMATS,
     MODEL_LIST_PATHS,
@@ -40,6 +41,7 @@ def setup_routes(app: web.Application) -> None:
         app.router.add_get(path, _list_models)
     for path in MODEL_PATHS:
         app.router.add_get(path, _get_model)
+    setup_discovery(app)
     app.router.add_get("/", _index)
 
 
