@@ -9,7 +9,6 @@ sees images, a cloud model its provider's type.
 from __future__ import annotations
 
 from aiohttp import web
-from mlx.utils import tree_flatten
 
 from ...backends import CONFIG, PROVIDERS
 from ...errors import InvalidRequestError
@@ -49,11 +48,13 @@ def _card(app: web.Application, name: str) -> ModelCard:
     config = app[CONFIG].providers[target.provider]
     if config.type != "mlx":
         return ModelCard(name, config.type, capabilities=list(CLOUD_CAPABILITIES))
-    provider = app[PROVIDERS][target.provider]
-    engine = provider.engine
-    size = sum(array.nbytes for _, array in tree_flatten(engine.model.parameters()))
-    capabilities = ["completion"] if provider.text_only else ["completion", "vision"]
-    return ModelCard(name, "smolvlm", True, size, engine.max_context, capabilities)
+    # The local model's provider (`router.providers.mlx`), not imported: a cloud-only router
+    # never loads MLX.
+    local = app[PROVIDERS][target.provider]
+    capabilities = ["completion"] if local.text_only else ["completion", "vision"]
+    return ModelCard(
+        name, "smolvlm", True, local.weights_bytes, local.engine.max_context, capabilities
+    )
 
 
 def _cards(app: web.Application) -> list[ModelCard]:
