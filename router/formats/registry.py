@@ -18,6 +18,7 @@ from .base import ClientFormat, UpstreamFormat
 from .gemini.client import GeminiClient
 from .gemini.upstream import GeminiUpstream
 from .ollama.client import OllamaChatClient, OllamaGenerateClient
+from .ollama.upstream import OllamaUpstream
 from .openai.client import OpenAIChatClient
 from .openai.upstream import OpenAIUpstream
 from .openai_responses.client import OpenAIResponsesClient
@@ -44,6 +45,7 @@ MODEL_PATHS = ("/v1beta/models/{model:.+}", "/v1/models/{model:.+}")
 _UPSTREAM_FORMATS: dict[str, type[UpstreamFormat]] = {
     "anthropic": AnthropicUpstream,
     "gemini": GeminiUpstream,
+    "ollama": OllamaUpstream,
 }
 
 

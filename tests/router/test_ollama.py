@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import ollama
+import openai
 import pytest
 import pytest_asyncio
 
@@ -554,3 +555,142 @@ async def test_local_model(checkpoint, local_root):
     (running,) = (await client.ps()).models
     assert (running.model, running.context_length) == ("tiny-vlm", 256)
     assert running.size > 0
+
+
+# Ollama as an upstream: a second router whose provider of type ``ollama`` is the first
+# router's Ollama API, so a request crosses Ollama's wire both ways (client side and upstream
+# side) before it reaches a fake provider.
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def chained_root(root) -> AsyncIterator[str]:
+    cfg = Config.from_dict(
+        {
+            "providers": {"olla": {"type": "ollama", "base_url": root}},
+            "models": {
+                f"via-{kind}": [{"provider": "olla", "model": f"m-{kind}"}] for kind in KINDS
+            },
+        }
+    )
+    async with running_router(cfg) as server:
+        yield str(server.make_url("")).rstrip("/")
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def chained_openai(chained_root) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = openai.AsyncOpenAI(base_url=f"{chained_root}/v1", api_key="unused", max_retries=0)
+    yield client
+    await client.close()
+
+
+async def openai_chat(client: openai.AsyncOpenAI, stream: bool, **kwargs: Any) -> dict:
+    """Text, tool calls, finish reason and usage of a Chat Completions answer."""
+    if not stream:
+        r = await client.chat.completions.create(**kwargs)
+        message = r.choices[0].message
+        calls = [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or []]
+        return {
+            "text": message.content or "",
+            "calls": calls,
+            "finish": r.choices[0].finish_reason,
+            "usage": (r.usage.prompt_tokens, r.usage.completion_tokens),
+        }
+    chunks = [
+        c
+        async for c in await client.chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kwargs
+        )
+    ]
+    calls: dict[int, list[str]] = {}
+    for chunk in chunks:
+        for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            entry = calls.setdefault(call.index, [call.id, call.function.name, ""])
+            entry[2] += call.function.arguments or ""
+    return {
+        "text": "".join(c.choices[0].delta.content or "" for c in chunks if c.choices),
+        "calls": [tuple(v) for v in calls.values()],
+        "finish": next(c.choices[0].finish_reason for c in chunks[::-1] if c.choices),
+        "usage": (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens),
+    }
+
+
+@module_loop
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("upstream", KINDS, ids=lambda k: f"to-{k}")
+async def test_ollama_upstream_text_and_image(fakes, chained_openai, upstream, stream):
+    image = "data:image/png;base64," + base64.b64encode(RED_PIXEL_PNG).decode()
+    content = [
+        {"type": "text", "text": "scenario:image what is this?"},
+        {"type": "image_url", "image_url": {"url": image}},
+    ]
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+    got = await openai_chat(
+        chained_openai,
+        stream,
+        model=f"via-{upstream}",
+        messages=messages,
+        temperature=0.5,
+        max_tokens=40,
+        stop=["END"],
+    )
+    assert (got["text"], got["finish"]) == (IMAGE_ANSWER, "stop")
+    assert got["usage"] == (INPUT_TOKENS, OUTPUT_TOKENS)
+    seen = fakes.by_name(upstream).last.seen
+    assert (seen.system, seen.images, seen.stream) == (SYSTEM_PROMPT, [RED_PIXEL_PNG], stream)
+    assert seen.max_tokens == 40 and seen.stop == ["END"]
+
+
+@module_loop
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_ollama_upstream_tool_round_trip(fakes, chained_openai, stream):
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": "scenario:tool weather in Paris?"}
+    ]
+    got = await openai_chat(
+        chained_openai, stream, model="via-anthropic", messages=messages, tools=TOOLS
+    )
+    ((call_id, name, arguments),) = got["calls"]
+    assert (name, json.loads(arguments), got["finish"]) == (
+        "get_weather",
+        WEATHER_ARGS,
+        "tool_calls",
+    )
+    # The tool call's id survives both hops: Anthropic's own id comes back to the client.
+    assert call_id == fakes.anthropic.last.reply.tool_calls[0].id
+    messages += [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": name, "arguments": arguments},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call_id, "content": WEATHER_RESULT},
+    ]
+    got = await openai_chat(
+        chained_openai, stream, model="via-anthropic", messages=messages, tools=TOOLS
+    )
+    assert got["text"] == PARALLEL_ANSWER
+    seen = fakes.anthropic.last.seen
+    assert [(r.call_id, r.content) for r in seen.tool_results] == [(call_id, WEATHER_RESULT)]
+
+
+@module_loop
+async def test_ollama_upstream_errors(fakes, chained_openai):
+    with pytest.raises(openai.BadRequestError) as caught:
+        await chained_openai.chat.completions.create(
+            model="via-openai", messages=[{"role": "user", "content": "scenario:error-400"}]
+        )
+    assert ERROR_MESSAGE in caught.value.message
+    with pytest.raises(openai.APIError) as caught:
+        await openai_chat(
+            chained_openai,
+            True,
+            model="via-gemini",
+            messages=[{"role": "user", "content": "scenario:midstream-error"}],
+        )
+    assert ERROR_MESSAGE in str(caught.value)
