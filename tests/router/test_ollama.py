@@ -24,7 +24,10 @@ import pytest_asyncio
 
 from mlx_smolvlm.generate import generate
 from mlx_smolvlm.load import load
+from router import ir
 from router.config import Config
+from router.errors import InvalidRequestError, UpstreamError
+from router.formats.ollama import upstream
 from router.formats.ollama.client import OLLAMA_VERSION
 from tests.mlx_smolvlm.conftest import build_hf_checkpoint
 from tests.router.fakes import (
@@ -694,3 +697,133 @@ async def test_ollama_upstream_errors(fakes, chained_openai):
             messages=[{"role": "user", "content": "scenario:midstream-error"}],
         )
     assert ERROR_MESSAGE in str(caught.value)
+
+
+def test_upstream_renders_every_field():
+    image = ir.MediaPart("image/png", data=base64.b64encode(RED_PIXEL_PNG).decode())
+    call = ir.ToolCallPart("call_1", "get_weather", '{"city":"Paris"}')
+    request = ir.Request(
+        model="llama3.2",
+        messages=[
+            ir.Message("system", [ir.TextPart(SYSTEM_PROMPT)]),
+            ir.Message("user", [ir.TextPart("weather?"), image]),
+            ir.Message("assistant", [ir.ThinkingPart("hm"), call]),
+            ir.Message("user", [ir.ToolResultPart("call_1", "get_weather", [ir.TextPart("21C")])]),
+        ],
+        tools=[ir.Tool("get_weather", "Weather.", TOOL_SPECS[0][2])],
+        temperature=0.2,
+        top_p=0.9,
+        top_k=5,
+        seed=3,
+        max_tokens=50,
+        stop=["END"],
+        response_format=ir.ResponseFormat("json_schema", schema=SCHEMA),
+        reasoning=ir.Reasoning(effort="low"),
+        stream=True,
+    )
+    assert upstream.render_request(request) == {
+        "model": "llama3.2",
+        "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": "weather?", "images": [image.data]},
+            {
+                "role": "assistant",
+                "content": "",
+                "thinking": "hm",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "function": {
+                            "index": 0,
+                            "name": "get_weather",
+                            "arguments": {"city": "Paris"},
+                        },
+                    }
+                ],
+            },
+            {
+                "role": "tool",
+                "content": "21C",
+                "tool_call_id": "call_1",
+                "tool_name": "get_weather",
+            },
+        ],
+        "stream": True,
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "parameters": TOOL_SPECS[0][2],
+                    "description": "Weather.",
+                },
+            }
+        ],
+        "options": {
+            "temperature": 0.2,
+            "top_p": 0.9,
+            "top_k": 5,
+            "seed": 3,
+            "num_predict": 50,
+            "stop": ["END"],
+        },
+        "format": SCHEMA,
+        "think": "low",
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"tool_choice": ir.ToolChoice("required")}, "tool_choice: Ollama cannot be made to call"),
+        ({"n": 2}, "n: not supported by Ollama"),
+        (
+            {"messages": [ir.Message("user", [ir.MediaPart("image/*", url="https://x/a.png")])]},
+            "Ollama takes inline images only",
+        ),
+    ],
+)
+def test_upstream_refuses_what_ollama_cannot_take(change, message):
+    request = ir.Request(
+        **{"model": "m", "messages": [ir.Message("user", [ir.TextPart("hi")])], **change}
+    )
+    with pytest.raises(InvalidRequestError, match=message):
+        upstream.render_request(request)
+
+
+def test_upstream_stream_parser():
+    parser = upstream.StreamParser()
+    chunks = [
+        {"model": "llama3.2", "message": {"role": "assistant", "content": "", "thinking": "hm"}},
+        {"model": "llama3.2", "message": {"role": "assistant", "content": "Hi"}},
+        {"model": "llama3.2", "message": {"role": "assistant", "content": " there"}},
+        {
+            "model": "llama3.2",
+            "message": {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"function": {"name": "f", "arguments": {"a": 1}}}],
+            },
+        },
+        {
+            "model": "llama3.2",
+            "message": {"role": "assistant", "content": ""},
+            "done": True,
+            "done_reason": "stop",
+            "prompt_eval_count": 3,
+            "eval_count": 4,
+        },
+    ]
+    events = [
+        e for chunk in chunks for e in parser.feed({**chunk, "done": chunk.get("done", False)})
+    ]
+    response = ir.collect_stream(events + parser.finish())
+    thinking, text, call = response.parts
+    assert (thinking.text, text.text) == ("hm", "Hi there")
+    assert (call.name, json.loads(call.arguments)) == ("f", {"a": 1})
+    assert response.finish_reason == "tool_calls"
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (3, 4)
+    cut = upstream.StreamParser()
+    cut.feed(chunks[1])
+    with pytest.raises(UpstreamError, match="ended before its done object"):
+        cut.finish()

@@ -125,19 +125,19 @@ def _parse_message(
             )
         out.append(ir.Message("system", [ir.TextPart(text)]))
     elif role == "user":
-        out.append(ir.Message("user", [*images, *([ir.TextPart(text)] if text else [])]))
+        out.append(ir.Message("user", _user_parts(images, text)))
     elif role == "assistant":
         parts: list[ir.Part] = []
         thinking = field(raw, "thinking", str, where)
         if thinking:
             parts.append(ir.ThinkingPart(thinking))
-        if text:
-            parts.append(ir.TextPart(text))
         calls = objects(field(raw, "tool_calls", list, where) or [], f"{where}.tool_calls")
         pending = [
             parse_tool_call(call, f"{where}.tool_calls[{k}]", new_id("call"))
             for k, call in enumerate(calls)
         ]
+        if text or not pending:
+            parts.append(ir.TextPart(text))
         out.append(ir.Message("assistant", parts + pending))
         return list(pending)
     elif role == "tool":
@@ -147,6 +147,11 @@ def _parse_message(
     else:
         raise InvalidRequestError(f"{where}.role: unsupported role {role!r}", param=f"{where}.role")
     return pending
+
+
+def _user_parts(images: list[ir.MediaPart], text: str) -> list[ir.Part]:
+    """A user turn: its images, then its text (kept even when empty, unless there are images)."""
+    return [*images, ir.TextPart(text)] if text or not images else list(images)
 
 
 def _answered_call(raw: dict, where: str, pending: list[ir.ToolCallPart]) -> ir.ToolCallPart:
@@ -202,7 +207,7 @@ def parse_generate(body: dict) -> ir.Request:
     system = field(body, "system", str, "")
     if system:
         messages.append(ir.Message("system", [ir.TextPart(system)]))
-    messages.append(ir.Message("user", [*images, *([ir.TextPart(prompt)] if prompt else [])]))
+    messages.append(ir.Message("user", _user_parts(images, prompt)))
     return ir.Request(messages=messages, **_common(body))
 
 
