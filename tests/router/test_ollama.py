@@ -397,6 +397,15 @@ BAD_REQUESTS = [
     ),
     (
         "/api/chat",
+        {
+            "model": "m-openai",
+            "messages": [{"role": "assistant", "content": "hi", "images": [PNG_B64]}],
+        },
+        400,
+        "messages[0].images: only user messages take images, not 'assistant' ones",
+    ),
+    (
+        "/api/chat",
         {"model": "m-openai", "messages": [{"role": "user", "content": "hi"}], "format": "xml"},
         400,
         'format: expected "json" or a JSON schema object',

@@ -118,11 +118,12 @@ def _parse_message(
     role = field(raw, "role", str, where, required=True)
     text = field(raw, "content", str, where) or ""
     images = parse_images(field(raw, "images", list, where) or [], f"{where}.images")
+    if images and role != "user":
+        raise InvalidRequestError(
+            f"{where}.images: only user messages take images, not {role!r} ones",
+            param=f"{where}.images",
+        )
     if role == "system":
-        if images:
-            raise InvalidRequestError(
-                f"{where}.images: a system message takes no images", param=f"{where}.images"
-            )
         out.append(ir.Message("system", [ir.TextPart(text)]))
     elif role == "user":
         out.append(ir.Message("user", _user_parts(images, text)))
