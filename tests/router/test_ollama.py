@@ -3,8 +3,9 @@
 The router serves each model from one of the SDK-validating fake providers (OpenAI, Anthropic,
 Gemini; see `tests.router.fakes`), so every case checks both what the Ollama client gets back
 and what the upstream received. The raw wire (NDJSON lines, the exact fields of each object,
-error bodies and statuses) is checked with plain aiohttp. The last tests serve a tiny random
-SmolVLM checkpoint with the local MLX provider and compare with `generate` run directly.
+error bodies and statuses) is checked with plain aiohttp. Then a tiny random SmolVLM checkpoint
+is served with the local MLX provider and compared with `generate` run directly, and a second
+router whose ``ollama`` provider is the first router's Ollama API tests the upstream side.
 """
 
 from __future__ import annotations
@@ -561,6 +562,10 @@ async def test_local_model(checkpoint, local_root):
             expected.generation_tokens,
         )
         assert last.model == "tiny-vlm"
+    answer = await client.generate(
+        model="tiny-vlm", prompt=QUESTION, images=[IMAGE_BYTES], options=options
+    )
+    assert (answer.response, answer.eval_count) == (expected.text, expected.generation_tokens)
     shown = await client.show("tiny-vlm")
     assert shown.capabilities == ["completion", "vision"]
     assert shown.modelinfo["smolvlm.context_length"] == 256
