@@ -71,7 +71,7 @@ async def _index(request: web.Request) -> web.Response:
     routes = "".join(f"<li><code>{html.escape(e)}</code></li>" for e in endpoints)
     page = (
         '<!doctype html><html><head><meta charset="utf-8"><title>smolvlm-router</title>'
-        "</head><body><h1>smolvlm-router</h1><p>OpenAI, Anthropic and Gemini clients, one "
+        "</head><body><h1>smolvlm-router</h1><p>OpenAI, Anthropic, Gemini and Ollama clients, one "
         "gateway. Models (also <code>provider/model</code>):</p>"
         f"<ul>{items}</ul><p>Endpoints:</p><ul>{routes}</ul></body></html>"
     )
