@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import json
 import logging
+import math
 import sqlite3
 import time
 from collections import deque
@@ -87,6 +88,8 @@ CREATE TABLE IF NOT EXISTS requests (
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
 """
 _INSERT = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+# Text columns that may quote a secret (the request id too: it may be the client's own).
+_SCRUBBED = ("request_id", "path", "client", "model", "error", "request_body", "response_body")
 # Text search looks in these columns.
 _SEARCHED = ("request_id", "path", "client", "model", "provider", "error", "request_body")
 
@@ -166,7 +169,7 @@ class RequestLog:
         self._db: sqlite3.Connection | None = None
         # One thread owns the connection: every read and write runs there, in order.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="request-log")
-        self._last_retention = 0.0
+        self._last_retention = -math.inf  # due at the first flush
 
     # ---- writing ------------------------------------------------------------------------------
 
@@ -176,9 +179,7 @@ class RequestLog:
         Args:
             entry: The request's row.
         """
-        # The request id too: it may be the client's own x-request-id.
-        scrubbed = ("request_id", "path", "client", "model", "error")
-        for name in (*scrubbed, "request_body", "response_body"):
+        for name in _SCRUBBED:
             value = getattr(entry, name)
             if value:
                 setattr(entry, name, self.redactor.scrub(value))
@@ -186,6 +187,8 @@ class RequestLog:
         if len(self.pending) > MAX_PENDING:
             self.pending.popleft()
             self.dropped += 1
+            if self.dropped == 1:
+                logger.error("request log buffer full (%d rows): dropping the oldest", MAX_PENDING)
 
     async def flush(self) -> bool:
         """Write the buffered rows (and apply retention when it is due).
