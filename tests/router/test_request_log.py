@@ -257,3 +257,17 @@ async def test_stats_of_a_window(tmp_path: Path):
 def test_config_rejects_bad_bounds():
     with pytest.raises(ConfigError, match=r"request_log.max_bytes: must be > 0, got 0"):
         RequestLogConfig(max_bytes=0)
+
+
+async def test_a_full_buffer_drops_the_oldest_and_counts_them(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr("router.request_log.MAX_PENDING", 3)
+    log = RequestLog(RequestLogConfig(path=str(tmp_path / "missing" / "l.db")), [])
+    for i in range(5):
+        log.record(entry(request_id=f"r{i}"))
+    assert not await log.flush()
+    assert log.status()["pending"] == 3 and log.status()["dropped"] == 2
+    (tmp_path / "missing").mkdir()
+    assert await log.flush()
+    page = await log.search(Query())
+    assert [r["request_id"] for r in page["requests"]] == ["r4", "r3", "r2"]
+    await log.close()
