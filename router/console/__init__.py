@@ -149,8 +149,9 @@ async def _config(request: web.Request) -> web.Response:
 
 
 def redacted_config(cfg: Config) -> dict:
-    """The configuration as JSON, without any secret: provider keys masked, router keys by
-    name and model scope only, the admin key as whether it is set, Redis passwords hidden.
+    """The configuration as JSON, without any secret: provider keys masked, extra headers by
+    name only, router keys by name and model scope only, the admin key as whether it is set,
+    the Redis URL left out.
 
     Args:
         cfg: The config.
@@ -158,6 +159,8 @@ def redacted_config(cfg: Config) -> dict:
     out = _public(cfg)
     for name, provider in cfg.providers.items():
         out["providers"][name]["keys"] = [mask_key(k.key) for k in provider.key_configs]
+        # Extra headers may carry credentials of their own (a proxy's token): names only.
+        out["providers"][name]["headers"] = dict.fromkeys(provider.headers, "[redacted]")
     out["auth"] = {
         "client_keys": [{"name": c.name, "models": c.models} for c in cfg.auth.clients],
         "admin_key": "set" if cfg.auth.admin_digest is not None else None,

@@ -194,14 +194,18 @@ async def test_config_reload_from_the_console_shows_validation_errors(
 
 
 async def test_the_config_page_shows_no_secret(aiohttp_client, fake, tmp_path):
-    client = await serve(aiohttp_client, console_config(fake.base_url, tmp_path / "log.db"))
+    cfg = console_config(fake.base_url, tmp_path / "log.db")
+    cfg.providers["oai"].headers = {"Proxy-Authorization": "Bearer proxy-token-42"}
+    client = await serve(aiohttp_client, cfg)
     await login(client)
     resp = await client.get("/admin/config")
     text = await resp.text()
     for secret in SECRETS:
         assert secret not in text
+    assert "proxy-token-42" not in text
     body = json.loads(text)
     assert body["providers"]["claude"]["keys"] == ["ak-...6789", "ak-...6789"]
+    assert body["providers"]["oai"]["headers"] == {"Proxy-Authorization": "[redacted]"}
     assert body["auth"] == {
         "client_keys": [
             {"name": "team-a", "models": ["*"]},
