@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .cache import BatchKVCache
+from .cache import BatchKVCache, LayerKV
 from .generate import ImageFeatureCache, TextStream, encode_tiles, input_keys, prepare_prompt
 from .image_processing import ImageInput
 from .model import Model
 from .processing import PreparedPrompt, Processor
+from .prompt_cache import LRUPromptCache, PromptCacheStats
 from .sample import LogitsProcessor, Sampler, make_repetition_penalty, make_sampler
 from .tokenizer import Tokenizer
 from .video import VideoInput
@@ -72,6 +73,8 @@ class EngineConfig:
             `max_position_embeddings`.
         prefill_step_size: Prompt tokens prefilled between two decode steps of the batch.
         image_cache_tiles: Encoded image tiles kept for reuse across requests.
+        prompt_cache_bytes: Bytes of prompt KV kept for requests that share a prefix (system
+            prompt, tools, images); 0 disables the prompt cache.
         retry_after_s: The wait suggested to refused requests.
     """
 
@@ -80,13 +83,14 @@ class EngineConfig:
     max_context_tokens: int | None = None
     prefill_step_size: int = 512
     image_cache_tiles: int = 256
+    prompt_cache_bytes: int = 512 * 2**20
     retry_after_s: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("max_sequences", "prefill_step_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_queue", "image_cache_tiles"):
+        for name in ("max_queue", "image_cache_tiles", "prompt_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_context_tokens is not None and self.max_context_tokens < 2:
@@ -143,11 +147,12 @@ class EngineOutput:
 
 @dataclass
 class EngineStats:
-    """A snapshot of the engine's load."""
+    """A snapshot of the engine's load and of its prompt cache."""
 
     running: int
     waiting: int
     steps: int
+    prompt_cache: PromptCacheStats
 
 
 class _Sequence:
@@ -156,6 +161,7 @@ class _Sequence:
     def __init__(
         self,
         prompt: PreparedPrompt,
+        keys: list[int | str],
         params: SamplingParams,
         max_tokens: int,
         eos_token_ids: list[int],
@@ -163,6 +169,7 @@ class _Sequence:
         loop: asyncio.AbstractEventLoop,
     ):
         self.prompt = prompt
+        self.keys = keys  # token ids, image tokens as tile hashes: the prompt cache's key
         self.sampler: Sampler = make_sampler(
             params.temperature, params.top_p, params.top_k, params.min_p
         )
@@ -221,11 +228,17 @@ class _Prefill:
     seqs: list[_Sequence]
     encoded: int = 0  # sequences whose tiles are all encoded
     tiles_done: int = 0  # tiles encoded of the sequence being encoded
-    features: list[list[mx.array]] = field(default_factory=list)  # per sequence, [rows, hidden]
+    # Per sequence, the features [rows, hidden] of its tiles from `first_tiles` on.
+    features: list[list[mx.array]] = field(default_factory=list)
     cache: list[BatchKVCache] = field(default_factory=list)
     ids: list[list[int]] = field(default_factory=list)  # left-padded prompts
     padding: list[int] = field(default_factory=list)
     columns_done: int = 0
+    # Reuse of the prompt cache, per sequence: positions taken from it, their per-layer KV,
+    # the first tile not among them and the `<image>` tokens of that tile among them.
+    reused: list[int] = field(default_factory=list)
+    prefixes: list[list[LayerKV] | None] = field(default_factory=list)
+    first_tiles: list[int] = field(default_factory=list)
     image_rows_done: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -248,6 +261,7 @@ class Engine:
         context = model.config.text_config.max_position_embeddings
         self.max_context = min(self.config.max_context_tokens or context, context)
         self.feature_cache = ImageFeatureCache(self.config.image_cache_tiles)
+        self.prompt_cache = LRUPromptCache(self.config.prompt_cache_bytes)
         self._inbox: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued = 0  # accepted and not yet in a slot (preprocessing included)
@@ -267,10 +281,11 @@ class Engine:
     # ---- the consumer's side (any event loop) --------------------------------------------
 
     def stats(self) -> EngineStats:
-        """How many sequences run (prefilling included) and wait, and the decode steps so far."""
+        """How many sequences run (prefilling included) and wait, the decode steps so far and
+        the prompt cache's hits, misses and bytes."""
         running = len(self._rows) + (len(self._prefill.seqs) if self._prefill else 0)
         with self._lock:
-            return EngineStats(running, self._queued, self._steps)
+            return EngineStats(running, self._queued, self._steps, self.prompt_cache.stats())
 
     def prepare(
         self,
@@ -376,7 +391,7 @@ class Engine:
 
     def _make_sequence(self, prompt: PreparedPrompt, params: SamplingParams) -> _Sequence:
         tokenizer = self.processor.tokenizer
-        input_keys(prompt, tokenizer.image_token_id, self.processor.image_seq_len)  # tiles fit
+        keys = input_keys(prompt, tokenizer.image_token_id, self.processor.image_seq_len)
         n = len(prompt.input_ids)
         if n >= self.max_context:
             raise ContextLengthError(
@@ -385,6 +400,7 @@ class Engine:
             )
         return _Sequence(
             prompt,
+            keys,
             params,
             min(params.max_tokens, self.max_context - n),
             tokenizer.eos_token_ids,
@@ -504,6 +520,7 @@ class Engine:
             for _ in seqs:
                 self._release()
             self._prefill = _Prefill(seqs)
+            self._reuse_prefixes(self._prefill)
         prefill = self._prefill
         if all(seq.cancelled for seq in prefill.seqs):
             self._prefill = None
@@ -553,7 +570,40 @@ class Engine:
             return None
         tokens = self._sample(logits[:, -1, :], prefill.seqs).astype(mx.int32)
         mx.eval(tokens)
+        for i, seq in enumerate(prefill.seqs):
+            pad = prefill.padding[i]
+            self.prompt_cache.insert(
+                seq.keys,
+                [
+                    (c.keys[i : i + 1, :, pad:T], c.values[i : i + 1, :, pad:T])
+                    for c in prefill.cache
+                ],
+            )
         return tokens
+
+    def _reuse_prefixes(self, prefill: _Prefill) -> None:
+        """Find each prompt's longest prefix in the prompt cache and plan the prefill around it.
+
+        The rows of a prefill advance together, column by column, so it starts at the first
+        column that some row does not hold: a row with a shorter cached prefix (or more padding)
+        than the others makes them recompute some of theirs.
+        """
+        T = max(len(seq.keys) for seq in prefill.seqs)
+        prefill.padding = [T - len(seq.keys) for seq in prefill.seqs]
+        # A prompt always prefills its last token, for its logits.
+        found = [self.prompt_cache.fetch(seq.keys, len(seq.keys) - 1) for seq in prefill.seqs]
+        start = min(pad + n for pad, (n, _) in zip(prefill.padding, found, strict=True))
+        prefill.columns_done = start
+        seq_len = max(self.processor.image_seq_len, 1)  # 0 for a text-only model
+        for seq, pad, (_, layers) in zip(prefill.seqs, prefill.padding, found, strict=True):
+            reused = max(0, start - pad)
+            self.prompt_cache.record(reused)
+            image_tokens = sum(isinstance(key, str) for key in seq.keys[:reused])
+            prefill.reused.append(reused)
+            prefill.prefixes.append(layers if reused else None)
+            prefill.first_tiles.append(image_tokens // seq_len)
+            prefill.image_rows_done.append(image_tokens % seq_len)
+        prefill.tiles_done = prefill.first_tiles[0]
 
     def _encode_unit(self, prefill: _Prefill) -> None:
         """Encode the next group of tiles of the first sequence not fully encoded."""
@@ -572,19 +622,29 @@ class Engine:
                     mx.concatenate(prefill.features[prefill.encoded])
                 ]
             prefill.encoded += 1
-            prefill.tiles_done = 0
+            if prefill.encoded < len(prefill.seqs):
+                prefill.tiles_done = prefill.first_tiles[prefill.encoded]
 
     def _start_columns(self, prefill: _Prefill) -> None:
-        """Left-pad the prompts to a common length and make their batch cache."""
-        T = max(len(seq.prompt.input_ids) for seq in prefill.seqs)
-        prefill.padding = [T - len(seq.prompt.input_ids) for seq in prefill.seqs]
+        """Left-pad the prompts to a common length and make their batch cache, holding the
+        prefixes found in the prompt cache."""
         # Padding columns hold token 0; the mask hides them (image tokens would be merged).
         prefill.ids = [
             [0] * pad + seq.prompt.input_ids
             for pad, seq in zip(prefill.padding, prefill.seqs, strict=True)
         ]
-        prefill.image_rows_done = [0] * len(prefill.seqs)
-        prefill.cache = [BatchKVCache(prefill.padding) for _ in self.model.text_model.layers]
+        layers = range(len(self.model.text_model.layers))
+        if prefill.columns_done == 0:
+            prefill.cache = [BatchKVCache(prefill.padding) for _ in layers]
+            return
+        prefill.cache = [
+            BatchKVCache.from_prefixes(
+                [None if p is None else p[layer] for p in prefill.prefixes],
+                prefill.reused,
+                prefill.padding,
+            )
+            for layer in layers
+        ]
 
     def _join(self, prefill: _Prefill, first_tokens: mx.array) -> None:
         """Move the prefilled sequences still wanted into the batch; their first tokens go out
