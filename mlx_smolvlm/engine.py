@@ -27,11 +27,13 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import llguidance
 import mlx.core as mx
 
 from .cache import BatchKVCache, LayerKV
 from .generate import ImageFeatureCache, TextStream, encode_tiles, input_keys, prepare_prompt
 from .image_processing import ImageInput
+from .constrain import Constraint, make_tokenizer
 from .model import Model
 from .processing import PreparedPrompt, Processor
 from .prompt_cache import LRUPromptCache, PromptCacheStats
@@ -111,6 +113,8 @@ class SamplingParams:
             else is in the batch.
         stop: Strings that end generation; only the text before the first one is returned.
         ignore_eos: Keep generating past end-of-sequence tokens (for benchmarks and tests).
+        grammar: An llguidance grammar the answer must follow (`constrain.json_schema_grammar`,
+            `constrain.tool_call_grammar`); None leaves the answer free.
     """
 
     max_tokens: int = 256
@@ -122,6 +126,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    grammar: str | None = None
 
 
 @dataclass
@@ -167,6 +172,7 @@ class _Sequence:
         eos_token_ids: list[int],
         tokenizer: Tokenizer,
         loop: asyncio.AbstractEventLoop,
+        constraint: Constraint | None = None,
     ):
         self.prompt = prompt
         self.keys = keys  # token ids, image tokens as tile hashes: the prompt cache's key
@@ -178,6 +184,7 @@ class _Sequence:
         if params.repetition_penalty not in (None, 1.0):
             self.processors.append(make_repetition_penalty(params.repetition_penalty))
         self.seed = params.seed
+        self.constraint = constraint
         self.draws = 0  # tokens sampled so far (ahead of the tokens consumed)
         self.text = TextStream(
             tokenizer, max_tokens, params.stop, () if params.ignore_eos else eos_token_ids
@@ -190,13 +197,16 @@ class _Sequence:
 
     @property
     def simple(self) -> bool:
-        """Greedy without logits processors: can share one argmax with the batch."""
-        return self.greedy and not self.processors
+        """Greedy, unconstrained, without logits processors: can share one argmax with the
+        batch."""
+        return self.greedy and not self.processors and self.constraint is None
 
     def sample(self, logits: mx.array) -> mx.array:
         """The next token `[1]` from this sequence's logits `[1, vocab]` (lazy)."""
         for process in self.processors:
             logits = process(self.history, logits)
+        if self.constraint is not None:
+            logits = mx.where(self.constraint.mask(), logits, -mx.inf)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if self.seed is not None:
             # A seed per (request, step): reproducible whatever else shares the batch.
@@ -262,6 +272,7 @@ class Engine:
         self.max_context = min(self.config.max_context_tokens or context, context)
         self.feature_cache = ImageFeatureCache(self.config.image_cache_tiles)
         self.prompt_cache = LRUPromptCache(self.config.prompt_cache_bytes)
+        self._grammar_tokenizer: llguidance.LLTokenizer | None = None  # built on first use
         self._inbox: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued = 0  # accepted and not yet in a slot (preprocessing included)
@@ -329,6 +340,7 @@ class Engine:
             EngineClosedError: The engine is stopped.
             ContextLengthError: The prompt does not fit the context.
             ValueError: Bad sampling options, or the processor rejects an input.
+            GrammarError: `params.grammar` does not compile.
             RuntimeError: MLX failed on this request.
         """
         params = params or SamplingParams()
@@ -340,7 +352,13 @@ class Engine:
             if not isinstance(prompt, PreparedPrompt):
                 loop = asyncio.get_running_loop()
                 prompt = await loop.run_in_executor(self._prep, self.prepare, prompt, images, video)
-            seq = self._make_sequence(prompt, params)
+            constraint = None
+            if params.grammar is not None:
+                loop = asyncio.get_running_loop()
+                constraint = await loop.run_in_executor(
+                    self._prep, self._make_constraint, params.grammar
+                )
+            seq = self._make_sequence(prompt, params, constraint)
             with self._lock:  # never into the inbox of an engine that has shut down
                 if self._closed:
                     raise EngineClosedError("the engine is stopped")
@@ -389,7 +407,20 @@ class Engine:
         with self._lock:
             self._queued -= 1
 
-    def _make_sequence(self, prompt: PreparedPrompt, params: SamplingParams) -> _Sequence:
+    def _make_constraint(self, grammar: str) -> Constraint:
+        """The matcher of one request's grammar (on the preparing thread: it may take ms)."""
+        if self._grammar_tokenizer is None:
+            tokenizer = self.processor.tokenizer
+            self._grammar_tokenizer = make_tokenizer(
+                tokenizer.to_json(),
+                self.model.config.text_config.vocab_size,
+                tokenizer.eos_token_ids,
+            )
+        return Constraint(self._grammar_tokenizer, grammar)
+
+    def _make_sequence(
+        self, prompt: PreparedPrompt, params: SamplingParams, constraint: Constraint | None
+    ) -> _Sequence:
         tokenizer = self.processor.tokenizer
         keys = input_keys(prompt, tokenizer.image_token_id, self.processor.image_seq_len)
         n = len(prompt.input_ids)
@@ -406,6 +437,7 @@ class Engine:
             tokenizer.eos_token_ids,
             tokenizer,
             asyncio.get_running_loop(),
+            constraint,
         )
 
     # ---- the engine thread ---------------------------------------------------------------
@@ -437,6 +469,11 @@ class Engine:
         pending, rows = self._next, list(self._rows)
         if rows:
             try:
+                if any(seq.constraint is not None for seq in rows):
+                    # The next masks follow these tokens: wait for them before sampling on.
+                    for seq, token in zip(rows, pending.tolist(), strict=True):
+                        if seq.constraint is not None:
+                            seq.constraint.consume(token)
                 self._next = self._decode(pending)
                 tokens = pending.tolist()
             except REQUEST_ERRORS as err:
