@@ -97,7 +97,9 @@ def tool_call_grammar(tools: list[dict], required: bool) -> str:
     return grammar
 
 
-def make_tokenizer(tokenizer_json: str, vocab_size: int, eos_token_ids: list[int]):
+def make_tokenizer(
+    tokenizer_json: str, vocab_size: int, eos_token_ids: list[int]
+) -> llguidance.LLTokenizer:
     """The llguidance tokenizer of a `tokenizers` JSON (about 0.2 s: build it once).
 
     Args:

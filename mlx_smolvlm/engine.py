@@ -31,9 +31,9 @@ import llguidance
 import mlx.core as mx
 
 from .cache import BatchKVCache, LayerKV
+from .constrain import Constraint, make_tokenizer
 from .generate import ImageFeatureCache, TextStream, encode_tiles, input_keys, prepare_prompt
 from .image_processing import ImageInput
-from .constrain import Constraint, make_tokenizer
 from .model import Model
 from .processing import PreparedPrompt, Processor
 from .prompt_cache import LRUPromptCache, PromptCacheStats
