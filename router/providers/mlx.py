@@ -32,6 +32,7 @@ from ..config import MLXConfig, ProviderConfig
 from ..errors import InvalidRequestError, OverloadedError, RateLimitError, UpstreamError
 from ..formats.fields import new_id, refuse_options
 from ..images import MediaFetcher, is_http
+from . import mlx_structured
 from .base import BaseProvider
 
 RANDOM_WEIGHTS_SUFFIX = "-RANDOM-WEIGHTS"
@@ -96,7 +97,9 @@ class Provider(BaseProvider):
         request = self.with_defaults(request)
         inputs = await self._inputs(request)
         params = self._params(request)
-        started = False
+        calls_tools = bool(mlx_structured.active_tools(request))
+        started = text_started = False
+        call_text: str | None = None  # a tool call's JSON, gathered to the end
         async with aclosing(self._generate(inputs, params)) as outputs:
             async for output in outputs:
                 usage = ir.Usage(output.prompt_tokens, output.generation_tokens)
@@ -104,11 +107,27 @@ class Provider(BaseProvider):
                     started = True
                     model = self.served_name(request.model)
                     yield ir.StreamStart(new_id("local"), model, int(time.time()), usage)
-                    yield ir.PartStart(0, ir.TextPart(""))
-                if output.text:
-                    yield ir.PartDelta(0, text=output.text)
+                piece = output.text
+                if call_text is not None:
+                    call_text += piece
+                elif piece and not text_started and calls_tools and piece.startswith("{"):
+                    call_text = piece  # the grammar's text choice never starts with "{"
+                elif piece or (output.finish_reason is not None and not text_started):
+                    if not text_started:
+                        text_started = True
+                        yield ir.PartStart(0, ir.TextPart(""))
+                    if piece:
+                        yield ir.PartDelta(0, text=piece)
                 if output.finish_reason is not None:
                     finish = "stop_sequence" if output.stop_sequence is not None else None
+                    call = None if call_text is None else mlx_structured.parse_call(call_text)
+                    if call is not None:
+                        yield ir.PartStart(0, dataclasses.replace(call, arguments=""))
+                        yield ir.PartDelta(0, arguments=call.arguments)
+                        finish = "tool_calls"
+                    elif call_text is not None:  # cut short by max_tokens: the text as it is
+                        yield ir.PartStart(0, ir.TextPart(""))
+                        yield ir.PartDelta(0, text=call_text)
                     yield ir.StreamEnd(finish or output.finish_reason, output.stop_sequence, usage)
 
     async def count_tokens(self, request: ir.Request, key: str | None) -> ir.TokenCount:
@@ -156,6 +175,7 @@ class Provider(BaseProvider):
         refuse_options(request, f"the local model {request.model!r}", handled=("seed",))
         context = self.engine.max_context
         return SamplingParams(
+            grammar=mlx_structured.grammar_for(request),
             max_tokens=request.max_tokens or context,
             temperature=(
                 self.options.default_temperature
@@ -171,20 +191,11 @@ class Provider(BaseProvider):
     async def _inputs(self, request: ir.Request) -> _Inputs:
         """The conversation as HF-style messages plus decoded media.
 
+        Tool calls and results become text, and the callable tools a first system message.
+
         Raises:
-            InvalidRequestError: Tools, structured output, tool calls or media the model
-                cannot take; the message names the part.
+            InvalidRequestError: Media the model cannot take; the message names the part.
         """
-        if request.tools:
-            raise InvalidRequestError(
-                f"the local model {request.model!r} does not support tools", param="tools"
-            )
-        if request.response_format is not None and request.response_format.type != "text":
-            raise InvalidRequestError(
-                f"the local model {request.model!r} does not support response_format "
-                f"{request.response_format.type!r}",
-                param="response_format",
-            )
         if self.text_only:
             for i, message in enumerate(request.messages):
                 for j, part in enumerate(message.parts):
@@ -203,7 +214,8 @@ class Provider(BaseProvider):
             if isinstance(part, ir.MediaPart) and is_http(part.url)
         ]
         downloads = iter(await self.media.fetch(remote) if remote else [])
-        messages, images, video = [], [], None
+        tools = mlx_structured.tools_message(request)
+        messages, images, video = [] if tools is None else [tools], [], None
         for i, message in enumerate(request.messages):
             content = []
             for j, part in enumerate(message.parts):
@@ -212,6 +224,10 @@ class Provider(BaseProvider):
                     content.append({"type": "text", "text": part.text})
                 elif isinstance(part, ir.ThinkingPart):
                     continue  # earlier reasoning from another model: SmolVLM2 has none
+                elif isinstance(part, ir.ToolCallPart):
+                    content.append({"type": "text", "text": mlx_structured.render_call(part)})
+                elif isinstance(part, ir.ToolResultPart):
+                    content.append({"type": "text", "text": mlx_structured.render_result(part)})
                 elif isinstance(part, ir.MediaPart):
                     if is_http(part.url):
                         data, media_type = next(downloads)
@@ -229,11 +245,6 @@ class Provider(BaseProvider):
                             f"not {media_type!r}",
                             param=where,
                         )
-                else:
-                    raise InvalidRequestError(
-                        f"{where}: the local model does not support tool calls or results",
-                        param=where,
-                    )
             if content:
                 messages.append({"role": message.role, "content": content})
         if not messages:

@@ -1,0 +1,115 @@
+"""Structured output and tool calls for the local model, by constrained decoding.
+
+The IR's ``response_format`` and ``tools``/``tool_choice`` become one llguidance grammar for
+the engine (`mlx_smolvlm.constrain`): JSON valid against the schema, or a tool call
+``{"name": ..., "arguments": {...}}`` choosing among the declared tools with their parameter
+schemas (with ``tool_choice`` ``auto``, text not starting with ``{`` is the other choice).
+The tools are described to the model in a system message, and earlier calls and results in
+the conversation are rendered as text, since SmolVLM2's chat template has no tool roles.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from mlx_smolvlm.constrain import (
+    GrammarError,
+    json_schema_grammar,
+    tool_call_grammar,
+)
+
+from .. import ir
+from ..errors import InvalidRequestError
+from ..formats.fields import new_id
+
+TOOLS_PROMPT = (
+    "You can call these tools. To call one, answer with only a JSON object "
+    '{"name": <tool name>, "arguments": <its arguments>}. Tools: '
+)
+
+
+def active_tools(request: ir.Request) -> list[ir.Tool]:
+    """The tools the answer may call: none with ``tool_choice`` none, the named one with a
+    named choice."""
+    choice = request.tool_choice
+    if not request.tools or (choice is not None and choice.mode == "none"):
+        return []
+    if choice is not None and choice.mode == "tool":
+        named = [tool for tool in request.tools if tool.name == choice.name]
+        if not named:
+            raise InvalidRequestError(
+                f"tool_choice: no tool is named {choice.name!r}", param="tool_choice"
+            )
+        return named
+    return list(request.tools)
+
+
+def grammar_for(request: ir.Request) -> str | None:
+    """The grammar the answer must follow, or None for free text.
+
+    Raises:
+        InvalidRequestError: A schema or tool the constraint cannot enforce, named.
+    """
+    tools = active_tools(request)
+    fmt = request.response_format
+    if tools:
+        if fmt is not None and fmt.type != "text":
+            raise InvalidRequestError(
+                "response_format: the local model takes a JSON response format or tools, not "
+                "both (set tool_choice to none to get JSON)",
+                param="response_format",
+            )
+        for i, tool in enumerate(tools):
+            if tool.parameters is not None:
+                _compile(f"tools[{i}].parameters", json_schema_grammar, tool.parameters)
+        choice = request.tool_choice
+        required = choice is not None and choice.mode in ("required", "tool")
+        specs = [{"name": tool.name, "parameters": tool.parameters} for tool in tools]
+        return _compile("tools", tool_call_grammar, specs, required)
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return json_schema_grammar(None)
+    return _compile("response_format.schema", json_schema_grammar, fmt.schema)
+
+
+def tools_message(request: ir.Request) -> dict | None:
+    """A system message that describes the callable tools to the model, or None."""
+    tools = active_tools(request)
+    if not tools:
+        return None
+    described = [
+        {"name": t.name, "description": t.description, "parameters": t.parameters} for t in tools
+    ]
+    text = TOOLS_PROMPT + json.dumps(described)
+    return {"role": "system", "content": [{"type": "text", "text": text}]}
+
+
+def render_call(part: ir.ToolCallPart) -> str:
+    """An earlier tool call as the model writes one."""
+    return json.dumps({"name": part.name, "arguments": json.loads(part.arguments or "{}")})
+
+
+def render_result(part: ir.ToolResultPart) -> str:
+    """A tool's result as text for the model."""
+    text = "".join(p.text for p in part.content if isinstance(p, ir.TextPart))
+    status = "error" if part.is_error else "result"
+    return f"Tool {status} ({part.name or part.call_id}): {text}"
+
+
+def parse_call(text: str) -> ir.ToolCallPart | None:
+    """The tool call an answer holds, or None if it is not a whole call (cut by max_tokens)."""
+    try:
+        call = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return ir.ToolCallPart(new_id("call"), call["name"], json.dumps(call["arguments"]))
+
+
+def _compile(param: str, build: Callable[..., str], *args: object) -> str:
+    """`build(*args)`, its refusal a 400 naming `param`."""
+    try:
+        return build(*args)
+    except GrammarError as err:
+        raise InvalidRequestError(f"{param}: {err}", param=param) from err
