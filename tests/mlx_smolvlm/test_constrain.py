@@ -8,78 +8,11 @@ import json
 import jsonschema
 import pytest
 
+from benchmarks.structured_output import SCHEMAS
 from mlx_smolvlm.constrain import GrammarError, json_schema_grammar, tool_call_grammar
 from mlx_smolvlm.engine import Engine, EngineConfig, SamplingParams
 from mlx_smolvlm.load import load
 
-SCHEMAS = [
-    {  # nested objects, required fields, numbers with bounds
-        "type": "object",
-        "properties": {
-            "name": {"type": "string", "maxLength": 12},
-            "age": {"type": "integer", "minimum": 0, "maximum": 130},
-            "address": {
-                "type": "object",
-                "properties": {
-                    "city": {"type": "string", "maxLength": 10},
-                    "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
-                },
-                "required": ["city", "zip"],
-                "additionalProperties": False,
-            },
-        },
-        "required": ["name", "age", "address"],
-        "additionalProperties": False,
-    },
-    {  # arrays of enums and bounded numbers
-        "type": "object",
-        "properties": {
-            "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 4},
-            "scores": {
-                "type": "array",
-                "items": {"type": "number", "minimum": -1.5, "maximum": 2.5},
-                "minItems": 1,
-                "maxItems": 3,
-            },
-        },
-        "required": ["tags", "scores"],
-        "additionalProperties": False,
-    },
-    {  # arrays of objects, booleans, a const and an optional field
-        "type": "object",
-        "properties": {
-            "kind": {"const": "order"},
-            "paid": {"type": "boolean"},
-            "items": {
-                "type": "array",
-                "maxItems": 3,
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "sku": {"enum": ["A1", "B2", "C3"]},
-                        "qty": {"type": "integer", "minimum": 1, "maximum": 9},
-                    },
-                    "required": ["sku", "qty"],
-                    "additionalProperties": False,
-                },
-            },
-            "note": {"type": "string", "maxLength": 8},
-        },
-        "required": ["kind", "paid", "items"],
-        "additionalProperties": False,
-    },
-    {  # anyOf and a top-level enum inside an object
-        "type": "object",
-        "properties": {
-            "answer": {
-                "anyOf": [{"type": "integer", "minimum": 0, "maximum": 99}, {"type": "null"}]
-            },
-            "mood": {"enum": ["happy", "sad", "neutral"]},
-        },
-        "required": ["answer", "mood"],
-        "additionalProperties": False,
-    },
-]
 TOOLS = [
     {
         "name": "get_weather",
