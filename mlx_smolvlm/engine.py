@@ -469,11 +469,6 @@ class Engine:
         pending, rows = self._next, list(self._rows)
         if rows:
             try:
-                if any(seq.constraint is not None for seq in rows):
-                    # The next masks follow these tokens: wait for them before sampling on.
-                    for seq, token in zip(rows, pending.tolist(), strict=True):
-                        if seq.constraint is not None:
-                            seq.constraint.consume(token)
                 self._next = self._decode(pending)
                 tokens = pending.tolist()
             except REQUEST_ERRORS as err:
@@ -495,6 +490,13 @@ class Engine:
         mask = self._cache[0].make_mask()
         logits = self.model(tokens[:, None], cache=self._cache, mask=mask)[:, -1, :]
         self._steps += 1
+        if any(seq.constraint is not None for seq in self._rows):
+            # The next masks follow `tokens`: advance the matchers past them while the
+            # forward pass runs, then sample.
+            mx.async_eval(logits)
+            for seq, token in zip(self._rows, tokens.tolist(), strict=True):
+                if seq.constraint is not None:
+                    seq.constraint.consume(token)
         next_tokens = self._sample(logits, self._rows).astype(mx.int32)
         mx.async_eval(next_tokens)
         return next_tokens
