@@ -75,6 +75,16 @@ class Provider(BaseProvider):
         """Stop the engine (unfinished requests fail with 503)."""
         await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
 
+    def counters(self) -> dict[str, float]:
+        """The engine's prompt cache: hits, misses, reused tokens and bytes held."""
+        stats = self.engine.stats().prompt_cache
+        return {
+            "prompt_cache_hits": stats.hits,
+            "prompt_cache_misses": stats.misses,
+            "prompt_cache_reused_tokens": stats.reused_tokens,
+            "prompt_cache_bytes": stats.bytes,
+        }
+
     def served_name(self, model: str) -> str:
         """The model name in responses; it says so when the weights are random or the model
         is text only (a GGUF without its mmproj).

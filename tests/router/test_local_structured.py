@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
+import aiohttp
 import anthropic
 import jsonschema
 import openai
 import pytest
 import pytest_asyncio
+from aiohttp.test_utils import TestServer
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
@@ -50,11 +52,16 @@ module_loop = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def clients(checkpoint) -> AsyncIterator[Clients]:  # noqa: F811
-    async with running_router(local_config(checkpoint, max_context_tokens=2048)) as server:
-        made = make_clients(client_roots(server))
-        yield made
-        await made.close()
+async def server(checkpoint) -> AsyncIterator[TestServer]:  # noqa: F811
+    async with running_router(local_config(checkpoint, max_context_tokens=2048)) as running:
+        yield running
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def clients(server) -> AsyncIterator[Clients]:
+    made = make_clients(client_roots(server))
+    yield made
+    await made.close()
 
 
 @module_loop
@@ -286,3 +293,23 @@ async def test_a_schema_the_constraint_cannot_enforce_is_a_400_naming_it(clients
             ),
         )
     assert err.value.code == 400
+
+
+@module_loop
+async def test_prompt_cache_hits_show_in_the_metrics(server, clients):
+    system = {"role": "system", "content": "You are a weather bot. " * 20}
+    for question in ("Rain in Oslo?", "Sun in Rome?"):
+        await clients.openai.chat.completions.create(
+            model=MODEL, messages=[system, {"role": "user", "content": question}], max_tokens=2
+        )
+    async with aiohttp.ClientSession() as session:
+        async with session.get(str(server.make_url("/metrics"))) as response:
+            text = await response.text()
+    values = {
+        line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("router_provider_prompt_cache") and 'provider="local"' in line
+    }
+    assert values["router_provider_prompt_cache_hits"] >= 1
+    assert values["router_provider_prompt_cache_reused_tokens"] >= 100  # the system prompt
+    assert 0 < values["router_provider_prompt_cache_bytes"]
