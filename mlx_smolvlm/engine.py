@@ -6,8 +6,11 @@ MLX. Requests arrive through a queue; each is prefilled alone (its images throug
 then joins the running batch, whose decode steps run all sequences at once on a left-padded
 `BatchKVCache` with per-row RoPE positions and a padding mask. A sequence leaves the batch
 when it finishes or its consumer goes away, at the next step. Each request has its own
-sampler, logits processors, stop conditions and streaming detokenizer (`TextStream`), and its
-results reach its event loop through `loop.call_soon_threadsafe`.
+sampler, logits processors, stop conditions, streaming detokenizer (`TextStream`) and, if it
+asks for structured output, grammar matcher (`constrain.Constraint`), and its results reach its
+event loop through `loop.call_soon_threadsafe`. Prefilled prompts are kept in a prompt cache
+(`prompt_cache.LRUPromptCache`, bounded in bytes): a later prompt that shares a prefix with one
+of them, images included, prefills only the rest.
 
 Admission control: at most `max_sequences` sequences decode at once; at most `max_queue`
 more wait (preprocessing included), past that `generate` raises `QueueFullError`; a prompt

@@ -4,7 +4,8 @@ Images from every client format (OpenAI image parts, Anthropic image blocks, Gem
 ``inline_data``; http(s) URLs are fetched first) and one video per request reach the processor
 as raw bytes; the prompt is the checkpoint's chat template over the conversation, system
 messages included (the template renders any role as ``Role: text``). Usage is the real token count: the prompt's
-tokens, image tokens included, and every generated token.
+tokens, image tokens included, and every generated token. Structured output and tool calls go
+through constrained decoding (`mlx_structured`).
 """
 
 from __future__ import annotations

@@ -123,6 +123,8 @@ async def test_tool_calls_follow_the_declared_tools(loaded, required):
     ("schema", "named"),
     [
         ({"type": "string", "format": "no-such-format"}, "no-such-format"),
+        ({"type": "objekt"}, "objekt"),  # not JSON Schema at all
+        ({"type": "object", "required": "a"}, "required"),
         ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "missing"),
         ({"type": "object", "description": "x" * 70_000}, "bytes"),
     ],
