@@ -18,6 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from .cache import LayerKV
 
@@ -55,7 +56,8 @@ class LRUPromptCache:
             raise ValueError(f"prompt_cache_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: OrderedDict[tuple, tuple[list[LayerKV], int]] = OrderedDict()
+        # By the bytes of the key array: (key array, per-layer KV, bytes).
+        self._entries: OrderedDict[bytes, tuple[np.ndarray, list[LayerKV], int]] = OrderedDict()
         self._hits = self._misses = self._reused = 0
 
     def fetch(self, keys: list[int | str], limit: int) -> tuple[int, list[LayerKV] | None]:
@@ -69,16 +71,16 @@ class LRUPromptCache:
             The prefix length and its per-layer KV (longer arrays: use the first positions),
             or (0, None).
         """
-        keys = tuple(keys)
+        query = _key_array(keys)
         best, found = 0, None
-        for stored in self._entries:
-            n = min(_common_prefix(stored, keys), limit)
+        for name, (stored, _, _) in self._entries.items():
+            n = min(_common_prefix(stored, query), limit)
             if n > best:
-                best, found = n, stored
+                best, found = n, name
         if found is None:
             return 0, None
         self._entries.move_to_end(found)
-        return best, self._entries[found][0]
+        return best, self._entries[found][1]
 
     def record(self, reused: int) -> None:
         """Count a prompt that reused `reused` positions (0: a miss)."""
@@ -99,16 +101,17 @@ class LRUPromptCache:
         size = sum(k.nbytes + v.nbytes for k, v in layers)
         if size > self.max_bytes:
             return
-        keys = tuple(keys)
-        for stored in list(self._entries):
-            if len(stored) >= len(keys) and stored[: len(keys)] == keys:
-                self._entries.move_to_end(stored)  # already held by a longer prompt
+        new = _key_array(keys)
+        for name, (stored, _, _) in list(self._entries.items()):
+            common = _common_prefix(stored, new)
+            if common == len(new):
+                self._entries.move_to_end(name)  # already held by a prompt as long or longer
                 return
-            if stored == keys[: len(stored)]:
-                self._drop(stored)
+            if common == len(stored):
+                self._drop(name)
         copies = [(mx.contiguous(k), mx.contiguous(v)) for k, v in layers]
         mx.eval(copies)
-        self._entries[keys] = (copies, size)
+        self._entries[new.tobytes()] = (new, copies, size)
         self.bytes += size
         while self.bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))
@@ -119,18 +122,24 @@ class LRUPromptCache:
             self._hits, self._misses, self._reused, len(self._entries), self.bytes, self.max_bytes
         )
 
-    def _drop(self, keys: tuple) -> None:
-        _, size = self._entries.pop(keys)
+    def _drop(self, name: bytes) -> None:
+        *_, size = self._entries.pop(name)
         self.bytes -= size
 
 
-def _common_prefix(a: tuple, b: tuple) -> int:
-    """The length of the longest common prefix, by bisection on C-speed tuple comparisons."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+def _key_array(keys: list[int | str]) -> np.ndarray:
+    """Input keys as int64, tile hashes mapped above every token id, for vectorized prefixes.
+
+    `hash` of a string differs between processes, but the cache lives in one.
+    """
+    return np.array(
+        [key if isinstance(key, int) else (hash(key) & (2**62 - 1)) | 2**62 for key in keys],
+        dtype=np.int64,
+    )
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """The length of the longest common prefix of two key arrays."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
