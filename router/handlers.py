@@ -14,6 +14,7 @@ from .backends import CONFIG
 from .fallback import request_affinity, resolve_targets, run_with_fallback
 from .formats.base import ClientFormat
 from .formats.fields import decode_body
+from .formats.ollama.discovery import setup_discovery
 from .formats.registry import (
     CLIENT_FORMATS,
     MODEL_LIST_PATHS,
@@ -40,6 +41,7 @@ def setup_routes(app: web.Application) -> None:
         app.router.add_get(path, _list_models)
     for path in MODEL_PATHS:
         app.router.add_get(path, _get_model)
+    setup_discovery(app)
     app.router.add_get("/", _index)
 
 
@@ -69,7 +71,7 @@ async def _index(request: web.Request) -> web.Response:
     routes = "".join(f"<li><code>{html.escape(e)}</code></li>" for e in endpoints)
     page = (
         '<!doctype html><html><head><meta charset="utf-8"><title>smolvlm-router</title>'
-        "</head><body><h1>smolvlm-router</h1><p>OpenAI, Anthropic and Gemini clients, one "
+        "</head><body><h1>smolvlm-router</h1><p>OpenAI, Anthropic, Gemini and Ollama clients, one "
         "gateway. Models (also <code>provider/model</code>):</p>"
         f"<ul>{items}</ul><p>Endpoints:</p><ul>{routes}</ul></body></html>"
     )
