@@ -11,8 +11,8 @@ ahead-of-time automaton over the vocabulary, so a schema costs milliseconds to s
 nested or recursive schemas work), it covers most of JSON Schema (``$ref``, ``anyOf``/
 ``oneOf``, enums, ``const``, numeric bounds, string lengths and patterns, ``min``/
 ``maxItems``) and refuses what it does not cover with an error naming the feature, its mask
-costs well under a millisecond a token on the 49k vocabulary, and it reads a `tokenizers`
-JSON directly (no transformers tokenizer needed).
+and commit took 0.3-1.2 ms a token on the 49k vocabulary here (`benchmarks/structured_output.py`),
+and it reads a `tokenizers` JSON directly (no transformers tokenizer needed).
 """
 
 from __future__ import annotations

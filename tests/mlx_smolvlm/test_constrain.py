@@ -103,7 +103,7 @@ async def test_tool_calls_follow_the_declared_tools(loaded, required):
     prompt = [{"role": "user", "content": [{"type": "text", "text": "Weather?"}]}]
 
     async def one(k: int) -> str:
-        params = SamplingParams(max_tokens=300, temperature=1.0, seed=k, grammar=grammar)
+        params = SamplingParams(max_tokens=120, temperature=1.0, seed=k, grammar=grammar)
         return "".join([o.text async for o in engine.generate(prompt, params=params)])
 
     try:
