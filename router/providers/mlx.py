@@ -103,18 +103,26 @@ class Provider(BaseProvider):
 
     async def complete(self, request: ir.Request, key: str | None) -> ir.Response:
         """See `BaseProvider.complete`."""
-        events = [event async for event in self.stream(request, key)]
+        events = [event async for event in self._events(request, incremental_calls=False)]
         return ir.collect_stream(events)
 
     async def stream(self, request: ir.Request, key: str | None) -> AsyncIterator[ir.StreamEvent]:
         """See `BaseProvider.stream`. Nothing is yielded before the first token, so admission
         and input errors reach the client as HTTP errors."""
+        async with aclosing(self._events(request, incremental_calls=True)) as events:
+            async for event in events:
+                yield event
+
+    async def _events(
+        self, request: ir.Request, incremental_calls: bool
+    ) -> AsyncIterator[ir.StreamEvent]:
+        """The answer as IR events; a tool call's arguments stream if `incremental_calls`."""
         request = self.with_defaults(request)
         inputs = await self._inputs(request)
         params = self._params(request)
         calls_tools = bool(mlx_structured.active_tools(request))
         started = text_started = False
-        call_text: str | None = None  # a tool call's JSON, gathered to the end
+        call: mlx_structured.ToolCallStream | None = None
         async with aclosing(self._generate(inputs, params)) as outputs:
             async for output in outputs:
                 usage = ir.Usage(output.prompt_tokens, output.generation_tokens)
@@ -123,10 +131,12 @@ class Provider(BaseProvider):
                     model = self.served_name(request.model)
                     yield ir.StreamStart(new_id("local"), model, int(time.time()), usage)
                 piece = output.text
-                if call_text is not None:
-                    call_text += piece
-                elif piece and not text_started and calls_tools and piece.startswith("{"):
-                    call_text = piece  # the grammar's text choice never starts with "{"
+                if piece and not text_started and calls_tools and piece.startswith("{"):
+                    # The grammar's text choice never starts with "{": this is a call.
+                    call = call or mlx_structured.ToolCallStream(incremental_calls)
+                if call is not None:
+                    for event in call.add(piece):
+                        yield event
                 elif piece or (output.finish_reason is not None and not text_started):
                     if not text_started:
                         text_started = True
@@ -135,14 +145,11 @@ class Provider(BaseProvider):
                         yield ir.PartDelta(0, text=piece)
                 if output.finish_reason is not None:
                     finish = "stop_sequence" if output.stop_sequence is not None else None
-                    call = None if call_text is None else mlx_structured.parse_call(call_text)
                     if call is not None:
-                        yield ir.PartStart(0, dataclasses.replace(call, arguments=""))
-                        yield ir.PartDelta(0, arguments=call.arguments)
-                        finish = "tool_calls"
-                    elif call_text is not None:  # cut short by max_tokens: the text as it is
-                        yield ir.PartStart(0, ir.TextPart(""))
-                        yield ir.PartDelta(0, text=call_text)
+                        events, whole = call.finish()
+                        for event in events:
+                            yield event
+                        finish = "tool_calls" if whole else None
                     yield ir.StreamEnd(finish or output.finish_reason, output.stop_sequence, usage)
 
     async def count_tokens(self, request: ir.Request, key: str | None) -> ir.TokenCount:

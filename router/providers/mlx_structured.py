@@ -11,6 +11,7 @@ the conversation are rendered as text, since SmolVLM2's chat template has no too
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 
 from mlx_smolvlm.constrain import (
@@ -98,13 +99,63 @@ def render_result(part: ir.ToolResultPart) -> str:
     return f"Tool {status} ({part.name or part.call_id}): {text}"
 
 
-def parse_call(text: str) -> ir.ToolCallPart | None:
-    """The tool call an answer holds, or None if it is not a whole call (cut by max_tokens)."""
-    try:
-        call = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return ir.ToolCallPart(new_id("call"), call["name"], json.dumps(call["arguments"]))
+class ToolCallStream:
+    """A tool call's JSON text, arriving in pieces, as IR stream events.
+
+    With `incremental`, the call starts as soon as its name is known and its arguments follow
+    as they are generated (the compact call ends with the object's ``}``, held back until the
+    end), as OpenAI and Anthropic stream them; a call cut by ``max_tokens`` then ends with its
+    arguments unfinished, as theirs do. Without, the call is sent whole at the end, and a cut
+    one becomes text (a complete response must not hold arguments that are not JSON).
+
+    Args:
+        incremental: Stream the arguments as they come.
+    """
+
+    def __init__(self, incremental: bool) -> None:
+        self.incremental = incremental
+        self.text = ""
+        self._sent: int | None = None  # arguments sent up to here, once the call started
+
+    def add(self, piece: str) -> list[ir.StreamEvent]:
+        """Take the next piece of text; return the events it completes."""
+        self.text += piece
+        events: list[ir.StreamEvent] = []
+        if not self.incremental:
+            return events
+        if self._sent is None:
+            start = _CALL_START.match(self.text)
+            if start is None:
+                return events
+            self._sent = start.end()
+            name = json.loads(start.group(1))
+            events.append(ir.PartStart(0, ir.ToolCallPart(new_id("call"), name, "")))
+        end = len(self.text) - 1
+        if end > self._sent:
+            events.append(ir.PartDelta(0, arguments=self.text[self._sent : end]))
+            self._sent = end
+        return events
+
+    def finish(self) -> tuple[list[ir.StreamEvent], bool]:
+        """The last events, and whether the call is whole (else it was cut by max_tokens)."""
+        try:
+            call = json.loads(self.text)
+        except json.JSONDecodeError:
+            call = None
+        if self._sent is not None:
+            rest = self.text[self._sent : -1 if call is not None else None]
+            return ([ir.PartDelta(0, arguments=rest)] if rest else []), call is not None
+        if call is None:
+            return [ir.PartStart(0, ir.TextPart("")), ir.PartDelta(0, text=self.text)], False
+        part = ir.ToolCallPart(new_id("call"), call["name"], "")
+        return [
+            ir.PartStart(0, part),
+            ir.PartDelta(0, arguments=json.dumps(call["arguments"])),
+        ], True
+
+
+# The start of a compact call, up to its arguments: llguidance keeps the schema's key order.
+_CALL_START = re.compile(r'\{"name":("(?:[^"\\]|\\.)*"),"arguments":')
 
 
 def _compile(param: str, build: Callable[..., str], *args: object) -> str:

@@ -21,6 +21,8 @@ from aiohttp.test_utils import TestServer
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
+from router import ir
+from router.providers import mlx_structured
 from tests.router.fakes import Clients, make_clients
 from tests.router.helpers import client_roots, running_router
 from tests.router.test_local_backend import MODEL, checkpoint, local_config  # noqa: F401
@@ -159,6 +161,7 @@ async def test_openai_tool_call_and_its_result_round_trip(clients, stream):
         ]
         deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
         call_id, name = deltas[0].id, deltas[0].function.name
+        assert len(deltas) > 2  # the name first, then the arguments as they are generated
         arguments = "".join(d.function.arguments or "" for d in deltas)
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
     else:
@@ -313,3 +316,30 @@ async def test_prompt_cache_hits_show_in_the_metrics(server, clients):
     assert values["router_provider_prompt_cache_hits"] >= 1
     assert values["router_provider_prompt_cache_reused_tokens"] >= 100  # the system prompt
     assert 0 < values["router_provider_prompt_cache_bytes"]
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+def test_a_tool_call_streams_or_comes_whole_and_a_cut_one_is_never_broken_json(incremental):
+    pieces = ['{"na', 'me":"get_weather","argu', 'ments":{"city":"Par', 'is","unit":"celsius"}}']
+    call = mlx_structured.ToolCallStream(incremental)
+    events = [event for piece in pieces for event in call.add(piece)]
+    last, whole = call.finish()
+    response = ir.collect_stream(
+        [ir.StreamStart("id", MODEL), *events, *last, ir.StreamEnd("tool_calls")]
+    )
+    (part,) = response.parts
+    assert whole and part.name == "get_weather"
+    assert json.loads(part.arguments) == {"city": "Paris", "unit": "celsius"}
+    assert len(events) == (3 if incremental else 0)  # start, then two argument pieces
+
+    cut = mlx_structured.ToolCallStream(incremental)
+    events = [event for piece in pieces[:3] for event in cut.add(piece)]
+    last, whole = cut.finish()
+    (part,) = ir.collect_stream(
+        [ir.StreamStart("id", MODEL), *events, *last, ir.StreamEnd("length")]
+    ).parts
+    assert not whole
+    if incremental:  # as OpenAI and Anthropic stream a call cut by max_tokens
+        assert part.arguments == '{"city":"Par'
+    else:  # a complete response never holds arguments that are not JSON
+        assert part.text == "".join(pieces[:3])
