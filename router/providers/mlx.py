@@ -249,7 +249,9 @@ class Provider(BaseProvider):
                 elif isinstance(part, ir.ToolCallPart):
                     content.append({"type": "text", "text": mlx_structured.render_call(part)})
                 elif isinstance(part, ir.ToolResultPart):
-                    content.append({"type": "text", "text": mlx_structured.render_result(part)})
+                    content.append(
+                        {"type": "text", "text": mlx_structured.render_result(part, where)}
+                    )
                 elif isinstance(part, ir.MediaPart):
                     if is_http(part.url):
                         data, media_type = next(downloads)

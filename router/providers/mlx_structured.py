@@ -61,7 +61,7 @@ def grammar_for(request: ir.Request) -> str | None:
                 "both (set tool_choice to none to get JSON)",
                 param="response_format",
             )
-        for i, tool in enumerate(tools):
+        for i, tool in enumerate(request.tools):  # each declared tool, named by its index
             if tool.parameters is not None:
                 _compile(f"tools[{i}].parameters", json_schema_grammar, tool.parameters)
         choice = request.tool_choice
@@ -92,9 +92,18 @@ def render_call(part: ir.ToolCallPart) -> str:
     return json.dumps({"name": part.name, "arguments": json.loads(part.arguments or "{}")})
 
 
-def render_result(part: ir.ToolResultPart) -> str:
-    """A tool's result as text for the model."""
-    text = "".join(p.text for p in part.content if isinstance(p, ir.TextPart))
+def render_result(part: ir.ToolResultPart, where: str) -> str:
+    """A tool's result as text for the model.
+
+    Raises:
+        InvalidRequestError: The result holds media (named by `where`): a text-only result
+            is what the model's template can show.
+    """
+    if any(not isinstance(p, ir.TextPart) for p in part.content):
+        raise InvalidRequestError(
+            f"{where}: the local model takes tool results as text only", param=where
+        )
+    text = "".join(p.text for p in part.content)
     status = "error" if part.is_error else "result"
     return f"Tool {status} ({part.name or part.call_id}): {text}"
 

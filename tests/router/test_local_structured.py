@@ -343,3 +343,27 @@ def test_a_tool_call_streams_or_comes_whole_and_a_cut_one_is_never_broken_json(i
         assert part.arguments == '{"city":"Par'
     else:  # a complete response never holds arguments that are not JSON
         assert part.text == "".join(pieces[:3])
+
+
+@module_loop
+async def test_a_tool_result_with_an_image_is_a_400_naming_it(clients):
+    image = {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}
+    messages = [
+        {"role": "user", "content": ASK},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "t1",
+                    "content": [{"type": "image", "source": image}],
+                }
+            ],
+        },
+    ]
+    with pytest.raises(anthropic.BadRequestError, match=r"messages\[2\].*text only"):
+        await clients.anthropic.messages.create(model=MODEL, max_tokens=8, messages=messages)
