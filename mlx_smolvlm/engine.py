@@ -51,6 +51,11 @@ logger = logging.getLogger(__name__)
 REQUEST_ERRORS = (ValueError, RuntimeError, MemoryError)
 
 
+# A prefill group is split by what its prompts have cached only when the best reuse is at
+# least this long: below, recomputing is cheaper than a second prefill.
+MIN_SPLIT_TOKENS = 64
+
+
 class QueueFullError(RuntimeError):
     """Too many requests are waiting; try again after `retry_after` seconds."""
 
@@ -561,8 +566,11 @@ class Engine:
             seqs = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
             for _ in seqs:
                 self._release()
+            # A prompt always prefills its last token, for its logits.
+            found = [self.prompt_cache.fetch(seq.keys, len(seq.keys) - 1) for seq in seqs]
+            seqs, found = self._defer_cold(seqs, found)
             self._prefill = _Prefill(seqs)
-            self._reuse_prefixes(self._prefill)
+            self._reuse_prefixes(self._prefill, found)
         prefill = self._prefill
         if all(seq.cancelled for seq in prefill.seqs):
             self._prefill = None
@@ -623,8 +631,26 @@ class Engine:
             )
         return tokens
 
-    def _reuse_prefixes(self, prefill: _Prefill) -> None:
-        """Find each prompt's longest prefix in the prompt cache and plan the prefill around it.
+    def _defer_cold(
+        self, seqs: list[_Sequence], found: list[tuple[int, list[LayerKV] | None]]
+    ) -> tuple[list[_Sequence], list[tuple[int, list[LayerKV] | None]]]:
+        """Leave for the next prefill the prompts with less than half the best one's prefix
+        cached (when that is worth it): the rows of a prefill start at one column, so they
+        would make the others prefill theirs again. They go right after this short prefill."""
+        best = max(n for n, _ in found)
+        keep = [i for i, (n, _) in enumerate(found) if 2 * n >= best]
+        if best < MIN_SPLIT_TOKENS or len(keep) == len(seqs):
+            return seqs, found
+        deferred = [seq for i, seq in enumerate(seqs) if i not in keep]
+        self._waiting.extendleft(reversed(deferred))
+        with self._lock:
+            self._queued += len(deferred)
+        return [seqs[i] for i in keep], [found[i] for i in keep]
+
+    def _reuse_prefixes(
+        self, prefill: _Prefill, found: list[tuple[int, list[LayerKV] | None]]
+    ) -> None:
+        """Plan the prefill around each prompt's longest prefix in the prompt cache (`found`).
 
         The rows of a prefill advance together, column by column, so it starts at the first
         column that some row does not hold: a row with a shorter cached prefix (or more padding)
@@ -632,8 +658,6 @@ class Engine:
         """
         T = max(len(seq.keys) for seq in prefill.seqs)
         prefill.padding = [T - len(seq.keys) for seq in prefill.seqs]
-        # A prompt always prefills its last token, for its logits.
-        found = [self.prompt_cache.fetch(seq.keys, len(seq.keys) - 1) for seq in prefill.seqs]
         start = min(pad + n for pad, (n, _) in zip(prefill.padding, found, strict=True))
         prefill.columns_done = start
         seq_len = max(self.processor.image_seq_len, 1)  # 0 for a text-only model

@@ -118,3 +118,28 @@ async def test_memory_stays_within_the_bound_under_distinct_prefixes(loaded, mak
         stats = engine.stats().prompt_cache
         assert stats.bytes <= bound and stats.max_bytes == bound
     assert 0 < stats.entries < 12  # the oldest went
+
+
+async def test_a_cold_prompt_does_not_cancel_the_reuse_of_warm_ones(loaded, make_engine):
+    _, processor = loaded
+    warm = prepare_prompt(processor, chat("Name three colours."))
+    # Longer than the warm prompt and sharing nothing but the template's first tokens: in one
+    # prefill group it would make every row start at its first column.
+    cold_messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Tell me a long story. " * 40}]}
+    ]
+    cold = prepare_prompt(processor, cold_messages)
+    plain = make_engine(prompt_cache_bytes=0)
+    expected = [
+        (await collect(plain, p, max_tokens=8, ignore_eos=True))[-1].tokens for p in (warm, cold)
+    ]
+    engine = make_engine(max_sequences=4)
+    await collect(engine, chat("What is the capital of France?"), max_tokens=2)
+    results = await asyncio.gather(
+        *(collect(engine, p, max_tokens=8, ignore_eos=True) for p in (warm, cold))
+    )
+    stats = engine.stats().prompt_cache
+    shared = len(prepare_prompt(processor, chat("")).input_ids) - 10
+    assert stats.reused_tokens >= shared  # the warm prompt kept its system prompt's KV
+    for prompt, result, tokens in zip((warm, cold), results, expected, strict=True):
+        assert_same_greedy_tokens(loaded, prompt, result[-1].tokens, tokens)
