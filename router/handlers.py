@@ -34,7 +34,7 @@ def setup_routes(app: web.Application) -> None:
         app: The application.
     """
     for fmt in CLIENT_FORMATS:
-        handler: Handler = partial(_serve, fmt)
+        handler: Handler = partial(serve_call, fmt)
         for path in fmt.paths:
             app.router.add_post(path, handler)
     for path in MODEL_LIST_PATHS:
@@ -78,7 +78,7 @@ async def _index(request: web.Request) -> web.Response:
     return web.Response(text=page, content_type="text/html")
 
 
-async def _serve(fmt: ClientFormat, request: web.Request) -> web.StreamResponse:
+async def serve_call(fmt: ClientFormat, request: web.Request) -> web.StreamResponse:
     """Answer one client call in its format: a complete answer, a stream or a token count."""
     context = request[REQUEST_CONTEXT]
     call = fmt.parse_call(decode_body(await request.read()), request)
