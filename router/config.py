@@ -142,8 +142,8 @@ class MLXConfig:
 
     In YAML the engine's options (`mlx_smolvlm.engine.EngineConfig`: ``max_sequences``,
     ``max_queue``, ``max_context_tokens``, ``prefill_step_size``, ``image_cache_tiles``,
-    ``retry_after_s``) sit beside these keys; past ``max_queue`` waiting requests the router
-    answers 429 with Retry-After.
+    ``prompt_cache_bytes``, ``retry_after_s``) sit beside these keys; past ``max_queue`` waiting
+    requests the router answers 429 with Retry-After.
     """
 
     # A checkpoint directory or a Hugging Face Hub id.

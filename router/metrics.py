@@ -26,9 +26,15 @@ class Metrics:
 
     Args:
         pools: Returns the current key pools (read at every scrape, so reloads show).
+        counters: Returns each provider's own counters (`BaseProvider.counters`), read at
+            every scrape.
     """
 
-    def __init__(self, pools: Callable[[], dict[str, KeyPool]]) -> None:
+    def __init__(
+        self,
+        pools: Callable[[], dict[str, KeyPool]],
+        counters: Callable[[], dict[str, dict[str, float]]] = dict,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "router_requests",
@@ -71,6 +77,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_KeyStates(pools))
+        self.registry.register(_ProviderCounters(counters))
 
     def on_key_change(
         self, provider: str, key_id: str, old_state: str, new_state: str, reason: str
@@ -158,3 +165,25 @@ class _KeyStates:
             "Each provider key's state (1 for the current one), by key id.",
             labels=["provider", "key", "state"],
         )
+
+
+class _ProviderCounters:
+    """``router_provider_<name>{provider}``: the counters providers keep themselves (the local
+    model's prompt cache hits, misses, reused tokens and bytes), read at scrape time."""
+
+    def __init__(self, counters: Callable[[], dict[str, dict[str, float]]]) -> None:
+        self._counters = counters
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        families: dict[str, GaugeMetricFamily] = {}
+        for provider, counters in self._counters().items():
+            for name, value in counters.items():
+                if name not in families:
+                    families[name] = GaugeMetricFamily(
+                        f"router_provider_{name}", f"A provider's own {name}.", labels=["provider"]
+                    )
+                families[name].add_metric([provider], value)
+        return list(families.values())

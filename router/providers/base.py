@@ -58,6 +58,11 @@ class BaseProvider(ABC):
         self.config = config
         self.media = media
 
+    def counters(self) -> dict[str, float]:
+        """Counters this provider keeps itself (the local model's prompt cache), by name, for
+        the metrics; none by default."""
+        return {}
+
     async def close(self) -> None:
         """Release what the provider holds; the app calls it at shutdown."""
         logger.debug("provider %s closed", self.config.name)
