@@ -463,6 +463,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     # Redis-backed key state shared with other instances (None: this process's memory only).
     shared_state: SharedStateConfig | None = None
+    # Worker processes sharing the listening port (None: see `router.workers.worker_count`).
+    workers: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> Config:
@@ -477,7 +479,7 @@ class Config:
         """
         _require_mapping(data, "config")
         sections = {"listen", "providers", "models", "limits", "media", "retry", "auth"}
-        sections |= {"timeouts", "shutdown_grace_s", "log", "shared_state"}
+        sections |= {"timeouts", "shutdown_grace_s", "log", "shared_state", "workers"}
         _reject_unknown(data, sections, "config")
         listen = _build(ListenConfig, data.get("listen") or {}, "listen")
         limits = _build(LimitsConfig, data.get("limits") or {}, "limits")
@@ -489,6 +491,9 @@ class Config:
         shared = data.get("shared_state")
         if shared is not None:
             shared = _build(SharedStateConfig, shared, "shared_state")
+        workers = data.get("workers")
+        if workers is not None and (type(workers) is not int or workers < 1):
+            raise ConfigError(f"workers: must be an integer >= 1, got {workers!r}")
         grace = data.get("shutdown_grace_s", 30.0)
         _check_type(grace, "float", "shutdown_grace_s")
         if grace < 0:
@@ -538,6 +543,7 @@ class Config:
             shutdown_grace_s=float(grace),
             log=log,
             shared_state=shared,
+            workers=workers,
         )
 
 
