@@ -47,9 +47,19 @@ def decode_body(raw: bytes) -> dict:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         body = _decode_slowly(raw)
+        slow = True
+    else:
+        slow = False
     if not isinstance(body, dict):
         raise InvalidRequestError("request body must be a JSON object")
     check_json(body)
+    if slow:
+        # What Python's json takes and orjson does not (a lone surrogate such as "\ud800",
+        # an integer beyond 64 bits) could not be sent upstream.
+        try:
+            orjson.dumps(body)
+        except orjson.JSONEncodeError as err:
+            raise InvalidRequestError(f"request body: {err}") from err
     return body
 
 
@@ -297,7 +307,7 @@ def dump_json(value: object) -> str:
     Args:
         value: A JSON-serialisable value.
     """
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return orjson.dumps(value).decode()
 
 
 # Reasoning effort <-> thinking budget, for formats that speak only one of the two.

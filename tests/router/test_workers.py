@@ -245,14 +245,14 @@ async def test_a_killed_workers_requests_stop_counting_and_it_is_restarted(serve
         log = router.log.read_text()
         assert re.search(r"a worker left with [1-4] request\(s\) in flight; released", log), log
         assert f"(pid {victim}) exited with status -9: starting it again" in log
-        # The other worker's queued requests were all served (the dead one's got cut).
-        assert statuses.count(200) >= 16 - 8
+        # The other worker's requests were all served; only the dead one's were cut.
+        assert all(s == 200 or isinstance(s, aiohttp.ClientError) for s in statuses), statuses
+        assert 200 in statuses
         deadline = time.monotonic() + 30
         while len(worker_pids(router)) < 2:
             assert time.monotonic() < deadline, router.log.read_text()
             await asyncio.sleep(0.1)
         assert victim not in worker_pids(router)
-        await asyncio.sleep(1.5)  # the new worker listens
         fake.reset()
         fake.peak.clear()
         fake.delay_s = 0.3
