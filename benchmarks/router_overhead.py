@@ -1,10 +1,10 @@
 """Gateway overhead: our router next to the LiteLLM proxy, each in front of one fast fake
 provider (`benchmarks.fake_provider`), plus a soak run of the router under injected faults.
 
-Systems, each one process on loopback: ``direct`` (the fake itself, the baseline), ``router``
-(``python -m router --config ...``) and ``litellm`` (the LiteLLM proxy, ``--num_workers 1``,
+Systems on loopback: ``direct`` (the fake itself, the baseline), ``router`` (``python -m
+router --config ... --workers N``) and ``litellm`` (the LiteLLM proxy, ``--num_workers N``,
 installed in its own virtual environment under ``~/.cache/mlx_smolvlm/litellm-venv`` on first
-use, or ``--litellm PATH``). Both gateways get the same two API keys for each model: the router
+use, or ``--litellm PATH``), each gateway measured once per ``--workers`` count (default 1). Both gateways get the same two API keys for each model: the router
 one provider per upstream format with two keys, LiteLLM two deployments per model name.
 
 A closed-loop load generator (aiohttp, in this process) drives each system at each
@@ -18,10 +18,11 @@ after a warm-up:
   piece and the delay of each piece (its arrival minus the fake's send time), p50/p99, and
   what the gateway adds to both.
 
-Per gateway also the peak RSS of its process tree (sampled from /proc every 0.1 s) and its
-cold start (process spawn to the first answered request). ``--pin`` (the default on a
-machine with 2+ CPUs) runs each gateway on the last CPU and the fake and the load generator
-on the others. The machine may be shared: each row says how much CPU other processes used
+Per gateway also the peak RSS of its process tree (sampled from /proc every 0.1 s), its
+cold start (process spawn to the first answered request) and its CPU time per answered
+request (``us/req``). ``--pin`` (the default on a machine with 2+ CPUs) runs a one-worker
+gateway on the last CPU and the fake and the load generator on the others; a gateway with
+several workers may use every CPU. The machine may be shared: each row says how much CPU other processes used
 during its window on the CPUs the measured processes use (``others``), and a window is
 repeated (``--retries``, 2; after waiting up to 20 s for a quiet second) while that is more
 than a quarter of a CPU; the quietest attempt is kept.
@@ -38,7 +39,7 @@ chart; this module measures, prints and holds the command line.
 Usage::
 
     python -m benchmarks.router_overhead [--systems router,litellm] [--concurrency 1,10,100,500]
-        [--duration S | --requests N] [--quick]
+        [--workers 1,2] [--duration S | --requests N] [--quick]
     python -m benchmarks.router_overhead --soak
 
 Writes ``benchmarks/results/router_overhead.{json,png}`` (``router_overhead.soak.json``).
