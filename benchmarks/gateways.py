@@ -48,7 +48,8 @@ LITELLM_SETTINGS = {
     "router_settings": {"routing_strategy": "simple-shuffle"},
 }
 LITELLM_ENV = {"LITELLM_LOG": "ERROR", "LITELLM_MODE": "PRODUCTION"}
-START_TIMEOUT_S = 120.0
+# LiteLLM with several workers takes minutes to start on a busy 2-CPU machine.
+START_TIMEOUT_S = 300.0
 
 
 class PeerUnavailable(RuntimeError):

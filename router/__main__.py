@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from aiohttp import web
@@ -41,7 +42,7 @@ from .config import (
 from .handlers import list_endpoints
 from .keys.local_store import KEY_COORDINATOR
 from .logs import configure_logging, secrets_of
-from .reload import CONFIG_LOADER, RELOAD_HOOKS, reload_on_signal
+from .reload import CONFIG_LOADER, RELOAD_HOOKS, RELOAD_OTHERS, reload_on_signal
 from .workers import run_event_loop, supervise, watch_supervisor, worker_count, worker_role
 
 logger = logging.getLogger("router")
@@ -309,6 +310,9 @@ async def _serve(cfg: Config, loader: Callable[[], Config] | None) -> None:
     role = worker_role()
     if role is not None and role.coordinator:
         app[KEY_COORDINATOR] = role.coordinator
+    if role is not None:
+        # The supervisor sends SIGHUP to every worker (this one reloads again, to no change).
+        app[RELOAD_OTHERS] = partial(os.kill, os.getppid(), signal.SIGHUP)
     if loader is not None:
         app[CONFIG_LOADER] = loader
     app[RELOAD_HOOKS].append(lambda new: configure_logging(new.log, secrets_of(new)))

@@ -217,6 +217,20 @@ async def test_sighup_reloads_every_worker(served, tmp_path):
 
 
 @module_loop
+async def test_admin_reload_reaches_every_worker(served):
+    router = served.router
+    before = router.log.read_text().count("config reloaded")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{router.url}/admin/reload", headers=ADMIN) as resp:
+            assert resp.status == 200, await resp.text()
+    # The worker that answered, then both through the supervisor's SIGHUP.
+    deadline = time.monotonic() + 10
+    while router.log.read_text().count("config reloaded") < before + 3:
+        assert time.monotonic() < deadline, router.log.read_text()
+        await asyncio.sleep(0.05)
+
+
+@module_loop
 async def test_a_killed_workers_requests_stop_counting_and_it_is_restarted(served):
     """Both keys' 4 slots are held at the fake; one worker holding some is killed: the
     coordinator frees its slots at once, the supervisor starts a new worker, and all 4 slots
