@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", err)
         return 2
     if workers > 1:
-        return run_supervisor(cfg, argv, workers, args.host)
+        return run_supervisor(cfg, argv, workers, args.host, args.port)
     return run_server(cfg, args.host, args.port, load if args.config else None)
 
 
@@ -237,7 +237,9 @@ def hash_key_command(argv: list[str]) -> int:
     return 0
 
 
-def run_supervisor(cfg: Config, argv: list[str], workers: int, host: str | None) -> int:
+def run_supervisor(
+    cfg: Config, argv: list[str], workers: int, host: str | None, port: int | None
+) -> int:
     """Check the listen address, then run ``workers`` worker processes (`router.workers`).
 
     Args:
@@ -245,11 +247,14 @@ def run_supervisor(cfg: Config, argv: list[str], workers: int, host: str | None)
         argv: The command-line arguments, which each worker gets.
         workers: How many.
         host: Overrides ``cfg.listen.host``.
+        port: Overrides ``cfg.listen.port``.
 
     Returns:
-        The process exit status (2 when the listen address needs client keys).
+        The process exit status (2 when the listen address needs client keys, or is port 0).
     """
     try:
+        if not (port or cfg.listen.port):
+            raise ConfigError("listen.port: several workers share one port, so it cannot be 0")
         check_bind(host or cfg.listen.host, cfg.auth)
     except ConfigError as err:
         logger.error("%s", err)

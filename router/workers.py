@@ -88,6 +88,13 @@ async def watch_supervisor(stop: asyncio.Event) -> None:
     stop.set()
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (all of the machine's where that cannot be asked)."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def worker_count(cfg: Config, requested: int | None) -> int:
     """How many workers serve ``cfg``: ``requested`` (``--workers``), else ``cfg.workers``,
     else the CPUs this process may use, or 1 when the local model is served in-process.
@@ -103,7 +110,7 @@ def worker_count(cfg: Config, requested: int | None) -> int:
     local = any(p.type == "mlx" for p in cfg.providers.values())
     count = requested if requested is not None else cfg.workers
     if count is None:
-        return 1 if local else len(os.sched_getaffinity(0))
+        return 1 if local else usable_cpus()
     if count < 1:
         raise ConfigError(f"workers: must be >= 1, got {count}")
     if count > 1 and local:

@@ -9,6 +9,8 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +25,7 @@ from aiohttp.test_utils import TestServer
 from router.config import Config, ConfigError, ProviderConfig
 from router.keys import KeyPool
 from router.keys.local_store import KeyCoordinator, LocalKeyState
-from router.workers import worker_count
+from router.workers import usable_cpus, worker_count
 from tests.router.helpers import RouterProcess
 from tests.router.test_resilience import CountingOpenAI
 from tests.router.test_shared_state import redis_server  # noqa: F401 (a fixture)
@@ -344,7 +346,7 @@ def test_worker_count_defaults_and_limits():
         {"providers": {"o": {"type": "openai", "keys": ["k"]}}, "models": {"m": []}}
         | {"models": {"m": [{"provider": "o", "model": "x"}]}}
     )
-    assert worker_count(cloud, None) == len(os.sched_getaffinity(0))
+    assert worker_count(cloud, None) == usable_cpus() == len(os.sched_getaffinity(0))
     assert worker_count(cloud, 3) == 3
     cloud.workers = 2
     assert worker_count(cloud, None) == 2
@@ -359,3 +361,26 @@ def test_worker_count_defaults_and_limits():
         worker_count(local, 2)
     with pytest.raises(ConfigError, match="workers: must be an integer >= 1"):
         Config.from_dict({"providers": {}, "models": {}, "workers": 0})
+
+
+def test_several_workers_need_a_fixed_port(tmp_path):
+    config = tmp_path / "router.yaml"
+    providers = {"o": {"type": "openai", "keys": ["k"]}}
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": {"host": "127.0.0.1", "port": 0},
+                "providers": providers,
+                "models": {"m": [{"provider": "o", "model": "x"}]},
+            }
+        )
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "router", "--config", str(config), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[2],
+    )
+    assert run.returncode == 2
+    assert "cannot be 0" in run.stderr and "Traceback" not in run.stderr
