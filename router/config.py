@@ -485,6 +485,8 @@ class Config:
     # Redis-backed key state shared with other instances (None: this process's memory only).
     shared_state: SharedStateConfig | None = None
     request_log: RequestLogConfig = field(default_factory=RequestLogConfig)
+    # Worker processes sharing the listening port (None: see `router.workers.worker_count`).
+    workers: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> Config:
@@ -499,7 +501,14 @@ class Config:
         """
         _require_mapping(data, "config")
         sections = {"listen", "providers", "models", "limits", "media", "retry", "auth"}
-        sections |= {"timeouts", "shutdown_grace_s", "log", "shared_state", "request_log"}
+        sections |= {
+            "timeouts",
+            "shutdown_grace_s",
+            "log",
+            "shared_state",
+            "request_log",
+            "workers",
+        }
         _reject_unknown(data, sections, "config")
         listen = _build(ListenConfig, data.get("listen") or {}, "listen")
         limits = _build(LimitsConfig, data.get("limits") or {}, "limits")
@@ -512,6 +521,9 @@ class Config:
         shared = data.get("shared_state")
         if shared is not None:
             shared = _build(SharedStateConfig, shared, "shared_state")
+        workers = data.get("workers")
+        if workers is not None and (type(workers) is not int or workers < 1):
+            raise ConfigError(f"workers: must be an integer >= 1, got {workers!r}")
         grace = data.get("shutdown_grace_s", 30.0)
         _check_type(grace, "float", "shutdown_grace_s")
         if grace < 0:
@@ -562,6 +574,7 @@ class Config:
             log=log,
             shared_state=shared,
             request_log=request_log,
+            workers=workers,
         )
 
 

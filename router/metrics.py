@@ -4,15 +4,18 @@ feed them: the per-request middleware and the key pools' state changes."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .keys import KeyPool
 from .logs import RequestContext
+from .workers import MULTIPROC_VAR
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +70,12 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        # With several workers: the sum over the live ones (see `render`).
         self.in_flight = Gauge(
-            "router_requests_in_flight", "Client requests being served.", registry=self.registry
+            "router_requests_in_flight",
+            "Client requests being served.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.key_changes = Counter(
             "router_key_state_changes",
@@ -76,8 +83,10 @@ class Metrics:
             ["provider", "key", "state"],
             registry=self.registry,
         )
-        self.registry.register(_KeyStates(pools))
-        self.registry.register(_ProviderCounters(counters))
+        self._key_states = _KeyStates(pools)
+        self._provider_counters = _ProviderCounters(counters)
+        self.registry.register(self._key_states)
+        self.registry.register(self._provider_counters)
 
     def on_key_change(
         self, provider: str, key_id: str, old_state: str, new_state: str, reason: str
@@ -130,8 +139,18 @@ class Metrics:
             self.tokens.labels(model, provider, "out").inc(context.output_tokens)
 
     def render(self) -> web.Response:
-        """The Prometheus text exposition."""
-        response = web.Response(body=generate_latest(self.registry))
+        """The Prometheus text exposition. In a worker of several (prometheus_client's
+        multiprocess mode, set up by `router.workers`) the requests, latencies, tokens,
+        retries, fallbacks and key changes are summed over all workers, dead ones included,
+        and ``router_requests_in_flight`` over the live ones; key states are this worker's
+        mirror of the shared ones."""
+        registry = self.registry
+        if MULTIPROC_VAR in os.environ:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            registry.register(self._key_states)
+            registry.register(self._provider_counters)
+        response = web.Response(body=generate_latest(registry))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
