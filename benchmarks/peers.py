@@ -1,5 +1,6 @@
 """The peers of the tokens-per-second benchmark, each on one workload in a worker process:
-transformers (PyTorch) and mlx-vlm, on the inputs every system shares (see `workloads`).
+transformers (PyTorch) and mlx-vlm, on the inputs every system shares (see `workloads`), and
+llama.cpp (`llama-cpp-python`) on a text GGUF, the CPU anchor.
 
 This module imports neither MLX nor PyTorch at import time: the transformers worker must never
 load MLX (it slowed PyTorch's fp32 matmuls down 2-10x).
@@ -151,3 +152,59 @@ def run_mlx_vlm(spec: dict, result: RunResult) -> None:
         mx.eval(token)
         count += 1
     decode_timing(result, first, count)
+
+
+def gguf_prompt_ids(ids: np.ndarray, vocab: int, replacement: int, result: RunResult) -> list[int]:
+    """The workload's prompt ids for a GGUF text model, noting any it cannot take.
+
+    SmolVLM2's chat template adds tokens past SmolLM2's 49,152-token vocabulary
+    (``<end_of_utterance>``); those are replaced by ``replacement`` (the GGUF's EOS), the same
+    for llama.cpp and our port, so both read the same ids.
+    """
+    outside = ids >= vocab
+    if outside.any():
+        result.notes = (
+            f"{int(outside.sum())} prompt ids past the GGUF's vocabulary ({vocab}) read as "
+            f"id {replacement}"
+        )
+    return np.where(outside, replacement, ids).astype(int).tolist()
+
+
+def run_llama_cpp(spec: dict, result: RunResult) -> None:
+    """Run llama.cpp (``llama-cpp-python``, 2 threads, greedy) on a text workload of a GGUF.
+
+    Args:
+        spec: The worker spec, with ``gguf`` (see ``tokens_per_second.run_worker``).
+        result: Receives the figures; a workload with media is ``n/a`` (the GGUF is text only).
+    """
+    import os
+
+    from llama_cpp import Llama
+
+    inputs = load_inputs(Path(spec["inputs_dir"]), spec["workload"])
+    if "pixel_values" in inputs:
+        result.status = "n/a: text-only GGUF"
+        return
+    tic = time.perf_counter()
+    threads = os.cpu_count() or 1
+    llm = Llama(
+        model_path=spec["gguf"],
+        n_ctx=2048,
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    result.load_s = time.perf_counter() - tic
+    ids = gguf_prompt_ids(inputs["input_ids"][0], llm.n_vocab(), llm.token_eos(), result)
+    result.prompt_tokens = len(ids)
+    start = time.perf_counter()
+    llm.eval(ids)
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    first = time.perf_counter()
+    result.prefill_tps = len(ids) / (first - start)
+    result.ttft_s = first - start
+    for _ in range(spec["max_tokens"] - 1):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    decode_timing(result, first, spec["max_tokens"])
