@@ -51,7 +51,8 @@ def run_transformers(spec: dict, result: RunResult) -> None:
     """Run transformers (``fp32`` or ``bf16``) on one workload, filling ``result``.
 
     Args:
-        spec: The worker spec (see ``tokens_per_second.run_worker``).
+        spec: The worker spec (see ``tokens_per_second.run_worker``); ``device`` is a torch
+            device (default ``cpu``; ``cuda`` for ``benchmarks/gpu_device.py``).
         result: Receives the figures.
     """
     import torch
@@ -60,13 +61,15 @@ def run_transformers(spec: dict, result: RunResult) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["config"]]
     model_dir = Path(spec["model"])
     tic = time.perf_counter()
+    device = torch.device(spec.get("device", "cpu"))
     model = SmolVLMForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
+    model.to(device)
     result.load_s = time.perf_counter() - tic
     inputs = _peer_inputs(spec, model_dir, result)
-    kwargs = {"input_ids": torch.from_numpy(inputs["input_ids"])}
+    kwargs = {"input_ids": torch.from_numpy(inputs["input_ids"]).to(device)}
     if "pixel_values" in inputs:
-        kwargs["pixel_values"] = torch.from_numpy(inputs["pixel_values"]).to(dtype)
-        kwargs["pixel_attention_mask"] = torch.from_numpy(inputs["pixel_attention_mask"])
+        kwargs["pixel_values"] = torch.from_numpy(inputs["pixel_values"]).to(device, dtype)
+        kwargs["pixel_attention_mask"] = torch.from_numpy(inputs["pixel_attention_mask"]).to(device)
     result.prompt_tokens = int(kwargs["input_ids"].shape[1])
     marks: dict[str, float] = {}
 
@@ -82,6 +85,7 @@ def run_transformers(spec: dict, result: RunResult) -> None:
         start = time.perf_counter()
         out = model(**kwargs, use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
+        token.cpu()  # waits for the device, as the sampled token would
         first = time.perf_counter()
         vision = marks["connector"] - marks["vision"] if "vision" in marks else 0.0
         if "vision" in marks:
@@ -93,6 +97,7 @@ def run_transformers(spec: dict, result: RunResult) -> None:
             out = model(input_ids=token, past_key_values=past, use_cache=True)
             past = out.past_key_values
             token = out.logits[:, -1].argmax(-1, keepdim=True)
+        token.cpu()
     decode_timing(result, first, spec["max_tokens"])
 
 

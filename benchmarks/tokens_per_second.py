@@ -166,6 +166,7 @@ def _peak_rss_gb() -> float:
 def _run_ours(spec: dict, result: RunResult) -> None:
     import mlx.core as mx
 
+    from mlx_smolvlm.device_ops import cpu_choices
     from mlx_smolvlm.generate import prepare_prompt
     from mlx_smolvlm.load import load_model
     from mlx_smolvlm.processing import Processor
@@ -175,7 +176,10 @@ def _run_ours(spec: dict, result: RunResult) -> None:
         _run_ours_gguf(spec, result)
         return
     tic = time.perf_counter()
-    dtype = {"bf16": mx.bfloat16, "fp16": mx.float16}.get(precision, mx.float32)
+    # Quantized models keep fp32 activations and scales on the CPU backend (its fast path) and
+    # bf16 ones on a GPU, as a Mac runs them.
+    base = mx.float32 if cpu_choices() else mx.bfloat16
+    dtype = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}.get(precision, base)
     model, model_dir = load_model(spec["model"], dtype=dtype)
     if precision in ("8bit", "4bit"):
         quantize(model, int(precision[0]))
@@ -198,16 +202,19 @@ def _run_ours(spec: dict, result: RunResult) -> None:
         features = model.encode_images(inputs["pixel_values"], inputs["pixel_attention_mask"])
         mx.eval(features)
         result.vision_s = time.perf_counter() - start
-    first = _time_generation(model, ids, features, spec["max_tokens"], result)
+    first = time_generation(model, ids, features, spec["max_tokens"], result)
     result.ttft_s = result.preprocess_s + (first - start)
     result.weight_bytes_per_token = decode_weight_bytes(model)
 
 
-def _time_generation(
+def time_generation(
     model: Any, ids: Any, features: Any, max_tokens: int, result: RunResult
 ) -> float:
-    """Prefill and decode greedily, recording prefill and decode speed; returns the time the
-    first token was ready."""
+    """Prefill and decode greedily with our port, recording prefill and decode speed.
+
+    Returns:
+        When the first token was ready (``time.perf_counter``).
+    """
     import mlx.core as mx
 
     from mlx_smolvlm.generate import generate_step
@@ -247,7 +254,7 @@ def _run_ours_gguf(spec: dict, result: RunResult) -> None:
     ids = gguf_prompt_ids(inputs["input_ids"][0], vocab, eos, result)
     result.prompt_tokens = len(ids)
     start = time.perf_counter()
-    result.ttft_s = _time_generation(model, ids, None, spec["max_tokens"], result) - start
+    result.ttft_s = time_generation(model, ids, None, spec["max_tokens"], result) - start
     result.weight_bytes_per_token = decode_weight_bytes(model)
 
 

@@ -11,9 +11,13 @@ The kernel runs outside MLX's graph: its input must be evaluated first, which wa
 stream. ``project`` therefore takes every Linear that reads the same input (q/k/v, gate/up)
 in one call, so a decoder layer waits four times (q/k/v, o, gate/up, down) and the head once.
 
+Products of more rows (prefill: hundreds of prompt tokens) are computed from the dequantized
+weight by the fp32 BLAS instead (``x @ dequantize(W).T``, in MLX's graph): dequantizing costs
+one pass over the weight, where MLX's quantized matrix-matrix kernel runs at about 1 GFLOP/s.
+
 Used when the CPU backend's choices are made (``device_ops.cpu_choices``), unless
-``MLX_SMOLVLM_QMV=off``; anything the kernel does not take (more rows, other bits, group sizes
-or dtypes, no C compiler) goes to MLX's own ``QuantizedLinear``. ``calls()`` counts the kernel's
+``MLX_SMOLVLM_QMV=off``; anything else (other bits, group sizes or dtypes, no C compiler) goes
+to MLX's own ``QuantizedLinear``. ``calls()`` counts the kernel's
 calls (for tests and benchmarks).
 """
 
@@ -119,7 +123,8 @@ def _apply(layer: nn.Module, x: mx.array) -> mx.array:
 
 
 def _fits(x: mx.array, linears: tuple[nn.Module, ...]) -> bool:
-    """Whether the kernel takes these layers on this input."""
+    """Whether the kernel (or, past ``MAX_ROWS`` rows, the dequantized product) takes these
+    layers on this input."""
     first = linears[0]
     if not isinstance(first, QUANTIZED) or len(linears) > MAX_MATRICES:
         return False
@@ -127,7 +132,6 @@ def _fits(x: mx.array, linears: tuple[nn.Module, ...]) -> bool:
     bits, group = first.bits, first.group_size
     return (
         x.dtype == mx.float32
-        and math.prod(x.shape[:-1]) <= MAX_ROWS
         and bits in BITS
         and group in GROUP_SIZES
         and K % (BLOCK_WORDS * 32 // bits) == 0
@@ -182,6 +186,13 @@ def matvec(x: np.ndarray, linears: tuple[nn.Module, ...]) -> np.ndarray:
     return out
 
 
+def _dequantized_product(x: mx.array, linear: nn.Module) -> mx.array:
+    """``linear(x)`` through the fp32 BLAS on the dequantized weight."""
+    w = mx.dequantize(linear.weight, linear.scales, linear.biases, linear.group_size, linear.bits)
+    y = x @ w.T
+    return y + linear.bias if "bias" in linear else y
+
+
 def project(x: mx.array, *linears: nn.Module) -> list[mx.array]:
     """Apply each layer to ``x``: ``[linear(x) for linear in linears]``, through the kernel
     when it takes them (one wait for MLX's stream for all of them).
@@ -193,6 +204,8 @@ def project(x: mx.array, *linears: nn.Module) -> list[mx.array]:
     """
     if not enabled() or not _fits(x, linears):
         return [_apply(linear, x) for linear in linears]
+    if math.prod(x.shape[:-1]) > MAX_ROWS:
+        return [_dequantized_product(x, linear) for linear in linears]
     *lead, K = x.shape
     rows = mx.contiguous(x.reshape(-1, K))
     mx.eval(rows)

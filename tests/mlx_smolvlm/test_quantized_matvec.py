@@ -60,7 +60,6 @@ def test_project_falls_back_where_the_kernel_does_not_apply(monkeypatch):
     dense = nn.Linear(768, 64)
     calls = quantized_matvec.calls()
     for x, layers in [
-        (mx.random.normal((9, 768)), (layer,)),  # more rows than the kernel takes
         (mx.random.normal((1, 768)).astype(mx.bfloat16), (layer,)),  # not float32
         (mx.random.normal((1, 768)), (layer, dense)),  # not all quantized
     ]:
@@ -76,6 +75,11 @@ def test_project_falls_back_where_the_kernel_does_not_apply(monkeypatch):
     (y,) = quantized_matvec.project(x.reshape(1, 1, 768), layer)
     assert y.shape == (1, 1, 64) and quantized_matvec.calls() == calls + 1
     assert_close(np.array(y[0]), np.array(layer(x)))
+    # More rows than the kernel takes (prefill): the fp32 product of the dequantized weight.
+    x = mx.random.normal((2, 40, 768))
+    (y,) = quantized_matvec.project(x, layer)
+    assert y.shape == (2, 40, 64) and quantized_matvec.calls() == calls + 1
+    assert_close(np.array(y), np.array(layer(x)))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -92,7 +96,7 @@ def test_decoder_uses_the_kernel_and_keeps_its_output(hf_checkpoint, monkeypatch
 
     calls = quantized_matvec.calls()
     fast = decode_step("on")
-    # Prefill (4 rows) and the step each: q/k/v, o, gate/up and down per decoder layer, and the
+    # Prefill (4 rows: the kernel's too) and the step each: q/k/v, o, gate/up and down per decoder layer, and the
     # head; at 4 bits not down_proj, whose 96 inputs are not a multiple of the kernel's blocks
     # of 64 values (MLX's kernel takes it).
     per_layer = 4 if bits == 8 else 3
