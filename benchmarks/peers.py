@@ -176,23 +176,23 @@ def gguf_prompt_ids(ids: np.ndarray, vocab: int, replacement: int, result: RunRe
 
 
 def run_llama_cpp(spec: dict, result: RunResult) -> None:
-    """Run llama.cpp (``llama-cpp-python``, 2 threads, greedy) on a text workload of a GGUF.
+    """Run llama.cpp (``llama-cpp-python``, greedy) on a text workload of a GGUF.
 
     Args:
-        spec: The worker spec, with ``gguf`` (see ``tokens_per_second.run_worker``).
+        spec: The worker spec, with ``gguf`` (see ``tokens_per_second.run_worker``); its config
+            is ``<n>t``, the number of threads. (llama.cpp's threads meet at a spinning barrier
+            after every operation, so on a busy machine fewer threads can be faster.)
         result: Receives the figures; a workload with media is ``n/a`` (the GGUF is text only).
     """
-    import os
-
-    from llama_cpp import Llama
+    import llama_cpp
 
     inputs = load_inputs(Path(spec["inputs_dir"]), spec["workload"])
     if "pixel_values" in inputs:
         result.status = "n/a: text-only GGUF"
         return
     tic = time.perf_counter()
-    threads = os.cpu_count() or 1
-    llm = Llama(
+    threads = int(spec["config"].removesuffix("t"))
+    llm = llama_cpp.Llama(
         model_path=spec["gguf"],
         n_ctx=2048,
         n_batch=512,
@@ -201,15 +201,22 @@ def run_llama_cpp(spec: dict, result: RunResult) -> None:
         verbose=False,
     )
     result.load_s = time.perf_counter() - tic
-    ids = gguf_prompt_ids(inputs["input_ids"][0], llm.n_vocab(), llm.token_eos(), result)
+    vocab = llm.n_vocab()
+    ids = gguf_prompt_ids(inputs["input_ids"][0], vocab, llm.token_eos(), result)
     result.prompt_tokens = len(ids)
+
+    def next_token() -> int:
+        """Greedy choice from the last position's logits (``Llama.eval`` keeps only these)."""
+        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(vocab,))))
+
     start = time.perf_counter()
     llm.eval(ids)
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = next_token()
     first = time.perf_counter()
     result.prefill_tps = len(ids) / (first - start)
     result.ttft_s = first - start
     for _ in range(spec["max_tokens"] - 1):
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = next_token()
     decode_timing(result, first, spec["max_tokens"])

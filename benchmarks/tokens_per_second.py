@@ -63,8 +63,8 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "fp16", "8bit", "4bit", "gguf")
 DEFAULT_PEERS = ("transformers", "mlx-vlm")
 PEERS = (*DEFAULT_PEERS, "llama.cpp")
-# Systems that run on the --gguf file rather than the checkpoint.
-GGUF_SYSTEMS = (("mlx_smolvlm", "gguf"), ("llama.cpp", "gguf"))
+# llama.cpp's configurations: its thread counts (1 and all CPUs; the summary takes its best).
+LLAMA_CPP_THREADS = tuple(sorted({1, os.cpu_count() or 1}))
 RESULT_PREFIX = "BENCH_RESULT "
 # The repository root: workers import `benchmarks`, which is not installed.
 ROOT = Path(__file__).resolve().parents[1]
@@ -398,12 +398,12 @@ def check_config(config: BenchConfig) -> tuple[Path | None, list[System], list[R
         elif peer == "transformers":
             systems += [System(peer, "fp32"), System(peer, "bf16")]
         elif peer == "llama.cpp":
-            systems.append(System(peer, "gguf"))
+            systems += [System(peer, f"{n}t") for n in LLAMA_CPP_THREADS]
         else:
             systems += [System(peer, "bf16"), System(peer, "fp32+openblas")]
     if config.gguf is None or not Path(config.gguf).expanduser().is_file():
         problem = "needs --gguf FILE" if config.gguf is None else f"{config.gguf} is not a file"
-        for system in [s for s in systems if (s.name, s.config) in GGUF_SYSTEMS]:
+        for system in [s for s in systems if s.config == "gguf" or s.name == "llama.cpp"]:
             fail(system.label, f"error: {problem}")
             systems.remove(system)
 

@@ -58,11 +58,11 @@ def test_llama_cpp_not_installed_names_the_package(monkeypatch, tmp_path):
 
 
 def test_prompt_ids_past_the_gguf_vocabulary_are_replaced_and_noted():
-    result = RunResult(system="llama.cpp gguf", workload="b")
+    result = RunResult(system="llama.cpp 2t", workload="b")
     ids = np.array([1, 49151, 49279, 5, 49152])
     assert gguf_prompt_ids(ids, 49152, 2, result) == [1, 49151, 2, 5, 2]
     assert result.notes == "2 prompt ids past the GGUF's vocabulary (49152) read as id 2"
-    untouched = RunResult(system="llama.cpp gguf", workload="b")
+    untouched = RunResult(system="llama.cpp 2t", workload="b")
     assert gguf_prompt_ids(np.array([3, 4]), 49152, 2, untouched) == [3, 4]
     assert untouched.notes == ""
 
@@ -72,7 +72,7 @@ def test_summary_ratios_of_4bit_and_llama_cpp():
         RunResult(system="mlx_smolvlm fp32", workload="b", decode_tps=20.0),
         RunResult(system="mlx_smolvlm 4bit", workload="b", decode_tps=40.0),
         RunResult(system="mlx_smolvlm gguf", workload="b", decode_tps=30.0),
-        RunResult(system="llama.cpp gguf", workload="b", decode_tps=50.0),
+        RunResult(system="llama.cpp 2t", workload="b", decode_tps=50.0),
     ]
     summary = bench.summarize(results)["b"]
     assert summary["decode_4bit_over_fp32"] == 2.0
