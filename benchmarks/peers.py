@@ -201,6 +201,8 @@ def run_llama_cpp(spec: dict, result: RunResult) -> None:
         verbose=False,
     )
     result.load_s = time.perf_counter() - tic
+    # Every tensor is read once per token (the tied Q8_0 embedding as the head): the file's size.
+    result.weight_bytes_per_token = Path(spec["gguf"]).stat().st_size
     vocab = llm.n_vocab()
     ids = gguf_prompt_ids(inputs["input_ids"][0], vocab, llm.token_eos(), result)
     result.prompt_tokens = len(ids)
