@@ -5,7 +5,10 @@ each one's time is its own, and prints the total per operation kind over all lay
 the time of the same step without the extra synchronisations and a NumPy (BLAS) version of the
 step that bounds what the matrix-vector products alone cost.
 
-    python -m benchmarks.profile_decode --shape 256m --prefix 104 --steps 20
+    python -m benchmarks.profile_decode --shape 256m --prefix 104 --steps 20 [--bits 4]
+
+With ``--bits``, the decoder and head are quantized (group 64, fp32 scales) and their products
+go through ``quantized_matvec.project`` as the model runs them (q/k/v and gate/up one call each).
 """
 
 # ruff: noqa: I001 (mlx_smolvlm must be imported before mlx.core: it loads the BLAS first)
@@ -17,6 +20,8 @@ from collections import defaultdict
 from mlx_smolvlm.blas import gemv_shim_calls
 from mlx_smolvlm.device_ops import Rotary
 from mlx_smolvlm.load import load_model
+from mlx_smolvlm.quantize import QuantizationSpec, quantize_model
+from mlx_smolvlm.quantized_matvec import calls as qmv_calls, project
 from mlx_smolvlm.random_weights import random_checkpoint
 
 import mlx.core as mx
@@ -55,9 +60,7 @@ def profiled_step(model, token, cache, t):
         attn = layer.self_attn
         B, L, _ = h.shape
         x = t("rms_norm", layer.input_layernorm(h))
-        q = t("q_proj", attn.q_proj(x))
-        k = t("k_proj", attn.k_proj(x))
-        v = t("v_proj", attn.v_proj(x))
+        q, k, v = t("qkv_proj", project(x, attn.q_proj, attn.k_proj, attn.v_proj))
         q = q.reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
         k = k.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = v.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -66,18 +69,15 @@ def profiled_step(model, token, cache, t):
         k, v = c.update_and_fetch(k, v)
         t("kv_cache_update", (k, v))
         o = t("sdpa", mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale))
-        o = t("o_proj", attn.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1)))
+        o = t("o_proj", project(o.transpose(0, 2, 1, 3).reshape(B, L, -1), attn.o_proj)[0])
         h = t("residual_add", h + o)
         x = t("rms_norm", layer.post_attention_layernorm(h))
-        g = t("gate_proj", layer.mlp.gate_proj(x))
-        u = t("up_proj", layer.mlp.up_proj(x))
+        g, u = t("gate_up_proj", project(x, layer.mlp.gate_proj, layer.mlp.up_proj))
         a = t("silu_mul", nn.silu(g) * u)
-        d = t("down_proj", layer.mlp.down_proj(a))
+        d = t("down_proj", project(a, layer.mlp.down_proj)[0])
         h = t("residual_add", h + d)
     h = t("rms_norm", text.norm(h))
-    logits = t(
-        "lm_head", model.lm_head(h) if "lm_head" in model else text.embed_tokens.as_linear(h)
-    )
+    logits = t("lm_head", project(h, model.lm_head if "lm_head" in model else text.embed_tokens)[0])
     logits = logits[:, -1, :]
     logprobs = t("logsumexp", logits - mx.logsumexp(logits, axis=-1, keepdims=True))
     return t("argmax", mx.argmax(logprobs, axis=-1, keepdims=True).astype(mx.int32))
@@ -88,6 +88,14 @@ def numpy_step(weights, x, x_mlp):
     for wq, wk, wv, wo, wg, wu, wd in weights["layers"]:
         wq @ x, wk @ x, wv @ x, wo @ x, wg @ x, wu @ x, wd @ x_mlp
     return weights["head"] @ x
+
+
+def dense_weight(layer):
+    """A layer's weight as a float32 NumPy matrix (dequantized if quantized)."""
+    if "scales" not in layer:
+        return np.array(layer.weight.astype(mx.float32))
+    w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
+    return np.array(w.astype(mx.float32))
 
 
 def median_ms(fn, n):
@@ -107,10 +115,13 @@ def main():
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--prefix", type=int, default=104, help="tokens already in the cache")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--bits", type=int, default=None, help="quantize the decoder: 4 or 8")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     model, _ = load_model(args.model or str(random_checkpoint(args.shape)), dtype=args.dtype)
+    if args.bits is not None:
+        quantize_model(model, QuantizationSpec(bits=args.bits, quantize_vision=False))
     cache = model.make_cache()
     prompt = mx.array(np.random.default_rng(0).integers(0, 49000, (1, args.prefix)), dtype=mx.int32)
     mx.eval(model(prompt, cache=cache))
@@ -141,18 +152,24 @@ def main():
             mlp.up_proj,
             mlp.down_proj,
         ]
-        layers.append([np.array(m.weight.astype(mx.float32)) for m in mats])
+        layers.append([dense_weight(m) for m in mats])
     head = model.lm_head if "lm_head" in model else model.text_model.embed_tokens
-    weights = {"layers": layers, "head": np.array(head.weight.astype(mx.float32))}
+    weights = {"layers": layers, "head": dense_weight(head)}
     rng = np.random.default_rng(0)
     x = rng.standard_normal(model.config.text_config.hidden_size, dtype=np.float32)
     x_mlp = rng.standard_normal(model.config.text_config.intermediate_size, dtype=np.float32)
     numpy_ms = median_ms(lambda: numpy_step(weights, x, x_mlp), args.steps)
 
+    weights_desc = f"{args.bits}-bit weights" if args.bits else "unquantized"
     logger.info(
-        "decode step at %d cached tokens, %s, median of %d", args.prefix, args.dtype, args.steps
+        "decode step at %d cached tokens, %s, %s, median of %d",
+        args.prefix,
+        args.dtype,
+        weights_desc,
+        args.steps,
     )
     logger.info("GEMV shim calls so far: %s (None: shim not loaded)", gemv_shim_calls())
+    logger.info("quantized matrix-vector kernel calls so far: %d", qmv_calls())
     logger.info("%-16s %9s %7s", "operation", "ms/token", "share")
     for name, total in sorted(timer.totals.items(), key=lambda kv: -kv[1]):
         ms = total / args.steps * 1e3

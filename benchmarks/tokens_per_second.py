@@ -4,6 +4,11 @@ Every system runs the same checkpoint, the same prompt token ids and pixels (mad
 package's processor, which the tests hold equal to transformers'), greedy, with EOS ignored, in
 a subprocess of its own (a clean peak-memory figure, its own BLAS setup, and a time limit).
 
+With ``--gguf FILE`` (a llama.cpp text GGUF of the checkpoint's decoder, such as the trained
+SmolLM2-135M Q4_1 of ``benchmarks/trained_weights.py``: ``--trained`` picks both), the peer
+``llama.cpp`` (``llama-cpp-python``) and our precision ``gguf`` (the GGUF loaded directly by
+``mlx_smolvlm.gguf``) run the text workload on it, with the same prompt ids.
+
 Workloads:
 - ``a``: one 640x480 image with the checkpoint's full tiling and a 20-token question, 128 tokens.
 - ``b``: text only, a 512-token prompt, 256 tokens.
@@ -43,7 +48,7 @@ import numpy as np
 
 from benchmarks import RESULTS
 from benchmarks.charts import pyplot
-from benchmarks.peers import run_mlx_vlm, run_transformers
+from benchmarks.peers import gguf_prompt_ids, run_llama_cpp, run_mlx_vlm, run_transformers
 from benchmarks.workloads import (
     WORKLOADS,
     RunResult,
@@ -55,8 +60,11 @@ from benchmarks.workloads import (
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16", "8bit", "4bit")
-PEERS = ("transformers", "mlx-vlm")
+PRECISIONS = ("fp32", "bf16", "fp16", "8bit", "4bit", "gguf")
+DEFAULT_PEERS = ("transformers", "mlx-vlm")
+PEERS = (*DEFAULT_PEERS, "llama.cpp")
+# llama.cpp's configurations: its thread counts (1 and all CPUs; the summary takes its best).
+LLAMA_CPP_THREADS = tuple(sorted({1, os.cpu_count() or 1}))
 RESULT_PREFIX = "BENCH_RESULT "
 # The repository root: workers import `benchmarks`, which is not installed.
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +97,7 @@ class BenchConfig:
         precisions: Our port's precisions.
         peers: Peers to run next to it (``transformers``, ``mlx-vlm``).
         workloads: Workload names (``a``, ``b``, ``c``).
+        gguf: A llama.cpp text GGUF of the decoder, for ``llama.cpp`` and precision ``gguf``.
         out: Output directory for the JSON, the chart and the generated inputs.
         timeout_s: Time limit of one system on one workload (load included).
         default_timeout_s: A lower limit for mlx-vlm's default configuration (bf16 weights,
@@ -101,8 +110,9 @@ class BenchConfig:
     model: str | None = None
     shape: str | None = "256m"
     precisions: tuple[str, ...] = ("fp32",)
-    peers: tuple[str, ...] = PEERS
+    peers: tuple[str, ...] = DEFAULT_PEERS
     workloads: tuple[str, ...] = ("a", "b", "c")
+    gguf: str | None = None
     out: str = str(RESULTS)
     timeout_s: float = 600.0
     default_timeout_s: float | None = None
@@ -156,14 +166,20 @@ def _peak_rss_gb() -> float:
 def _run_ours(spec: dict, result: RunResult) -> None:
     import mlx.core as mx
 
-    from mlx_smolvlm.generate import generate_step, prepare_prompt
+    from mlx_smolvlm.device_ops import cpu_choices
+    from mlx_smolvlm.generate import prepare_prompt
     from mlx_smolvlm.load import load_model
     from mlx_smolvlm.processing import Processor
-    from mlx_smolvlm.sample import make_sampler
 
     precision = spec["config"]
+    if precision == "gguf":
+        _run_ours_gguf(spec, result)
+        return
     tic = time.perf_counter()
-    dtype = {"bf16": mx.bfloat16, "fp16": mx.float16}.get(precision, mx.float32)
+    # Quantized models keep fp32 activations and scales on the CPU backend (its fast path) and
+    # bf16 ones on a GPU, as a Mac runs them.
+    base = mx.float32 if cpu_choices() else mx.bfloat16
+    dtype = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32}.get(precision, base)
     model, model_dir = load_model(spec["model"], dtype=dtype)
     if precision in ("8bit", "4bit"):
         quantize(model, int(precision[0]))
@@ -186,6 +202,24 @@ def _run_ours(spec: dict, result: RunResult) -> None:
         features = model.encode_images(inputs["pixel_values"], inputs["pixel_attention_mask"])
         mx.eval(features)
         result.vision_s = time.perf_counter() - start
+    first = time_generation(model, ids, features, spec["max_tokens"], result)
+    result.ttft_s = result.preprocess_s + (first - start)
+    result.weight_bytes_per_token = decode_weight_bytes(model)
+
+
+def time_generation(
+    model: Any, ids: Any, features: Any, max_tokens: int, result: RunResult
+) -> float:
+    """Prefill and decode greedily with our port, recording prefill and decode speed.
+
+    Returns:
+        When the first token was ready (``time.perf_counter``).
+    """
+    import mlx.core as mx
+
+    from mlx_smolvlm.generate import generate_step
+    from mlx_smolvlm.sample import make_sampler
+
     prefill_start = time.perf_counter()
     steps = generate_step(
         mx.array(ids, dtype=mx.int32),
@@ -197,11 +231,30 @@ def _run_ours(spec: dict, result: RunResult) -> None:
     next(steps)
     first = time.perf_counter()
     result.prefill_tps = len(ids) / (first - prefill_start)
-    result.ttft_s = result.preprocess_s + (first - start)
-    for _ in range(spec["max_tokens"] - 1):
+    for _ in range(max_tokens - 1):
         next(steps)
-    decode_timing(result, first, spec["max_tokens"])
+    decode_timing(result, first, max_tokens)
     steps.close()
+    return first
+
+
+def _run_ours_gguf(spec: dict, result: RunResult) -> None:
+    """Our port on the GGUF itself (its quantized blocks as MLX affine weights, fp32
+    activations), on the same prompt ids as llama.cpp; text workloads only."""
+    from mlx_smolvlm.load import load
+
+    inputs = load_inputs(Path(spec["inputs_dir"]), spec["workload"])
+    if "pixel_values" in inputs:
+        result.status = "n/a: text-only GGUF"
+        return
+    tic = time.perf_counter()
+    model, processor = load(spec["gguf"], dtype="float32")
+    result.load_s = time.perf_counter() - tic
+    vocab, eos = model.config.text_config.vocab_size, processor.tokenizer.eos_token_ids[0]
+    ids = gguf_prompt_ids(inputs["input_ids"][0], vocab, eos, result)
+    result.prompt_tokens = len(ids)
+    start = time.perf_counter()
+    result.ttft_s = time_generation(model, ids, None, spec["max_tokens"], result) - start
     result.weight_bytes_per_token = decode_weight_bytes(model)
 
 
@@ -236,7 +289,12 @@ def quantize(model: Any, bits: int) -> None:
     quantize_model(model, QuantizationSpec(bits=bits, quantize_vision=False))
 
 
-RUNNERS = {"mlx_smolvlm": _run_ours, "transformers": run_transformers, "mlx-vlm": run_mlx_vlm}
+RUNNERS = {
+    "mlx_smolvlm": _run_ours,
+    "transformers": run_transformers,
+    "mlx-vlm": run_mlx_vlm,
+    "llama.cpp": run_llama_cpp,
+}
 
 
 def run_worker(spec: dict) -> RunResult:
@@ -245,7 +303,7 @@ def run_worker(spec: dict) -> RunResult:
     Args:
         spec: ``system``, ``config``, ``model``, ``workload``, ``inputs_dir``, ``max_tokens``.
     """
-    if spec["system"] != "transformers":
+    if spec["system"] not in ("transformers", "llama.cpp"):
         # The package loads the BLAS that `worker_env` chose, before anything imports mlx.core.
         import mlx_smolvlm  # noqa: F401
     result = RunResult(system=f"{spec['system']} {spec['config']}", workload=spec["workload"])
@@ -265,7 +323,7 @@ def worker_env(system: System) -> dict[str, str]:
     if system.name == "mlx-vlm" and system.config == "fp32+openblas":
         env["MLX_SMOLVLM_GEMV_SHIM"] = "off"
     elif system.name != "mlx_smolvlm":
-        env["MLX_SMOLVLM_BLAS"] = "off"
+        env["MLX_SMOLVLM_BLAS"] = "off"  # (llama.cpp brings its own kernels)
     return env
 
 
@@ -330,16 +388,24 @@ def check_config(config: BenchConfig) -> tuple[Path | None, list[System], list[R
                 f"mlx_smolvlm {precision}",
                 f"error: unknown precision {precision!r}; expected one of {list(PRECISIONS)}",
             )
-    modules = {"transformers": "transformers", "mlx-vlm": "mlx_vlm"}
+    modules = {"transformers": "transformers", "mlx-vlm": "mlx_vlm", "llama.cpp": "llama_cpp"}
+    packages = {"llama.cpp": "llama-cpp-python"}
     for peer in config.peers:
         if peer not in modules:
             fail(peer, f"error: unknown peer {peer!r}; expected some of {list(PEERS)}")
         elif importlib.util.find_spec(modules[peer]) is None:
-            fail(peer, f"error: {peer} is not installed (pip install {peer})")
+            fail(peer, f"error: {peer} is not installed (pip install {packages.get(peer, peer)})")
         elif peer == "transformers":
             systems += [System(peer, "fp32"), System(peer, "bf16")]
+        elif peer == "llama.cpp":
+            systems += [System(peer, f"{n}t") for n in LLAMA_CPP_THREADS]
         else:
             systems += [System(peer, "bf16"), System(peer, "fp32+openblas")]
+    if config.gguf is None or not Path(config.gguf).expanduser().is_file():
+        problem = "needs --gguf FILE" if config.gguf is None else f"{config.gguf} is not a file"
+        for system in [s for s in systems if s.config == "gguf" or s.name == "llama.cpp"]:
+            fail(system.label, f"error: {problem}")
+            systems.remove(system)
 
     model_dir = None
     try:
@@ -423,6 +489,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
                         "workload": name,
                         "inputs_dir": str(inputs_dir),
                         "max_tokens": tokens,
+                        "gguf": config.gguf and str(Path(config.gguf).expanduser()),
                     }
                     limit = config.timeout_s
                     if system == System("mlx-vlm", "bf16") and config.default_timeout_s:
@@ -480,6 +547,14 @@ def _best(results: list[RunResult], prefix: str, workload: str, key: str) -> Run
     return (min if key.endswith("_s") else max)(runs, key=lambda r: getattr(r, key))
 
 
+# Decode ratios the README reports, between two systems (prefixes of their labels).
+DECODE_RATIOS = {
+    "decode_4bit_over_fp32": ("mlx_smolvlm 4bit", "mlx_smolvlm fp32"),
+    "decode_4bit_over_llama.cpp": ("mlx_smolvlm 4bit", "llama.cpp"),
+    "decode_gguf_over_llama.cpp": ("mlx_smolvlm gguf", "llama.cpp"),
+}
+
+
 def summarize(results: list[RunResult]) -> dict[str, Any]:
     """Ratios measured in the same run: our best against each peer's best and defaults.
 
@@ -496,6 +571,10 @@ def summarize(results: list[RunResult]) -> dict[str, Any]:
                 theirs = _best(results, peer, workload, "decode_tps")
                 if theirs is not None:
                     entry[f"decode_vs_{peer}_best"] = round(ours.decode_tps / theirs.decode_tps, 2)
+            for name, (mine, other) in DECODE_RATIOS.items():
+                a, b = (_best(results, s, workload, "decode_tps") for s in (mine, other))
+                if a is not None and b is not None:
+                    entry[name] = round(a.decode_tps / b.decode_tps, 2)
             if ours.bandwidth_fraction is not None:
                 entry["decode_fraction_of_bandwidth_limit"] = round(ours.bandwidth_fraction, 2)
         ttft = _best(results, "mlx_smolvlm", workload, "ttft_s")
@@ -611,7 +690,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--precision", default="fp32", help=f"ours, comma-separated: {'|'.join(PRECISIONS)}"
     )
-    parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated; '' for none")
+    parser.add_argument(
+        "--peers",
+        default=",".join(DEFAULT_PEERS),
+        help=f"comma-separated, of {'|'.join(PEERS)}; '' for none",
+    )
+    parser.add_argument("--gguf", default=None, help="a text GGUF for llama.cpp and 'gguf'")
+    parser.add_argument(
+        "--trained",
+        action="store_true",
+        help="the trained-decoder checkpoint and its SmolLM2 Q4_1 GGUF (benchmarks/trained_weights.py)",
+    )
     parser.add_argument("--workloads", default="a,b,c", help="comma-separated: a, b, c")
     parser.add_argument("--out", default=str(RESULTS), help="output directory")
     parser.add_argument(
@@ -638,9 +727,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     Args:
         args: From ``build_parser``.
     """
+    model, gguf = args.model, args.gguf
+    if args.trained:
+        from benchmarks.trained_weights import smollm2_gguf, trained_checkpoint
+
+        model, gguf = str(trained_checkpoint()), gguf or str(smollm2_gguf())
     return BenchConfig(
-        model=args.model,
-        shape=None if args.model else args.shape,
+        model=model,
+        gguf=gguf,
+        shape=None if model else args.shape,
         precisions=_split(args.precision),
         peers=_split(args.peers),
         workloads=_split(args.workloads),

@@ -118,25 +118,43 @@ def build_gemv_shim() -> Path | None:
         The library path, or None when the source or a working C compiler is missing (a
         failed compilation is logged; the caller warns about the consequence).
     """
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if not SHIM_SOURCE.is_file() or compiler is None:
-        return None
-    source = SHIM_SOURCE.read_bytes()
     # Built for this CPU (-march=native), so the cache key names the CPU too.
-    digest = hashlib.sha256(source + compiler.encode() + _cpu_flags()).hexdigest()[:16]
-    target = cache_dir() / f"blas_shim-{digest}.so"
+    return build_c_library(SHIM_SOURCE, ["-march=native", "-fopenmp-simd"])
+
+
+def build_c_library(source_path: Path, flags: list[str]) -> Path | None:
+    """Compile a C source of this package into a shared library (with `-O3` and `flags`), or
+    reuse the cached build, named by the source, compiler, flags and CPU.
+
+    Args:
+        source_path: The C file.
+        flags: Extra compiler flags.
+
+    Returns:
+        The library path, or None when the source or a working C compiler is missing (a
+        failed compilation is logged).
+    """
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if not source_path.is_file() or compiler is None:
+        return None
+    source = source_path.read_bytes()
+    key = source + compiler.encode() + " ".join(flags).encode() + _cpu_flags()
+    digest = hashlib.sha256(key).hexdigest()[:16]
+    target = cache_dir() / f"{source_path.stem}-{digest}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        cmd = [compiler, "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"]
-        cmd += ["-o", str(built), str(SHIM_SOURCE), "-ldl", "-lpthread"]
+        cmd = [compiler, "-O3", *flags, "-shared", "-fPIC"]
+        cmd += ["-o", str(built), str(source_path), "-ldl", "-lpthread"]
         try:
             subprocess.run(cmd, check=True, capture_output=True, timeout=COMPILE_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError) as err:
             stderr = getattr(err, "stderr", b"") or b""
-            logger.warning("GEMV shim not built (%s): %s", err, stderr.decode(errors="replace"))
+            logger.warning(
+                "%s not built (%s): %s", source_path.name, err, stderr.decode(errors="replace")
+            )
             return None
         os.replace(built, target)  # atomic: concurrent processes never see half a file
     return target

@@ -19,6 +19,12 @@ operations). On that backend, therefore:
 
 Every other device (Metal, CUDA) keeps MLX's own fused operations and GPU graphs stay lazy.
 
+``MLX_SMOLVLM_DEVICE_CHOICES`` picks which device's choices are made, whatever device runs:
+``auto`` (default: the default device's), ``cpu`` or ``gpu``. ``gpu`` on the CPU backend runs
+the code path of a Mac or CUDA GPU (``mx.fast`` attention and RoPE, ``nn.silu``, the
+checkpoint's dtype, MLX's quantized matmuls, no NumPy and no quantized matrix-vector shim), so
+that path is tested on machines without a GPU (``tests/mlx_smolvlm/test_gpu_path.py``).
+
 The choice is automatic; the environment variable ``MLX_SMOLVLM_KERNELS`` overrides it:
 ``auto`` (default: the choices above on the CPU device), ``mlx`` (always MLX's own operations) or
 ``numpy`` (NumPy for every float32 input of at least ``MIN_SIZE`` elements, on any device). The NumPy path cannot
@@ -34,6 +40,7 @@ import mlx.nn as nn
 import numpy as np
 
 MODES = ("auto", "mlx", "numpy")
+DEVICE_CHOICES = ("auto", "cpu", "gpu")
 MIN_SIZE = 1 << 16
 # The NumPy attention path scores, softmaxes and applies this many values at a time: one
 # 1024 x 1024 head of a SigLIP tile (4 MB) stays in cache through the three steps, where
@@ -60,7 +67,22 @@ def compute_dtype(checkpoint_dtype: mx.Dtype) -> mx.Dtype:
         if choice not in DTYPES:
             raise ValueError(f"MLX_SMOLVLM_DTYPE={choice!r} is not one of {list(DTYPES)}")
         return DTYPES[choice]
-    return mx.float32 if mx.default_device() == mx.cpu else checkpoint_dtype
+    return mx.float32 if cpu_choices() else checkpoint_dtype
+
+
+def cpu_choices() -> bool:
+    """Whether to make the CPU backend's choices (``MLX_SMOLVLM_DEVICE_CHOICES``, else the
+    default device).
+
+    Raises:
+        ValueError: If the variable holds an unknown value.
+    """
+    choice = os.environ.get("MLX_SMOLVLM_DEVICE_CHOICES", "auto")
+    if choice not in DEVICE_CHOICES:
+        raise ValueError(
+            f"MLX_SMOLVLM_DEVICE_CHOICES={choice!r} is not one of {list(DEVICE_CHOICES)}"
+        )
+    return mx.default_device() == mx.cpu if choice == "auto" else choice == "cpu"
 
 
 def kernel_mode() -> str:
@@ -85,7 +107,7 @@ def use_numpy(x: mx.array, size: int | None = None) -> bool:
     mode = kernel_mode()
     if mode == "mlx" or x.dtype != mx.float32 or max(x.size, size or 0) < MIN_SIZE:
         return False
-    return mode == "numpy" or mx.default_device() == mx.cpu
+    return mode == "numpy" or cpu_choices()
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
@@ -117,7 +139,7 @@ def attention(
     B, n_heads, L, D = q.shape
     n_kv, S = k.shape[1], k.shape[2]
     large = use_numpy(q, B * n_heads * L * S)
-    if not large and (mx.default_device() != mx.cpu or kernel_mode() != "auto"):
+    if not large and (not cpu_choices() or kernel_mode() != "auto"):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     rep = n_heads // n_kv
     # Grouped heads share their key/value head: each of the B * n_kv groups is one
@@ -180,7 +202,7 @@ class Rotary:
     def __init__(self, head_dim: int, base: float, offset: int | mx.array, L: int) -> None:
         self.head_dim, self.base, self.offset = head_dim, base, offset
         self.cos = self.sin = None
-        if mx.default_device() != mx.cpu or kernel_mode() == "mlx":
+        if not cpu_choices() or kernel_mode() == "mlx":
             return
         # As transformers computes them: inverse frequencies and angles in float32.
         inv_freq = 1.0 / (base ** (mx.arange(0, head_dim, 2, dtype=mx.float32) / head_dim))
@@ -235,7 +257,7 @@ def silu_mul(gate: mx.array, up: mx.array) -> mx.array:
         up: The same shape as ``gate``.
     """
     if not use_numpy(gate):
-        if mx.default_device() == mx.cpu and kernel_mode() == "auto":
+        if cpu_choices() and kernel_mode() == "auto":
             # exp(-g) as 2 ** (-g log2 e): MLX's CPU backend vectorizes `power`, not `exp`
             # (3 against 9-13 ns a value), which halves the activation of a 4-row decode step.
             return gate * up / (1.0 + mx.power(2.0, gate * -LOG2_E))

@@ -8,6 +8,7 @@ import mlx.nn as nn
 from .cache import KVCache
 from .config import TextConfig
 from .device_ops import Rotary, attention, silu_mul
+from .quantized_matvec import project
 
 
 class Attention(nn.Module):
@@ -35,14 +36,15 @@ class Attention(nn.Module):
     ) -> mx.array:
         B, L, _ = x.shape
         # (B, L, n_heads * head_dim) -> (B, n_heads, L, head_dim)
-        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = k.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         q, k = rotary(q), rotary(k)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         out = attention(q, k, v, self.scale, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return project(out.transpose(0, 2, 1, 3).reshape(B, L, -1), self.o_proj)[0]
 
 
 class MLP(nn.Module):
@@ -56,7 +58,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return project(silu_mul(gate, up), self.down_proj)[0]
 
 
 class DecoderLayer(nn.Module):

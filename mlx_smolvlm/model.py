@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 from .cache import KVCache
 from .config import TEXT_ONLY_ERROR, ModelConfig
 from .language import TextModel
+from .quantized_matvec import project
 from .vision import VisionModel
 from .weight_names import from_checkpoint_names, to_hf_names
 
@@ -232,9 +233,8 @@ class Model(nn.Module):
         h = self.text_model(inputs_embeds, mask=mask, cache=cache)
         if logits_to_keep is not None:
             h = h[:, -logits_to_keep:]
-        if self.config.tie_word_embeddings:
-            return self.text_model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        tied = self.config.tie_word_embeddings
+        return project(h, self.text_model.embed_tokens if tied else self.lm_head)[0]
 
     def make_cache(self) -> list[KVCache]:
         """One empty ``KVCache`` per decoder layer."""
