@@ -50,6 +50,12 @@ def external_data_path(path: Path) -> Path:
     return path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
 
 
+def graph_bytes(path: Path) -> int:
+    """The size on disk of the graph at ``path`` with its external data file, if any."""
+    data = external_data_path(path)
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """The serialized bytes of the graph's initializers and constant tensors."""
     constants = (a.t for node in model.graph.node for a in node.attribute if a.HasField("t"))

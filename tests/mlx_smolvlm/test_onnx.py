@@ -206,6 +206,9 @@ def test_graphs_over_the_limit_keep_their_weights_in_onnx_data_files(
         weights = sum(int(i["length"]) for i in info)
         assert limit < weights <= data.stat().st_size, name
         assert data.stat().st_mode == path.stat().st_mode  # served like the graph
+    fp32 = [export / "onnx" / f"{graph}.onnx" for graph in GRAPHS]
+    on_disk = sum(p.stat().st_size + Path(f"{p}_data").stat().st_size for p in fp32)
+    assert onnx_quality.variant_bytes(export, "fp32")["total_mb"] == round(on_disk / 1e6)
     config = json.loads((export / "config.json").read_text())
     assert config["transformers.js_config"]["use_external_data_format"] == dict.fromkeys(
         sorted(graphs), 1
@@ -452,11 +455,17 @@ def test_transformers_js_generates_the_same_greedy_tokens(
     assert js_tokens == theirs
 
 
+@pytest.mark.parametrize("external_data", [False, True], ids=["one-file", "onnx-data"])
 def test_transformers_js_runs_the_q4_variant_like_onnx_runtime(
-    hf_checkpoint, transformers_js, tmp_path
+    hf_checkpoint, transformers_js, tmp_path, monkeypatch, external_data
 ):
+    """Also with every graph's weights in ``.onnx_data`` files (the limit lowered), which
+    transformers.js fetches as the config lists them."""
+    if external_data:
+        monkeypatch.setattr(onnx_quantize, "MAX_GRAPH_BYTES", 16_000)
     source = hf_checkpoint(**CONFIGS["gqa-scale2"])
     export = export_onnx(str(source), tmp_path / "export", quantize=["q4"])
+    assert Path(f"{export}/onnx/decoder_model_merged_q4.onnx_data").is_file() == external_data
     inputs = card_inputs(source)
     ort_tokens = card_loop(export, inputs, NEW_TOKENS, variant="_q4")[0]
     js_dir = tmp_path / "js"
