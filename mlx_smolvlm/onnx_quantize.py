@@ -39,9 +39,10 @@ logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(lo
 DTYPE_VARIANTS = ("fp16",)
 QUANTIZATIONS = ("int8", "q4", "q4f16")
 Q4_BLOCK_SIZE = 32
-# One ONNX file holds at most 2 GiB (protobuf's limit); graphs whose weights exceed this keep
-# them in an external data file (tests lower it to take that path on tiny checkpoints).
-MAX_GRAPH_BYTES = 2**31 - 1
+# One ONNX file holds at most 2 GiB (protobuf's limit): graphs whose tensors exceed this, less
+# 64 MiB left for the nodes, keep them in an external data file (tests lower it to take that
+# path on tiny checkpoints).
+MAX_GRAPH_BYTES = 2**31 - 2**26
 EXTERNAL_DATA_SUFFIX = "_data"
 
 
