@@ -19,6 +19,7 @@ Hugging Face publishes for large graphs and ONNX Runtime and transformers.js loa
 from __future__ import annotations
 
 import logging
+import stat
 import tempfile
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
         location=data.name,
         convert_attribute=True,
     )
-    data.chmod(path.stat().st_mode)  # onnx creates it owner-only; serve it like the graph
+    data.chmod(stat.S_IMODE(path.stat().st_mode))  # onnx makes it owner-only; serve it alike
 
 
 def variant_path(onnx_dir: Path, graph: str, variant: str) -> Path:
