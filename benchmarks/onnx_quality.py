@@ -30,7 +30,7 @@ import onnxruntime
 from benchmarks.quant_quality import heldout_ids, quality
 from benchmarks.trained_weights import trained_checkpoint
 from mlx_smolvlm.onnx_export import GRAPHS, ONNX_DIR, export_onnx
-from mlx_smolvlm.onnx_quantize import QUANTIZATIONS, variant_path
+from mlx_smolvlm.onnx_quantize import QUANTIZATIONS, graph_bytes, variant_path
 
 VARIANTS = ("fp32", "fp16", *QUANTIZATIONS)
 
@@ -61,7 +61,7 @@ def log_probs(export: Path, variant: str, ids: np.ndarray) -> mx.array:
 
 
 def variant_bytes(export: Path, variant: str) -> dict:
-    sizes = {g: variant_path(export / ONNX_DIR, g, variant).stat().st_size for g in GRAPHS}
+    sizes = {g: graph_bytes(variant_path(export / ONNX_DIR, g, variant)) for g in GRAPHS}
     return {
         "total_mb": round(sum(sizes.values()) / 1e6),
         "decoder_mb": round(sizes[GRAPHS[2]] / 1e6),

@@ -15,7 +15,9 @@ model cards' ONNX Runtime loop load them:
 The graphs are traced from transformers' own modules (its decoder layers, rotary embedding,
 vision tower and connector) with the TorchScript exporter; only the glue that transformers
 writes with Python control flow (dropping padding images, the attention masks, the cache) is
-written here in traceable form. Quantized variants come from `onnx_quantize`.
+written here in traceable form. Quantized variants come from `onnx_quantize`, and every graph is
+written by its `save_graph`: one over 2 GiB (SmolVLM2-2.2B's fp32 decoder) keeps its weights in
+``{name}.onnx_data`` beside it, as Hugging Face's exports do.
 """
 
 from __future__ import annotations
@@ -24,13 +26,19 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
-from .config import TextConfig, load_config
 from .convert import ConvertError, _check_destination, _replace_directory, save_processor
 from .load import resolve_model_path
-from .onnx_quantize import DTYPE_VARIANTS, QUANTIZATIONS, write_variant
+from .onnx_quantize import (
+    DTYPE_VARIANTS,
+    QUANTIZATIONS,
+    external_data_path,
+    save_graph,
+    write_variant,
+)
 from .processing import Processor
 
 try:
@@ -51,8 +59,6 @@ ONNX_DIR = "onnx"
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 SUPPORTED_MODEL_TYPES = ("smolvlm", "idefics3")
 EXTRA_HINT = "pip install 'mlx-smolvlm[onnx]'"
-# One ONNX file holds at most 2 GiB (protobuf's limit); larger graphs need external data files.
-MAX_GRAPH_BYTES = 2**31 - 1
 
 
 class OnnxExportError(ConvertError):
@@ -203,10 +209,21 @@ def cast_position_ids(path: Path) -> None:
     nodes.insert(nodes.index(gather), cast)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    onnx.save(model, str(path))
+    save_graph(model, path)
 
 
 def _export(module: torch.nn.Module, args: tuple, path: Path, names: dict, axes: dict) -> None:
+    """Trace ``module`` to ``path`` through a scratch directory: for a graph over 2 GiB torch
+    writes one external file per tensor beside the graph, which `save_graph` gathers into
+    Hugging Face's single ``{name}.onnx_data``."""
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        traced = Path(scratch) / path.name
+        _trace(module, args, traced, names, axes)
+        save_graph(onnx.load(traced), path)
+    onnx.checker.check_model(str(path))  # from the path: the checker then takes any size
+
+
+def _trace(module: torch.nn.Module, args: tuple, path: Path, names: dict, axes: dict) -> None:
     with torch.no_grad():
         torch.onnx.export(
             module,
@@ -219,7 +236,6 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, names: dict, axes:
             do_constant_folding=True,
             dynamo=False,
         )
-    onnx.checker.check_model(str(path))
 
 
 def export_graphs(model: torch.nn.Module, onnx_dir: Path) -> None:
@@ -288,19 +304,6 @@ def export_graphs(model: torch.nn.Module, onnx_dir: Path) -> None:
     )
 
 
-def decoder_bytes(text: TextConfig) -> int:
-    """The fp32 bytes of the decoder graph's weights: its layers and ``lm_head``."""
-    h, heads, kv, head_dim = (
-        text.hidden_size,
-        text.num_attention_heads,
-        text.num_key_value_heads,
-        text.head_dim,
-    )
-    attention = 2 * h * heads * head_dim + 2 * h * kv * head_dim
-    layer = attention + 3 * h * text.intermediate_size + 2 * h
-    return 4 * (text.num_hidden_layers * layer + h + text.vocab_size * h)
-
-
 def _check_source(src: Path) -> dict:
     config_path = src / "config.json"
     if not config_path.is_file():
@@ -316,14 +319,24 @@ def _check_source(src: Path) -> dict:
         raise OnnxExportError(
             f"{src} is already quantized; export from the full-precision checkpoint"
         )
-    size = decoder_bytes(load_config(src).text_config)
-    if size > MAX_GRAPH_BYTES:
-        raise OnnxExportError(
-            f"{src}'s decoder is {size / 1e9:.1f} GB in fp32, over ONNX's 2 GiB single-file "
-            "limit; this export does not write external data files yet (SmolVLM2-256M and "
-            "500M fit)"
-        )
     return config
+
+
+def write_config(src: Path, export: Path) -> None:
+    """Copy ``config.json``, listing the graphs with external data where transformers.js looks
+    for them (``transformers.js_config.use_external_data_format``, as Hugging Face's exports
+    do): it fetches ``{name}.onnx_data`` only for the graphs named there."""
+    external = {
+        path.name: 1
+        for path in sorted((export / ONNX_DIR).glob("*.onnx"))
+        if external_data_path(path).is_file()
+    }
+    if not external:
+        shutil.copyfile(src / "config.json", export / "config.json")
+        return
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    config.setdefault("transformers.js_config", {})["use_external_data_format"] = external
+    (export / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def export_onnx(
@@ -384,7 +397,7 @@ def export_onnx(
             for graph in GRAPHS:
                 write_variant(tmp / ONNX_DIR, graph, variant)
         logger.info("[3/3] Writing configs and processor files to %s", dst)
-        shutil.copyfile(src / "config.json", tmp / "config.json")
+        write_config(src, tmp)
         save_processor(processor, tmp)
         _replace_directory(tmp, dst)
     finally:
