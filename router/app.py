@@ -13,6 +13,7 @@ from .error_middleware import error_middleware
 from .handlers import setup_routes
 from .observe import observe_middleware, setup_observe
 from .reload import setup_reload
+from .routing import setup_routing
 
 
 def create_app(cfg: Config) -> web.Application:
@@ -28,6 +29,7 @@ def create_app(cfg: Config) -> web.Application:
     # The backends start first, so the key pools exist when the observer hooks them.
     app.cleanup_ctx.append(backends)
     setup_observe(app)
+    setup_routing(app)
     setup_admin(app)
     setup_reload(app)
     setup_routes(app)

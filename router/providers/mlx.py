@@ -74,6 +74,14 @@ class Provider(BaseProvider):
         """Stop the engine (unfinished requests fail with 503)."""
         await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
 
+    def context_window(self) -> int:
+        """See `BaseProvider.context_window`."""
+        return self.engine.max_context
+
+    def queue_depth(self) -> int:
+        """See `BaseProvider.queue_depth`: requests waiting for a slot in the batch."""
+        return self.engine.stats().waiting
+
     def served_name(self, model: str) -> str:
         """The model name in responses; it says so when the weights are random or the model
         is text only (a GGUF without its mmproj).
