@@ -216,6 +216,9 @@ class ProviderConfig:
     max_connections: int = 1000
     # The local model's options (type mlx only).
     mlx: MLXConfig | None = None
+    # Whether requests to it stay on this machine, for routing's local-only requests and
+    # spillover (None: type mlx, or a base_url on a loopback address).
+    local: bool | None = None
 
     key_configs: list[KeyConfig] = field(init=False, repr=False)
 
@@ -622,12 +625,14 @@ def _routing_config(
 
 
 def is_local_provider(provider: ProviderConfig) -> bool:
-    """Whether requests to a provider stay on this machine: the in-process model, or a server
-    on a loopback address.
+    """Whether requests to a provider stay on this machine: its ``local`` setting, else the
+    in-process model or a server on a loopback address.
 
     Args:
         provider: The provider's config.
     """
+    if provider.local is not None:
+        return provider.local
     if provider.type == "mlx":
         return True
     host = urlsplit(provider.base_url).hostname or ""
