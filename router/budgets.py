@@ -234,8 +234,8 @@ class Budgets:
             limits = budgets[scope].limits() if scope in budgets else {}
             for period, suffix in periods.items():
                 t = totals[f"{scope}|{suffix}"]
-                spent = {"tokens": t.tokens, "usd": round(t.usd, 6)}
-                spent["in_flight"] = {"tokens": t.reserved_tokens, "usd": round(t.reserved_usd, 6)}
+                spent = {"tokens": t.tokens, "usd": round(t.usd, 9)}
+                spent["in_flight"] = {"tokens": t.reserved_tokens, "usd": round(t.reserved_usd, 9)}
                 for unit in ("tokens", "usd"):
                     limit = limits.get(f"{unit}_per_{period}")
                     if limit is not None:
