@@ -16,7 +16,7 @@ from .errors import GatewayError, credential_rejected
 from .keys import ACTIVE, DISABLED, KEY_POOLS, Lease, classify_failure, exhausted_limit_reset
 from .logs import RequestContext
 from .providers.base import BaseProvider
-from .routing import admit_target, provider_failed, release_target, target_served
+from .routing import CircuitOpenError, admit_target, provider_failed, release_target, target_served
 from .rules import resolve_targets
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,8 @@ async def run_with_fallback(
     Targets come from the request's routing decision (``context.targets``, see
     `router.routing.route_request`), else the model's own list. Before a target is tried its
     circuit breaker and the budgets must let it (`admit_target`); a target skipped for either
-    costs no time.
+    costs no time, and one skipped for its open circuit is still tried once all the others
+    failed.
 
     Raises:
         GatewayError: The first non-retryable error, else the last upstream error (or, when
@@ -70,11 +71,17 @@ async def run_with_fallback(
     deadline = time.monotonic() + cfg.retry.max_time_s
     attempts = 0
     last: GatewayError | None = None
-    for target in targets:
+    # Targets skipped for an open circuit are tried last, when nothing else answered.
+    queue = [(target, False) for target in targets]
+    for target, last_resort in queue:
         try:
-            reservation = await admit_target(app, context, request, target)
+            reservation = await admit_target(app, context, request, target, last_resort)
+        except CircuitOpenError as err:
+            logger.info("model=%s provider=%s skipped: %s", request.model, target.provider, err)
+            queue.append((target, True))
+            continue
         except GatewayError as err:
-            # An open circuit or a budget used up: on to the next target, at no cost.
+            # A budget used up: on to the next target.
             logger.info("model=%s provider=%s skipped: %s", request.model, target.provider, err)
             last = last or err
             continue

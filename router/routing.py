@@ -141,7 +141,11 @@ def route_request(request: web.Request, ir_request: ir.Request, context: Request
 
 
 async def admit_target(
-    app: web.Application, context: RequestContext, request: ir.Request, target: Target
+    app: web.Application,
+    context: RequestContext,
+    request: ir.Request,
+    target: Target,
+    last_resort: bool = False,
 ) -> Reservation:
     """Let a target be tried: its circuit must not be open, and the budgets that apply must
     allow the request's estimate, which is reserved.
@@ -151,6 +155,7 @@ async def admit_target(
         context: The request's context.
         request: The IR request.
         target: The target.
+        last_resort: Every other target failed: an open circuit does not stop this one.
 
     Raises:
         CircuitOpenError: The provider's circuit is open.
@@ -159,7 +164,7 @@ async def admit_target(
     cfg = app[CONFIG]
     state = app[ROUTING]
     breaker = state.breaker(cfg, target.provider)
-    if not breaker.allow():
+    if not breaker.allow() and not last_resort:
         raise CircuitOpenError(
             f"{target.provider}: skipped, its circuit is open after "
             f"{breaker.failures} failure(s) in a row",

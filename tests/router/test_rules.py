@@ -397,3 +397,32 @@ async def test_upstream_answer_body_is_unchanged_by_routing(router_client, fake)
     client = await router_client(routing_config(fake.base_url, RULES))
     response = await client.post("/v1/chat/completions", json=chat(model="gpt"), headers=auth())
     assert (await response.json())["choices"][0]["message"]["content"] == "routed"
+
+
+async def test_an_open_circuit_is_still_tried_when_nothing_else_is_left(router_client, fake):
+    rules = [
+        {"name": "only-claude", "when": {"models": ["auto"]}, "targets": [target("claude", "c")]}
+    ]
+    cfg = routing_config(
+        fake.base_url, rules, routing_extra={"breaker": {"failures": 1, "cooldown_s": 60}}
+    )
+    client = await router_client(cfg)
+    error = {"type": "error", "error": {"type": "api_error", "message": "down"}}
+    fake.queue("anthropic", Answer(500, error))
+    response = await client.post("/v1/chat/completions", json=chat(), headers=auth())
+    assert response.status == 500
+    # The circuit is open, but claude is the only target: it is tried rather than failing.
+    response = await client.post("/v1/chat/completions", json=chat(), headers=auth())
+    assert response.status == 200 and response.headers["x-router-provider"] == "claude"
+
+
+async def test_the_decision_is_in_the_requests_log_line(router_client, fake, caplog):
+    client = await router_client(routing_config(fake.base_url, RULES))
+    with caplog.at_level("INFO", logger="router.access"):
+        response = await client.post(
+            "/v1/chat/completions", json=chat(tools=[TOOL]), headers=auth()
+        )
+        assert response.status == 200
+    (line,) = [r for r in caplog.records if r.name == "router.access"]
+    assert line.rule == "tools" and line.provider == "claude"
+    assert line.targets == ["claude/tools-cloud"] and line.client == "ci"
