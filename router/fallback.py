@@ -12,6 +12,7 @@ from aiohttp import web
 
 from . import ir
 from .backends import CONFIG, PROVIDERS
+from .budgets import BudgetExceededError
 from .errors import GatewayError, credential_rejected
 from .keys import ACTIVE, DISABLED, KEY_POOLS, Lease, classify_failure, exhausted_limit_reset
 from .logs import RequestContext
@@ -61,8 +62,9 @@ async def run_with_fallback(
     failed.
 
     Raises:
-        GatewayError: The first non-retryable error, else the last upstream error (or, when
-            no upstream was reached, why no key was available).
+        GatewayError: The first non-retryable error, else the budget that stopped a target,
+            else the last upstream error (or, when no upstream was reached, why no key was
+            available).
     """
     cfg = app[CONFIG]
     targets = context.targets
@@ -71,6 +73,7 @@ async def run_with_fallback(
     deadline = time.monotonic() + cfg.retry.max_time_s
     attempts = 0
     last: GatewayError | None = None
+    over_budget: BudgetExceededError | None = None
     # Targets skipped for an open circuit are tried last, when nothing else answered.
     queue = [(target, False) for target in targets]
     for target, last_resort in queue:
@@ -80,10 +83,11 @@ async def run_with_fallback(
             logger.info("model=%s provider=%s skipped: %s", request.model, target.provider, err)
             queue.append((target, True))
             continue
-        except GatewayError as err:
-            # A budget used up: on to the next target.
+        except BudgetExceededError as err:
+            # On to the next target; should none answer, the budget is what the client hears
+            # (it is why the others were not tried), not an upstream's passing error.
             logger.info("model=%s provider=%s skipped: %s", request.model, target.provider, err)
-            last = last or err
+            over_budget = over_budget or err
             continue
         try:
             provider = app[PROVIDERS][target.provider]
@@ -150,7 +154,7 @@ async def run_with_fallback(
         finally:
             if context.reservation is not reservation:
                 await release_target(app, reservation)
-    raise last
+    raise over_budget or last
 
 
 def request_affinity(request: web.Request, ir_request: ir.Request) -> str | None:
