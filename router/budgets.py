@@ -15,15 +15,16 @@ from __future__ import annotations
 import calendar
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import ir
 from .config import BudgetConfig, ClientKeyConfig, Config, Target
-from .errors import RateLimitError
+from .errors import OverloadedError, RateLimitError
 from .pricing import FREE, cost_usd, price_of
 from .providers.base import estimate_tokens
-from .spend_store import Counter, SpendStore
+from .spend_store import Counter, SpendStore, SpendStoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class Reservation:
     # Whether the store holds it (only when a budget applies; else spend is just recorded).
     held: bool = False
     settled: bool = field(default=False, repr=False)
+    # Names the reservation in the spend store (each is settled once).
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 def period_keys(now: float) -> dict[str, str]:
@@ -146,7 +149,13 @@ class Budgets:
         )
         if not any(c.max_tokens is not None or c.max_usd is not None for c in counters):
             return reservation  # nothing to enforce: spend is only recorded when settled
-        refused = await self.store.reserve(counters, tokens, usd)
+        try:
+            refused = await self.store.reserve(reservation.id, counters, tokens, usd)
+        except SpendStoreUnavailable as err:
+            raise OverloadedError(
+                f"budgets cannot be checked, the spend store is unreachable ({err})",
+                retry_after=1.0,
+            ) from err
         if refused is None:
             reservation.held = True
             return reservation
@@ -208,7 +217,9 @@ class Budgets:
         reserved_tokens, reserved_usd = 0, 0.0
         if reservation.held:
             reserved_tokens, reserved_usd = reservation.tokens, reservation.usd
-        await self.store.settle(reservation.keys, reserved_tokens, reserved_usd, tokens, usd)
+        await self.store.settle(
+            reservation.id, reservation.keys, reserved_tokens, reserved_usd, tokens, usd
+        )
         return usd
 
     async def report(self, cfg: Config, clients: list[str]) -> dict:
@@ -224,7 +235,10 @@ class Budgets:
         scopes += [f"provider:{name}" for name in cfg.providers]
         periods = period_keys(self.clock())
         keys = [f"{scope}|{suffix}" for scope in scopes for suffix in periods.values()]
-        totals = await self.store.read(keys)
+        try:
+            totals = await self.store.read(keys)
+        except SpendStoreUnavailable as err:
+            raise OverloadedError(f"the spend store is unreachable ({err})") from err
         budgets = {b.scope: b for b in cfg.budgets}
         out: dict[str, dict] = {"clients": {}, "groups": {}, "providers": {}}
         section = {"client": "clients", "group": "groups", "provider": "providers"}

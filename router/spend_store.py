@@ -10,6 +10,7 @@ every router instance sees and enforces the same spend.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from .config import SharedStateConfig
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -42,9 +45,11 @@ class Totals:
 
 
 class SpendStore(Protocol):
-    async def reserve(self, counters: list[Counter], tokens: int, usd: float) -> int | None:
-        """Reserve on every counter unless one with a limit has spent plus reserved at or past
-        it; atomic across all callers.
+    async def reserve(
+        self, ident: str, counters: list[Counter], tokens: int, usd: float
+    ) -> int | None:
+        """Reserve on every counter, for the request ``ident``, unless one with a limit has
+        spent plus reserved at or past it; atomic across all callers.
 
         Returns:
             None when reserved, else the index of the first counter at its limit (nothing is
@@ -52,9 +57,16 @@ class SpendStore(Protocol):
         """
 
     async def settle(
-        self, keys: list[str], reserved_tokens: int, reserved_usd: float, tokens: int, usd: float
+        self,
+        ident: str,
+        keys: list[str],
+        reserved_tokens: int,
+        reserved_usd: float,
+        tokens: int,
+        usd: float,
     ) -> None:
-        """Turn a reservation into spend: take it off ``reserved`` and add what was used."""
+        """Turn the request ``ident``'s reservation into spend: take it off ``reserved`` and
+        add what was used."""
 
     async def read(self, keys: list[str]) -> dict[str, Totals]:
         """The counters of these keys (missing ones are zero)."""
@@ -91,8 +103,10 @@ class SQLiteSpendStore:
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def reserve(self, counters: list[Counter], tokens: int, usd: float) -> int | None:
-        """See `SpendStore.reserve`."""
+    async def reserve(
+        self, ident: str, counters: list[Counter], tokens: int, usd: float
+    ) -> int | None:
+        """See `SpendStore.reserve` (``ident`` is not needed: a transaction has no doubt)."""
         return await self._run(self._reserve, counters, tokens, usd)
 
     def _reserve(self, counters: list[Counter], tokens: int, usd: float) -> int | None:
@@ -121,7 +135,13 @@ class SQLiteSpendStore:
         return None
 
     async def settle(
-        self, keys: list[str], reserved_tokens: int, reserved_usd: float, tokens: int, usd: float
+        self,
+        ident: str,
+        keys: list[str],
+        reserved_tokens: int,
+        reserved_usd: float,
+        tokens: int,
+        usd: float,
     ) -> None:
         """See `SpendStore.settle`."""
         await self._run(self._settle, keys, reserved_tokens, reserved_usd, tokens, usd)
@@ -161,42 +181,75 @@ class SQLiteSpendStore:
         self._executor.shutdown()
 
 
-# KEYS: the counters. ARGV: tokens, usd, then each counter's token and USD limits ("" for none).
+# Each request's reservation has a marker key (``r`` reserved, ``s`` settled), so that a call
+# whose answer timed out (and which Redis may still have run) can be sent again safely.
+# KEYS: the counters, then the marker. ARGV: tokens, USD, the counters' TTL, the marker's TTL,
+# then each counter's token and USD limits ("" for none).
 _RESERVE = """
-local tokens, usd, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-for i, key in ipairs(KEYS) do
+local n = #KEYS - 1
+local marker = KEYS[#KEYS]
+if redis.call('EXISTS', marker) == 1 then
+  return 0
+end
+for i = 1, n do
+  local key = KEYS[i]
   local t = tonumber(redis.call('HGET', key, 't') or '0')
       + tonumber(redis.call('HGET', key, 'rt') or '0')
   local u = tonumber(redis.call('HGET', key, 'u') or '0')
       + tonumber(redis.call('HGET', key, 'ru') or '0')
-  local max_t, max_u = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  local max_t, max_u = ARGV[3 + 2 * i], ARGV[4 + 2 * i]
   if (max_t ~= '' and t >= tonumber(max_t)) or (max_u ~= '' and u >= tonumber(max_u)) then
     return i
   end
 end
-for _, key in ipairs(KEYS) do
-  redis.call('HINCRBY', key, 'rt', tokens)
-  redis.call('HINCRBYFLOAT', key, 'ru', usd)
-  redis.call('EXPIRE', key, ttl)
+for i = 1, n do
+  redis.call('HINCRBY', KEYS[i], 'rt', ARGV[1])
+  redis.call('HINCRBYFLOAT', KEYS[i], 'ru', ARGV[2])
+  redis.call('EXPIRE', KEYS[i], ARGV[3])
 end
+redis.call('SET', marker, 'r', 'EX', ARGV[4])
 return 0
 """
 
-# KEYS: the counters. ARGV: reserved tokens and USD, then the tokens and USD used.
+# KEYS: the counters, then the marker. ARGV: the reservation's tokens and USD, negated (Lua
+# would write -0 as "-0", which HINCRBY refuses), the tokens and USD used, the counters' TTL
+# and the marker's. A reservation is released only if it was made, and each settles once.
 _SETTLE = """
-for _, key in ipairs(KEYS) do
-  redis.call('HINCRBY', key, 'rt', -tonumber(ARGV[1]))
-  redis.call('HINCRBYFLOAT', key, 'ru', -tonumber(ARGV[2]))
-  redis.call('HINCRBY', key, 't', ARGV[3])
-  redis.call('HINCRBYFLOAT', key, 'u', ARGV[4])
+local marker = KEYS[#KEYS]
+local state = redis.call('GET', marker)
+if state == 's' then
+  return 0
 end
+for i = 1, #KEYS - 1 do
+  if state == 'r' then
+    redis.call('HINCRBY', KEYS[i], 'rt', ARGV[1])
+    redis.call('HINCRBYFLOAT', KEYS[i], 'ru', ARGV[2])
+  end
+  redis.call('HINCRBY', KEYS[i], 't', ARGV[3])
+  redis.call('HINCRBYFLOAT', KEYS[i], 'u', ARGV[4])
+  redis.call('EXPIRE', KEYS[i], ARGV[5])
+end
+redis.call('SET', marker, 's', 'EX', ARGV[6])
 return 0
 """
+
+# A marker outlives any request by far.
+_MARKER_TTL_S = 24 * 3600
+
+
+class SpendStoreUnavailable(ConnectionError):
+    """The spend store cannot be reached: budgets cannot be checked."""
 
 
 class RedisSpendStore:
     """Spend in Redis hashes (``{prefix}:spend:{key}``: ``t``, ``u``, ``rt``, ``ru``), shared by
     every instance of the fleet.
+
+    While Redis cannot be reached, checks raise `SpendStoreUnavailable` (a budget is not
+    enforced blind) and settlements wait in memory, sent in order once Redis answers again. A
+    call that timed out may still have run: each request's marker makes sending it again
+    harmless, and a check that timed out is followed by its release, so no spend is lost or
+    counted twice and no reservation is left behind.
 
     Args:
         config: The shared state's Redis URL, prefix and timeout.
@@ -205,7 +258,14 @@ class RedisSpendStore:
     def __init__(self, config: SharedStateConfig) -> None:
         # Imported here: a router without shared state never loads redis.
         import redis.asyncio as aioredis
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
 
+        # Redis out of reach (a script error is a bug, and is raised).
+        self._errors = (RedisConnectionError, RedisTimeoutError, OSError)
+        # Settlements Redis did not take yet: (keys, args), in order.
+        self._pending: list[tuple[list[str], list]] = []
+        self._flushing = asyncio.Lock()
         self._prefix = f"{config.prefix}:spend:"
         self._redis = aioredis.Redis.from_url(
             config.redis_url,
@@ -216,27 +276,85 @@ class RedisSpendStore:
         self._reserve = self._redis.register_script(_RESERVE)
         self._settle = self._redis.register_script(_SETTLE)
 
-    async def reserve(self, counters: list[Counter], tokens: int, usd: float) -> int | None:
+    def _keys(self, keys: list[str], ident: str) -> list[str]:
+        return [self._prefix + k for k in keys] + [f"{self._prefix}request:{ident}"]
+
+    async def reserve(
+        self, ident: str, counters: list[Counter], tokens: int, usd: float
+    ) -> int | None:
         """See `SpendStore.reserve`."""
-        args: list = [tokens, repr(usd), _REDIS_TTL_S]
+        args: list = [tokens, repr(usd), _REDIS_TTL_S, _MARKER_TTL_S]
         for counter in counters:
             args += [_limit(counter.max_tokens), _limit(counter.max_usd)]
-        keys = [self._prefix + c.key for c in counters]
-        index = int(await self._reserve(keys=keys, args=args))
+        keys = self._keys([c.key for c in counters], ident)
+        try:
+            if self._pending:
+                await self._flush()
+            index = int(await self._reserve(keys=keys, args=args))
+        except self._errors as err:
+            # It may have run: release it (a no-op if it did not) once Redis is back.
+            self._pending.append((keys, self._settle_args(tokens, usd, 0, 0.0)))
+            raise SpendStoreUnavailable(f"Redis: {type(err).__name__}: {err}") from err
         return index - 1 if index else None
 
+    @staticmethod
+    def _settle_args(reserved_tokens: int, reserved_usd: float, tokens: int, usd: float) -> list:
+        return [
+            -reserved_tokens,
+            repr(-reserved_usd or 0.0),
+            tokens,
+            repr(usd),
+            _REDIS_TTL_S,
+            _MARKER_TTL_S,
+        ]
+
     async def settle(
-        self, keys: list[str], reserved_tokens: int, reserved_usd: float, tokens: int, usd: float
+        self,
+        ident: str,
+        keys: list[str],
+        reserved_tokens: int,
+        reserved_usd: float,
+        tokens: int,
+        usd: float,
     ) -> None:
         """See `SpendStore.settle`."""
-        args = [reserved_tokens, repr(reserved_usd), tokens, repr(usd)]
-        await self._settle(keys=[self._prefix + k for k in keys], args=args)
+        entry = (
+            self._keys(keys, ident),
+            self._settle_args(reserved_tokens, reserved_usd, tokens, usd),
+        )
+        queued = bool(self._pending)
+        try:
+            if not queued:
+                await self._settle(keys=entry[0], args=entry[1])
+                return
+            self._pending.append(entry)
+            await self._flush()
+        except self._errors as err:
+            if not queued:
+                self._pending.append(entry)
+            logger.warning(
+                "spend not recorded in Redis yet (%d settlement(s) waiting): %s: %s",
+                len(self._pending),
+                type(err).__name__,
+                err,
+            )
+
+    async def _flush(self) -> None:
+        """Send the waiting settlements, oldest first, one sender at a time."""
+        async with self._flushing:
+            while self._pending:
+                keys, args = self._pending[0]
+                await self._settle(keys=keys, args=args)
+                self._pending.pop(0)
 
     async def read(self, keys: list[str]) -> dict[str, Totals]:
         """See `SpendStore.read`."""
         found = {}
         for key in keys:
-            raw = await self._redis.hgetall(self._prefix + key)
+            try:
+                raw = await self._redis.hgetall(self._prefix + key)
+            except self._errors as err:
+                raise SpendStoreUnavailable(f"Redis: {type(err).__name__}: {err}") from err
             found[key] = Totals(
                 int(raw.get("t", 0)),
                 float(raw.get("u", 0)),

@@ -6,6 +6,7 @@ instance (SQLite) and over three instances sharing Redis; spend that survives a 
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -204,3 +205,34 @@ def test_prices_come_from_the_table_and_the_config(fake):
     )
     assert price_of(cfg, "edge", "anything").input == 0.0  # local: free
     assert price_of(cfg, "cloud", "unheard-of") is None
+
+
+async def test_redis_outage_refuses_budgeted_requests_and_keeps_the_spend(fake, tmp_path: Path):
+    redis = RedisServer(tmp_path)
+    redis.start()
+    sections = {
+        "budgets": [{"client": "ci", "tokens_per_day": 1000}],
+        "shared_state": {"redis_url": redis.url, "timeout_s": 0.2},
+    }
+    try:
+        cfg = routing_config(fake.base_url, AUTO_CLOUD, **sections)
+        async with running_router(cfg) as server, aiohttp.ClientSession() as session:
+            url = root(server)
+            assert await post(session, url, "ops") == 200
+            redis.proc.send_signal(signal.SIGSTOP)  # unreachable: every call times out
+            # ops has no budget: served, its spend waits; ci's budget cannot be checked: 503.
+            assert await post(session, url, "ops") == 200
+            async with session.post(
+                f"{url}/v1/chat/completions", json=EXACT, headers=auth("ci")
+            ) as r:
+                assert r.status == 503
+                assert "spend store is unreachable" in (await r.json())["error"]["message"]
+            redis.proc.send_signal(signal.SIGCONT)
+            assert await post(session, url, "ops") == 200
+            assert await post(session, url, "ci") == 200
+            report = await spend(url)
+        assert report["clients"]["ops"]["today"]["tokens"] == 3 * COST
+        assert report["clients"]["ci"]["today"]["tokens"] == COST
+    finally:
+        redis.proc.send_signal(signal.SIGCONT)
+        redis.stop()
