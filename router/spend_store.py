@@ -233,6 +233,9 @@ redis.call('SET', marker, 's', 'EX', ARGV[6])
 return 0
 """
 
+# Check-and-reserve calls that time out are asked again this many times before Redis counts
+# as unreachable.
+_TIMEOUT_RETRIES = 2
 # A marker outlives any request by far.
 _MARKER_TTL_S = 24 * 3600
 
@@ -263,6 +266,7 @@ class RedisSpendStore:
 
         # Redis out of reach (a script error is a bug, and is raised).
         self._errors = (RedisConnectionError, RedisTimeoutError, OSError)
+        self._timeout = RedisTimeoutError
         # Settlements Redis did not take yet: (keys, args), in order.
         self._pending: list[tuple[list[str], list]] = []
         self._flushing = asyncio.Lock()
@@ -290,12 +294,23 @@ class RedisSpendStore:
         try:
             if self._pending:
                 await self._flush()
-            index = int(await self._reserve(keys=keys, args=args))
+            index = await self._reserve_once(keys, args)
         except self._errors as err:
             # It may have run: release it (a no-op if it did not) once Redis is back.
             self._pending.append((keys, self._settle_args(tokens, usd, 0, 0.0)))
             raise SpendStoreUnavailable(f"Redis: {type(err).__name__}: {err}") from err
         return index - 1 if index else None
+
+    async def _reserve_once(self, keys: list[str], args: list) -> int:
+        """Run the check-and-reserve; a timeout is asked again (the marker makes a repeat of
+        a call that ran harmless): redis-py times its reads on the event loop, so a busy loop
+        looks like a slow Redis."""
+        for _ in range(_TIMEOUT_RETRIES):
+            try:
+                return int(await self._reserve(keys=keys, args=args))
+            except self._timeout:
+                continue
+        return int(await self._reserve(keys=keys, args=args))
 
     @staticmethod
     def _settle_args(reserved_tokens: int, reserved_usd: float, tokens: int, usd: float) -> list:
