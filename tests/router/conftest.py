@@ -72,12 +72,6 @@ async def fake(aiohttp_server) -> FakeUpstream:
     return upstream
 
 
-@pytest.fixture(autouse=True)
-def spend_folder(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test's routers keep their spend (router/spend_store.py) in a folder of its own."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
-
-
 @pytest.fixture
 def router_client(aiohttp_client) -> Callable[[Config], Awaitable[TestClient]]:
     """Serves ``create_app(cfg)`` for the test and returns a client of it."""
