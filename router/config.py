@@ -601,8 +601,9 @@ def _routing_config(
     auth: AuthConfig,
 ) -> RoutingConfig:
     """The ``routing`` section, each rule's targets and condition checked against the config."""
-    data = dict(data or {})
+    data = data if data is not None else {}
     _require_mapping(data, "routing")
+    data = dict(data)
     rules = data.pop("rules", [])
     if not isinstance(rules, list):
         raise ConfigError("routing.rules: expected a list of rules")

@@ -16,7 +16,7 @@ import yaml
 
 from router import ir
 from router.app import create_app
-from router.config import ConfigError, load_config
+from router.config import Config, ConfigError, load_config
 from router.reload import CONFIG_LOADER
 from router.rules import RouteInput, choose_route
 from tests.router.helpers import PNG_BYTES, Answer, openai_text
@@ -345,6 +345,46 @@ def test_unreachable_rules_and_malformed_prices_are_refused(fake):
         routing_config(fake.base_url, [], pricing={"gpt-4o-mini": {"input": -1, "output": 1}})
     with pytest.raises(ConfigError, match=r"pricing.x.output: expected float, got str"):
         routing_config(fake.base_url, [], pricing={"x": {"input": 1, "output": "cheap"}})
+
+
+BAD_SECTIONS = {
+    "routing not a mapping": ({"routing": ["r"]}, "routing: expected a mapping, got list"),
+    "rules not a list": ({"routing": {"rules": "r"}}, "routing.rules: expected a list"),
+    "budgets not a list": ({"budgets": {"client": "ci"}}, "budgets: expected a list"),
+    "budget of two owners": (
+        {"budgets": [{"client": "ci", "group": "team", "tokens_per_day": 5}]},
+        "budgets[0]: name exactly one of client, group or provider",
+    ),
+    "budget without a limit": ({"budgets": [{"client": "ci"}]}, "budgets[0]: set tokens_per_day"),
+    "budget of nobody": (
+        {"budgets": [{"group": "nobody", "usd_per_day": 1}]},
+        "budgets[0].group: unknown group 'group:nobody'",
+    ),
+    "zero budget": (
+        {"budgets": [{"provider": "cloud", "usd_per_month": 0}]},
+        "budgets[0].usd_per_month: must be > 0",
+    ),
+    "price not a mapping": ({"pricing": {"gpt-4o": 3}}, "pricing.gpt-4o: expected a mapping"),
+    "price without output": (
+        {"pricing": {"gpt-4o": {"input": 1}}},
+        "missing required key 'output'",
+    ),
+    "auto is an alias": ({"routing": {"auto_model": "gpt"}}, "'gpt' is also a model alias"),
+    "bad breaker": ({"routing": {"breaker": {"failures": 0}}}, "routing.breaker: failures must"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SECTIONS))
+def test_bad_budget_price_and_routing_sections_are_refused(fake, case):
+    sections, message = BAD_SECTIONS[case]
+    data = {
+        "providers": providers(fake.base_url),
+        "models": {"gpt": [target("cloud", "gpt-4o")]},
+        "auth": {"client_keys": [{"key": "k", "name": "ci", "group": "team"}]},
+        **sections,
+    }
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config.from_dict(data)
 
 
 async def test_a_bad_reload_keeps_the_running_rules(aiohttp_client, fake, tmp_path: Path):
