@@ -195,6 +195,20 @@ class Budgets:
                 owners.append((budget, period))
         return counters, owners
 
+    @staticmethod
+    def cost(reservation: Reservation, usage: ir.Usage | None, cfg: Config) -> float:
+        """The USD a reservation's request used.
+
+        Args:
+            reservation: The reservation (its provider and model).
+            usage: The tokens used (None: none).
+            cfg: The config (prices).
+        """
+        if usage is None:
+            return 0.0
+        price = price_of(cfg, reservation.provider, reservation.model)
+        return cost_usd(price, usage.input_tokens, usage.output_tokens)
+
     async def settle(self, reservation: Reservation, usage: ir.Usage | None, cfg: Config) -> float:
         """Turn a reservation into what the request used (nothing, for a failed attempt).
 
@@ -209,11 +223,8 @@ class Budgets:
         if reservation.settled:
             return 0.0
         reservation.settled = True
-        tokens = usd = 0
-        if usage is not None:
-            tokens = usage.input_tokens + usage.output_tokens
-            price = price_of(cfg, reservation.provider, reservation.model)
-            usd = cost_usd(price, usage.input_tokens, usage.output_tokens)
+        tokens = usage.total_tokens if usage is not None else 0
+        usd = self.cost(reservation, usage, cfg)
         reserved_tokens, reserved_usd = 0, 0.0
         if reservation.held:
             reserved_tokens, reserved_usd = reservation.tokens, reservation.usd

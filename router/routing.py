@@ -6,9 +6,10 @@ routing metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -44,6 +45,7 @@ class RoutingState:
     spend_usd: Counter
     spend_tokens: Counter
     breakers: dict[str, Breaker] = field(default_factory=dict)
+    settling: set[asyncio.Task] = field(default_factory=set)
     loads: dict[str, Load] = field(default_factory=dict)
     spills: dict[str, Spillover] = field(default_factory=dict)
 
@@ -53,6 +55,26 @@ class RoutingState:
         if breaker is None or breaker.config != cfg.routing.breaker:
             breaker = self.breakers[provider] = Breaker(provider, cfg.routing.breaker)
         return breaker
+
+    def settle_later(self, settlement: Coroutine[None, None, float]) -> None:
+        """Write a request's spend in the background (its answer does not wait for the store).
+
+        Args:
+            settlement: `Budgets.settle` of the request.
+        """
+        task = asyncio.get_running_loop().create_task(settlement)
+        self.settling.add(task)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task) -> None:
+        self.settling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("spend not recorded", exc_info=task.exception())
+
+    async def drain(self) -> None:
+        """Wait for the spend being written (before a report, and at exit)."""
+        while self.settling:
+            await asyncio.wait(list(self.settling))
 
     def load(self, provider: str) -> Load:
         """The provider's load as this router sees it."""
@@ -102,6 +124,7 @@ async def _routing_state(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await app[ROUTING].drain()
         await store.close()
 
 
@@ -237,7 +260,9 @@ async def finish_request(app: web.Application, context: RequestContext, outcome:
     load.in_flight -= 1
     load.served(time.monotonic() - context.started)
     usage = ir.Usage(context.input_tokens, context.output_tokens)
-    context.spend_usd = await state.budgets.settle(reservation, usage, app[CONFIG])
+    context.spend_usd = state.budgets.cost(reservation, usage, app[CONFIG])
+    # Written after the answer: the reservation counts meanwhile, so budgets stay enforced.
+    state.settle_later(state.budgets.settle(reservation, usage, app[CONFIG]))
     client = reservation.client or "none"
     state.spend_usd.labels(client).inc(context.spend_usd)
     state.spend_tokens.labels(client).inc(usage.total_tokens)
@@ -248,5 +273,6 @@ async def _spend(request: web.Request) -> web.Response:
     require_admin(request)
     cfg = request.app[CONFIG]
     names = [c.name for c in cfg.auth.clients]
+    await request.app[ROUTING].drain()
     report = await request.app[ROUTING].budgets.report(cfg, names)
     return web.json_response(report)
