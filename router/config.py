@@ -22,6 +22,7 @@ DEFAULT_BASE_URLS = {
     "openai": "https://api.openai.com/v1",
     "anthropic": "https://api.anthropic.com",
     "gemini": "https://generativelanguage.googleapis.com",
+    "ollama": "http://127.0.0.1:11434",
 }
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -423,6 +424,26 @@ class SharedStateConfig:
             )
 
 
+@dataclass
+class RequestLogConfig:
+    """The request log (see router/request_log.py): metadata of every client request in SQLite,
+    bodies only when ``bodies`` is true, every configured secret redacted."""
+
+    # The SQLite file (WAL mode); ":memory:" keeps the log in this process only.
+    path: str = ":memory:"
+    bodies: bool = False
+    # Retention: rows older than max_age_s go, then the oldest until the file is under max_bytes.
+    max_age_s: float = 7 * 24 * 3600.0
+    max_bytes: int = 256 * 1024 * 1024
+    # Requests are buffered and written in batches this often, off the event loop.
+    flush_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("max_age_s", "max_bytes", "flush_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"request_log.{name}: must be > 0, got {getattr(self, name)}")
+
+
 def hash_key(key: str) -> str:
     """The form of a router key stored in the config: ``sha256:<hex>``.
 
@@ -799,6 +820,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     # Redis-backed key state shared with other instances (None: this process's memory only).
     shared_state: SharedStateConfig | None = None
+    request_log: RequestLogConfig = field(default_factory=RequestLogConfig)
     # Routing rules, budgets, where spend is kept and price overrides (router/rules.py,
     # router/budgets.py, router/pricing.py).
     routing: RoutingConfig = field(default_factory=RoutingConfig)
@@ -819,7 +841,7 @@ class Config:
         """
         _require_mapping(data, "config")
         sections = {"listen", "providers", "models", "limits", "media", "retry", "auth"}
-        sections |= {"timeouts", "shutdown_grace_s", "log", "shared_state"}
+        sections |= {"timeouts", "shutdown_grace_s", "log", "shared_state", "request_log"}
         sections |= {"routing", "budgets", "spend", "pricing"}
         _reject_unknown(data, sections, "config")
         listen = _build(ListenConfig, data.get("listen") or {}, "listen")
@@ -829,6 +851,7 @@ class Config:
         auth = _build(AuthConfig, data.get("auth") or {}, "auth")
         timeouts = _build(TimeoutsConfig, data.get("timeouts") or {}, "timeouts")
         log = _build(LogConfig, data.get("log") or {}, "log")
+        request_log = _build(RequestLogConfig, data.get("request_log") or {}, "request_log")
         shared = data.get("shared_state")
         if shared is not None:
             shared = _build(SharedStateConfig, shared, "shared_state")
@@ -885,6 +908,7 @@ class Config:
             shutdown_grace_s=float(grace),
             log=log,
             shared_state=shared,
+            request_log=request_log,
             routing=routing,
             budgets=budgets,
             spend=spend,

@@ -16,6 +16,7 @@ from .config import Config
 from .fallback import request_affinity, run_with_fallback
 from .formats.base import ClientCall, ClientFormat
 from .formats.fields import decode_body
+from .formats.ollama.discovery import setup_discovery
 from .formats.registry import (
     CLIENT_FORMATS,
     MODEL_LIST_PATHS,
@@ -37,13 +38,14 @@ def setup_routes(app: web.Application) -> None:
         app: The application.
     """
     for fmt in CLIENT_FORMATS:
-        handler: Handler = partial(_serve, fmt)
+        handler: Handler = partial(serve_call, fmt)
         for path in fmt.paths:
             app.router.add_post(path, handler)
     for path in MODEL_LIST_PATHS:
         app.router.add_get(path, _list_models)
     for path in MODEL_PATHS:
         app.router.add_get(path, _get_model)
+    setup_discovery(app)
     app.router.add_get("/", _index)
 
 
@@ -73,14 +75,14 @@ async def _index(request: web.Request) -> web.Response:
     routes = "".join(f"<li><code>{html.escape(e)}</code></li>" for e in endpoints)
     page = (
         '<!doctype html><html><head><meta charset="utf-8"><title>smolvlm-router</title>'
-        "</head><body><h1>smolvlm-router</h1><p>OpenAI, Anthropic and Gemini clients, one "
+        "</head><body><h1>smolvlm-router</h1><p>OpenAI, Anthropic, Gemini and Ollama clients, one "
         "gateway. Models (also <code>provider/model</code>):</p>"
         f"<ul>{items}</ul><p>Endpoints:</p><ul>{routes}</ul></body></html>"
     )
     return web.Response(text=page, content_type="text/html")
 
 
-async def _serve(fmt: ClientFormat, request: web.Request) -> web.StreamResponse:
+async def serve_call(fmt: ClientFormat, request: web.Request) -> web.StreamResponse:
     """Answer one client call in its format: a complete answer, a stream or a token count."""
     context = request[REQUEST_CONTEXT]
     call = fmt.parse_call(decode_body(await request.read()), request)

@@ -228,9 +228,16 @@ class HTTPProvider(BaseProvider):
 
     @asynccontextmanager
     async def open_sse(
-        self, url: str, body: dict, key: str | None, headers: dict[str, str] | None = None
+        self,
+        url: str,
+        body: dict,
+        key: str | None,
+        headers: dict[str, str] | None = None,
+        *,
+        ndjson: bool = False,
     ) -> AsyncIterator[tuple[dict[str, str], AsyncIterator[SSEEvent]]]:
-        """POST a JSON body and open the server-sent events of the answer.
+        """POST a JSON body and open the server-sent events of the answer (with ``ndjson``,
+        its newline-delimited JSON: each line is one event's data, as Ollama streams).
 
         A `GatewayError` raised inside the block (an error event in the 200 stream, a
         truncated stream) gets the answer's headers, unless it has its own.
@@ -240,6 +247,7 @@ class HTTPProvider(BaseProvider):
             body: The request body.
             key: The API key.
             headers: Extra headers for this call.
+            ndjson: Whether the answer is newline-delimited JSON rather than SSE.
 
         Yields:
             The answer's headers (lower-case names) and its events.
@@ -250,7 +258,8 @@ class HTTPProvider(BaseProvider):
         try:
             async with self._post(url, body, key, headers) as resp:
                 received = _lower_case(resp.headers)
-                async with aclosing(_decode_sse(resp)) as events:
+                decode = _decode_lines if ndjson else _decode_sse
+                async with aclosing(decode(resp)) as events:
                     try:
                         yield received, events
                     except GatewayError as err:
@@ -374,3 +383,17 @@ async def _decode_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
             yield event
     for event in decoder.flush():
         yield event
+
+
+async def _decode_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
+    """Newline-delimited JSON as events: each non-empty line is one event's data."""
+    buffer = bytearray()
+    async for chunk in resp.content.iter_any():
+        buffer += chunk
+        *lines, rest = buffer.split(b"\n")
+        buffer = bytearray(rest)
+        for line in lines:
+            if line.strip():
+                yield SSEEvent(line.decode("utf-8", "replace"))
+    if buffer.strip():
+        yield SSEEvent(buffer.decode("utf-8", "replace"))

@@ -17,6 +17,8 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+from mlx.utils import tree_flatten
+
 from mlx_smolvlm.engine import (
     ContextLengthError,
     Engine,
@@ -69,6 +71,8 @@ class Provider(BaseProvider):
         self.random_weights = served.random_weights
         self.text_only = served.text_only
         self.engine = Engine(served.model, served.processor, self.options.engine)
+        # What the weights take in memory (the Ollama API's model size).
+        self.weights_bytes = sum(a.nbytes for _, a in tree_flatten(served.model.parameters()))
 
     async def close(self) -> None:
         """Stop the engine (unfinished requests fail with 503)."""
