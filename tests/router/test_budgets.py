@@ -236,3 +236,21 @@ async def test_redis_outage_refuses_budgeted_requests_and_keeps_the_spend(fake, 
     finally:
         redis.proc.send_signal(signal.SIGCONT)
         redis.stop()
+
+
+async def test_the_request_log_keeps_each_requests_rule_and_cost(fake, tmp_path: Path):
+    cfg = routing_config(
+        fake.base_url, AUTO_CLOUD, request_log={"path": str(tmp_path / "log.db"), "flush_s": 0.05}
+    )
+    async with running_router(cfg) as server, aiohttp.ClientSession() as session:
+        assert await post(session, root(server)) == 200
+        for _ in range(100):
+            async with session.get(f"{root(server)}/admin/requests", headers=ADMIN) as r:
+                page = await r.json()
+            if page["total"]:
+                break
+            await asyncio.sleep(0.02)
+    (row,) = page["requests"]
+    price = shipped_prices()["gpt-4o-mini"]
+    assert row["rule"] == "auto" and row["provider"] == "cloud"
+    assert row["cost"] == pytest.approx((5 * price.input + 2 * price.output) / 1e6)
