@@ -11,15 +11,15 @@ import fnmatch
 import hashlib
 import hmac
 import ipaddress
-import json
 import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from .backends import CONFIG
+from .body import read_body
 from .config import AuthConfig, ClientKeyConfig, ConfigError
-from .errors import AuthenticationError, PermissionDeniedError
+from .errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from .logs import REQUEST_CONTEXT
 
 logger = logging.getLogger(__name__)
@@ -133,11 +133,10 @@ async def requested_model(request: web.Request) -> str | None:
     if request.method != "POST" or not request.can_read_body:
         return None
     try:
-        body = json.loads(await request.read())
-    except (ValueError, RecursionError):
-        # Not JSON, or nested past the decoder's limit: the handler's decode_body says why.
-        return None
-    model = body.get("model") if isinstance(body, dict) else None
+        body = await read_body(request)
+    except InvalidRequestError:
+        return None  # not a valid JSON object: the handler says why
+    model = body.get("model")
     return model if isinstance(model, str) else None
 
 

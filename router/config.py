@@ -142,8 +142,8 @@ class MLXConfig:
 
     In YAML the engine's options (`mlx_smolvlm.engine.EngineConfig`: ``max_sequences``,
     ``max_queue``, ``max_context_tokens``, ``prefill_step_size``, ``image_cache_tiles``,
-    ``retry_after_s``) sit beside these keys; past ``max_queue`` waiting requests the router
-    answers 429 with Retry-After.
+    ``prompt_cache_bytes``, ``retry_after_s``) sit beside these keys; past ``max_queue`` waiting
+    requests the router answers 429 with Retry-After.
     """
 
     # A checkpoint directory or a Hugging Face Hub id.
@@ -827,6 +827,8 @@ class Config:
     budgets: list[BudgetConfig] = field(default_factory=list)
     spend: SpendConfig = field(default_factory=SpendConfig)
     pricing: dict[str, PriceConfig] = field(default_factory=dict)
+    # Worker processes sharing the listening port (None: see `router.workers.worker_count`).
+    workers: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> Config:
@@ -841,7 +843,14 @@ class Config:
         """
         _require_mapping(data, "config")
         sections = {"listen", "providers", "models", "limits", "media", "retry", "auth"}
-        sections |= {"timeouts", "shutdown_grace_s", "log", "shared_state", "request_log"}
+        sections |= {
+            "timeouts",
+            "shutdown_grace_s",
+            "log",
+            "shared_state",
+            "request_log",
+            "workers",
+        }
         sections |= {"routing", "budgets", "spend", "pricing"}
         _reject_unknown(data, sections, "config")
         listen = _build(ListenConfig, data.get("listen") or {}, "listen")
@@ -855,6 +864,9 @@ class Config:
         shared = data.get("shared_state")
         if shared is not None:
             shared = _build(SharedStateConfig, shared, "shared_state")
+        workers = data.get("workers")
+        if workers is not None and (type(workers) is not int or workers < 1):
+            raise ConfigError(f"workers: must be an integer >= 1, got {workers!r}")
         grace = data.get("shutdown_grace_s", 30.0)
         _check_type(grace, "float", "shutdown_grace_s")
         if grace < 0:
@@ -913,6 +925,7 @@ class Config:
             budgets=budgets,
             spend=spend,
             pricing=pricing,
+            workers=workers,
         )
 
 

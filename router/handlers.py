@@ -11,11 +11,11 @@ from aiohttp import web
 
 from .attempts import complete, count_tokens
 from .backends import CONFIG
+from .body import read_body
 from .budgets import BudgetExceededError
 from .config import Config
 from .fallback import request_affinity, run_with_fallback
 from .formats.base import ClientCall, ClientFormat
-from .formats.fields import decode_body
 from .formats.ollama.discovery import setup_discovery
 from .formats.registry import (
     CLIENT_FORMATS,
@@ -23,6 +23,7 @@ from .formats.registry import (
     MODEL_PATHS,
     client_format_for_models,
 )
+from .jsonio import json_response
 from .logs import REQUEST_CONTEXT, RequestContext
 from .routing import finish_request, route_request
 from .rules import resolve_targets
@@ -68,7 +69,7 @@ async def _index(request: web.Request) -> web.Response:
     models = served_models(request.app[CONFIG])
     endpoints = list_endpoints(request.app)
     if "text/html" not in request.headers.get("Accept", ""):
-        return web.json_response(
+        return json_response(
             {"service": "smolvlm-router", "models": models, "endpoints": endpoints}
         )
     items = "".join(f"<li><code>{html.escape(m)}</code></li>" for m in models)
@@ -85,7 +86,7 @@ async def _index(request: web.Request) -> web.Response:
 async def serve_call(fmt: ClientFormat, request: web.Request) -> web.StreamResponse:
     """Answer one client call in its format: a complete answer, a stream or a token count."""
     context = request[REQUEST_CONTEXT]
-    call = fmt.parse_call(decode_body(await request.read()), request)
+    call = fmt.parse_call(await read_body(request), request)
     route_request(request, call.request, context)
     outcome = "failed"
     try:
@@ -106,11 +107,11 @@ async def _answer(
     affinity = request_affinity(request, ir_request)
     if call.count_tokens:
         tokens = await run_with_fallback(request.app, context, ir_request, count_tokens, affinity)
-        return web.json_response(fmt.render_token_count(tokens))
+        return json_response(fmt.render_token_count(tokens))
     if ir_request.stream:
         return await stream_answer(request, fmt, call, context, affinity)
     response = await run_with_fallback(request.app, context, ir_request, complete, affinity)
-    return web.json_response(fmt.render_response(response, ir_request))
+    return json_response(fmt.render_response(response, ir_request))
 
 
 def served_models(cfg: Config) -> list[str]:
@@ -125,11 +126,11 @@ def served_models(cfg: Config) -> list[str]:
 
 async def _list_models(request: web.Request) -> web.Response:
     names = served_models(request.app[CONFIG])
-    return web.json_response(client_format_for_models(request).render_models(names))
+    return json_response(client_format_for_models(request).render_models(names))
 
 
 async def _get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"].removeprefix("models/")
     if name not in served_models(request.app[CONFIG]):
         resolve_targets(request.app[CONFIG], name)
-    return web.json_response(client_format_for_models(request).render_model(name))
+    return json_response(client_format_for_models(request).render_model(name))

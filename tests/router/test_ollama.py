@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema
 import ollama
 import openai
 import pytest
@@ -567,7 +568,21 @@ async def test_local_model(checkpoint, local_root):
     )
     assert (answer.response, answer.eval_count) == (expected.text, expected.generation_tokens)
     shown = await client.show("tiny-vlm")
-    assert shown.capabilities == ["completion", "vision"]
+    assert shown.capabilities == ["completion", "tools", "vision"]
+    # JSON by a schema: with random weights only the constraint makes it valid.
+    schema = {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer", "minimum": 0, "maximum": 9},
+            "ok": {"type": "boolean"},
+        },
+        "required": ["n", "ok"],
+        "additionalProperties": False,
+    }
+    shaped = await client.chat(
+        model="tiny-vlm", messages=messages, format=schema, options={"num_predict": 100}
+    )
+    jsonschema.validate(json.loads(shaped.message.content), schema)
     assert shown.modelinfo["smolvlm.context_length"] == 256
     (running,) = (await client.ps()).models
     assert (running.model, running.context_length) == ("tiny-vlm", 256)

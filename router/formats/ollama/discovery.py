@@ -51,7 +51,8 @@ def _card(app: web.Application, name: str) -> ModelCard:
     # The local model's provider (`router.providers.mlx`), not imported: a cloud-only router
     # never loads MLX.
     local = app[PROVIDERS][target.provider]
-    capabilities = ["completion"] if local.text_only else ["completion", "vision"]
+    # Tools and JSON output by constrained decoding (`router.providers.mlx_structured`).
+    capabilities = ["completion", "tools"] if local.text_only else ["completion", "tools", "vision"]
     return ModelCard(
         name, "smolvlm", True, local.weights_bytes, local.engine.max_context, capabilities
     )
