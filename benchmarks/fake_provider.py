@@ -19,6 +19,12 @@ the same request draws again), gets one of:
 - ``cut``: the answer stops halfway (a stream after half its pieces, a body after half its
   bytes) and the connection is reset.
 
+Scripted faults, for traffic mixes: every request that arrives within a ``windows`` entry
+``(kind, start_s, end_s)`` (seconds since the fake started) gets that fault (``429`` for a
+burst of rate limits, ``500`` or ``reset`` for an outage). ``latency_s`` and
+``max_concurrency`` make a slow backend of bounded capacity (a local model): each answer takes
+``latency_s`` and at most ``max_concurrency`` are answered at once, the others wait in line.
+
 ``GET /stats`` returns the counts (requests, faults by kind, open connections); ``POST
 /stats/reset`` zeroes them.
 
@@ -68,8 +74,16 @@ class FakeConfig:
     seed: int = 0
     slow_s: float = 0.3
     retry_after_ms: int = 100
+    windows: tuple[tuple[str, float, float], ...] = ()
+    latency_s: float = 0.0
+    max_concurrency: int = 0
 
     def __post_init__(self) -> None:
+        for kind, start_s, end_s in self.windows:
+            if kind not in ("429", "500", "reset") or not 0 <= start_s <= end_s:
+                raise ValueError(f"windows: ({kind!r}, {start_s}, {end_s}) is not a fault window")
+        if self.latency_s < 0 or self.max_concurrency < 0:
+            raise ValueError("latency_s and max_concurrency must be >= 0")
         if self.chunks < 1:
             raise ValueError(f"chunks: must be >= 1, got {self.chunks}")
         if not 0.0 <= self.fault_rate <= 1.0:
@@ -105,6 +119,31 @@ class FakeState:
         self.faults: Counter[str] = Counter()
         self.connections = 0
         self._seen: Counter[str] = Counter()
+        self.started = time.monotonic()
+        # Answers in progress at once (a slow backend's capacity); None: unlimited.
+        self.capacity = (
+            asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
+        )
+
+    @property
+    def answers_later(self) -> bool:
+        """Whether answers need the event loop (faults, delays), not the fast path."""
+        config = self.config
+        return (
+            config.fault_rate > 0
+            or bool(config.windows)
+            or config.latency_s > 0
+            or (self.capacity is not None)
+        )
+
+    def window_fault(self) -> Fault | None:
+        """The fault of the ``windows`` entry that holds now, if any."""
+        now = time.monotonic() - self.started
+        for kind, start_s, end_s in self.config.windows:
+            if start_s <= now < end_s:
+                self.faults[kind] += 1
+                return Fault(kind)
+        return None
 
     def draw(self, ident: str) -> Fault | None:
         """The fault for this arrival of a request, if any.
@@ -407,7 +446,7 @@ class _Connection(asyncio.Protocol):
             self._transport.write(_json_response(400, error, request.keep_alive))
             return True
         self._state.requests += 1
-        if body.get("stream") or self._state.config.fault_rate > 0:
+        if body.get("stream") or self._state.answers_later:
             return False
         self._transport.write(self._complete(kind, body, request.keep_alive))
         return True
@@ -419,9 +458,23 @@ class _Connection(asyncio.Protocol):
         return _json_response(200, answer, keep_alive)
 
     async def _answer_later(self, request: _Request) -> None:
+        state = self._state
+        if state.capacity is None:
+            await self._answer_after_latency(request)
+            return
+        async with state.capacity:
+            await self._answer_after_latency(request)
+
+    async def _answer_after_latency(self, request: _Request) -> None:
+        fault = self._state.window_fault()
+        if self._state.config.latency_s:
+            await asyncio.sleep(self._state.config.latency_s)
+        await self._reply(request, fault)
+
+    async def _reply(self, request: _Request, fault: Fault | None) -> None:
         kind = "openai" if request.path == "/v1/chat/completions" else "anthropic"
         body = json.loads(request.body)
-        fault = self._state.draw(_last_user_text(body))
+        fault = fault or self._state.draw(_last_user_text(body))
         keep_alive = request.keep_alive
         if fault is not None and fault.kind == "slow":
             await asyncio.sleep(fault.delay_s)

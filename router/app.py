@@ -15,6 +15,7 @@ from .handlers import setup_routes
 from .observe import observe_middleware, setup_observe
 from .reload import setup_reload
 from .request_log import request_log_middleware, setup_request_log
+from .routing import setup_routing
 
 
 def create_app(cfg: Config) -> web.Application:
@@ -30,6 +31,7 @@ def create_app(cfg: Config) -> web.Application:
     # The backends start first, so the key pools exist when the observer hooks them.
     app.cleanup_ctx.append(backends)
     setup_observe(app)
+    setup_routing(app)
     setup_admin(app)
     setup_reload(app)
     setup_request_log(app)

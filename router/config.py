@@ -217,6 +217,9 @@ class ProviderConfig:
     max_connections: int = 1000
     # The local model's options (type mlx only).
     mlx: MLXConfig | None = None
+    # Whether requests to it stay on this machine, for routing's local-only requests and
+    # spillover (None: type mlx, or a base_url on a loopback address).
+    local: bool | None = None
 
     key_configs: list[KeyConfig] = field(init=False, repr=False)
 
@@ -285,6 +288,8 @@ class ClientKeyConfig:
     models: list[str] = field(default_factory=lambda: ["*"])
     # Names the client in logs and metrics (default ``client{index}``).
     name: str = ""
+    # A group of keys that shares budgets and routing rules (router/budgets.py, rules.py).
+    group: str = ""
 
     digest: bytes = field(init=False, repr=False)
 
@@ -469,6 +474,337 @@ def key_digest(value: str, where: str) -> bytes:
     return hashlib.sha256(value.encode()).digest()
 
 
+# ---- routing rules, budgets and prices (router/rules.py, router/budgets.py) ------------------
+
+# What a rule's ``media`` condition may ask for.
+MEDIA_KINDS = ("image", "video", "audio")
+
+
+@dataclass
+class ConditionConfig:
+    """A rule's ``when``: every key given must hold (none given: every request matches)."""
+
+    # The request holds a medium of one of these kinds.
+    media: list[str] | None = None
+    # The prompt's estimated tokens exceed this number, or the context window of this
+    # (local) provider.
+    prompt_tokens_above: int | None = None
+    exceeds_context_of: str | None = None
+    # Tools given, JSON output asked for, streaming (true/false).
+    tools: bool | None = None
+    json_output: bool | None = None
+    stream: bool | None = None
+    # Request headers and their values (``"*"``: any value).
+    headers: dict[str, str] = field(default_factory=dict)
+    # The request carries the local-only header (`RoutingConfig.local_only_header`).
+    local_only: bool | None = None
+    # The client key's name or group, and the requested model (patterns: ``*``, ``gpt-*``).
+    clients: list[str] | None = None
+    groups: list[str] | None = None
+    models: list[str] | None = None
+
+
+@dataclass
+class SpilloverConfig:
+    """Local first, cloud when the local provider is loaded: past any limit its targets go to
+    the end of the rule's list, and they come back once the load is below ``resume_below`` of
+    each limit (a fraction, so that the decision does not flap)."""
+
+    provider: str
+    # The router's requests in flight on the provider, its own queue (the local engine's
+    # waiting requests) and the wait expected from them.
+    max_in_flight: int | None = None
+    max_queue: int | None = None
+    max_wait_s: float | None = None
+    resume_below: float = 0.5
+
+
+@dataclass
+class RuleConfig:
+    """A routing rule: when its condition holds, its targets are tried in order, then its
+    ``fallback`` targets (also used when the targets are over budget or their circuit open)."""
+
+    name: str
+    targets: list
+    when: dict = field(default_factory=dict)
+    fallback: list = field(default_factory=list)
+    spillover: dict | None = None
+
+    condition: ConditionConfig = field(init=False)
+    target_list: list[Target] = field(init=False)
+    fallback_list: list[Target] = field(init=False)
+    spill: SpilloverConfig | None = field(init=False)
+
+
+@dataclass
+class BreakerConfig:
+    """Per-provider circuit breaker: open after ``failures`` failures in a row (errors of the
+    provider, not of a key or of the request), one probe after ``cooldown_s``."""
+
+    failures: int = 5
+    cooldown_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.failures < 1 or self.cooldown_s <= 0:
+            raise ConfigError("routing.breaker: failures must be >= 1 and cooldown_s > 0")
+
+
+@dataclass
+class RoutingConfig:
+    # The model name that only rules decide.
+    auto_model: str = "auto"
+    # A request with this header (any value but ``0``/``false``/``no``) is served only by
+    # local providers (type mlx, or a base_url on loopback), whatever the rule.
+    local_only_header: str = "x-local-only"
+    rules: list[RuleConfig] = field(default_factory=list)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+@dataclass
+class BudgetConfig:
+    """A spend limit of one client key (by name), group of keys or provider, in tokens and/or
+    USD per UTC day and month."""
+
+    client: str | None = None
+    group: str | None = None
+    provider: str | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    usd_per_day: float | None = None
+    usd_per_month: float | None = None
+
+    @property
+    def scope(self) -> str:
+        """``client:<name>``, ``group:<name>`` or ``provider:<name>``."""
+        kind = "client" if self.client else "group" if self.group else "provider"
+        return f"{kind}:{self.client or self.group or self.provider}"
+
+    def limits(self) -> dict[str, float]:
+        """The limits set, by ``{tokens|usd}_per_{day|month}``."""
+        names = ("tokens_per_day", "tokens_per_month", "usd_per_day", "usd_per_month")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+@dataclass
+class SpendConfig:
+    """Where spend is kept: a SQLite file (without ``shared_state``), or Redis with it."""
+
+    # Empty: ``$XDG_STATE_HOME/smolvlm-router/spend.sqlite3`` (``~/.local/state/...``).
+    sqlite_path: str = ""
+
+    def path(self) -> Path:
+        """The SQLite file, its folder created."""
+        if self.sqlite_path:
+            path = Path(self.sqlite_path).expanduser()
+        else:
+            state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+            path = Path(state) / "smolvlm-router" / "spend.sqlite3"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@dataclass
+class PriceConfig:
+    """USD per million input and output tokens."""
+
+    input: float
+    output: float
+
+    def __post_init__(self) -> None:
+        if self.input < 0 or self.output < 0:
+            raise ConfigError("input and output must be >= 0 (USD per million tokens)")
+
+
+def _routing_config(
+    data: object,
+    providers: dict[str, ProviderConfig],
+    models: dict[str, list[Target]],
+    auth: AuthConfig,
+) -> RoutingConfig:
+    """The ``routing`` section, each rule's targets and condition checked against the config."""
+    data = data if data is not None else {}
+    _require_mapping(data, "routing")
+    data = dict(data)
+    rules = data.pop("rules", [])
+    if not isinstance(rules, list):
+        raise ConfigError("routing.rules: expected a list of rules")
+    breaker = _build(BreakerConfig, data.pop("breaker", None) or {}, "routing.breaker")
+    routing = _build(RoutingConfig, data, "routing")
+    routing.breaker = breaker
+    if routing.auto_model in models:
+        raise ConfigError(f"routing.auto_model: {routing.auto_model!r} is also a model alias")
+    names: set[str] = set()
+    for i, raw in enumerate(rules):
+        where = f"routing.rules[{i}]"
+        if routing.rules and not any(vars(routing.rules[-1].condition).values()):
+            raise ConfigError(f"{where}: unreachable, rule {routing.rules[-1].name!r} matches all")
+        rule = _rule_config(raw, where, providers, models, routing.auto_model, auth)
+        if rule.name in names:
+            raise ConfigError(f"{where}.name: {rule.name!r} is used by another rule")
+        names.add(rule.name)
+        routing.rules.append(rule)
+    return routing
+
+
+def is_local_provider(provider: ProviderConfig) -> bool:
+    """Whether requests to a provider stay on this machine: its ``local`` setting, else the
+    in-process model or a server on a loopback address.
+
+    Args:
+        provider: The provider's config.
+    """
+    if provider.local is not None:
+        return provider.local
+    if provider.type == "mlx":
+        return True
+    host = urlsplit(provider.base_url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _rule_config(
+    raw: object,
+    where: str,
+    providers: dict[str, ProviderConfig],
+    models: dict[str, list[Target]],
+    auto_model: str,
+    auth: AuthConfig,
+) -> RuleConfig:
+    rule = _build(RuleConfig, raw, where)
+    rule.condition = _build(ConditionConfig, rule.when, f"{where}.when")
+    rule.target_list = _rule_targets(rule.targets, f"{where}.targets", providers, models)
+    rule.fallback_list = _rule_targets(rule.fallback, f"{where}.fallback", providers, models)
+    if not rule.target_list:
+        raise ConfigError(f"{where}.targets: expected a non-empty list")
+    _check_condition(rule.condition, f"{where}.when", providers, models, auto_model, auth)
+    everything = rule.target_list + rule.fallback_list
+    if rule.condition.local_only and not any(
+        is_local_provider(providers[t.provider]) for t in everything
+    ):
+        raise ConfigError(f"{where}: local_only requests can never reach its cloud-only targets")
+    rule.spill = None
+    if rule.spillover is not None:
+        rule.spill = _build(SpilloverConfig, rule.spillover, f"{where}.spillover")
+        spill = rule.spill
+        if spill.provider not in {t.provider for t in everything}:
+            raise ConfigError(
+                f"{where}.spillover.provider: {spill.provider!r} is not one of the rule's targets"
+            )
+        if spill.max_in_flight is None and spill.max_queue is None and spill.max_wait_s is None:
+            raise ConfigError(
+                f"{where}.spillover: set max_in_flight, max_queue or max_wait_s (or drop it)"
+            )
+        if not 0 < spill.resume_below <= 1:
+            raise ConfigError(f"{where}.spillover.resume_below: must be within (0, 1]")
+    return rule
+
+
+def _rule_targets(
+    entries: object, where: str, providers: dict[str, ProviderConfig], models: dict
+) -> list[Target]:
+    """A rule's targets: ``{provider, model}`` mappings, or model aliases (their whole list)."""
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: expected a list of {{provider, model}} or model aliases")
+    targets: list[Target] = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            if entry not in models:
+                raise ConfigError(f"{where}[{i}]: unknown model alias {entry!r}")
+            targets += models[entry]
+            continue
+        target = _build(Target, entry, f"{where}[{i}]")
+        if target.provider not in providers:
+            raise ConfigError(f"{where}[{i}].provider: unknown provider {target.provider!r}")
+        targets.append(target)
+    return targets
+
+
+def _check_condition(
+    when: ConditionConfig,
+    where: str,
+    providers: dict[str, ProviderConfig],
+    models: dict,
+    auto_model: str,
+    auth: AuthConfig,
+) -> None:
+    """Refuse conditions that can never hold or name what the config does not have."""
+    for name in ("media", "clients", "groups", "models"):
+        if getattr(when, name) is not None and not getattr(when, name):
+            raise ConfigError(f"{where}.{name}: an empty list never matches")
+    unknown_media = sorted(set(when.media or ()) - set(MEDIA_KINDS))
+    if unknown_media:
+        raise ConfigError(
+            f"{where}.media: unknown kind(s) {', '.join(map(str, unknown_media))}; "
+            f"choose from {', '.join(MEDIA_KINDS)}"
+        )
+    if when.prompt_tokens_above is not None and when.prompt_tokens_above < 0:
+        raise ConfigError(f"{where}.prompt_tokens_above: must be >= 0")
+    if when.exceeds_context_of is not None:
+        provider = providers.get(when.exceeds_context_of)
+        if provider is None or provider.type != "mlx":
+            raise ConfigError(
+                f"{where}.exceeds_context_of: {when.exceeds_context_of!r} is not a provider "
+                "of type mlx (the providers whose context window the router knows)"
+            )
+    for name, value in when.headers.items():
+        if not isinstance(value, str):
+            raise ConfigError(f'{where}.headers.{name}: expected a string value (or "*")')
+    names = {c.name for c in auth.clients}
+    for client in when.clients or ():
+        if client not in names:
+            raise ConfigError(f"{where}.clients: no client key is named {client!r}")
+    groups = {c.group for c in auth.clients if c.group}
+    for group in when.groups or ():
+        if group not in groups:
+            raise ConfigError(f"{where}.groups: no client key is in group {group!r}")
+    for model in when.models or ():
+        provider, sep, _ = str(model).partition("/")
+        known = model == auto_model or model in models or (sep and provider in providers)
+        if not known and not any(c in str(model) for c in "*?["):
+            raise ConfigError(f"{where}.models: unknown model {model!r}")
+
+
+def _budgets(data: object, providers: dict, auth: AuthConfig) -> list[BudgetConfig]:
+    if not isinstance(data, list):
+        raise ConfigError("budgets: expected a list of budgets")
+    budgets = []
+    names = {c.name for c in auth.clients}
+    groups = {c.group for c in auth.clients if c.group}
+    for i, raw in enumerate(data):
+        where = f"budgets[{i}]"
+        budget = _build(BudgetConfig, raw, where)
+        owners = [n for n in ("client", "group", "provider") if getattr(budget, n) is not None]
+        if len(owners) != 1:
+            raise ConfigError(f"{where}: name exactly one of client, group or provider")
+        known = {"client": names, "group": groups, "provider": set(providers)}[owners[0]]
+        if getattr(budget, owners[0]) not in known:
+            raise ConfigError(f"{where}.{owners[0]}: unknown {owners[0]} {budget.scope!r}")
+        if not budget.limits():
+            raise ConfigError(f"{where}: set tokens_per_day/month or usd_per_day/month")
+        for name, value in budget.limits().items():
+            if value <= 0:
+                raise ConfigError(f"{where}.{name}: must be > 0, got {value}")
+        budgets.append(budget)
+    return budgets
+
+
+def _prices(data: object) -> dict[str, PriceConfig]:
+    _require_mapping(data, "pricing")
+    prices = {}
+    for model, raw in data.items():
+        where = f"pricing.{model}"
+        try:
+            prices[str(model)] = _build(PriceConfig, raw, where)
+        except ConfigError as err:
+            message = str(err)
+            raise ConfigError(
+                message if message.startswith(where) else f"{where}: {message}"
+            ) from err
+    return prices
+
+
 @dataclass
 class Config:
     providers: dict[str, ProviderConfig]
@@ -485,6 +821,12 @@ class Config:
     # Redis-backed key state shared with other instances (None: this process's memory only).
     shared_state: SharedStateConfig | None = None
     request_log: RequestLogConfig = field(default_factory=RequestLogConfig)
+    # Routing rules, budgets, where spend is kept and price overrides (router/rules.py,
+    # router/budgets.py, router/pricing.py).
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    budgets: list[BudgetConfig] = field(default_factory=list)
+    spend: SpendConfig = field(default_factory=SpendConfig)
+    pricing: dict[str, PriceConfig] = field(default_factory=dict)
     # Worker processes sharing the listening port (None: see `router.workers.worker_count`).
     workers: int | None = None
 
@@ -509,6 +851,7 @@ class Config:
             "request_log",
             "workers",
         }
+        sections |= {"routing", "budgets", "spend", "pricing"}
         _reject_unknown(data, sections, "config")
         listen = _build(ListenConfig, data.get("listen") or {}, "listen")
         limits = _build(LimitsConfig, data.get("limits") or {}, "limits")
@@ -561,6 +904,10 @@ class Config:
                         f"{where}[{i}].provider: unknown provider {target.provider!r}"
                     )
             models[str(alias)] = built
+        routing = _routing_config(data.get("routing"), providers, models, auth)
+        budgets = _budgets(data.get("budgets") or [], providers, auth)
+        spend = _build(SpendConfig, data.get("spend") or {}, "spend")
+        pricing = _prices(data.get("pricing") or {})
         return cls(
             providers=providers,
             models=models,
@@ -574,6 +921,10 @@ class Config:
             log=log,
             shared_state=shared,
             request_log=request_log,
+            routing=routing,
+            budgets=budgets,
+            spend=spend,
+            pricing=pricing,
             workers=workers,
         )
 

@@ -12,11 +12,13 @@ from aiohttp import web
 
 from . import ir
 from .backends import CONFIG, PROVIDERS
-from .config import Config, Target
-from .errors import GatewayError, NotFoundError, credential_rejected
+from .budgets import BudgetExceededError
+from .errors import GatewayError, credential_rejected
 from .keys import ACTIVE, DISABLED, KEY_POOLS, Lease, classify_failure, exhausted_limit_reset
 from .logs import RequestContext
 from .providers.base import BaseProvider
+from .routing import CircuitOpenError, admit_target, provider_failed, release_target, target_served
+from .rules import resolve_targets
 
 logger = logging.getLogger(__name__)
 
@@ -26,24 +28,6 @@ Call = Callable[[BaseProvider, ir.Request, Lease, RequestContext], Awaitable[T]]
 
 # Headers naming a conversation, for key affinity (else the request's user / metadata.user_id).
 AFFINITY_HEADERS = ("x-conversation-id", "x-session-affinity")
-
-
-def resolve_targets(cfg: Config, model: str) -> list[Target]:
-    """The fallback list for a requested model: an alias, or ``provider/model``.
-
-    Args:
-        cfg: The config.
-        model: The model the client asked for.
-
-    Raises:
-        NotFoundError: If the model is neither.
-    """
-    if model in cfg.models:
-        return cfg.models[model]
-    provider, sep, name = model.partition("/")
-    if sep and name and provider in cfg.providers:
-        return [Target(provider, name)]
-    raise NotFoundError(f"model {model!r} is not configured on this router", param="model")
 
 
 async def run_with_fallback(
@@ -71,75 +55,106 @@ async def run_with_fallback(
         call: What to run against one provider, request copy, key lease and the context.
         affinity: A conversation id that keeps the conversation's requests on one key.
 
+    Targets come from the request's routing decision (``context.targets``, see
+    `router.routing.route_request`), else the model's own list. Before a target is tried its
+    circuit breaker and the budgets must let it (`admit_target`); a target skipped for either
+    costs no time, and one skipped for its open circuit is still tried once all the others
+    failed.
+
     Raises:
-        GatewayError: The first non-retryable error, else the last upstream error (or, when
-            no upstream was reached, why no key was available).
+        GatewayError: The first non-retryable error, else the budget that stopped a target,
+            else the last upstream error (or, when no upstream was reached, why no key was
+            available).
     """
     cfg = app[CONFIG]
-    targets = resolve_targets(cfg, request.model)
+    targets = context.targets
+    if targets is None:
+        targets = resolve_targets(cfg, request.model)
     deadline = time.monotonic() + cfg.retry.max_time_s
     attempts = 0
     last: GatewayError | None = None
-    for target in targets:
-        provider = app[PROVIDERS][target.provider]
-        pool = app[KEY_POOLS][target.provider]
-        tried: list[str] = []
-        while attempts < cfg.retry.max_attempts and time.monotonic() < deadline:
-            try:
-                lease = await pool.acquire(affinity, tried, deadline)
-            except GatewayError as err:
-                logger.info("model=%s provider=%s: %s", request.model, target.provider, err)
-                last = last or err
-                break
-            attempts += 1
-            context.attempts.append(provider.config.name)
-            context.upstream_headers = {}
-            started = time.monotonic()
-            try:
-                result = await call(
-                    provider, dataclasses.replace(request, model=target.model), lease, context
-                )
-            except GatewayError as err:
-                verdict = classify_failure(err, err.upstream_headers or {}, err.upstream_body)
-                lease.fail(verdict)
-                err.message = lease.scrub(err.message)
-                logger.warning(
-                    "model=%s provider=%s key=%s upstream_model=%s failed: %s",
+    over_budget: BudgetExceededError | None = None
+    # Targets skipped for an open circuit are tried last, when nothing else answered.
+    queue = [(target, False) for target in targets]
+    for target, last_resort in queue:
+        try:
+            reservation = await admit_target(app, context, request, target, last_resort)
+        except CircuitOpenError as err:
+            logger.info("model=%s provider=%s skipped: %s", request.model, target.provider, err)
+            queue.append((target, True))
+            continue
+        except BudgetExceededError as err:
+            # On to the next target; should none answer, the budget is what the client hears
+            # (it is why the others were not tried), not an upstream's passing error.
+            logger.info("model=%s provider=%s skipped: %s", request.model, target.provider, err)
+            over_budget = over_budget or err
+            continue
+        try:
+            provider = app[PROVIDERS][target.provider]
+            pool = app[KEY_POOLS][target.provider]
+            tried: list[str] = []
+            while attempts < cfg.retry.max_attempts and time.monotonic() < deadline:
+                try:
+                    lease = await pool.acquire(affinity, tried, deadline)
+                except GatewayError as err:
+                    logger.info("model=%s provider=%s: %s", request.model, target.provider, err)
+                    last = last or err
+                    break
+                attempts += 1
+                context.attempts.append(provider.config.name)
+                context.upstream_headers = {}
+                started = time.monotonic()
+                try:
+                    result = await call(
+                        provider, dataclasses.replace(request, model=target.model), lease, context
+                    )
+                except GatewayError as err:
+                    verdict = classify_failure(err, err.upstream_headers or {}, err.upstream_body)
+                    lease.fail(verdict)
+                    err.message = lease.scrub(err.message)
+                    logger.warning(
+                        "model=%s provider=%s key=%s upstream_model=%s failed: %s",
+                        request.model,
+                        target.provider,
+                        lease.key_id,
+                        target.model,
+                        err.message,
+                    )
+                    if verdict.state == ACTIVE and not err.retryable:
+                        raise
+                    if verdict.state == ACTIVE:
+                        provider_failed(app, target.provider)
+                    last = err
+                    if verdict.state == DISABLED:
+                        # Not the client's fault: its SDK must not read a 401 as its own key's.
+                        last = credential_rejected(target.provider, err.status)
+                    if verdict.state == ACTIVE or lease.key_id is None:
+                        break
+                    tried.append(lease.key_id)
+                    continue
+                except BaseException:
+                    lease.release()
+                    raise
+                logger.info(
+                    "model=%s provider=%s key=%s upstream_model=%s stream=%s attempt=%d ms=%.1f",
                     request.model,
                     target.provider,
                     lease.key_id,
                     target.model,
-                    err.message,
+                    request.stream,
+                    attempts,
+                    (time.monotonic() - started) * 1000,
                 )
-                if verdict.state == ACTIVE and not err.retryable:
-                    raise
-                last = err
-                if verdict.state == DISABLED:
-                    # Not the client's fault: its SDK must not read a 401 as its own key's.
-                    last = credential_rejected(target.provider, err.status)
-                if verdict.state == ACTIVE or lease.key_id is None:
-                    break
-                tried.append(lease.key_id)
-                continue
-            except BaseException:
-                lease.release()
-                raise
-            logger.info(
-                "model=%s provider=%s key=%s upstream_model=%s stream=%s attempt=%d ms=%.1f",
-                request.model,
-                target.provider,
-                lease.key_id,
-                target.model,
-                request.stream,
-                attempts,
-                (time.monotonic() - started) * 1000,
-            )
-            rest = exhausted_limit_reset(context.upstream_headers, time.time())
-            if rest:
-                # The upstream says this key's limit is used up: no more traffic until reset.
-                lease.rest(rest, "rate limit used up (remaining 0)")
-            return result
-    raise last
+                rest = exhausted_limit_reset(context.upstream_headers, time.time())
+                if rest:
+                    # The upstream says this key's limit is used up: no more traffic until reset.
+                    lease.rest(rest, "rate limit used up (remaining 0)")
+                target_served(app, context, reservation)
+                return result
+        finally:
+            if context.reservation is not reservation:
+                await release_target(app, reservation)
+    raise over_budget or last
 
 
 def request_affinity(request: web.Request, ir_request: ir.Request) -> str | None:

@@ -12,8 +12,10 @@ from aiohttp import web
 from .attempts import complete, count_tokens
 from .backends import CONFIG
 from .body import read_body
-from .fallback import request_affinity, resolve_targets, run_with_fallback
-from .formats.base import ClientFormat
+from .budgets import BudgetExceededError
+from .config import Config
+from .fallback import request_affinity, run_with_fallback
+from .formats.base import ClientCall, ClientFormat
 from .formats.ollama.discovery import setup_discovery
 from .formats.registry import (
     CLIENT_FORMATS,
@@ -22,7 +24,9 @@ from .formats.registry import (
     client_format_for_models,
 )
 from .jsonio import json_response
-from .logs import REQUEST_CONTEXT
+from .logs import REQUEST_CONTEXT, RequestContext
+from .routing import finish_request, route_request
+from .rules import resolve_targets
 from .streaming import stream_answer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -62,7 +66,7 @@ def list_endpoints(app: web.Application) -> list[str]:
 
 async def _index(request: web.Request) -> web.Response:
     """What this router serves: its models and endpoints, as JSON, or HTML for browsers."""
-    models = list(request.app[CONFIG].models)
+    models = served_models(request.app[CONFIG])
     endpoints = list_endpoints(request.app)
     if "text/html" not in request.headers.get("Accept", ""):
         return json_response(
@@ -83,6 +87,22 @@ async def serve_call(fmt: ClientFormat, request: web.Request) -> web.StreamRespo
     """Answer one client call in its format: a complete answer, a stream or a token count."""
     context = request[REQUEST_CONTEXT]
     call = fmt.parse_call(await read_body(request), request)
+    route_request(request, call.request, context)
+    outcome = "failed"
+    try:
+        response = await _answer(fmt, request, call, context)
+        outcome = "served"
+        return response
+    except BudgetExceededError:
+        outcome = "budget_exceeded"
+        raise
+    finally:
+        await finish_request(request.app, context, outcome)
+
+
+async def _answer(
+    fmt: ClientFormat, request: web.Request, call: ClientCall, context: RequestContext
+) -> web.StreamResponse:
     ir_request = call.request
     affinity = request_affinity(request, ir_request)
     if call.count_tokens:
@@ -94,12 +114,23 @@ async def serve_call(fmt: ClientFormat, request: web.Request) -> web.StreamRespo
     return json_response(fmt.render_response(response, ir_request))
 
 
+def served_models(cfg: Config) -> list[str]:
+    """The models clients may name: the aliases, and ``auto`` when routing rules exist.
+
+    Args:
+        cfg: The config.
+    """
+    names = list(cfg.models)
+    return names + [cfg.routing.auto_model] if cfg.routing.rules else names
+
+
 async def _list_models(request: web.Request) -> web.Response:
-    names = list(request.app[CONFIG].models)
+    names = served_models(request.app[CONFIG])
     return json_response(client_format_for_models(request).render_models(names))
 
 
 async def _get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"].removeprefix("models/")
-    resolve_targets(request.app[CONFIG], name)
+    if name not in served_models(request.app[CONFIG]):
+        resolve_targets(request.app[CONFIG], name)
     return json_response(client_format_for_models(request).render_model(name))

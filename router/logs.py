@@ -26,7 +26,8 @@ import orjson
 from aiohttp import web
 
 from . import ir
-from .config import Config, LogConfig, TimeoutsConfig
+from .budgets import Reservation
+from .config import Config, LogConfig, Target, TimeoutsConfig
 
 # Client-sent request ids are kept when they look like ids; anything else is replaced.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -59,6 +60,12 @@ class RequestContext:
     # The headers of the current attempt's upstream answer (lower-case names), for the key
     # pool's rate-limit reading.
     upstream_headers: dict[str, str] = field(default_factory=dict)
+    # The routing decision (router/routing.py): the rule that matched (None: the model's own
+    # list), the targets in order, the answering target's budget reservation and its USD.
+    rule: str | None = None
+    targets: list[Target] | None = None
+    reservation: Reservation | None = None
+    spend_usd: float = 0.0
 
     @property
     def provider(self) -> str | None:

@@ -99,16 +99,27 @@ async def observe_middleware(
                 "provider": context.provider,
                 "attempts": len(context.attempts),
                 "client": context.client,
+                "rule": context.rule,
+                "targets": [f"{t.provider}/{t.model}" for t in context.targets or ()],
+                "usd": round(context.spend_usd, 6),
                 "remote": request.remote,
             },
         )
 
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """Streams are prepared inside the handler: give them the request id there."""
+    """Give every response (streams are prepared inside the handler) the request id and the
+    routing decision's headers."""
     context = request.get(REQUEST_CONTEXT)
-    if context is not None and "x-request-id" not in response.headers:
+    if context is None:
+        return
+    if "x-request-id" not in response.headers:
         response.headers["x-request-id"] = context.id
+    # The routing decision: which provider answered and which rule chose it.
+    if context.provider is not None:
+        response.headers["x-router-provider"] = context.provider
+    if context.rule is not None:
+        response.headers["x-router-rule"] = context.rule
 
 
 def _model_label(cfg: Config, model: str | None) -> str:
@@ -117,7 +128,7 @@ def _model_label(cfg: Config, model: str | None) -> str:
     ``other`` (so clients cannot create series at will)."""
     if model is None:
         return "none"
-    if model in cfg.models:
+    if model in cfg.models or model == cfg.routing.auto_model:
         return model
     provider, sep, name = model.partition("/")
     if not sep or provider not in cfg.providers:

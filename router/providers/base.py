@@ -107,6 +107,16 @@ class BaseProvider(ABC):
             GatewayError: Typed by cause, possibly after some events were yielded.
         """
 
+    def context_window(self) -> int | None:
+        """Prompt plus output tokens a request may hold, when the router knows it (the local
+        model's); None otherwise."""
+        return None
+
+    def queue_depth(self) -> int:
+        """Requests waiting inside the backend itself (the local engine's queue); 0 for
+        remote providers, whose queues the router cannot see."""
+        return 0
+
     async def count_tokens(self, request: ir.Request, key: str | None) -> ir.TokenCount:
         """Count the prompt's tokens. The default is an estimate (4 characters per token,
         a flat 258 per image or file); providers with a counting endpoint override it.
@@ -115,21 +125,31 @@ class BaseProvider(ABC):
             request: The IR request.
             key: The API key to use.
         """
-        chars = 0
-        media = 0
-        for message in request.messages:
-            for part in message.parts:
-                inner = part.content if isinstance(part, ir.ToolResultPart) else [part]
-                for item in inner:
-                    if isinstance(item, ir.MediaPart):
-                        media += 1
-                    elif isinstance(item, ir.ToolCallPart):
-                        chars += len(item.name) + len(item.arguments)
-                    else:
-                        chars += len(getattr(item, "text", ""))
-        for tool in request.tools:
-            chars += len(tool.name) + len(tool.description or "") + len(json.dumps(tool.parameters))
-        return ir.TokenCount(math.ceil(chars / _CHARS_PER_TOKEN) + media * _TOKENS_PER_MEDIA)
+        return ir.TokenCount(estimate_tokens(request))
+
+
+def estimate_tokens(request: ir.Request) -> int:
+    """An estimate of a request's prompt tokens: 4 characters per token, a flat 258 per image
+    or file (as Gemini counts an image).
+
+    Args:
+        request: The IR request.
+    """
+    chars = 0
+    media = 0
+    for message in request.messages:
+        for part in message.parts:
+            inner = part.content if isinstance(part, ir.ToolResultPart) else [part]
+            for item in inner:
+                if isinstance(item, ir.MediaPart):
+                    media += 1
+                elif isinstance(item, ir.ToolCallPart):
+                    chars += len(item.name) + len(item.arguments)
+                else:
+                    chars += len(getattr(item, "text", ""))
+    for tool in request.tools:
+        chars += len(tool.name) + len(tool.description or "") + len(json.dumps(tool.parameters))
+    return math.ceil(chars / _CHARS_PER_TOKEN) + media * _TOKENS_PER_MEDIA
 
 
 class HTTPProvider(BaseProvider):

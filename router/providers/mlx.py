@@ -80,6 +80,14 @@ class Provider(BaseProvider):
         """Stop the engine (unfinished requests fail with 503)."""
         await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
 
+    def context_window(self) -> int:
+        """See `BaseProvider.context_window`."""
+        return self.engine.max_context
+
+    def queue_depth(self) -> int:
+        """See `BaseProvider.queue_depth`: requests waiting for a slot in the batch."""
+        return self.engine.stats().waiting
+
     def counters(self) -> dict[str, float]:
         """The engine's prompt cache: hits, misses, reused tokens and bytes held."""
         stats = self.engine.stats().prompt_cache

@@ -1,0 +1,271 @@
+"""Budgets: spend limits per client key, group of keys and provider, in tokens and USD per UTC
+day and month, checked before a request is forwarded.
+
+Before each target is tried, the request reserves its estimate (prompt tokens plus its
+``max_tokens``, at the target's price) on every counter it will spend on, in one atomic
+check-and-reserve of the spend store, refused when a counter with a limit has spent plus
+reserved at or past it. When the request ends, the reservation becomes the tokens and USD it
+really used. So a budget is never exceeded by more than what the requests already in flight
+when it ran out use beyond their estimates. A local target costs no USD, so USD limits never
+stop it: over a USD budget, a rule's local fallback still serves.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import ir
+from .config import BudgetConfig, ClientKeyConfig, Config, Target
+from .errors import OverloadedError, RateLimitError
+from .pricing import FREE, cost_usd, price_of
+from .providers.base import estimate_tokens
+from .spend_store import Counter, SpendStore, SpendStoreUnavailable
+
+logger = logging.getLogger(__name__)
+
+PERIODS = ("day", "month")
+
+
+class BudgetExceededError(RateLimitError):
+    """A budget is used up (429 in the client's format, naming the budget)."""
+
+
+@dataclass
+class Reservation:
+    """What one request reserved on its counters for one target."""
+
+    keys: list[str]
+    tokens: int
+    usd: float
+    provider: str
+    model: str
+    client: str | None
+    # Whether the store holds it (only when a budget applies; else spend is just recorded).
+    held: bool = False
+    settled: bool = field(default=False, repr=False)
+    # Names the reservation in the spend store (each is settled once).
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+def period_keys(now: float) -> dict[str, str]:
+    """The current period of each kind, as counter key suffixes (UTC).
+
+    Args:
+        now: Epoch seconds.
+    """
+    day = time.strftime("%Y-%m-%d", time.gmtime(now))
+    return {"day": f"day:{day}", "month": f"month:{day[:7]}"}
+
+
+def seconds_to_reset(period: str, now: float) -> float:
+    """Seconds until the period (``day`` or ``month``) that holds ``now`` ends (UTC).
+
+    Args:
+        period: ``day`` or ``month``.
+        now: Epoch seconds.
+    """
+    t = time.gmtime(now)
+    if period == "day":
+        end = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0)) + 86400
+    else:
+        year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+        end = calendar.timegm((year, month, 1, 0, 0, 0))
+    return max(1.0, end - now)
+
+
+def scopes_of(client: ClientKeyConfig | None, provider: str) -> list[str]:
+    """The budget scopes a request spends on: its client key, the key's group, the provider.
+
+    Args:
+        client: The client key (None without client auth).
+        provider: The target's provider.
+    """
+    scopes = []
+    if client is not None:
+        scopes.append(f"client:{client.name}")
+        if client.group:
+            scopes.append(f"group:{client.group}")
+    scopes.append(f"provider:{provider}")
+    return scopes
+
+
+class Budgets:
+    """Checks, reserves and settles spend against the config's budgets.
+
+    Args:
+        store: Where the counters live.
+        clock: Epoch seconds (tests move it).
+    """
+
+    def __init__(self, store: SpendStore, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+        self._unpriced: set[str] = set()
+
+    async def reserve(
+        self,
+        cfg: Config,
+        client: ClientKeyConfig | None,
+        target: Target,
+        request: ir.Request,
+    ) -> Reservation:
+        """Reserve a request's estimate for one target.
+
+        Args:
+            cfg: The config (budgets, prices).
+            client: The client key.
+            target: The target about to be tried.
+            request: The IR request.
+
+        Raises:
+            BudgetExceededError: A budget that applies is used up; the message names it.
+        """
+        price = price_of(cfg, target.provider, target.model)
+        if price is None and target.model not in self._unpriced:
+            self._unpriced.add(target.model)
+            logger.warning(
+                "no price for model %s of provider %s: its spend counts 0 USD (add it under "
+                "pricing)",
+                target.model,
+                target.provider,
+            )
+        prompt = estimate_tokens(request)
+        tokens = prompt + (request.max_tokens or 0)
+        usd = cost_usd(price, prompt, request.max_tokens or 0)
+        now = self.clock()
+        counters, owners = self._counters(cfg, client, target.provider, now, price is FREE)
+        reservation = Reservation(
+            [c.key for c in counters],
+            tokens,
+            usd,
+            target.provider,
+            target.model,
+            client and client.name,
+        )
+        if not any(c.max_tokens is not None or c.max_usd is not None for c in counters):
+            return reservation  # nothing to enforce: spend is only recorded when settled
+        try:
+            refused = await self.store.reserve(reservation.id, counters, tokens, usd)
+        except SpendStoreUnavailable as err:
+            raise OverloadedError(
+                f"budgets cannot be checked, the spend store is unreachable ({err})",
+                retry_after=1.0,
+            ) from err
+        if refused is None:
+            reservation.held = True
+            return reservation
+        budget, period = owners[refused]
+        limit = counters[refused]
+        which = [
+            f"{kind}_per_{period} {value:g}"
+            for kind, value in (("tokens", limit.max_tokens), ("usd", limit.max_usd))
+            if value is not None
+        ]
+        raise BudgetExceededError(
+            f"budget exceeded: {budget.scope} has used up its {' / '.join(which)} budget "
+            f"(this {period} resets at 00:00 UTC)",
+            retry_after=seconds_to_reset(period, now),
+        )
+
+    def _counters(
+        self,
+        cfg: Config,
+        client: ClientKeyConfig | None,
+        provider: str,
+        now: float,
+        free: bool,
+    ) -> tuple[list[Counter], list[tuple[BudgetConfig | None, str]]]:
+        """The request's counters (each scope in each period) with their limits, and which
+        budget and period each limit comes from."""
+        budgets = {b.scope: b for b in cfg.budgets}
+        counters, owners = [], []
+        for scope in scopes_of(client, provider):
+            budget = budgets.get(scope)
+            for period, suffix in period_keys(now).items():
+                limits = budget.limits() if budget is not None else {}
+                max_usd = None if free else limits.get(f"usd_per_{period}")
+                counters.append(
+                    Counter(f"{scope}|{suffix}", limits.get(f"tokens_per_{period}"), max_usd)
+                )
+                owners.append((budget, period))
+        return counters, owners
+
+    @staticmethod
+    def cost(reservation: Reservation, usage: ir.Usage | None, cfg: Config) -> float:
+        """The USD a reservation's request used.
+
+        Args:
+            reservation: The reservation (its provider and model).
+            usage: The tokens used (None: none).
+            cfg: The config (prices).
+        """
+        if usage is None:
+            return 0.0
+        price = price_of(cfg, reservation.provider, reservation.model)
+        return cost_usd(price, usage.input_tokens, usage.output_tokens)
+
+    async def settle(self, reservation: Reservation, usage: ir.Usage | None, cfg: Config) -> float:
+        """Turn a reservation into what the request used (nothing, for a failed attempt).
+
+        Args:
+            reservation: The reservation.
+            usage: The tokens used (None: the attempt failed and used none).
+            cfg: The config (prices).
+
+        Returns:
+            The USD spent.
+        """
+        if reservation.settled:
+            return 0.0
+        reservation.settled = True
+        tokens = usage.total_tokens if usage is not None else 0
+        usd = self.cost(reservation, usage, cfg)
+        reserved_tokens, reserved_usd = 0, 0.0
+        if reservation.held:
+            reserved_tokens, reserved_usd = reservation.tokens, reservation.usd
+        await self.store.settle(
+            reservation.id, reservation.keys, reserved_tokens, reserved_usd, tokens, usd
+        )
+        return usd
+
+    async def report(self, cfg: Config, clients: list[str]) -> dict:
+        """Spend per client key (and group, and provider) today and this month, with the
+        budgets that apply and what remains of them, for ``GET /admin/spend``.
+
+        Args:
+            cfg: The config.
+            clients: The client keys' names.
+        """
+        scopes = [f"client:{name}" for name in clients]
+        scopes += sorted({f"group:{c.group}" for c in cfg.auth.clients if c.group})
+        scopes += [f"provider:{name}" for name in cfg.providers]
+        periods = period_keys(self.clock())
+        keys = [f"{scope}|{suffix}" for scope in scopes for suffix in periods.values()]
+        try:
+            totals = await self.store.read(keys)
+        except SpendStoreUnavailable as err:
+            raise OverloadedError(f"the spend store is unreachable ({err})") from err
+        budgets = {b.scope: b for b in cfg.budgets}
+        out: dict[str, dict] = {"clients": {}, "groups": {}, "providers": {}}
+        section = {"client": "clients", "group": "groups", "provider": "providers"}
+        for scope in scopes:
+            kind, name = scope.split(":", 1)
+            entry: dict = {}
+            limits = budgets[scope].limits() if scope in budgets else {}
+            for period, suffix in periods.items():
+                t = totals[f"{scope}|{suffix}"]
+                spent = {"tokens": t.tokens, "usd": round(t.usd, 9)}
+                spent["in_flight"] = {"tokens": t.reserved_tokens, "usd": round(t.reserved_usd, 9)}
+                for unit in ("tokens", "usd"):
+                    limit = limits.get(f"{unit}_per_{period}")
+                    if limit is not None:
+                        spent.setdefault("budget", {})[unit] = limit
+                        spent.setdefault("remaining", {})[unit] = max(0, limit - spent[unit])
+                entry["today" if period == "day" else "this_month"] = spent
+            out[section[kind]][name] = entry
+        return out
