@@ -1,5 +1,6 @@
 """Quantization rules, the config block, loading quantized weights, and 4-bit agreement."""
 
+import functools
 import json
 
 import mlx.core as mx
@@ -12,6 +13,8 @@ from mlx_smolvlm.convert import convert, export_weights
 from mlx_smolvlm.load import load_model
 from mlx_smolvlm.model import Model
 from mlx_smolvlm.quantize import (
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_RECIPE,
     QuantizationError,
     QuantizationSpec,
     apply_quantization,
@@ -152,18 +155,24 @@ def test_2_2b_vision_fc2_stays_in_export_dtype():
     assert set(block) == {"group_size", "bits", "mode"}
 
 
-def test_256m_4bit_export_size_budget():
-    """The 256M 4-bit export (vision quantized) stays at or below 0.18 GB.
+def export_bytes(spec: QuantizationSpec, dtype: mx.Dtype) -> int:
+    """The 256M export's weight bytes under ``spec``, from the lazy arrays' shapes and dtypes
+    (nothing is evaluated; GPTQ changes the values, not the layout)."""
+    model = shape_model("256m", dtype)
+    plan = functools.partial(layer_quantization, spec)
+    nn.quantize(model, class_predicate=lambda p, m: plan(p, m) or False)
+    return sum(v.nbytes for v in export_weights(model).values())
 
-    Sizes come from shapes and dtypes of the lazy arrays, so nothing is evaluated; the
-    benchmark (benchmarks/export_sizes.py) measures the files themselves.
-    """
+
+def test_256m_4bit_export_size_budget():
+    """The 256M default 4-bit export (calibrated recipe, group 32, vision quantized) in bf16
+    stays at or below 0.2 GB (measured 0.191); plain rounding at group 64 at or below 0.18 GB
+    in bf16 and fp32. The benchmarks measure the files themselves."""
+    default = QuantizationSpec(group_size=DEFAULT_GROUP_SIZE, recipe=DEFAULT_RECIPE)
+    assert 0.15e9 < export_bytes(default, mx.bfloat16) <= 0.2e9
     for dtype in (mx.bfloat16, mx.float32):
-        model = shape_model("256m", dtype)
-        quantize_model(model, QuantizationSpec())
-        total = sum(v.nbytes for v in export_weights(model).values())
-        assert total <= 0.18e9, (dtype, total)
-    assert total > 0.14e9  # fp32 scales: about 5 bits per weight over 256M weights
+        # fp32 scales: about 5 bits per weight over 256M weights
+        assert 0.14e9 < export_bytes(QuantizationSpec(), dtype) <= 0.18e9, dtype
 
 
 def test_apply_quantization_rejects_bad_blocks(hf_checkpoint, tmp_path):
