@@ -45,15 +45,15 @@ HELDOUT_TEXT = Path(__file__).with_name("heldout_text.txt")
 # name -> ("ours" | "mlx-vlm", convert keyword arguments)
 RECIPES = {
     "full precision (bf16)": ("ours", {}),
-    "8-bit": ("ours", {"quantize": True, "q_bits": 8}),
-    "4-bit uniform g64": ("ours", {"quantize": True}),
-    "4-bit uniform g32": ("ours", {"quantize": True, "q_group_size": 32}),
-    "4-bit mixed g64": ("ours", {"quantize": True, "recipe": "mixed"}),
-    "4-bit calibrated g64": ("ours", {"quantize": True, "recipe": "calibrated"}),
-    "4-bit calibrated g32": (
+    "8-bit": ("ours", {"quantize": True, "q_bits": 8, "recipe": "uniform", "q_group_size": 64}),
+    "4-bit uniform g64": ("ours", {"quantize": True, "recipe": "uniform", "q_group_size": 64}),
+    "4-bit uniform g32": ("ours", {"quantize": True, "recipe": "uniform", "q_group_size": 32}),
+    "4-bit mixed g64": ("ours", {"quantize": True, "recipe": "mixed", "q_group_size": 64}),
+    "4-bit calibrated g64": (
         "ours",
-        {"quantize": True, "recipe": "calibrated", "q_group_size": 32},
+        {"quantize": True, "recipe": "calibrated", "q_group_size": 64},
     ),
+    "4-bit calibrated g32 (default)": ("ours", {"quantize": True}),
     "mlx-vlm 4-bit": ("mlx-vlm", {"quantize": True}),
 }
 

@@ -395,6 +395,8 @@ def _gptq_layers(
         for path, params in plan.items()
         if params["bits"] < HIGH_BITS and isinstance(_get_module(model, path), nn.Linear)
     }
+    if not targets:
+        return {}
     hessians = collect_hessians(model, calibration, list(targets))
     # Modules with one input and the same settings are quantized as one stacked matrix.
     stacks: dict[tuple, list[str]] = {}

@@ -323,14 +323,14 @@ def test_quant_quality_benchmark_smoke(hf_checkpoint, tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     argv = ["--model", str(hf_checkpoint()), "--tokens", "32", "--json", str(tmp_path / "q.json")]
-    recipes = ["4-bit uniform g64", "4-bit calibrated g32", "mlx-vlm 4-bit"]
+    recipes = ["4-bit uniform g64", "4-bit calibrated g32 (default)", "mlx-vlm 4-bit"]
     assert quant_quality.main([*argv, "--recipes", *recipes]) == 0
     rows = json.loads((tmp_path / "q.json").read_text())
     assert [r["recipe"] for r in rows] == ["full precision (fp32 source)", *recipes]
     assert rows[0]["top1_agreement"] == 1.0 and rows[0]["mean_kl"] == 0.0
     assert all(r["perplexity"] > 1 and r["weight_gb"] > 0 for r in rows[1:])
     out = capsys.readouterr().out
-    assert "| 4-bit calibrated g32 |" in out and "matplotlib is missing" in out
+    assert "| 4-bit calibrated g32 (default) |" in out and "matplotlib is missing" in out
 
 
 def test_clipped_group_params_never_round_worse_than_the_full_range():
