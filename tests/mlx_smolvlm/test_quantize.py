@@ -226,9 +226,9 @@ def test_4bit_predictions_agree_with_full_precision(hf_checkpoint, tmp_path):
     reference = full(ids, pixels)
     results = {}
     for name, kwargs in {
-        "4bit": {"q_bits": 4},
+        "4bit": {"q_bits": 4, "recipe": "uniform"},
         "mixed": {"q_bits": 4, "recipe": "mixed"},
-        "8bit": {"q_bits": 8},
+        "8bit": {"q_bits": 8, "recipe": "uniform"},
     }.items():
         export = convert(
             str(source), tmp_path / name, quantize=True, q_group_size=32, dtype="float32", **kwargs
