@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--recipe",
         default=DEFAULT_RECIPE,
-        help="calibrated: GPTQ on a shipped calibration set, 8-bit embeddings and head; uniform: round to nearest (fast); mixed: 8-bit vision tower, 4-bit decoder (default: %(default)s)",
+        help="calibrated: GPTQ on shipped text and image, 8-bit embeddings and head; "
+        "uniform: round to nearest, fast; mixed: 8-bit vision tower (default: %(default)s)",
     )
     convert.add_argument(
         "--skip-vision", action="store_true", help="leave the vision tower unquantized"
