@@ -357,28 +357,30 @@ def gptq_quantize(
     H[np.diag_indices(cols)] += GPTQ_DAMP * np.mean(np.diag(H))
     scales, biases = clipped_group_params(W, np.diag(H), bits, group_size, dtype)
     order = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(cols)
-    W, H = W[:, order], H[np.ix_(order, order)]
-    col_scale = np.repeat(scales, group_size, axis=1)[:, order]
-    col_bias = np.repeat(biases, group_size, axis=1)[:, order]
+    H = H[np.ix_(order, order)]
+    # Columns as rows (C order): each step reads and updates contiguous memory.
+    WT = np.ascontiguousarray(W.T[order])
+    col_scale = np.repeat(scales, group_size, axis=1).T[order]
+    col_bias = np.repeat(biases, group_size, axis=1).T[order]
     # Upper Cholesky factor of H^-1: row i holds the error-propagation weights of column i.
     U = np.linalg.cholesky(np.linalg.inv(H)).T.astype(np.float32)
     levels = 2**bits - 1
-    Q = np.empty((rows, cols), dtype=np.uint8)
+    QT = np.empty((cols, rows), dtype=np.uint8)
     for start in range(0, cols, GPTQ_BLOCK):
         end = min(start + GPTQ_BLOCK, cols)
-        block = W[:, start:end].copy()
+        block = WT[start:end].copy()
         errors = np.zeros_like(block)
         for i in range(end - start):
             col = start + i
-            w, scale, bias = block[:, i], col_scale[:, col], col_bias[:, col]
+            w, scale, bias = block[i], col_scale[col], col_bias[col]
             q = np.clip(np.round((w - bias) / scale), 0, levels)
-            Q[:, col] = q
+            QT[col] = q
             error = (w - (scale * q + bias)) / U[col, col]
-            block[:, i:] -= np.outer(error, U[col, col:end])
-            errors[:, i] = error
-        W[:, end:] -= errors @ U[start:end, end:]
-    levels_in_place = np.empty_like(Q)
-    levels_in_place[:, order] = Q
+            block[i:] -= U[col, col:end, None] * error
+            errors[i] = error
+        WT[end:] -= U[start:end, end:].T @ errors
+    levels_in_place = np.empty((rows, cols), dtype=np.uint8)
+    levels_in_place[:, order] = QT.T
     return (
         mx.array(pack(levels_in_place, bits)),
         mx.array(scales).astype(dtype),
