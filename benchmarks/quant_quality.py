@@ -157,13 +157,13 @@ def measure(
 def print_table(rows: list[dict], n_tokens: int) -> None:
     full = rows[0]["perplexity"]
     print(f"\nHeld-out text: {HELDOUT_TEXT.name}, {n_tokens} tokens")
-    print("| recipe | perplexity | x full | top-1 agreement | mean KL | weights GB |")
-    print("|---|---|---|---|---|---|")
+    print("| recipe | perplexity | x full | top-1 agreement | mean KL | weights GB | convert s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         size = f"{r['weight_gb']:.3f}" if "weight_gb" in r else "-"
         print(
             f"| {r['recipe']} | {r['perplexity']:.2f} | {r['perplexity'] / full:.3f} | "
-            f"{r['top1_agreement']:.3f} | {r['mean_kl']:.4f} | {size} |"
+            f"{r['top1_agreement']:.3f} | {r['mean_kl']:.4f} | {size} | {r.get('convert_s', '-')} |"
         )
 
 
