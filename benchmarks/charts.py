@@ -49,15 +49,23 @@ def draw(report: dict, path: Path) -> bool:
     )
     colors = {"direct": "tab:gray", "router": "tab:blue", "litellm": "tab:orange"}
     for ax, (workload, key, title) in zip(axes, panels, strict=True):
-        for system, color in colors.items():
+        # One line per system and worker count (dashed: several workers).
+        lines = sorted({(r["system"], r.get("workers", 1)) for r in report["rows"]})
+        for system, workers in lines:
             rows = [
                 r
                 for r in report["rows"]
-                if r["system"] == system and r["workload"] == workload and r.get(key) is not None
+                if (r["system"], r.get("workers", 1)) == (system, workers)
+                and r["workload"] == workload
+                and r.get(key) is not None
             ]
-            if rows:
+            if rows and system in colors:
                 xs = [r["concurrency"] for r in rows]
-                ax.plot(xs, [r[key] for r in rows], marker="o", label=system, color=color)
+                label = system if workers == 1 else f"{system} x{workers}"
+                style = "-" if workers == 1 else "--"
+                ax.plot(
+                    xs, [r[key] for r in rows], style, marker="o", label=label, color=colors[system]
+                )
         ax.set_xscale("log")
         if key == "rps":
             ax.set_yscale("log")

@@ -48,7 +48,8 @@ LITELLM_SETTINGS = {
     "router_settings": {"routing_strategy": "simple-shuffle"},
 }
 LITELLM_ENV = {"LITELLM_LOG": "ERROR", "LITELLM_MODE": "PRODUCTION"}
-START_TIMEOUT_S = 120.0
+# LiteLLM with several workers takes minutes to start on a busy 2-CPU machine.
+START_TIMEOUT_S = 300.0
 
 
 class PeerUnavailable(RuntimeError):
@@ -255,7 +256,9 @@ def _spawn(
     return Server(name, proc, url, time.monotonic(), log)
 
 
-def start_router(fake_url: str, workdir: Path, cpus: set[int] | None, soak: bool = False) -> Server:
+def start_router(
+    fake_url: str, workdir: Path, cpus: set[int] | None, soak: bool = False, workers: int = 1
+) -> Server:
     """Start ``python -m router`` with `router_config`.
 
     Args:
@@ -263,28 +266,32 @@ def start_router(fake_url: str, workdir: Path, cpus: set[int] | None, soak: bool
         workdir: Where its config and log go.
         cpus: CPUs to run on (None: any).
         soak: Use the soak config.
+        workers: Its worker processes (``--workers``).
     """
     port = free_port()
     path = workdir / ("router-soak.yaml" if soak else "router.yaml")
     path.write_text(yaml.safe_dump(router_config(fake_url, port, soak)))
-    args = [sys.executable, "-m", "router", "--config", str(path)]
+    args = [sys.executable, "-m", "router", "--config", str(path), "--workers", str(workers)]
     return _spawn("router", args, f"http://127.0.0.1:{port}", workdir, cpus)
 
 
-def start_litellm(exe: str, fake_url: str, workdir: Path, cpus: set[int] | None) -> Server:
-    """Start the LiteLLM proxy with `litellm_config`, one worker.
+def start_litellm(
+    exe: str, fake_url: str, workdir: Path, cpus: set[int] | None, workers: int = 1
+) -> Server:
+    """Start the LiteLLM proxy with `litellm_config`.
 
     Args:
         exe: The ``litellm`` executable.
         fake_url: The fake's root URL.
         workdir: Where its config and log go.
         cpus: CPUs to run on (None: any).
+        workers: Its ``--num_workers``.
     """
     port = free_port()
     path = workdir / "litellm.yaml"
     path.write_text(yaml.safe_dump(litellm_config(fake_url)))
     args = [exe, "--config", str(path), "--host", "127.0.0.1", "--port", str(port)]
-    args += ["--num_workers", "1"]
+    args += ["--num_workers", str(workers)]
     return _spawn("litellm", args, f"http://127.0.0.1:{port}", workdir, cpus, LITELLM_ENV)
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+# One layer's (keys, values), each ``(1, n_kv_heads, tokens, head_dim)``.
+LayerKV = tuple[mx.array, mx.array]
+
 
 class KVCache:
     """Per-layer key/value store that grows in steps of ``step`` positions.
@@ -101,6 +104,38 @@ class BatchKVCache:
         self.values: mx.array | None = None
         self.idx = 0
         self._set_padding(list(left_padding or []))
+
+    @classmethod
+    def from_prefixes(
+        cls, prefixes: list[LayerKV | None], lengths: list[int], left_padding: list[int]
+    ) -> BatchKVCache:
+        """A batch cache whose rows already hold the first positions of their prompts.
+
+        Row ``b`` holds the first ``lengths[b]`` positions of ``prefixes[b]`` in the columns
+        ``left_padding[b] .. idx - 1``: ``left_padding[b] + lengths[b]`` is the same ``idx`` for
+        every row with a prefix; a row without one is padding up to ``idx`` (and maybe past it).
+
+        Args:
+            prefixes: Per row, ``(keys, values)`` ``(1, n_kv_heads, >= length, head_dim)`` or
+                None (length 0); at least one is given.
+            lengths: Positions each row takes from its prefix.
+            left_padding: Padding columns in front of each row's prompt.
+        """
+        idx = min(p + n for p, n in zip(left_padding, lengths, strict=True))
+        k0, v0 = next(p for p in prefixes if p is not None)
+        _, H, _, k_dim = k0.shape
+        keys, values = [], []
+        for prefix, n in zip(prefixes, lengths, strict=True):
+            if n == 0:
+                keys.append(mx.zeros((1, H, idx, k_dim), k0.dtype))
+                values.append(mx.zeros((1, H, idx, v0.shape[3]), v0.dtype))
+            else:
+                keys.append(_pad_left(prefix[0][..., :n, :], idx - n))
+                values.append(_pad_left(prefix[1][..., :n, :], idx - n))
+        cache = cls()
+        cache.keys, cache.values, cache.idx = mx.concatenate(keys), mx.concatenate(values), idx
+        cache._set_padding(list(left_padding))
+        return cache
 
     def __len__(self) -> int:
         return len(self.left_padding)

@@ -1,4 +1,4 @@
-"""The `mlx-smolvlm` command: generate, chat, convert.
+"""The `mlx-smolvlm` command: generate, chat, convert, export-onnx.
 
 Serving is the router's: `smolvlm-router --model PATH_OR_HUB_ID`.
 """
@@ -209,6 +209,15 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export_onnx(args: argparse.Namespace) -> int:
+    from .onnx_export import export_onnx
+
+    export_onnx(
+        args.hf_path, args.onnx_path, dtype=args.dtype, quantize=args.quantize, force=args.force
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``mlx-smolvlm`` and its commands."""
     parser = argparse.ArgumentParser(prog="mlx-smolvlm", description=DESCRIPTION)
@@ -284,6 +293,31 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="replace a non-empty --mlx-path")
     add_offline_arg(convert)
     convert.set_defaults(run=run_convert)
+
+    export_onnx = commands.add_parser(
+        "export-onnx",
+        help="export a Hugging Face checkpoint to ONNX (ONNX Runtime, transformers.js)",
+        description="Export a Hugging Face SmolVLM checkpoint to ONNX in the layout Hugging Face "
+        "publishes (onnx/vision_encoder, embed_tokens, decoder_model_merged), with optional fp16 "
+        "and quantized variants beside the fp32 graphs. Needs the 'onnx' extra.",
+    )
+    export_onnx.add_argument("--hf-path", required=True, metavar="PATH_OR_HUB_ID", help=MODEL_HELP)
+    export_onnx.add_argument(
+        "--onnx-path", required=True, metavar="DIR", help="the export directory"
+    )
+    export_onnx.add_argument(
+        "--dtype", default="fp32", help="fp32, or fp16 to add *_fp16.onnx (default: %(default)s)"
+    )
+    export_onnx.add_argument(
+        "--quantize",
+        action="append",
+        default=[],
+        metavar="VARIANT",
+        help="add a variant: int8, q4 or q4f16 (repeatable)",
+    )
+    export_onnx.add_argument("--force", action="store_true", help="replace a non-empty --onnx-path")
+    add_offline_arg(export_onnx)
+    export_onnx.set_defaults(run=run_export_onnx)
 
     return parser
 

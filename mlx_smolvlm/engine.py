@@ -6,8 +6,11 @@ MLX. Requests arrive through a queue; each is prefilled alone (its images throug
 then joins the running batch, whose decode steps run all sequences at once on a left-padded
 `BatchKVCache` with per-row RoPE positions and a padding mask. A sequence leaves the batch
 when it finishes or its consumer goes away, at the next step. Each request has its own
-sampler, logits processors, stop conditions and streaming detokenizer (`TextStream`), and its
-results reach its event loop through `loop.call_soon_threadsafe`.
+sampler, logits processors, stop conditions, streaming detokenizer (`TextStream`) and, if it
+asks for structured output, grammar matcher (`constrain.Constraint`), and its results reach its
+event loop through `loop.call_soon_threadsafe`. Prefilled prompts are kept in a prompt cache
+(`prompt_cache.LRUPromptCache`, bounded in bytes): a later prompt that shares a prefix with one
+of them, images included, prefills only the rest.
 
 Admission control: at most `max_sequences` sequences decode at once; at most `max_queue`
 more wait (preprocessing included), past that `generate` raises `QueueFullError`; a prompt
@@ -27,13 +30,16 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import llguidance
 import mlx.core as mx
 
-from .cache import BatchKVCache
+from .cache import BatchKVCache, LayerKV
+from .constrain import Constraint, make_tokenizer
 from .generate import ImageFeatureCache, TextStream, encode_tiles, input_keys, prepare_prompt
 from .image_processing import ImageInput
 from .model import Model
 from .processing import PreparedPrompt, Processor
+from .prompt_cache import LRUPromptCache, PromptCacheStats
 from .sample import LogitsProcessor, Sampler, make_repetition_penalty, make_sampler
 from .tokenizer import Tokenizer
 from .video import VideoInput
@@ -43,6 +49,11 @@ logger = logging.getLogger(__name__)
 # Errors one request's inputs can cause in the engine thread (shapes, features, memory): they
 # fail that request only.
 REQUEST_ERRORS = (ValueError, RuntimeError, MemoryError)
+
+
+# A prefill group is split by what its prompts have cached only when the best reuse is at
+# least this long: below, recomputing is cheaper than a second prefill.
+MIN_SPLIT_TOKENS = 64
 
 
 class QueueFullError(RuntimeError):
@@ -72,6 +83,8 @@ class EngineConfig:
             `max_position_embeddings`.
         prefill_step_size: Prompt tokens prefilled between two decode steps of the batch.
         image_cache_tiles: Encoded image tiles kept for reuse across requests.
+        prompt_cache_bytes: Bytes of prompt KV kept for requests that share a prefix (system
+            prompt, tools, images); 0 disables the prompt cache.
         retry_after_s: The wait suggested to refused requests.
     """
 
@@ -80,13 +93,14 @@ class EngineConfig:
     max_context_tokens: int | None = None
     prefill_step_size: int = 512
     image_cache_tiles: int = 256
+    prompt_cache_bytes: int = 512 * 2**20
     retry_after_s: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("max_sequences", "prefill_step_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_queue", "image_cache_tiles"):
+        for name in ("max_queue", "image_cache_tiles", "prompt_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_context_tokens is not None and self.max_context_tokens < 2:
@@ -107,6 +121,8 @@ class SamplingParams:
             else is in the batch.
         stop: Strings that end generation; only the text before the first one is returned.
         ignore_eos: Keep generating past end-of-sequence tokens (for benchmarks and tests).
+        grammar: An llguidance grammar the answer must follow (`constrain.json_schema_grammar`,
+            `constrain.tool_call_grammar`); None leaves the answer free.
     """
 
     max_tokens: int = 256
@@ -118,6 +134,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    grammar: str | None = None
 
 
 @dataclass
@@ -143,11 +160,12 @@ class EngineOutput:
 
 @dataclass
 class EngineStats:
-    """A snapshot of the engine's load."""
+    """A snapshot of the engine's load and of its prompt cache."""
 
     running: int
     waiting: int
     steps: int
+    prompt_cache: PromptCacheStats
 
 
 class _Sequence:
@@ -156,13 +174,16 @@ class _Sequence:
     def __init__(
         self,
         prompt: PreparedPrompt,
+        keys: list[int | str],
         params: SamplingParams,
         max_tokens: int,
         eos_token_ids: list[int],
         tokenizer: Tokenizer,
         loop: asyncio.AbstractEventLoop,
+        constraint: Constraint | None = None,
     ):
         self.prompt = prompt
+        self.keys = keys  # token ids, image tokens as tile hashes: the prompt cache's key
         self.sampler: Sampler = make_sampler(
             params.temperature, params.top_p, params.top_k, params.min_p
         )
@@ -171,6 +192,7 @@ class _Sequence:
         if params.repetition_penalty not in (None, 1.0):
             self.processors.append(make_repetition_penalty(params.repetition_penalty))
         self.seed = params.seed
+        self.constraint = constraint
         self.draws = 0  # tokens sampled so far (ahead of the tokens consumed)
         self.text = TextStream(
             tokenizer, max_tokens, params.stop, () if params.ignore_eos else eos_token_ids
@@ -183,13 +205,16 @@ class _Sequence:
 
     @property
     def simple(self) -> bool:
-        """Greedy without logits processors: can share one argmax with the batch."""
-        return self.greedy and not self.processors
+        """Greedy, unconstrained, without logits processors: can share one argmax with the
+        batch."""
+        return self.greedy and not self.processors and self.constraint is None
 
     def sample(self, logits: mx.array) -> mx.array:
         """The next token `[1]` from this sequence's logits `[1, vocab]` (lazy)."""
         for process in self.processors:
             logits = process(self.history, logits)
+        if self.constraint is not None:
+            logits = mx.where(self.constraint.mask(), logits, -mx.inf)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if self.seed is not None:
             # A seed per (request, step): reproducible whatever else shares the batch.
@@ -221,11 +246,17 @@ class _Prefill:
     seqs: list[_Sequence]
     encoded: int = 0  # sequences whose tiles are all encoded
     tiles_done: int = 0  # tiles encoded of the sequence being encoded
-    features: list[list[mx.array]] = field(default_factory=list)  # per sequence, [rows, hidden]
+    # Per sequence, the features [rows, hidden] of its tiles from `first_tiles` on.
+    features: list[list[mx.array]] = field(default_factory=list)
     cache: list[BatchKVCache] = field(default_factory=list)
     ids: list[list[int]] = field(default_factory=list)  # left-padded prompts
     padding: list[int] = field(default_factory=list)
     columns_done: int = 0
+    # Reuse of the prompt cache, per sequence: positions taken from it, their per-layer KV,
+    # the first tile not among them and the `<image>` tokens of that tile among them.
+    reused: list[int] = field(default_factory=list)
+    prefixes: list[list[LayerKV] | None] = field(default_factory=list)
+    first_tiles: list[int] = field(default_factory=list)
     image_rows_done: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -248,6 +279,8 @@ class Engine:
         context = model.config.text_config.max_position_embeddings
         self.max_context = min(self.config.max_context_tokens or context, context)
         self.feature_cache = ImageFeatureCache(self.config.image_cache_tiles)
+        self.prompt_cache = LRUPromptCache(self.config.prompt_cache_bytes)
+        self._grammar_tokenizer: llguidance.LLTokenizer | None = None  # built on first use
         self._inbox: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued = 0  # accepted and not yet in a slot (preprocessing included)
@@ -267,10 +300,11 @@ class Engine:
     # ---- the consumer's side (any event loop) --------------------------------------------
 
     def stats(self) -> EngineStats:
-        """How many sequences run (prefilling included) and wait, and the decode steps so far."""
+        """How many sequences run (prefilling included) and wait, the decode steps so far and
+        the prompt cache's hits, misses and bytes."""
         running = len(self._rows) + (len(self._prefill.seqs) if self._prefill else 0)
         with self._lock:
-            return EngineStats(running, self._queued, self._steps)
+            return EngineStats(running, self._queued, self._steps, self.prompt_cache.stats())
 
     def prepare(
         self,
@@ -314,6 +348,7 @@ class Engine:
             EngineClosedError: The engine is stopped.
             ContextLengthError: The prompt does not fit the context.
             ValueError: Bad sampling options, or the processor rejects an input.
+            GrammarError: `params.grammar` does not compile.
             RuntimeError: MLX failed on this request.
         """
         params = params or SamplingParams()
@@ -325,7 +360,13 @@ class Engine:
             if not isinstance(prompt, PreparedPrompt):
                 loop = asyncio.get_running_loop()
                 prompt = await loop.run_in_executor(self._prep, self.prepare, prompt, images, video)
-            seq = self._make_sequence(prompt, params)
+            constraint = None
+            if params.grammar is not None:
+                loop = asyncio.get_running_loop()
+                constraint = await loop.run_in_executor(
+                    self._prep, self._make_constraint, params.grammar
+                )
+            seq = self._make_sequence(prompt, params, constraint)
             with self._lock:  # never into the inbox of an engine that has shut down
                 if self._closed:
                     raise EngineClosedError("the engine is stopped")
@@ -374,9 +415,22 @@ class Engine:
         with self._lock:
             self._queued -= 1
 
-    def _make_sequence(self, prompt: PreparedPrompt, params: SamplingParams) -> _Sequence:
+    def _make_constraint(self, grammar: str) -> Constraint:
+        """The matcher of one request's grammar (on the preparing thread: it may take ms)."""
+        if self._grammar_tokenizer is None:
+            tokenizer = self.processor.tokenizer
+            self._grammar_tokenizer = make_tokenizer(
+                tokenizer.to_json(),
+                self.model.config.text_config.vocab_size,
+                tokenizer.eos_token_ids,
+            )
+        return Constraint(self._grammar_tokenizer, grammar)
+
+    def _make_sequence(
+        self, prompt: PreparedPrompt, params: SamplingParams, constraint: Constraint | None
+    ) -> _Sequence:
         tokenizer = self.processor.tokenizer
-        input_keys(prompt, tokenizer.image_token_id, self.processor.image_seq_len)  # tiles fit
+        keys = input_keys(prompt, tokenizer.image_token_id, self.processor.image_seq_len)
         n = len(prompt.input_ids)
         if n >= self.max_context:
             raise ContextLengthError(
@@ -385,11 +439,13 @@ class Engine:
             )
         return _Sequence(
             prompt,
+            keys,
             params,
             min(params.max_tokens, self.max_context - n),
             tokenizer.eos_token_ids,
             tokenizer,
             asyncio.get_running_loop(),
+            constraint,
         )
 
     # ---- the engine thread ---------------------------------------------------------------
@@ -442,6 +498,13 @@ class Engine:
         mask = self._cache[0].make_mask()
         logits = self.model(tokens[:, None], cache=self._cache, mask=mask)[:, -1, :]
         self._steps += 1
+        if any(seq.constraint is not None for seq in self._rows):
+            # The next masks follow `tokens`: advance the matchers past them while the
+            # forward pass runs, then sample.
+            mx.async_eval(logits)
+            for seq, token in zip(self._rows, tokens.tolist(), strict=True):
+                if seq.constraint is not None:
+                    seq.constraint.consume(token)
         next_tokens = self._sample(logits, self._rows).astype(mx.int32)
         mx.async_eval(next_tokens)
         return next_tokens
@@ -503,7 +566,11 @@ class Engine:
             seqs = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
             for _ in seqs:
                 self._release()
+            # A prompt always prefills its last token, for its logits.
+            found = [self.prompt_cache.fetch(seq.keys, len(seq.keys) - 1) for seq in seqs]
+            seqs, found = self._defer_cold(seqs, found)
             self._prefill = _Prefill(seqs)
+            self._reuse_prefixes(self._prefill, found)
         prefill = self._prefill
         if all(seq.cancelled for seq in prefill.seqs):
             self._prefill = None
@@ -553,7 +620,56 @@ class Engine:
             return None
         tokens = self._sample(logits[:, -1, :], prefill.seqs).astype(mx.int32)
         mx.eval(tokens)
+        for i, seq in enumerate(prefill.seqs):
+            pad = prefill.padding[i]
+            self.prompt_cache.insert(
+                seq.keys,
+                [
+                    (c.keys[i : i + 1, :, pad:T], c.values[i : i + 1, :, pad:T])
+                    for c in prefill.cache
+                ],
+            )
         return tokens
+
+    def _defer_cold(
+        self, seqs: list[_Sequence], found: list[tuple[int, list[LayerKV] | None]]
+    ) -> tuple[list[_Sequence], list[tuple[int, list[LayerKV] | None]]]:
+        """Leave for the next prefill the prompts with less than half the best one's prefix
+        cached (when that is worth it): the rows of a prefill start at one column, so they
+        would make the others prefill theirs again. They go right after this short prefill."""
+        best = max(n for n, _ in found)
+        keep = [i for i, (n, _) in enumerate(found) if 2 * n >= best]
+        if best < MIN_SPLIT_TOKENS or len(keep) == len(seqs):
+            return seqs, found
+        deferred = [seq for i, seq in enumerate(seqs) if i not in keep]
+        self._waiting.extendleft(reversed(deferred))
+        with self._lock:
+            self._queued += len(deferred)
+        return [seqs[i] for i in keep], [found[i] for i in keep]
+
+    def _reuse_prefixes(
+        self, prefill: _Prefill, found: list[tuple[int, list[LayerKV] | None]]
+    ) -> None:
+        """Plan the prefill around each prompt's longest prefix in the prompt cache (`found`).
+
+        The rows of a prefill advance together, column by column, so it starts at the first
+        column that some row does not hold: a row with a shorter cached prefix (or more padding)
+        than the others makes them recompute some of theirs.
+        """
+        T = max(len(seq.keys) for seq in prefill.seqs)
+        prefill.padding = [T - len(seq.keys) for seq in prefill.seqs]
+        start = min(pad + n for pad, (n, _) in zip(prefill.padding, found, strict=True))
+        prefill.columns_done = start
+        seq_len = max(self.processor.image_seq_len, 1)  # 0 for a text-only model
+        for seq, pad, (_, layers) in zip(prefill.seqs, prefill.padding, found, strict=True):
+            reused = max(0, start - pad)
+            self.prompt_cache.record(reused)
+            image_tokens = sum(isinstance(key, str) for key in seq.keys[:reused])
+            prefill.reused.append(reused)
+            prefill.prefixes.append(layers if reused else None)
+            prefill.first_tiles.append(image_tokens // seq_len)
+            prefill.image_rows_done.append(image_tokens % seq_len)
+        prefill.tiles_done = prefill.first_tiles[0]
 
     def _encode_unit(self, prefill: _Prefill) -> None:
         """Encode the next group of tiles of the first sequence not fully encoded."""
@@ -572,19 +688,29 @@ class Engine:
                     mx.concatenate(prefill.features[prefill.encoded])
                 ]
             prefill.encoded += 1
-            prefill.tiles_done = 0
+            if prefill.encoded < len(prefill.seqs):
+                prefill.tiles_done = prefill.first_tiles[prefill.encoded]
 
     def _start_columns(self, prefill: _Prefill) -> None:
-        """Left-pad the prompts to a common length and make their batch cache."""
-        T = max(len(seq.prompt.input_ids) for seq in prefill.seqs)
-        prefill.padding = [T - len(seq.prompt.input_ids) for seq in prefill.seqs]
+        """Left-pad the prompts to a common length and make their batch cache, holding the
+        prefixes found in the prompt cache."""
         # Padding columns hold token 0; the mask hides them (image tokens would be merged).
         prefill.ids = [
             [0] * pad + seq.prompt.input_ids
             for pad, seq in zip(prefill.padding, prefill.seqs, strict=True)
         ]
-        prefill.image_rows_done = [0] * len(prefill.seqs)
-        prefill.cache = [BatchKVCache(prefill.padding) for _ in self.model.text_model.layers]
+        layers = range(len(self.model.text_model.layers))
+        if prefill.columns_done == 0:
+            prefill.cache = [BatchKVCache(prefill.padding) for _ in layers]
+            return
+        prefill.cache = [
+            BatchKVCache.from_prefixes(
+                [None if p is None else p[layer] for p in prefill.prefixes],
+                prefill.reused,
+                prefill.padding,
+            )
+            for layer in layers
+        ]
 
     def _join(self, prefill: _Prefill, first_tokens: mx.array) -> None:
         """Move the prefilled sequences still wanted into the batch; their first tokens go out

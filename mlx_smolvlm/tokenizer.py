@@ -65,6 +65,10 @@ class Tokenizer:
             eos_token_ids = [self.token_to_id(self.special_tokens["eos_token"])]
         self.eos_token_ids = eos_token_ids
 
+    def to_json(self) -> str:
+        """The `tokenizers` tokenizer as JSON text (as `tokenizer.json` holds it)."""
+        return self._tokenizer.to_str()
+
     def token_to_id(self, token: str) -> int:
         """Id of a single token.
 

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from aiohttp import web
@@ -39,8 +40,10 @@ from .config import (
     load_config,
 )
 from .handlers import list_endpoints
+from .keys.local_store import KEY_COORDINATOR
 from .logs import configure_logging, secrets_of
-from .reload import CONFIG_LOADER, RELOAD_HOOKS, reload_on_signal
+from .reload import CONFIG_LOADER, RELOAD_HOOKS, RELOAD_OTHERS, reload_on_signal
+from .workers import run_event_loop, supervise, watch_supervisor, worker_count, worker_role
 
 logger = logging.getLogger("router")
 
@@ -61,7 +64,7 @@ environment:
   HF_HUB_OFFLINE=1    as --offline
 
 signals: SIGHUP reloads --config; SIGTERM and SIGINT stop after in-flight requests
-(up to shutdown_grace_s).
+(up to shutdown_grace_s). With several workers the supervisor passes both to every worker.
 
 smolvlm-router hash-key --help: making the sha256: form of a router key."""
 
@@ -103,9 +106,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load()
+        workers = 1 if worker_role() else worker_count(cfg, args.workers)
     except ConfigError as err:
         logger.error("%s", err)
         return 2
+    if workers > 1:
+        return run_supervisor(cfg, argv, workers, args.host, args.port)
     return run_server(cfg, args.host, args.port, load if args.config else None)
 
 
@@ -146,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(sets HF_HUB_OFFLINE=1)",
     )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING... (default: log.level, INFO)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes sharing the port (default: workers in the config, else the "
+        "number of CPUs; 1 when the local model is served)",
+    )
     local = parser.add_argument_group("the local model (with --model)")
     local.add_argument("--name", help="the model name clients ask for (default: from --model)")
     local.add_argument("--dtype", help="cast the weights, e.g. float32 (default: the checkpoint's)")
@@ -224,6 +237,32 @@ def hash_key_command(argv: list[str]) -> int:
     return 0
 
 
+def run_supervisor(
+    cfg: Config, argv: list[str], workers: int, host: str | None, port: int | None
+) -> int:
+    """Check the listen address, then run ``workers`` worker processes (`router.workers`).
+
+    Args:
+        cfg: The router configuration.
+        argv: The command-line arguments, which each worker gets.
+        workers: How many.
+        host: Overrides ``cfg.listen.host``.
+        port: Overrides ``cfg.listen.port``.
+
+    Returns:
+        The process exit status (2 when the listen address needs client keys, or is port 0).
+    """
+    try:
+        if not (port or cfg.listen.port):
+            raise ConfigError("listen.port: several workers share one port, so it cannot be 0")
+        check_bind(host or cfg.listen.host, cfg.auth)
+    except ConfigError as err:
+        logger.error("%s", err)
+        return 2
+    configure_logging(cfg.log, secrets_of(cfg))
+    return supervise(cfg, argv, workers)
+
+
 def run_server(
     cfg: Config,
     host: str | None = None,
@@ -259,7 +298,7 @@ def run_server(
         return new
 
     try:
-        asyncio.run(_serve(cfg, load if loader else None))
+        run_event_loop(_serve(cfg, load if loader else None))
     except (ValueError, OSError) as err:  # a backend that cannot start (e.g. a bad model)
         logger.error("%s", err)
         return 1
@@ -273,6 +312,12 @@ LISTEN_BACKLOG = 4096
 async def _serve(cfg: Config, loader: Callable[[], Config] | None) -> None:
     grace = cfg.shutdown_grace_s
     app = create_app(cfg)
+    role = worker_role()
+    if role is not None and role.coordinator:
+        app[KEY_COORDINATOR] = role.coordinator
+    if role is not None:
+        # The supervisor sends SIGHUP to every worker (this one reloads again, to no change).
+        app[RELOAD_OTHERS] = partial(os.kill, os.getppid(), signal.SIGHUP)
     if loader is not None:
         app[CONFIG_LOADER] = loader
     app[RELOAD_HOOKS].append(lambda new: configure_logging(new.log, secrets_of(new)))
@@ -288,9 +333,17 @@ async def _serve(cfg: Config, loader: Callable[[], Config] | None) -> None:
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    watcher = None
     try:
         # A deep accept queue: with aiohttp's 128, a burst of new clients waits on SYN retries.
-        site = web.TCPSite(runner, cfg.listen.host, cfg.listen.port, backlog=LISTEN_BACKLOG)
+        # Workers share the port: the kernel spreads new connections among their sockets.
+        site = web.TCPSite(
+            runner,
+            cfg.listen.host,
+            cfg.listen.port,
+            backlog=LISTEN_BACKLOG,
+            reuse_port=role is not None,
+        )
         await site.start()
         logger.info(
             "serving %s on http://%s:%d", ", ".join(cfg.models), cfg.listen.host, cfg.listen.port
@@ -301,9 +354,13 @@ async def _serve(cfg: Config, loader: Callable[[], Config] | None) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, reload_on_signal, app)
+        if role is not None:
+            watcher = loop.create_task(watch_supervisor(stop))
         await stop.wait()
         logger.info("shutting down: no new connections, in-flight requests get up to %g s", grace)
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await runner.cleanup()

@@ -11,15 +11,15 @@ import fnmatch
 import hashlib
 import hmac
 import ipaddress
-import json
 import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from .backends import CONFIG
+from .body import read_body
 from .config import AuthConfig, ClientKeyConfig, ConfigError
-from .errors import AuthenticationError, PermissionDeniedError
+from .errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from .logs import REQUEST_CONTEXT
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 # Paths outside client auth: probes and metrics are open, /admin has its own key.
 OPEN_PATHS = ("/health", "/metrics")
 ADMIN_PREFIX = "/admin/"
+# The web console checks its own session (router/console).
+CONSOLE_PREFIX = "/ui"
 KEY_FORMS = "Authorization: Bearer, x-api-key, x-goog-api-key or ?key="
 
 
@@ -131,19 +133,24 @@ async def requested_model(request: web.Request) -> str | None:
     if request.method != "POST" or not request.can_read_body:
         return None
     try:
-        body = json.loads(await request.read())
-    except (ValueError, RecursionError):
-        # Not JSON, or nested past the decoder's limit: the handler's decode_body says why.
-        return None
-    model = body.get("model") if isinstance(body, dict) else None
+        body = await read_body(request)
+    except InvalidRequestError:
+        return None  # not a valid JSON object: the handler says why
+    model = body.get("model")
     return model if isinstance(model, str) else None
 
 
+# Checks a web console session (cookie, CSRF token), for admin calls made by the console: true
+# when the request carries a valid one, false when it carries none; raises when it is invalid.
+ADMIN_SESSION = web.AppKey("admin_session", Callable[[web.Request], bool])
+
+
 def require_admin(request: web.Request) -> None:
-    """Check the admin key of an admin API call.
+    """Check the admin key of an admin API call, or the web console's session.
 
     Args:
-        request: The request (key as ``Authorization: Bearer`` or ``x-api-key``).
+        request: The request (key as ``Authorization: Bearer`` or ``x-api-key``, or the
+            console's session cookie and CSRF token, see `ADMIN_SESSION`).
 
     Raises:
         PermissionDeniedError: If no admin key is configured (the admin API is off).
@@ -153,6 +160,9 @@ def require_admin(request: web.Request) -> None:
     if digest is None:
         raise PermissionDeniedError("the admin API is disabled: set auth.admin_key")
     key = presented_key(request)
+    session = request.app.get(ADMIN_SESSION)
+    if key is None and session is not None and session(request):
+        return
     if key is None or not matches_digest(key, digest):
         raise AuthenticationError("missing or invalid admin key")
 
@@ -169,7 +179,7 @@ async def auth_middleware(
         request: The request.
         handler: The route handler.
     """
-    if request.path in OPEN_PATHS or request.path.startswith(ADMIN_PREFIX):
+    if request.path in OPEN_PATHS or request.path.startswith((ADMIN_PREFIX, CONSOLE_PREFIX)):
         return await handler(request)
     context = request[REQUEST_CONTEXT]
     context.model = model = await requested_model(request)

@@ -1,6 +1,7 @@
 """The app's backends: its config, the providers built from the config (each HTTP provider
 with its own connection pool), the media fetcher (on a pool of its own) and the key pools
-(linked to the shared key state when configured), as typed app state filled by the
+(linked to the shared key state when configured, or to the other workers' through their
+supervisor), as typed app state filled by the
 `backends` cleanup context for the app's lifetime."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from aiohttp import web
 from .config import Config
 from .images import MediaFetcher
 from .keys import KEY_POOLS, SHARED_STATE, KeyPool
+from .keys.local_store import KEY_COORDINATOR, LocalKeyState
 from .providers import make_provider
 from .providers.base import BaseProvider
 
@@ -35,6 +37,8 @@ async def backends(app: web.Application) -> AsyncIterator[None]:
         from .keys.redis_store import SharedKeyState
 
         shared = app[SHARED_STATE] = SharedKeyState(cfg.shared_state)
+    elif KEY_COORDINATOR in app:  # a worker of several, without Redis: its supervisor's
+        shared = app[SHARED_STATE] = LocalKeyState(app[KEY_COORDINATOR])
     app[KEY_POOLS] = {name: KeyPool(p, shared=shared) for name, p in cfg.providers.items()}
     try:
         if shared is not None:

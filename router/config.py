@@ -22,6 +22,7 @@ DEFAULT_BASE_URLS = {
     "openai": "https://api.openai.com/v1",
     "anthropic": "https://api.anthropic.com",
     "gemini": "https://generativelanguage.googleapis.com",
+    "ollama": "http://127.0.0.1:11434",
 }
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -141,8 +142,8 @@ class MLXConfig:
 
     In YAML the engine's options (`mlx_smolvlm.engine.EngineConfig`: ``max_sequences``,
     ``max_queue``, ``max_context_tokens``, ``prefill_step_size``, ``image_cache_tiles``,
-    ``retry_after_s``) sit beside these keys; past ``max_queue`` waiting requests the router
-    answers 429 with Retry-After.
+    ``prompt_cache_bytes``, ``retry_after_s``) sit beside these keys; past ``max_queue`` waiting
+    requests the router answers 429 with Retry-After.
     """
 
     # A checkpoint directory or a Hugging Face Hub id.
@@ -418,6 +419,26 @@ class SharedStateConfig:
             )
 
 
+@dataclass
+class RequestLogConfig:
+    """The request log (see router/request_log.py): metadata of every client request in SQLite,
+    bodies only when ``bodies`` is true, every configured secret redacted."""
+
+    # The SQLite file (WAL mode); ":memory:" keeps the log in this process only.
+    path: str = ":memory:"
+    bodies: bool = False
+    # Retention: rows older than max_age_s go, then the oldest until the file is under max_bytes.
+    max_age_s: float = 7 * 24 * 3600.0
+    max_bytes: int = 256 * 1024 * 1024
+    # Requests are buffered and written in batches this often, off the event loop.
+    flush_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("max_age_s", "max_bytes", "flush_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"request_log.{name}: must be > 0, got {getattr(self, name)}")
+
+
 def hash_key(key: str) -> str:
     """The form of a router key stored in the config: ``sha256:<hex>``.
 
@@ -463,6 +484,9 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     # Redis-backed key state shared with other instances (None: this process's memory only).
     shared_state: SharedStateConfig | None = None
+    request_log: RequestLogConfig = field(default_factory=RequestLogConfig)
+    # Worker processes sharing the listening port (None: see `router.workers.worker_count`).
+    workers: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> Config:
@@ -477,7 +501,14 @@ class Config:
         """
         _require_mapping(data, "config")
         sections = {"listen", "providers", "models", "limits", "media", "retry", "auth"}
-        sections |= {"timeouts", "shutdown_grace_s", "log", "shared_state"}
+        sections |= {
+            "timeouts",
+            "shutdown_grace_s",
+            "log",
+            "shared_state",
+            "request_log",
+            "workers",
+        }
         _reject_unknown(data, sections, "config")
         listen = _build(ListenConfig, data.get("listen") or {}, "listen")
         limits = _build(LimitsConfig, data.get("limits") or {}, "limits")
@@ -486,9 +517,13 @@ class Config:
         auth = _build(AuthConfig, data.get("auth") or {}, "auth")
         timeouts = _build(TimeoutsConfig, data.get("timeouts") or {}, "timeouts")
         log = _build(LogConfig, data.get("log") or {}, "log")
+        request_log = _build(RequestLogConfig, data.get("request_log") or {}, "request_log")
         shared = data.get("shared_state")
         if shared is not None:
             shared = _build(SharedStateConfig, shared, "shared_state")
+        workers = data.get("workers")
+        if workers is not None and (type(workers) is not int or workers < 1):
+            raise ConfigError(f"workers: must be an integer >= 1, got {workers!r}")
         grace = data.get("shutdown_grace_s", 30.0)
         _check_type(grace, "float", "shutdown_grace_s")
         if grace < 0:
@@ -538,6 +573,8 @@ class Config:
             shutdown_grace_s=float(grace),
             log=log,
             shared_state=shared,
+            request_log=request_log,
+            workers=workers,
         )
 
 

@@ -12,6 +12,7 @@ from .backends import CONFIG
 from .errors import GatewayError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 from .formats.base import ClientFormat
 from .formats.registry import client_format_for_path
+from .jsonio import json_response
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def error_response(fmt: ClientFormat, err: GatewayError) -> web.Response:
     headers = {}
     if err.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
-    return web.json_response(body, status=status, headers=headers)
+    return json_response(body, status=status, headers=headers)
 
 
 @web.middleware

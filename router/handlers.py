@@ -11,15 +11,17 @@ from aiohttp import web
 
 from .attempts import complete, count_tokens
 from .backends import CONFIG
+from .body import read_body
 from .fallback import request_affinity, resolve_targets, run_with_fallback
 from .formats.base import ClientFormat
-from .formats.fields import decode_body
+from .formats.ollama.discovery import setup_discovery
 from .formats.registry import (
     CLIENT_FORMATS,
     MODEL_LIST_PATHS,
     MODEL_PATHS,
     client_format_for_models,
 )
+from .jsonio import json_response
 from .logs import REQUEST_CONTEXT
 from .streaming import stream_answer
 
@@ -33,13 +35,14 @@ def setup_routes(app: web.Application) -> None:
         app: The application.
     """
     for fmt in CLIENT_FORMATS:
-        handler: Handler = partial(_serve, fmt)
+        handler: Handler = partial(serve_call, fmt)
         for path in fmt.paths:
             app.router.add_post(path, handler)
     for path in MODEL_LIST_PATHS:
         app.router.add_get(path, _list_models)
     for path in MODEL_PATHS:
         app.router.add_get(path, _get_model)
+    setup_discovery(app)
     app.router.add_get("/", _index)
 
 
@@ -62,41 +65,41 @@ async def _index(request: web.Request) -> web.Response:
     models = list(request.app[CONFIG].models)
     endpoints = list_endpoints(request.app)
     if "text/html" not in request.headers.get("Accept", ""):
-        return web.json_response(
+        return json_response(
             {"service": "smolvlm-router", "models": models, "endpoints": endpoints}
         )
     items = "".join(f"<li><code>{html.escape(m)}</code></li>" for m in models)
     routes = "".join(f"<li><code>{html.escape(e)}</code></li>" for e in endpoints)
     page = (
         '<!doctype html><html><head><meta charset="utf-8"><title>smolvlm-router</title>'
-        "</head><body><h1>smolvlm-router</h1><p>OpenAI, Anthropic and Gemini clients, one "
+        "</head><body><h1>smolvlm-router</h1><p>OpenAI, Anthropic, Gemini and Ollama clients, one "
         "gateway. Models (also <code>provider/model</code>):</p>"
         f"<ul>{items}</ul><p>Endpoints:</p><ul>{routes}</ul></body></html>"
     )
     return web.Response(text=page, content_type="text/html")
 
 
-async def _serve(fmt: ClientFormat, request: web.Request) -> web.StreamResponse:
+async def serve_call(fmt: ClientFormat, request: web.Request) -> web.StreamResponse:
     """Answer one client call in its format: a complete answer, a stream or a token count."""
     context = request[REQUEST_CONTEXT]
-    call = fmt.parse_call(decode_body(await request.read()), request)
+    call = fmt.parse_call(await read_body(request), request)
     ir_request = call.request
     affinity = request_affinity(request, ir_request)
     if call.count_tokens:
         tokens = await run_with_fallback(request.app, context, ir_request, count_tokens, affinity)
-        return web.json_response(fmt.render_token_count(tokens))
+        return json_response(fmt.render_token_count(tokens))
     if ir_request.stream:
         return await stream_answer(request, fmt, call, context, affinity)
     response = await run_with_fallback(request.app, context, ir_request, complete, affinity)
-    return web.json_response(fmt.render_response(response, ir_request))
+    return json_response(fmt.render_response(response, ir_request))
 
 
 async def _list_models(request: web.Request) -> web.Response:
     names = list(request.app[CONFIG].models)
-    return web.json_response(client_format_for_models(request).render_models(names))
+    return json_response(client_format_for_models(request).render_models(names))
 
 
 async def _get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"].removeprefix("models/")
     resolve_targets(request.app[CONFIG], name)
-    return web.json_response(client_format_for_models(request).render_model(name))
+    return json_response(client_format_for_models(request).render_model(name))

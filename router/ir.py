@@ -23,6 +23,7 @@ providers consume and produce them. Conventions:
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -176,6 +177,9 @@ class Request:
     prediction: str | None = None
     # Beta flags from an Anthropic client's ``anthropic-beta`` header; sent only to Anthropic.
     anthropic_beta: list[str] = field(default_factory=list)
+    # When the router read the request (``time.monotonic()``), for formats that report
+    # durations (Ollama's ``total_duration``).
+    received: float = field(default_factory=time.monotonic, compare=False, repr=False)
 
 
 @dataclass

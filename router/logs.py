@@ -12,7 +12,6 @@ by the command line, again after a config reload) installs the router's handler.
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
 import re
 import sys
@@ -23,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TextIO
 
+import orjson
 from aiohttp import web
 
 from . import ir
@@ -178,7 +178,7 @@ class JSONFormatter(logging.Formatter):
                 out[name] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return self.redactor.scrub(json.dumps(out, default=str))
+        return self.redactor.scrub(orjson.dumps(out, default=str).decode())
 
 
 class TextFormatter(logging.Formatter):

@@ -4,15 +4,18 @@ feed them: the per-request middleware and the key pools' state changes."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .keys import KeyPool
 from .logs import RequestContext
+from .workers import MULTIPROC_VAR
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +29,15 @@ class Metrics:
 
     Args:
         pools: Returns the current key pools (read at every scrape, so reloads show).
+        counters: Returns each provider's own counters (`BaseProvider.counters`), read at
+            every scrape.
     """
 
-    def __init__(self, pools: Callable[[], dict[str, KeyPool]]) -> None:
+    def __init__(
+        self,
+        pools: Callable[[], dict[str, KeyPool]],
+        counters: Callable[[], dict[str, dict[str, float]]] = dict,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "router_requests",
@@ -61,8 +70,12 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        # With several workers: the sum over the live ones (see `render`).
         self.in_flight = Gauge(
-            "router_requests_in_flight", "Client requests being served.", registry=self.registry
+            "router_requests_in_flight",
+            "Client requests being served.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.key_changes = Counter(
             "router_key_state_changes",
@@ -70,7 +83,10 @@ class Metrics:
             ["provider", "key", "state"],
             registry=self.registry,
         )
-        self.registry.register(_KeyStates(pools))
+        self._key_states = _KeyStates(pools)
+        self._provider_counters = _ProviderCounters(counters)
+        self.registry.register(self._key_states)
+        self.registry.register(self._provider_counters)
 
     def on_key_change(
         self, provider: str, key_id: str, old_state: str, new_state: str, reason: str
@@ -123,8 +139,18 @@ class Metrics:
             self.tokens.labels(model, provider, "out").inc(context.output_tokens)
 
     def render(self) -> web.Response:
-        """The Prometheus text exposition."""
-        response = web.Response(body=generate_latest(self.registry))
+        """The Prometheus text exposition. In a worker of several (prometheus_client's
+        multiprocess mode, set up by `router.workers`) the requests, latencies, tokens,
+        retries, fallbacks and key changes are summed over all workers, dead ones included,
+        and ``router_requests_in_flight`` over the live ones; key states are this worker's
+        mirror of the shared ones."""
+        registry = self.registry
+        if MULTIPROC_VAR in os.environ:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            registry.register(self._key_states)
+            registry.register(self._provider_counters)
+        response = web.Response(body=generate_latest(registry))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
@@ -158,3 +184,25 @@ class _KeyStates:
             "Each provider key's state (1 for the current one), by key id.",
             labels=["provider", "key", "state"],
         )
+
+
+class _ProviderCounters:
+    """``router_provider_<name>{provider}``: the counters providers keep themselves (the local
+    model's prompt cache hits, misses, reused tokens and bytes), read at scrape time."""
+
+    def __init__(self, counters: Callable[[], dict[str, dict[str, float]]]) -> None:
+        self._counters = counters
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        families: dict[str, GaugeMetricFamily] = {}
+        for provider, counters in self._counters().items():
+            for name, value in counters.items():
+                if name not in families:
+                    families[name] = GaugeMetricFamily(
+                        f"router_provider_{name}", f"A provider's own {name}.", labels=["provider"]
+                    )
+                families[name].add_metric([provider], value)
+        return list(families.values())

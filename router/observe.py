@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from .backends import CONFIG
+from .backends import CONFIG, PROVIDERS
 from .config import Config
 from .keys import KEY_POOLS, SHARED_STATE
 from .logs import REQUEST_CONTEXT, Redactor, secrets_of, start_request
@@ -29,7 +29,10 @@ def setup_observe(app: web.Application) -> None:
         app: The application (its backends cleanup context must already be added, so that
             the key pools exist when this one starts).
     """
-    app[METRICS] = Metrics(lambda: app[KEY_POOLS])
+    app[METRICS] = Metrics(
+        lambda: app[KEY_POOLS],
+        lambda: {name: p.counters() for name, p in app.get(PROVIDERS, {}).items()},
+    )
     app.cleanup_ctx.append(_hook_pools)
     app.on_response_prepare.append(_add_request_id)
     app.router.add_get("/health", _health)

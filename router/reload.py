@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 CONFIG_LOADER = web.AppKey("config_loader", Callable[[], Config])
 # Called with the config after each successful reload (the command line's logging setup).
 RELOAD_HOOKS = web.AppKey("reload_hooks", list[Callable[[Config], None]])
+# Called after a successful ``POST /admin/reload`` so that the other worker processes reload too
+# (set in workers, see `router.workers`); absent: this process is the only one.
+RELOAD_OTHERS = web.AppKey("reload_others", Callable[[], None])
 # Replaced providers, closed once their in-flight requests had time to finish.
 RETIRING = web.AppKey("retiring", set[asyncio.Task])
 
@@ -57,6 +60,8 @@ async def _reload(request: web.Request) -> web.Response:
         changed = reload_config(request.app)
     except ConfigError as err:
         raise InvalidRequestError(f"reload failed, the running config is kept: {err}") from err
+    if (others := request.app.get(RELOAD_OTHERS)) is not None:
+        others()
     return web.json_response({"status": "reloaded", "providers_changed": changed})
 
 

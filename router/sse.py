@@ -19,18 +19,24 @@ class SSEEvent:
 def encode_event(event: SSEEvent) -> bytes:
     """Serialize one event; multi-line data becomes several ``data:`` lines.
 
+    Lines end only at CR, LF or CRLF, as the spec's decoders split them: a U+2028 or NEL
+    inside JSON text (which JSON encoders leave unescaped) stays in its line.
+
     Args:
         event: The event to encode.
     """
-    lines = []
+    head = ""
     if event.event is not None:
-        lines.append(f"event: {event.event}")
+        head += f"event: {event.event}\n"
     if event.id is not None:
-        lines.append(f"id: {event.id}")
+        head += f"id: {event.id}\n"
     if event.retry is not None:
-        lines.append(f"retry: {event.retry}")
-    lines.extend(f"data: {line}" for line in event.data.splitlines() or [""])
-    return ("\n".join(lines) + "\n\n").encode()
+        head += f"retry: {event.retry}\n"
+    data = event.data
+    if "\n" in data or "\r" in data:
+        lines = data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        return (head + "".join(f"data: {line}\n" for line in lines) + "\n").encode()
+    return f"{head}data: {data}\n\n".encode()
 
 
 def encode_comment(text: str = "") -> bytes:

@@ -92,6 +92,23 @@ class SSEWriter:
         await out.write_eof()
 
 
+class NDJSONWriter:
+    """Writes a stream as newline-delimited JSON (Ollama's streams): each rendered event's data
+    is one JSON object on its own line. No keep-alives: a client reads every line as JSON."""
+
+    content_type = "application/x-ndjson"
+    keepalive = None
+
+    async def write(self, out: web.StreamResponse, events: list[SSEEvent]) -> None:
+        """See `StreamWriter.write`."""
+        if events:
+            await out.write(b"".join(e.data.encode() + b"\n" for e in events))
+
+    async def close(self, out: web.StreamResponse) -> None:
+        """See `StreamWriter.close`."""
+        await out.write_eof()
+
+
 class ClientFormat(ABC):
     """The client side of a wire format.
 

@@ -11,6 +11,8 @@ import json
 import math
 import secrets
 
+import orjson
+
 from .. import ir
 from ..errors import InvalidRequestError
 
@@ -40,7 +42,30 @@ def decode_body(raw: bytes) -> dict:
         InvalidRequestError: Naming the field at fault where there is one.
     """
     try:
-        body = json.loads(raw)
+        # orjson is the fast path; what it refuses is decoded again by Python's json, whose
+        # errors the messages below are made for (orjson is stricter, never more lenient).
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = _decode_slowly(raw)
+        slow = True
+    else:
+        slow = False
+    if not isinstance(body, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    check_json(body)
+    if slow:
+        # What Python's json takes and orjson does not (a lone surrogate such as "\ud800",
+        # an integer beyond 64 bits) could not be sent upstream.
+        try:
+            orjson.dumps(body)
+        except orjson.JSONEncodeError as err:
+            raise InvalidRequestError(f"request body: {err}") from err
+    return body
+
+
+def _decode_slowly(raw: bytes) -> object:
+    try:
+        return json.loads(raw)
     except RecursionError as err:
         # The C decoder gives up at the interpreter's recursion limit (~1,000 levels).
         raise InvalidRequestError(
@@ -49,10 +74,6 @@ def decode_body(raw: bytes) -> dict:
     except ValueError as err:
         # JSONDecodeError, UnicodeDecodeError, and an integer of more than 4,300 digits.
         raise InvalidRequestError(f"request body is not valid JSON: {err}") from err
-    if not isinstance(body, dict):
-        raise InvalidRequestError("request body must be a JSON object")
-    check_json(body)
-    return body
 
 
 def check_json(value: object) -> None:
@@ -286,7 +307,7 @@ def dump_json(value: object) -> str:
     Args:
         value: A JSON-serialisable value.
     """
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return orjson.dumps(value).decode()
 
 
 # Reasoning effort <-> thinking budget, for formats that speak only one of the two.

@@ -17,6 +17,8 @@ from .anthropic.upstream import AnthropicUpstream
 from .base import ClientFormat, UpstreamFormat
 from .gemini.client import GeminiClient
 from .gemini.upstream import GeminiUpstream
+from .ollama.client import OllamaChatClient, OllamaGenerateClient
+from .ollama.upstream import OllamaUpstream
 from .openai.client import OpenAIChatClient
 from .openai.upstream import OpenAIUpstream
 from .openai_responses.client import OpenAIResponsesClient
@@ -25,7 +27,16 @@ OPENAI = OpenAIChatClient()
 OPENAI_RESPONSES = OpenAIResponsesClient()
 ANTHROPIC = AnthropicClient()
 GEMINI = GeminiClient()
-CLIENT_FORMATS: tuple[ClientFormat, ...] = (OPENAI, OPENAI_RESPONSES, ANTHROPIC, GEMINI)
+OLLAMA_CHAT = OllamaChatClient()
+OLLAMA_GENERATE = OllamaGenerateClient()
+CLIENT_FORMATS: tuple[ClientFormat, ...] = (
+    OPENAI,
+    OPENAI_RESPONSES,
+    ANTHROPIC,
+    GEMINI,
+    OLLAMA_CHAT,
+    OLLAMA_GENERATE,
+)
 
 # The model listing and one model's description, in the asking client's format.
 MODEL_LIST_PATHS = ("/v1/models", "/v1beta/models")
@@ -34,6 +45,7 @@ MODEL_PATHS = ("/v1beta/models/{model:.+}", "/v1/models/{model:.+}")
 _UPSTREAM_FORMATS: dict[str, type[UpstreamFormat]] = {
     "anthropic": AnthropicUpstream,
     "gemini": GeminiUpstream,
+    "ollama": OllamaUpstream,
 }
 
 
@@ -49,6 +61,9 @@ def client_format_for_path(path: str) -> ClientFormat:
         return ANTHROPIC
     if path.startswith("/v1/responses"):
         return OPENAI_RESPONSES
+    if path.startswith("/api/"):
+        # Ollama's routes all answer errors alike (``{"error": "..."}``).
+        return OLLAMA_GENERATE if path == "/api/generate" else OLLAMA_CHAT
     return OPENAI
 
 

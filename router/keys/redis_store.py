@@ -49,7 +49,6 @@ reaches Redis again, the leases admitted locally meanwhile are added and the sta
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import json
 import logging
@@ -71,7 +70,7 @@ from redis.retry import Retry
 
 from ..config import SharedStateConfig
 from .state import ACTIVE, WINDOW_S, PooledKey
-from .store import KeyMirror
+from .store import KeyMirror, shared_id
 
 logger = logging.getLogger(__name__)
 
@@ -277,17 +276,6 @@ class Held:
     def ops(self, lease: str, op: str) -> list[str]:
         """`_LEASES` arguments applying ``op`` to this lease on each of its keys."""
         return [arg for rid in self.rids for arg in (op, rid, lease)]
-
-
-def shared_id(key_id: str, key: str) -> str:
-    """A key's id in Redis: ``{provider}/{index}:{hash}``, where the hash is 8 hex digits of a
-    digest of the key string (so a replaced key at the same index starts afresh).
-
-    Args:
-        key_id: The pool's id, ``{provider}/{index}``.
-        key: The API key string.
-    """
-    return f"{key_id}:{hashlib.blake2b(key.encode(), digest_size=4).hexdigest()}"
 
 
 class SharedKeyState:

@@ -9,6 +9,7 @@ local mirror: it asks the store before it hands out a key, reports each request'
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -88,5 +89,17 @@ class SharedStore(Protocol):
         ...
 
 
-# The app's shared key state (set only when ``shared_state`` is configured).
+def shared_id(key_id: str, key: str) -> str:
+    """A key's id in the shared store: ``{provider}/{index}:{hash}``, where the hash is 8 hex digits of a
+    digest of the key string (so a replaced key at the same index starts afresh).
+
+    Args:
+        key_id: The pool's id, ``{provider}/{index}``.
+        key: The API key string.
+    """
+    return f"{key_id}:{hashlib.blake2b(key.encode(), digest_size=4).hexdigest()}"
+
+
+# The app's shared key state (set when ``shared_state`` is configured, or by the workers'
+# coordinator, `local_store`).
 SHARED_STATE = web.AppKey("shared_state", SharedStore)

@@ -20,6 +20,7 @@ from contextlib import aclosing, asynccontextmanager
 from typing import TypeVar
 
 import aiohttp
+import orjson
 
 from .. import ir
 from ..config import ProviderConfig
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 # Upstream error bodies are read only this far.
 _ERROR_BODY_LIMIT = 64 * 1024
+# Sent with every request body (a provider's configured headers may override them).
+JSON_HEADERS = {"Content-Type": "application/json"}
 _CHARS_PER_TOKEN = 4
 _TOKENS_PER_MEDIA = 258
 
@@ -57,6 +60,11 @@ class BaseProvider(ABC):
     def __init__(self, config: ProviderConfig, media: MediaFetcher) -> None:
         self.config = config
         self.media = media
+
+    def counters(self) -> dict[str, float]:
+        """Counters this provider keeps itself (the local model's prompt cache), by name, for
+        the metrics; none by default."""
+        return {}
 
     async def close(self) -> None:
         """Release what the provider holds; the app calls it at shutdown."""
@@ -141,6 +149,10 @@ class HTTPProvider(BaseProvider):
             limit=config.max_connections, limit_per_host=config.max_connections
         )
         self.session = aiohttp.ClientSession(connector=connector)
+        # timeout_s bounds the silence between upstream bytes, not a whole long stream.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout_s, sock_read=config.timeout_s
+        )
 
     async def close(self) -> None:
         """Close the provider's connection pool."""
@@ -154,13 +166,6 @@ class HTTPProvider(BaseProvider):
         Args:
             key: The API key (None: send no auth header).
         """
-
-    @property
-    def _timeout(self) -> aiohttp.ClientTimeout:
-        # timeout_s bounds the silence between upstream bytes, not a whole long stream.
-        return aiohttp.ClientTimeout(
-            total=None, sock_connect=self.config.connect_timeout_s, sock_read=self.config.timeout_s
-        )
 
     async def post_json(
         self, url: str, body: dict, key: str | None, headers: dict[str, str] | None = None
@@ -182,14 +187,14 @@ class HTTPProvider(BaseProvider):
         try:
             async with self._post(url, body, key, headers) as resp:
                 received = _lower_case(resp.headers)
-                text = await resp.text()
+                raw = await resp.read()
         except asyncio.TimeoutError as err:
             raise GatewayTimeoutError(f"{self.config.name}: upstream timed out") from err
         except aiohttp.ClientError as err:
             raise UpstreamError(f"{self.config.name}: upstream connection failed: {err}") from err
         try:
-            return json.loads(text), received
-        except json.JSONDecodeError as err:
+            return orjson.loads(raw), received
+        except orjson.JSONDecodeError as err:
             raise UpstreamError(f"{self.config.name}: upstream sent invalid JSON") from err
 
     async def post_for_response(
@@ -208,9 +213,16 @@ class HTTPProvider(BaseProvider):
 
     @asynccontextmanager
     async def open_sse(
-        self, url: str, body: dict, key: str | None, headers: dict[str, str] | None = None
+        self,
+        url: str,
+        body: dict,
+        key: str | None,
+        headers: dict[str, str] | None = None,
+        *,
+        ndjson: bool = False,
     ) -> AsyncIterator[tuple[dict[str, str], AsyncIterator[SSEEvent]]]:
-        """POST a JSON body and open the server-sent events of the answer.
+        """POST a JSON body and open the server-sent events of the answer (with ``ndjson``,
+        its newline-delimited JSON: each line is one event's data, as Ollama streams).
 
         A `GatewayError` raised inside the block (an error event in the 200 stream, a
         truncated stream) gets the answer's headers, unless it has its own.
@@ -220,6 +232,7 @@ class HTTPProvider(BaseProvider):
             body: The request body.
             key: The API key.
             headers: Extra headers for this call.
+            ndjson: Whether the answer is newline-delimited JSON rather than SSE.
 
         Yields:
             The answer's headers (lower-case names) and its events.
@@ -230,7 +243,8 @@ class HTTPProvider(BaseProvider):
         try:
             async with self._post(url, body, key, headers) as resp:
                 received = _lower_case(resp.headers)
-                async with aclosing(_decode_sse(resp)) as events:
+                decode = _decode_lines if ndjson else _decode_sse
+                async with aclosing(decode(resp)) as events:
                     try:
                         yield received, events
                     except GatewayError as err:
@@ -247,9 +261,14 @@ class HTTPProvider(BaseProvider):
         self, url: str, body: dict, key: str | None, headers: dict[str, str] | None
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """POST a JSON body; an error status raises before the answer is read."""
-        all_headers = {**self.config.headers, **(headers or {}), **self.headers(key)}
+        all_headers = {
+            **JSON_HEADERS,
+            **self.config.headers,
+            **(headers or {}),
+            **self.headers(key),
+        }
         async with self.session.post(
-            url, json=body, headers=all_headers, timeout=self._timeout
+            url, data=orjson.dumps(body), headers=all_headers, timeout=self._timeout
         ) as resp:
             if resp.status >= 400:
                 raise await self._status_error(resp)
@@ -309,8 +328,8 @@ class HTTPProvider(BaseProvider):
             UpstreamError: If the data is not a JSON object.
         """
         try:
-            data = json.loads(event.data)
-        except json.JSONDecodeError as err:
+            data = orjson.loads(event.data)
+        except orjson.JSONDecodeError as err:
             raise UpstreamError(f"{self.config.name}: upstream sent invalid stream data") from err
         if not isinstance(data, dict):
             raise UpstreamError(f"{self.config.name}: upstream stream event is not an object")
@@ -354,3 +373,17 @@ async def _decode_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
             yield event
     for event in decoder.flush():
         yield event
+
+
+async def _decode_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
+    """Newline-delimited JSON as events: each non-empty line is one event's data."""
+    buffer = bytearray()
+    async for chunk in resp.content.iter_any():
+        buffer += chunk
+        *lines, rest = buffer.split(b"\n")
+        buffer = bytearray(rest)
+        for line in lines:
+            if line.strip():
+                yield SSEEvent(line.decode("utf-8", "replace"))
+    if buffer.strip():
+        yield SSEEvent(buffer.decode("utf-8", "replace"))

@@ -4,7 +4,8 @@ Images from every client format (OpenAI image parts, Anthropic image blocks, Gem
 ``inline_data``; http(s) URLs are fetched first) and one video per request reach the processor
 as raw bytes; the prompt is the checkpoint's chat template over the conversation, system
 messages included (the template renders any role as ``Role: text``). Usage is the real token count: the prompt's
-tokens, image tokens included, and every generated token.
+tokens, image tokens included, and every generated token. Structured output and tool calls go
+through constrained decoding (`mlx_structured`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+
+from mlx.utils import tree_flatten
 
 from mlx_smolvlm.engine import (
     ContextLengthError,
@@ -32,6 +35,7 @@ from ..config import MLXConfig, ProviderConfig
 from ..errors import InvalidRequestError, OverloadedError, RateLimitError, UpstreamError
 from ..formats.fields import new_id, refuse_options
 from ..images import MediaFetcher, is_http
+from . import mlx_structured
 from .base import BaseProvider
 
 RANDOM_WEIGHTS_SUFFIX = "-RANDOM-WEIGHTS"
@@ -69,10 +73,22 @@ class Provider(BaseProvider):
         self.random_weights = served.random_weights
         self.text_only = served.text_only
         self.engine = Engine(served.model, served.processor, self.options.engine)
+        # What the weights take in memory (the Ollama API's model size).
+        self.weights_bytes = sum(a.nbytes for _, a in tree_flatten(served.model.parameters()))
 
     async def close(self) -> None:
         """Stop the engine (unfinished requests fail with 503)."""
         await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
+
+    def counters(self) -> dict[str, float]:
+        """The engine's prompt cache: hits, misses, reused tokens and bytes held."""
+        stats = self.engine.stats().prompt_cache
+        return {
+            "prompt_cache_hits": stats.hits,
+            "prompt_cache_misses": stats.misses,
+            "prompt_cache_reused_tokens": stats.reused_tokens,
+            "prompt_cache_bytes": stats.bytes,
+        }
 
     def served_name(self, model: str) -> str:
         """The model name in responses; it says so when the weights are random or the model
@@ -87,16 +103,26 @@ class Provider(BaseProvider):
 
     async def complete(self, request: ir.Request, key: str | None) -> ir.Response:
         """See `BaseProvider.complete`."""
-        events = [event async for event in self.stream(request, key)]
+        events = [event async for event in self._events(request, incremental_calls=False)]
         return ir.collect_stream(events)
 
     async def stream(self, request: ir.Request, key: str | None) -> AsyncIterator[ir.StreamEvent]:
         """See `BaseProvider.stream`. Nothing is yielded before the first token, so admission
         and input errors reach the client as HTTP errors."""
+        async with aclosing(self._events(request, incremental_calls=True)) as events:
+            async for event in events:
+                yield event
+
+    async def _events(
+        self, request: ir.Request, incremental_calls: bool
+    ) -> AsyncIterator[ir.StreamEvent]:
+        """The answer as IR events; a tool call's arguments stream if `incremental_calls`."""
         request = self.with_defaults(request)
         inputs = await self._inputs(request)
         params = self._params(request)
-        started = False
+        calls_tools = bool(mlx_structured.active_tools(request))
+        started = text_started = False
+        call: mlx_structured.ToolCallStream | None = None
         async with aclosing(self._generate(inputs, params)) as outputs:
             async for output in outputs:
                 usage = ir.Usage(output.prompt_tokens, output.generation_tokens)
@@ -104,11 +130,26 @@ class Provider(BaseProvider):
                     started = True
                     model = self.served_name(request.model)
                     yield ir.StreamStart(new_id("local"), model, int(time.time()), usage)
-                    yield ir.PartStart(0, ir.TextPart(""))
-                if output.text:
-                    yield ir.PartDelta(0, text=output.text)
+                piece = output.text
+                if piece and not text_started and calls_tools and piece.startswith("{"):
+                    # The grammar's text choice never starts with "{": this is a call.
+                    call = call or mlx_structured.ToolCallStream(incremental_calls)
+                if call is not None:
+                    for event in call.add(piece):
+                        yield event
+                elif piece or (output.finish_reason is not None and not text_started):
+                    if not text_started:
+                        text_started = True
+                        yield ir.PartStart(0, ir.TextPart(""))
+                    if piece:
+                        yield ir.PartDelta(0, text=piece)
                 if output.finish_reason is not None:
                     finish = "stop_sequence" if output.stop_sequence is not None else None
+                    if call is not None:
+                        events, whole = call.finish()
+                        for event in events:
+                            yield event
+                        finish = "tool_calls" if whole else None
                     yield ir.StreamEnd(finish or output.finish_reason, output.stop_sequence, usage)
 
     async def count_tokens(self, request: ir.Request, key: str | None) -> ir.TokenCount:
@@ -156,6 +197,7 @@ class Provider(BaseProvider):
         refuse_options(request, f"the local model {request.model!r}", handled=("seed",))
         context = self.engine.max_context
         return SamplingParams(
+            grammar=mlx_structured.grammar_for(request),
             max_tokens=request.max_tokens or context,
             temperature=(
                 self.options.default_temperature
@@ -171,20 +213,11 @@ class Provider(BaseProvider):
     async def _inputs(self, request: ir.Request) -> _Inputs:
         """The conversation as HF-style messages plus decoded media.
 
+        Tool calls and results become text, and the callable tools a first system message.
+
         Raises:
-            InvalidRequestError: Tools, structured output, tool calls or media the model
-                cannot take; the message names the part.
+            InvalidRequestError: Media the model cannot take; the message names the part.
         """
-        if request.tools:
-            raise InvalidRequestError(
-                f"the local model {request.model!r} does not support tools", param="tools"
-            )
-        if request.response_format is not None and request.response_format.type != "text":
-            raise InvalidRequestError(
-                f"the local model {request.model!r} does not support response_format "
-                f"{request.response_format.type!r}",
-                param="response_format",
-            )
         if self.text_only:
             for i, message in enumerate(request.messages):
                 for j, part in enumerate(message.parts):
@@ -203,7 +236,8 @@ class Provider(BaseProvider):
             if isinstance(part, ir.MediaPart) and is_http(part.url)
         ]
         downloads = iter(await self.media.fetch(remote) if remote else [])
-        messages, images, video = [], [], None
+        tools = mlx_structured.tools_message(request)
+        messages, images, video = [] if tools is None else [tools], [], None
         for i, message in enumerate(request.messages):
             content = []
             for j, part in enumerate(message.parts):
@@ -212,6 +246,12 @@ class Provider(BaseProvider):
                     content.append({"type": "text", "text": part.text})
                 elif isinstance(part, ir.ThinkingPart):
                     continue  # earlier reasoning from another model: SmolVLM2 has none
+                elif isinstance(part, ir.ToolCallPart):
+                    content.append({"type": "text", "text": mlx_structured.render_call(part)})
+                elif isinstance(part, ir.ToolResultPart):
+                    content.append(
+                        {"type": "text", "text": mlx_structured.render_result(part, where)}
+                    )
                 elif isinstance(part, ir.MediaPart):
                     if is_http(part.url):
                         data, media_type = next(downloads)
@@ -229,11 +269,6 @@ class Provider(BaseProvider):
                             f"not {media_type!r}",
                             param=where,
                         )
-                else:
-                    raise InvalidRequestError(
-                        f"{where}: the local model does not support tool calls or results",
-                        param=where,
-                    )
             if content:
                 messages.append({"role": message.role, "content": content})
         if not messages:

@@ -234,7 +234,8 @@ async def test_per_request_options_in_one_batch(loaded, make_engine):
 
 
 async def test_a_closed_consumer_frees_its_slot_and_memory(make_engine):
-    engine = make_engine(max_sequences=1)
+    # Without the prompt cache, which keeps prompts' KV on purpose (test_prompt_cache.py).
+    engine = make_engine(max_sequences=1, prompt_cache_bytes=0)
     await collect(engine, ask("warm up"), max_tokens=4, ignore_eos=True)
     wait_for(lambda: engine.stats().running == 0)
     gc.collect()  # earlier tests' engines must not be freed during the test

@@ -325,10 +325,11 @@ def client_roots(server: TestServer) -> dict[str, str]:
 
 
 class RouterProcess:
-    """``python -m router --config`` in a subprocess, logs in a file."""
+    """``python -m router --config --workers N`` in a subprocess, logs in a file."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, workers: int = 1) -> None:
         self.config, self.log, self.port = config, log, free_port()
+        self.workers = workers
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: asyncio.subprocess.Process | None = None
 
@@ -342,6 +343,8 @@ class RouterProcess:
                 str(self.config),
                 "--port",
                 str(self.port),
+                "--workers",
+                str(self.workers),
                 stderr=out,
                 cwd=Path(__file__).parents[2],
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -54,6 +54,7 @@ def test_example_config_loads_with_every_section(monkeypatch):
         "claude": "anthropic",
         "gem": "gemini",
         "vllm": "openai",
+        "ollama": "ollama",
         "local": "mlx",
     }
     assert cfg.providers["oai"].key_configs[1].max_concurrent == 4

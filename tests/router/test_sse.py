@@ -23,7 +23,10 @@ def test_encode_single_and_multiline_data():
     assert encode_comment("keep-alive") == b": keep-alive\n\n"
 
 
-@pytest.mark.parametrize("data", ["plain", "two\nlines", "a\n\nblank inside", "", "ünïcödé ✓"])
+@pytest.mark.parametrize(
+    "data",
+    ["plain", "two\nlines", "a\n\nblank inside", "", "ünïcödé ✓", "trailing\n", "sep\u2028\x85"],
+)
 def test_encode_decode_round_trip(data):
     event = SSEEvent(data, event="message_start", id="7")
     [decoded] = decode_all([encode_event(event)])

@@ -266,6 +266,15 @@ async def test_an_integer_beyond_the_digit_limit_is_a_400(client, fake):
     assert "not valid JSON" in (await resp.json())["error"]["message"]
 
 
+async def test_json_that_cannot_be_sent_on_is_a_400(client, fake):
+    """A lone surrogate escape is JSON that Python reads but no UTF-8 upstream body can carry."""
+    body = '{"model": "gpt", "messages": [{"role": "user", "content": "hi \\ud800"}]}'
+    resp = await client.post(OPENAI_PATH, data=body.encode())
+    assert resp.status == 400
+    assert "request body" in (await resp.json())["error"]["message"]
+    assert not fake.seen
+
+
 # ---- requests: ranges, empty conversations, orphan tool results -----------------------------
 
 TOOL_CALL = {
