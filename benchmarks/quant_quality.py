@@ -1,7 +1,11 @@
 """Quantization quality on trained weights: every recipe against full precision.
 
 The model is ``benchmarks/trained_weights.py``'s checkpoint (SmolVLM2-256M architecture with
-the trained SmolLM2-135M-Instruct decoder). Each recipe converts it to a bf16 export (ours with
+the trained SmolLM2-135M-Instruct decoder), by default with its decoder channels permuted
+(``--basis permuted``): the decoder was dequantized from Q4_1, so its weights lie on a 4-bit grid
+per block of 32 inputs that group-32 quantization would find again; the permuted copy computes
+the same function with that grid scattered over every group (``--basis source`` reads the
+unpermuted one). Each recipe converts it to a bf16 export (ours with
 ``mlx_smolvlm.convert``, mlx-vlm's with ``mlx_vlm.convert``), loads it with fp32 activations and
 scales (the fast path on the CPU; bf16 scales are exact in fp32), and reads the held-out text
 ``benchmarks/heldout_text.txt`` (English prose, not the calibration text of the ``calibrated``
@@ -11,7 +15,7 @@ bytes (``benchmarks.export_sizes.weight_bytes``).
 
 Usage::
 
-    python -m benchmarks.quant_quality [--tokens 1024] [--recipes ...] [--json out.json]
+    python -m benchmarks.quant_quality [--basis permuted|source] [--tokens 1024] [--recipes ...] [--json out.json]
         [--chart quant_quality.png]
 """
 
@@ -31,24 +35,25 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from benchmarks.export_sizes import weight_bytes
-from benchmarks.trained_weights import trained_checkpoint
+from benchmarks.trained_weights import permuted_trained_checkpoint, trained_checkpoint
 from mlx_smolvlm.convert import convert
 from mlx_smolvlm.load import load_model
 from mlx_smolvlm.processing import Processor
 
+BASES = {"permuted": permuted_trained_checkpoint, "source": trained_checkpoint}
 HELDOUT_TEXT = Path(__file__).with_name("heldout_text.txt")
 # name -> ("ours" | "mlx-vlm", convert keyword arguments)
 RECIPES = {
     "full precision (bf16)": ("ours", {}),
-    "8-bit": ("ours", {"quantize": True, "q_bits": 8}),
-    "4-bit uniform g64": ("ours", {"quantize": True}),
-    "4-bit uniform g32": ("ours", {"quantize": True, "q_group_size": 32}),
-    "4-bit mixed g64": ("ours", {"quantize": True, "recipe": "mixed"}),
-    "4-bit calibrated g64": ("ours", {"quantize": True, "recipe": "calibrated"}),
-    "4-bit calibrated g32": (
+    "8-bit": ("ours", {"quantize": True, "q_bits": 8, "recipe": "uniform", "q_group_size": 64}),
+    "4-bit uniform g64": ("ours", {"quantize": True, "recipe": "uniform", "q_group_size": 64}),
+    "4-bit uniform g32": ("ours", {"quantize": True, "recipe": "uniform", "q_group_size": 32}),
+    "4-bit mixed g64": ("ours", {"quantize": True, "recipe": "mixed", "q_group_size": 64}),
+    "4-bit calibrated g64": (
         "ours",
-        {"quantize": True, "recipe": "calibrated", "q_group_size": 32},
+        {"quantize": True, "recipe": "calibrated", "q_group_size": 64},
     ),
+    "4-bit calibrated g32 (default)": ("ours", {"quantize": True}),
     "mlx-vlm 4-bit": ("mlx-vlm", {"quantize": True}),
 }
 
@@ -124,9 +129,9 @@ def measure(
         recipes: Keys of ``RECIPES``.
         n_tokens: Held-out tokens to score.
         workdir: Where the exports go.
-        source: A full-precision checkpoint; default the trained-weights one.
+        source: A full-precision checkpoint; default the permuted trained-weights one.
     """
-    source = source or trained_checkpoint()
+    source = source or permuted_trained_checkpoint()
     ids = heldout_ids(source, n_tokens)
     targets = ids[0, 1:]
     reference = log_probs(source, ids)
@@ -152,13 +157,13 @@ def measure(
 def print_table(rows: list[dict], n_tokens: int) -> None:
     full = rows[0]["perplexity"]
     print(f"\nHeld-out text: {HELDOUT_TEXT.name}, {n_tokens} tokens")
-    print("| recipe | perplexity | x full | top-1 agreement | mean KL | weights GB |")
-    print("|---|---|---|---|---|---|")
+    print("| recipe | perplexity | x full | top-1 agreement | mean KL | weights GB | convert s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         size = f"{r['weight_gb']:.3f}" if "weight_gb" in r else "-"
         print(
             f"| {r['recipe']} | {r['perplexity']:.2f} | {r['perplexity'] / full:.3f} | "
-            f"{r['top1_agreement']:.3f} | {r['mean_kl']:.4f} | {size} |"
+            f"{r['top1_agreement']:.3f} | {r['mean_kl']:.4f} | {size} | {r.get('convert_s', '-')} |"
         )
 
 
@@ -198,12 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chart", type=Path, default=Path("quant_quality.png"))
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument(
-        "--model", type=Path, default=None, help="a full-precision checkpoint (default: trained)"
+        "--basis",
+        choices=list(BASES),
+        default="permuted",
+        help="the trained checkpoint, with its decoder channels permuted (fair to group 32) or not",
+    )
+    parser.add_argument(
+        "--model", type=Path, default=None, help="a full-precision checkpoint (overrides --basis)"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        rows = measure(args.recipes, args.tokens, Path(tmp), args.model)
+        rows = measure(args.recipes, args.tokens, Path(tmp), args.model or BASES[args.basis]())
     print_table(rows, args.tokens)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

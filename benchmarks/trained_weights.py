@@ -23,6 +23,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
+
 from mlx_smolvlm.blas import cache_dir
 from mlx_smolvlm.load import WEIGHTS_FILE
 from mlx_smolvlm.random_weights import ASSETS, SHAPE_FILES
@@ -130,6 +132,121 @@ def trained_checkpoint() -> Path:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(scratch / "checkpoint", path)
         logger.warning("Wrote the trained-decoder checkpoint to %s", path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+PERMUTED_CACHE_NAME = "trained-256m-smollm2-permuted"
+TEXT = "model.text_model."
+
+
+def _text_permutations(text_config: dict, seed: int) -> dict:
+    """Random permutations for ``permute_checkpoint``: the residual width, and per layer the
+    MLP width and the value channels within each KV head (the same for every query head that
+    reads it). Query and key channels are never permuted: RoPE pairs them by position."""
+    hidden, inter = text_config["hidden_size"], text_config["intermediate_size"]
+    heads, kv_heads = text_config["num_attention_heads"], text_config["num_key_value_heads"]
+    head_dim = text_config.get("head_dim") or hidden // heads
+    rng = np.random.default_rng(seed)
+    layers = []
+    for _ in range(text_config["num_hidden_layers"]):
+        within = [rng.permutation(head_dim) for _ in range(kv_heads)]
+        per_kv = heads // kv_heads
+        layers.append(
+            {
+                "mlp": rng.permutation(inter),
+                "v_rows": np.concatenate([g * head_dim + p for g, p in enumerate(within)]),
+                "o_cols": np.concatenate(
+                    [h * head_dim + within[h // per_kv] for h in range(heads)]
+                ),
+            }
+        )
+    return {"hidden": rng.permutation(hidden), "layers": layers}
+
+
+def permute_tensors(tensors: dict[str, np.ndarray], text_config: dict, seed: int) -> None:
+    """Permute the decoder's channels in place so that the model computes the same function.
+
+    The residual width is permuted in the embeddings, every RMSNorm, the inputs of q/k/v,
+    gate/up and ``lm_head``, the outputs of o_proj, down_proj and the connector; each
+    layer's MLP width in gate/up outputs and down_proj inputs; value channels in v_proj's
+    outputs and o_proj's inputs. The outputs are the original ones up to float summation
+    order, but the weights' blocks of 32 inputs no longer match the source's.
+    """
+    perms = _text_permutations(text_config, seed)
+    hidden = perms["hidden"]
+    rows = ["lm_head.weight", "model.connector.modality_projection.proj.weight"]
+    tensors[rows[0]] = tensors[rows[0]][:, hidden]
+    tensors[rows[1]] = tensors[rows[1]][hidden]
+    tensors[TEXT + "embed_tokens.weight"] = tensors[TEXT + "embed_tokens.weight"][:, hidden]
+    tensors[TEXT + "norm.weight"] = tensors[TEXT + "norm.weight"][hidden]
+    for i, layer in enumerate(perms["layers"]):
+        prefix = f"{TEXT}layers.{i}."
+
+        def take(name: str, index: np.ndarray, axis: int, prefix: str = prefix) -> None:
+            tensors[prefix + name] = np.take(tensors[prefix + name], index, axis=axis)
+
+        for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            take(norm, hidden, 0)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            take(f"self_attn.{name}.weight", hidden, 1)
+        take("self_attn.v_proj.weight", layer["v_rows"], 0)
+        take("self_attn.o_proj.weight", layer["o_cols"], 1)
+        take("self_attn.o_proj.weight", hidden, 0)
+        for name in ("gate_proj", "up_proj"):
+            take(f"mlp.{name}.weight", hidden, 1)
+            take(f"mlp.{name}.weight", layer["mlp"], 0)
+        take("mlp.down_proj.weight", layer["mlp"], 1)
+        take("mlp.down_proj.weight", hidden, 0)
+
+
+def permute_checkpoint(source: Path, out: Path, seed: int = SEED) -> Path:
+    """Write ``source`` with its decoder's channels permuted (``permute_tensors``) to ``out``.
+
+    Args:
+        source: A SmolVLM2 checkpoint directory (one ``model.safetensors``, untied head).
+        out: Output directory (created if needed).
+        seed: The permutations' seed.
+
+    Returns:
+        ``out``.
+    """
+    from safetensors.numpy import load_file, save_file
+
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    tensors = load_file(source / WEIGHTS_FILE)
+    permute_tensors(tensors, config["text_config"], seed)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+        out / WEIGHTS_FILE,
+        metadata={"format": "pt"},
+    )
+    for src in sorted(source.iterdir()):
+        if src.name != WEIGHTS_FILE:
+            shutil.copyfile(src, out / src.name)
+    return out
+
+
+def permuted_trained_checkpoint() -> Path:
+    """``trained_checkpoint()`` with its decoder's channels permuted, cached beside it.
+
+    The fixture's decoder was dequantized from Q4_1: its weights lie on a 4-bit grid per
+    block of 32 inputs, which quantizing at group 32 (or 64) partly finds again. The permuted
+    copy computes the same function with that grid scattered over every MLX group: the fair
+    basis for judging quantization.
+    """
+    path = cache_dir() / PERMUTED_CACHE_NAME
+    if (path / WEIGHTS_FILE).is_file():
+        return path
+    source = trained_checkpoint()
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        permute_checkpoint(source, scratch / "checkpoint")
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(scratch / "checkpoint", path)
+        logger.warning("Wrote the permuted trained-decoder checkpoint to %s", path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return path

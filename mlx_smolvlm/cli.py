@@ -13,6 +13,7 @@ from typing import Any
 from .chat import ChatSession
 from .generate import GenerationResponse, stream_generate
 from .image_processing import load_image
+from .quantize import DEFAULT_GROUP_SIZE, DEFAULT_RECIPE
 from .sample import make_repetition_penalty, make_sampler
 
 MMPROJ_HELP = "the vision mmproj GGUF of a GGUF --model / --hf-path (text only without it)"
@@ -270,12 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--q-bits", type=int, default=4, help="4 or 8 bits per weight (default: %(default)s)"
     )
     convert.add_argument(
-        "--q-group-size", type=int, default=64, help="32, 64 or 128 (default: %(default)s)"
+        "--q-group-size",
+        type=int,
+        default=DEFAULT_GROUP_SIZE,
+        help="32, 64 or 128 (default: %(default)s)",
     )
     convert.add_argument(
         "--recipe",
-        default="uniform",
-        help="uniform; mixed: 8-bit vision tower, 4-bit decoder; calibrated: GPTQ on a shipped calibration set, 8-bit embeddings and head (default: %(default)s)",
+        default=DEFAULT_RECIPE,
+        help="calibrated: GPTQ on shipped text and image, 8-bit embeddings and head; "
+        "uniform: round to nearest, fast; mixed: 8-bit vision tower (default: %(default)s)",
     )
     convert.add_argument(
         "--skip-vision", action="store_true", help="leave the vision tower unquantized"

@@ -164,7 +164,7 @@ def test_offline_flag_keeps_a_hub_id_to_the_cache(capsys, monkeypatch, tmp_path)
     [
         ("generate", ["(default: 256)", "(default: 1.0)", "--offline"]),
         ("chat", ["(default: 256)", "/image PATH_OR_URL", "/help"]),
-        ("convert", ["(default: 4)", "(default: 64)", "(default: uniform)"]),
+        ("convert", ["(default: 4)", "(default: 32)", "(default: calibrated)"]),
     ],
 )
 def test_help_is_plain_text_with_defaults(capsys, command, defaults):

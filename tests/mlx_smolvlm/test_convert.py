@@ -77,14 +77,16 @@ def test_full_precision_export_equals_source(source, tmp_path):
 
 
 def test_4bit_export_loads_in_mlx_vlm_with_our_logits(export_4bit):
-    """Vision tower quantized too; mlx-vlm needs no extra files."""
+    """The default recipe (calibrated): vision tower quantized too, embeddings and lm_head at
+    8 bits; mlx-vlm needs no extra files."""
     config = json.loads((export_4bit / "config.json").read_text())
     assert config["quantization"] == config["quantization_config"]
     assert config["quantization"]["bits"] == 4
     model, _ = load_model(str(export_4bit))
     layers = quantized_layers(model)
     assert layers["vision_model.encoder.layers.0.self_attn.q_proj"] == (4, 32)
-    assert layers["lm_head"] == (4, 32)
+    assert layers["text_model.layers.0.mlp.down_proj"] == (4, 32)
+    assert layers["lm_head"] == (8, 32) and layers["text_model.embed_tokens"] == (8, 32)
     ours = our_logits(export_4bit)
     np.testing.assert_allclose(vlm_logits(export_4bit), ours, atol=1e-4)
 

@@ -1,5 +1,6 @@
 """Quantization rules, the config block, loading quantized weights, and 4-bit agreement."""
 
+import functools
 import json
 
 import mlx.core as mx
@@ -12,9 +13,12 @@ from mlx_smolvlm.convert import convert, export_weights
 from mlx_smolvlm.load import load_model
 from mlx_smolvlm.model import Model
 from mlx_smolvlm.quantize import (
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_RECIPE,
     QuantizationError,
     QuantizationSpec,
     apply_quantization,
+    clipped_group_params,
     gptq_quantize,
     is_sensitive,
     layer_quantization,
@@ -151,18 +155,24 @@ def test_2_2b_vision_fc2_stays_in_export_dtype():
     assert set(block) == {"group_size", "bits", "mode"}
 
 
-def test_256m_4bit_export_size_budget():
-    """The 256M 4-bit export (vision quantized) stays at or below 0.18 GB.
+def export_bytes(spec: QuantizationSpec, dtype: mx.Dtype) -> int:
+    """The 256M export's weight bytes under ``spec``, from the lazy arrays' shapes and dtypes
+    (nothing is evaluated; GPTQ changes the values, not the layout)."""
+    model = shape_model("256m", dtype)
+    plan = functools.partial(layer_quantization, spec)
+    nn.quantize(model, class_predicate=lambda p, m: plan(p, m) or False)
+    return sum(v.nbytes for v in export_weights(model).values())
 
-    Sizes come from shapes and dtypes of the lazy arrays, so nothing is evaluated; the
-    benchmark (benchmarks/export_sizes.py) measures the files themselves.
-    """
+
+def test_256m_4bit_export_size_budget():
+    """The 256M default 4-bit export (calibrated recipe, group 32, vision quantized) in bf16
+    stays at or below 0.2 GB (measured 0.191); plain rounding at group 64 at or below 0.18 GB
+    in bf16 and fp32. The benchmarks measure the files themselves."""
+    default = QuantizationSpec(group_size=DEFAULT_GROUP_SIZE, recipe=DEFAULT_RECIPE)
+    assert 0.15e9 < export_bytes(default, mx.bfloat16) <= 0.2e9
     for dtype in (mx.bfloat16, mx.float32):
-        model = shape_model("256m", dtype)
-        quantize_model(model, QuantizationSpec())
-        total = sum(v.nbytes for v in export_weights(model).values())
-        assert total <= 0.18e9, (dtype, total)
-    assert total > 0.14e9  # fp32 scales: about 5 bits per weight over 256M weights
+        # fp32 scales: about 5 bits per weight over 256M weights
+        assert 0.14e9 < export_bytes(QuantizationSpec(), dtype) <= 0.18e9, dtype
 
 
 def test_apply_quantization_rejects_bad_blocks(hf_checkpoint, tmp_path):
@@ -216,9 +226,9 @@ def test_4bit_predictions_agree_with_full_precision(hf_checkpoint, tmp_path):
     reference = full(ids, pixels)
     results = {}
     for name, kwargs in {
-        "4bit": {"q_bits": 4},
+        "4bit": {"q_bits": 4, "recipe": "uniform"},
         "mixed": {"q_bits": 4, "recipe": "mixed"},
-        "8bit": {"q_bits": 8},
+        "8bit": {"q_bits": 8, "recipe": "uniform"},
     }.items():
         export = convert(
             str(source), tmp_path / name, quantize=True, q_group_size=32, dtype="float32", **kwargs
@@ -313,11 +323,46 @@ def test_quant_quality_benchmark_smoke(hf_checkpoint, tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     argv = ["--model", str(hf_checkpoint()), "--tokens", "32", "--json", str(tmp_path / "q.json")]
-    recipes = ["4-bit uniform g64", "4-bit calibrated g32", "mlx-vlm 4-bit"]
+    recipes = ["4-bit uniform g64", "4-bit calibrated g32 (default)", "mlx-vlm 4-bit"]
     assert quant_quality.main([*argv, "--recipes", *recipes]) == 0
     rows = json.loads((tmp_path / "q.json").read_text())
     assert [r["recipe"] for r in rows] == ["full precision (fp32 source)", *recipes]
     assert rows[0]["top1_agreement"] == 1.0 and rows[0]["mean_kl"] == 0.0
     assert all(r["perplexity"] > 1 and r["weight_gb"] > 0 for r in rows[1:])
     out = capsys.readouterr().out
-    assert "| 4-bit calibrated g32 |" in out and "matplotlib is missing" in out
+    assert "| 4-bit calibrated g32 (default) |" in out and "matplotlib is missing" in out
+
+
+def test_clipped_group_params_never_round_worse_than_the_full_range():
+    """Ratio 1 (the plain min/max range) is among the candidates: the chosen range's weighted
+    rounding error is at most the full range's, and lower for heavy-tailed (Student t) weights."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_t(3, size=(64, 128)).astype(np.float32)
+    importance = rng.uniform(0.1, 2.0, size=128)
+
+    def weighted_error(scales, biases):
+        s, b = np.repeat(scales, 32, axis=1), np.repeat(biases, 32, axis=1)
+        q = np.clip(np.round((weight - b) / s), 0, 15)
+        return ((q * s + b - weight) ** 2 * importance).sum()
+
+    scales, biases = clipped_group_params(weight, importance, 4, 32, mx.float32)
+    groups = weight.reshape(64, 4, 32)
+    low, high = groups.min(-1), groups.max(-1)
+    full = weighted_error((high - low) / 15, low)
+    assert weighted_error(scales, biases) < 0.97 * full  # measured 0.961
+
+
+def test_gptq_act_order_helps_when_a_few_inputs_carry_most_energy():
+    """Trained decoders have outlier input channels; visiting them first lowers the error."""
+    rng = np.random.default_rng(1)
+    energy = np.where(rng.uniform(size=128) < 0.05, 20.0, 1.0).astype(np.float32)
+    mixing = rng.normal(size=(128, 128)).astype(np.float32) * 0.1 + np.eye(128, dtype=np.float32)
+    inputs = rng.normal(size=(4000, 128)).astype(np.float32) @ mixing * energy
+    weight = rng.normal(size=(64, 128)).astype(np.float32)
+    hessian = 2 * inputs.T.astype(np.float64) @ inputs / len(inputs)
+    errors = {}
+    for act_order in (False, True):
+        q = gptq_quantize(weight, hessian, 4, 32, mx.float32, act_order=act_order)
+        w = np.array(mx.dequantize(*q, group_size=32, bits=4))
+        errors[act_order] = np.mean((inputs @ (w - weight).T) ** 2)
+    assert errors[True] < 0.9 * errors[False], errors
