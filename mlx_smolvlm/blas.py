@@ -124,7 +124,8 @@ def build_gemv_shim() -> Path | None:
 
 def build_c_library(source_path: Path, flags: list[str]) -> Path | None:
     """Compile a C source of this package into a shared library (with `-O3` and `flags`), or
-    reuse the cached build, named by the source, compiler, flags and CPU.
+    reuse the cached build, named by the source, the package's C headers (which it may
+    include), compiler, flags and CPU.
 
     Args:
         source_path: The C file.
@@ -138,7 +139,8 @@ def build_c_library(source_path: Path, flags: list[str]) -> Path | None:
     if not source_path.is_file() or compiler is None:
         return None
     source = source_path.read_bytes()
-    key = source + compiler.encode() + " ".join(flags).encode() + _cpu_flags()
+    headers = b"".join(path.read_bytes() for path in sorted(source_path.parent.glob("*.h")))
+    key = source + headers + compiler.encode() + " ".join(flags).encode() + _cpu_flags()
     digest = hashlib.sha256(key).hexdigest()[:16]
     target = cache_dir() / f"{source_path.stem}-{digest}.so"
     if target.is_file():

@@ -17,11 +17,8 @@
 #include <dlfcn.h>
 #include <stdio.h>
 #include <string.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
-#include <time.h>
-#include <unistd.h>
+
+#include "helper_thread.h"
 
 /* Small-M products C (M x N) = A (M x K) B^T with B stored N x K, as decoding makes them (one
  * or a few rows times a Linear weight). OpenBLAS 0.3.21 packs all of B on every such call. Here
@@ -111,121 +108,36 @@ static void small_m_run(const small_job *j) {
   for (; n < j->n1; n++) tile_rows(j, n, 1);
 }
 
-/* A persistent helper thread shares large enough products: the columns are cut into chunks
- * that the caller and the helper claim one at a time, so a helper that the OS has not
- * scheduled (the machine is busy) costs nothing: the caller computes every chunk itself.
- * Creating a thread per call costs more than the products of a small model take, so the
- * helper spins for a while after each job (decoding calls again within microseconds), then
- * sleeps. Both sides yield the CPU while they wait, so other threads keep running. */
+/* Large enough products are shared with a helper thread (helper_thread.h): the columns are cut
+ * into CHUNKS chunks of a multiple of NR columns each. */
 #define SPLIT_MIN_FMAS (1L << 16)
 #define CHUNKS 16
-#define SPIN_NS 200000L
 
-static struct {
-  pid_t pid; /* the process that started the helper (a forked child must start its own) */
-  small_job job;
-  int chunk, n_chunks;          /* columns per chunk (a multiple of NR), chunks in the job */
-  atomic_int claimed, finished; /* chunks of the current job claimed and finished */
-  atomic_uint posted, taken;    /* jobs posted; jobs the helper is done with */
-  atomic_int sleeping, busy;
-  pthread_mutex_t lock;
-  pthread_cond_t wake;
-} helper = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+typedef struct {
+  small_job whole;
+  int chunk; /* columns per chunk */
+} split_job;
 
-static long now_ns(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return t.tv_sec * 1000000000L + t.tv_nsec;
+static void small_m_chunk(const void *arg, int c) {
+  const split_job *s = arg;
+  small_job part = s->whole;
+  part.n0 = c * s->chunk;
+  part.n1 = part.n0 + s->chunk < part.n1 ? part.n0 + s->chunk : part.n1;
+  small_m_run(&part);
 }
 
-static void pause_briefly(int spins) {
-  if ((spins & 63) == 63) {
-    sched_yield();
-    return;
-  }
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
-
-/* Claim and compute chunks of the current job until none is left. */
-static void run_chunks(void) {
-  for (int c; (c = atomic_fetch_add(&helper.claimed, 1)) < helper.n_chunks;) {
-    small_job part = helper.job;
-    part.n0 = c * helper.chunk;
-    part.n1 = part.n0 + helper.chunk < part.n1 ? part.n0 + helper.chunk : part.n1;
-    small_m_run(&part);
-    atomic_fetch_add(&helper.finished, 1);
-  }
-}
-
-static void *helper_main(void *arg) {
-  (void)arg;
-  for (;;) {
-    unsigned seen = atomic_load(&helper.taken);
-    long spin_end = now_ns() + SPIN_NS;
-    for (int spins = 0; atomic_load(&helper.posted) == seen; spins++) {
-      if ((spins & 255) == 0 && now_ns() > spin_end) {
-        pthread_mutex_lock(&helper.lock);
-        atomic_store(&helper.sleeping, 1);
-        while (atomic_load(&helper.posted) == seen) pthread_cond_wait(&helper.wake, &helper.lock);
-        atomic_store(&helper.sleeping, 0);
-        pthread_mutex_unlock(&helper.lock);
-      }
-      pause_briefly(spins);
-    }
-    run_chunks();
-    atomic_store(&helper.taken, seen + 1);
-  }
-  return NULL;
-}
-
-/* Whether the helper runs in this process (started on first use, again after a fork). */
-static int helper_ready(void) {
-  if (helper.pid == getpid()) return 1;
-  atomic_store(&helper.taken, atomic_load(&helper.posted));
-  pthread_t thread;
-  pthread_attr_t attr;
-  pthread_attr_init(&attr);
-  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-  int ok = pthread_create(&thread, &attr, helper_main, NULL) == 0;
-  pthread_attr_destroy(&attr);
-  if (ok) helper.pid = getpid();
-  return ok;
-}
+static helper_pool helper = HELPER_POOL(small_m_chunk);
 
 static void small_m(int M, int N, int K, float alpha, const float *A, int lda, const float *B,
                     int ldb, float beta, float *C, int ldc) {
   small_job job = {M, K, lda, ldb, ldc, 0, N, A, B, C, alpha, beta};
-  /* One caller at a time shares with the helper, and only once the helper is done with the
-   * previous job; otherwise the caller computes alone. */
-  int expected = 0;
-  if ((long)M * N * K < SPLIT_MIN_FMAS || N < 2 * NR ||
-      !atomic_compare_exchange_strong(&helper.busy, &expected, 1)) {
+  if ((long)M * N * K < SPLIT_MIN_FMAS || N < 2 * NR) {
     small_m_run(&job);
     return;
   }
-  if (!helper_ready() || atomic_load(&helper.taken) != atomic_load(&helper.posted)) {
-    atomic_store(&helper.busy, 0);
-    small_m_run(&job);
-    return;
-  }
-  helper.job = job;
-  helper.chunk = (N + CHUNKS - 1) / CHUNKS;
-  helper.chunk = (helper.chunk + NR - 1) / NR * NR;
-  helper.n_chunks = (N + helper.chunk - 1) / helper.chunk;
-  atomic_store(&helper.claimed, 0);
-  atomic_store(&helper.finished, 0);
-  atomic_fetch_add(&helper.posted, 1);
-  if (atomic_load(&helper.sleeping)) {
-    pthread_mutex_lock(&helper.lock);
-    pthread_cond_signal(&helper.wake);
-    pthread_mutex_unlock(&helper.lock);
-  }
-  run_chunks();
-  for (int spins = 0; atomic_load(&helper.finished) < helper.n_chunks; spins++)
-    pause_briefly(spins);
-  atomic_store(&helper.busy, 0);
+  split_job split = {job, (N + CHUNKS - 1) / CHUNKS};
+  split.chunk = (split.chunk + NR - 1) / NR * NR;
+  if (!helper_share(&helper, &split, (N + split.chunk - 1) / split.chunk)) small_m_run(&job);
 }
 
 enum { ROW_MAJOR = 101, COL_MAJOR = 102 };

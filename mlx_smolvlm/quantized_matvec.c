@@ -22,14 +22,11 @@
  */
 #define _GNU_SOURCE
 #include <immintrin.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <unistd.h>
+
+#include "helper_thread.h"
 
 #define MAX_ROWS 8
 #define MAX_MATRICES 4
@@ -37,7 +34,6 @@
 #define BLOCK_WORDS 8
 #define CHUNK_ROWS 32
 #define SPLIT_MIN_WORDS (1L << 14)
-#define SPIN_NS 200000L
 
 typedef struct {
   const uint32_t *w;
@@ -169,103 +165,20 @@ static void run_rows(const qjob *j, int r0, int r1) {
   }
 }
 
-/* ---- the helper thread --------------------------------------------------------------------- */
+/* ---- sharing with the helper thread (helper_thread.h) -------------------------------------- */
 
-static struct {
-  pid_t pid; /* the process that started the helper (a forked child starts its own) */
-  const qjob *job;
-  int n_chunks;
-  atomic_int claimed, finished;
-  atomic_uint posted, taken;
-  atomic_int sleeping, busy;
-  pthread_mutex_t lock;
-  pthread_cond_t wake;
-} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
-
-static long now_ns(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return t.tv_sec * 1000000000L + t.tv_nsec;
+static void run_chunk(const void *arg, int c) {
+  const qjob *j = arg;
+  int r0 = c * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < j->total_rows ? r0 + CHUNK_ROWS : j->total_rows;
+  run_rows(j, r0, r1);
 }
 
-static void pause_briefly(int spins) {
-  if ((spins & 63) == 63) {
-    sched_yield();
-    return;
-  }
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
-
-static void run_chunks(void) {
-  const qjob *j = pool.job;
-  for (int c; (c = atomic_fetch_add(&pool.claimed, 1)) < pool.n_chunks;) {
-    int r0 = c * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < j->total_rows ? r0 + CHUNK_ROWS : j->total_rows;
-    run_rows(j, r0, r1);
-    atomic_fetch_add(&pool.finished, 1);
-  }
-}
-
-static void *helper_main(void *arg) {
-  (void)arg;
-  for (;;) {
-    unsigned seen = atomic_load(&pool.taken);
-    long spin_end = now_ns() + SPIN_NS;
-    for (int spins = 0; atomic_load(&pool.posted) == seen; spins++) {
-      if ((spins & 255) == 0 && now_ns() > spin_end) {
-        pthread_mutex_lock(&pool.lock);
-        atomic_store(&pool.sleeping, 1);
-        while (atomic_load(&pool.posted) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-        atomic_store(&pool.sleeping, 0);
-        pthread_mutex_unlock(&pool.lock);
-      }
-      pause_briefly(spins);
-    }
-    run_chunks();
-    atomic_store(&pool.taken, seen + 1);
-  }
-  return NULL;
-}
-
-static int helper_ready(void) {
-  if (pool.pid == getpid()) return 1;
-  atomic_store(&pool.taken, atomic_load(&pool.posted));
-  pthread_t thread;
-  pthread_attr_t attr;
-  pthread_attr_init(&attr);
-  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-  int ok = pthread_create(&thread, &attr, helper_main, NULL) == 0;
-  pthread_attr_destroy(&attr);
-  if (ok) pool.pid = getpid();
-  return ok;
-}
+static helper_pool pool = HELPER_POOL(run_chunk);
 
 static void run_job(const qjob *j) {
-  int expected = 0;
   long words = (long)j->total_rows * j->K / (32 / j->bits);
-  if (words < SPLIT_MIN_WORDS || !atomic_compare_exchange_strong(&pool.busy, &expected, 1)) {
-    run_rows(j, 0, j->total_rows);
-    return;
-  }
-  if (!helper_ready() || atomic_load(&pool.taken) != atomic_load(&pool.posted)) {
-    atomic_store(&pool.busy, 0);
-    run_rows(j, 0, j->total_rows);
-    return;
-  }
-  pool.job = j;
-  pool.n_chunks = (j->total_rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
-  atomic_store(&pool.claimed, 0);
-  atomic_store(&pool.finished, 0);
-  atomic_fetch_add(&pool.posted, 1);
-  if (atomic_load(&pool.sleeping)) {
-    pthread_mutex_lock(&pool.lock);
-    pthread_cond_signal(&pool.wake);
-    pthread_mutex_unlock(&pool.lock);
-  }
-  run_chunks();
-  for (int spins = 0; atomic_load(&pool.finished) < pool.n_chunks; spins++) pause_briefly(spins);
-  atomic_store(&pool.busy, 0);
+  int n_chunks = (j->total_rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
+  if (words < SPLIT_MIN_WORDS || !helper_share(&pool, j, n_chunks)) run_rows(j, 0, j->total_rows);
 }
 
 /* ---- entry points -------------------------------------------------------------------------- */
