@@ -34,6 +34,7 @@ from .convert import ConvertError, _check_destination, _replace_directory, save_
 from .load import resolve_model_path
 from .onnx_quantize import (
     DTYPE_VARIANTS,
+    IMPORT_ERROR,
     QUANTIZATIONS,
     external_data_path,
     save_graph,
@@ -48,7 +49,8 @@ try:
 except ImportError as err:
     _IMPORT_ERROR: ImportError | None = err
 else:
-    _IMPORT_ERROR = None
+    # The quantizers' imports (onnxruntime's, which need onnx_ir) are part of the extra too.
+    _IMPORT_ERROR = IMPORT_ERROR
 # The graphs' modules subclass torch's Module when torch is there (`require_onnx_extra` else).
 _Module = torch.nn.Module if _IMPORT_ERROR is None else object
 
@@ -66,8 +68,8 @@ class OnnxExportError(ConvertError):
 
 
 def require_onnx_extra() -> None:
-    """Raise `OnnxExportError` naming the ``onnx`` extra if torch, transformers or onnx is
-    missing."""
+    """Raise `OnnxExportError` naming the ``onnx`` extra if torch, transformers, onnx or
+    onnxruntime's quantizers cannot be imported."""
     if _IMPORT_ERROR is not None:
         raise OnnxExportError(
             f"The ONNX export needs the 'onnx' extra ({_IMPORT_ERROR.name} is missing): {EXTRA_HINT}"

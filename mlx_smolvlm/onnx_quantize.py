@@ -28,8 +28,10 @@ try:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     from onnxruntime.transformers.float16 import convert_float_to_float16
-except ImportError:  # `onnx_export.require_onnx_extra` names the extra
-    pass
+except ImportError as err:  # `onnx_export.require_onnx_extra` names the extra
+    IMPORT_ERROR: ImportError | None = err
+else:
+    IMPORT_ERROR = None
 
 logger = logging.getLogger(__name__)
 # The quantizer logs every node it visits at INFO, and warns that it raises the embeddings
