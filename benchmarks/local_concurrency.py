@@ -25,7 +25,6 @@ from __future__ import annotations  # noqa: I001
 
 import argparse
 import asyncio
-import json
 import logging
 import platform
 import statistics
@@ -36,7 +35,7 @@ import mlx_smolvlm
 import mlx.core as mx
 from PIL import Image
 
-from benchmarks import RESULTS
+from benchmarks import RESULTS, write_json
 from mlx_smolvlm.engine import Engine, EngineConfig, SamplingParams
 from mlx_smolvlm.load import load
 from mlx_smolvlm.random_weights import random_checkpoint
@@ -162,10 +161,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = asyncio.run(run(args))
     print_table(report)
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_json(report, Path(args.json))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations  # noqa: I001
 
 import argparse
 import asyncio
-import json
 import logging
 import statistics
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import mlx_smolvlm
 import mlx.core as mx
 
-from benchmarks import RESULTS
+from benchmarks import RESULTS, write_json
 from mlx_smolvlm.engine import Engine, EngineConfig, SamplingParams
 from mlx_smolvlm.generate import prepare_prompt
 from mlx_smolvlm.load import load
@@ -113,10 +112,7 @@ def main() -> None:
         f"{report['cold_ttft_s']:.3f} s, warm TTFT {report['warm_ttft_s']:.3f} s, "
         f"ratio {report['ratio']:.3f} (target <= 0.2)"
     )
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_json(report, Path(args.json))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 import mlx_smolvlm
 import mlx.core as mx
 
-from benchmarks import RESULTS
+from benchmarks import RESULTS, write_json
 from mlx_smolvlm import constrain
 from mlx_smolvlm.engine import Engine, EngineConfig, SamplingParams
 from mlx_smolvlm.load import load
@@ -234,10 +234,7 @@ def main() -> None:
         f"{report['constrained_row_ms_per_token']:.1f} ms/token constrained vs "
         f"{report['free_row_ms_per_token']:.1f} free ({100 * report['overhead']:+.1f}%)"
     )
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_json(report, Path(args.json))
 
 
 if __name__ == "__main__":

@@ -181,9 +181,8 @@ class Decoder(_Module):
         return (logits, *(t for pair in cache.present for t in pair))
 
 
-def load_source(src: Path) -> torch.nn.Module:
+def load_source(src: Path, model_type: str) -> torch.nn.Module:
     """transformers' fp32 model of a SmolVLM / Idefics3 checkpoint, with eager attention."""
-    model_type = json.loads((src / "config.json").read_text(encoding="utf-8"))["model_type"]
     model_cls = {
         "smolvlm": SmolVLMForConditionalGeneration,
         "idefics3": Idefics3ForConditionalGeneration,
@@ -380,7 +379,7 @@ def export_onnx(
     require_onnx_extra()
     dst = Path(onnx_path)
     src = resolve_model_path(hf_path)
-    _check_source(src)
+    model_type = _check_source(src)["model_type"]
     _check_destination(dst, src, force)
     processor = Processor.from_pretrained(src)
 
@@ -393,7 +392,7 @@ def export_onnx(
     (tmp / ONNX_DIR).mkdir(parents=True)
     try:
         logger.info("[1/3] Tracing %s to ONNX (opset %d)", src, OPSET)
-        export_graphs(load_source(src), tmp / ONNX_DIR)
+        export_graphs(load_source(src, model_type), tmp / ONNX_DIR)
         logger.info("[2/3] Variants: %s", ", ".join(variants) or "none")
         for variant in variants:
             for graph in GRAPHS:
