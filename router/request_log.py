@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 
 from aiohttp import web
 
-from .auth import require_admin
+from .auth import ADMIN_PREFIX, CONSOLE_PREFIX, OPEN_PATHS, require_admin
 from .backends import CONFIG
 from .config import RequestLogConfig
 from .errors import GatewayError, InvalidRequestError, NotFoundError
@@ -43,8 +43,8 @@ MAX_PENDING = 100_000
 RETENTION_EVERY_S = 60.0
 # Paths that are not client requests: probes, the admin API and the console (its playground
 # excepted, whose chats are client requests like any other).
-UNLOGGED_PREFIXES = ("/admin/", "/ui")
-UNLOGGED_PATHS = ("/health", "/metrics")
+UNLOGGED_PREFIXES = (ADMIN_PREFIX, CONSOLE_PREFIX)
+UNLOGGED_PATHS = OPEN_PATHS
 PLAYGROUND_PATH = "/ui/api/chat/completions"
 PAGE_MAX = 500
 # Rows per write transaction: a backlog after an outage goes in several flushes.

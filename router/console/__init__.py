@@ -17,7 +17,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..auth import ADMIN_SESSION, matches_digest, requested_model, require_admin
+from ..auth import (
+    ADMIN_SESSION,
+    CONSOLE_PREFIX,
+    matches_digest,
+    requested_model,
+    require_admin,
+)
 from ..backends import CONFIG
 from ..config import Config
 from ..errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
@@ -65,7 +71,7 @@ def setup_console(app: web.Application, sessions: Sessions | None = None) -> Non
 
 
 async def _secure_headers(request: web.Request, response: web.StreamResponse) -> None:
-    if request.path.startswith("/ui"):
+    if request.path.startswith(CONSOLE_PREFIX):
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
 

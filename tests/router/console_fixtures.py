@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from router.config import Config
+from tests.router.helpers import fake_models
 
 ADMIN_KEY = "admin-secret-0123456789"
 CLIENT_KEY = "client-secret-abcdef0123"
@@ -36,15 +37,7 @@ def console_config(base_url: str, log_path: Path | str, **request_log: object) -
                 },
                 "gem": {"type": "gemini", "base_url": base_url, "keys": ["gk-one-123456789"]},
             },
-            "models": {
-                "gpt": [{"provider": "oai", "model": "gpt-up"}],
-                "claude": [{"provider": "claude", "model": "claude-up"}],
-                "gemini": [{"provider": "gem", "model": "gemini-up"}],
-                "fallback": [
-                    {"provider": "oai", "model": "gpt-up"},
-                    {"provider": "claude", "model": "claude-up"},
-                ],
-            },
+            "models": fake_models(),
             "auth": {
                 "admin_key": ADMIN_KEY,
                 "client_keys": [

@@ -274,6 +274,20 @@ GEMINI_BODY = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
 LOOPBACK_FIXTURES = "127.0.0.1/32"
 
 
+def fake_models() -> dict:
+    """The model aliases of the fake's providers ``oai``, ``claude`` and ``gem`` (a new dict
+    each call, for a config's ``models``)."""
+    return {
+        "gpt": [{"provider": "oai", "model": "gpt-up"}],
+        "claude": [{"provider": "claude", "model": "claude-up"}],
+        "gemini": [{"provider": "gem", "model": "gemini-up"}],
+        "fallback": [
+            {"provider": "oai", "model": "gpt-up"},
+            {"provider": "claude", "model": "claude-up"},
+        ],
+    }
+
+
 def make_config(base_url: str, **limits: object) -> Config:
     """Providers of all three types pointing at the fake, and a few model aliases."""
     return Config.from_dict(
@@ -283,15 +297,7 @@ def make_config(base_url: str, **limits: object) -> Config:
                 "claude": {"type": "anthropic", "base_url": base_url, "keys": ["ak-1", "ak-2"]},
                 "gem": {"type": "gemini", "base_url": base_url, "keys": ["gk-1"]},
             },
-            "models": {
-                "gpt": [{"provider": "oai", "model": "gpt-up"}],
-                "claude": [{"provider": "claude", "model": "claude-up"}],
-                "gemini": [{"provider": "gem", "model": "gemini-up"}],
-                "fallback": [
-                    {"provider": "oai", "model": "gpt-up"},
-                    {"provider": "claude", "model": "claude-up"},
-                ],
-            },
+            "models": fake_models(),
             "limits": {"max_body_bytes": 1024 * 1024, "image_timeout_s": 0.5, **limits},
             # The test-only allow-list: the loopback fake serves the images.
             "media": {"allow": [LOOPBACK_FIXTURES]},
