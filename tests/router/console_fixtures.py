@@ -14,8 +14,8 @@ OTHER_CLIENT_KEY = "client-secret-zyxwvu9876"
 
 
 def console_config(base_url: str, log_path: Path | str, **request_log: object) -> Config:
-    """Providers of all three types on the fake upstream, an admin key, two client keys and
-    the request log at ``log_path`` (flushed every 50 ms).
+    """Providers of all three types on the fake upstream, an admin key, two client keys (one
+    with a daily token budget) and the request log at ``log_path`` (flushed every 50 ms).
 
     Args:
         base_url: The fake upstream's root.
@@ -45,6 +45,8 @@ def console_config(base_url: str, log_path: Path | str, **request_log: object) -
                     {"key": OTHER_CLIENT_KEY, "name": "team-b", "models": ["claude"]},
                 ],
             },
+            # The clients page shows team-a's spend against this budget.
+            "budgets": [{"client": "team-a", "tokens_per_day": 1_000_000}],
             "request_log": {"path": str(log_path), "flush_s": 0.05, **request_log},
         }
     )

@@ -236,7 +236,7 @@ async def test_every_page_renders_on_a_laptop_and_a_phone(
         "overview": "#t-rps",
         "providers": 'tr[data-id="claude/0"]',
         "models": "#decisions-table td:text('oai → claude')",
-        "clients": "#clients-table tbody tr",
+        "clients": "#clients-table td:text('/ 1,000,000 today')",
         "requests": "#log-table tbody tr",
         "playground": "#chat-model option",
         "config": "#config-body",

@@ -48,6 +48,19 @@ function showBanner(message) {
 const fmtNum = (n) => (n === null || n === undefined ? "–" : Number(n).toLocaleString("en"));
 const fmtMs = (ms) => (ms === null || ms === undefined ? "–" : ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${Math.round(ms)} ms`);
 const fmtCost = (c) => (c === null || c === undefined ? "–" : `$${Number(c).toFixed(4)}`);
+
+// A client's spend against each budget it has ("$0.0012 / $5.0000 today"), from GET /admin/spend.
+function budgetText(entry) {
+  const parts = [];
+  for (const [period, label] of [["today", "today"], ["this_month", "this month"]]) {
+    const spent = entry && entry[period];
+    for (const unit of Object.keys((spent && spent.budget) || {})) {
+      const fmt = unit === "usd" ? fmtCost : fmtNum;
+      parts.push(`${fmt(spent[unit])} / ${fmt(spent.budget[unit])} ${label}`);
+    }
+  }
+  return parts.length ? parts.join(", ") : "none";
+}
 const fmtTime = (ts) => new Date(ts * 1000).toLocaleTimeString("en-GB");
 
 function cell(text, className) {
@@ -228,7 +241,7 @@ const pages = {
     every: 5000,
     async load() {
       const config = await loadConfig();
-      const stats = await api("/admin/stats?window_s=300");
+      const [stats, spend] = await Promise.all([api("/admin/stats?window_s=300"), api("/admin/spend")]);
       const seen = new Map(stats.clients.map((c) => [c.client || "(no key)", c]));
       const rows = config.auth.client_keys.map((c) => ({ name: c.name, models: c.models.join(", "), ...(seen.get(c.name) || {}) }));
       for (const [name, c] of seen) {
@@ -237,7 +250,7 @@ const pages = {
       fillTable("#clients-table", rows, (r) => [
         cell(r.name), cell(r.models), cell(fmtNum(r.requests || 0), "num"), cell(fmtNum(r.errors || 0), "num"),
         cell(fmtNum(r.input_tokens || 0), "num"), cell(fmtNum(r.output_tokens || 0), "num"),
-        cell(fmtCost(r.cost), "num"), cell(r.budget === undefined ? "–" : fmtCost(r.budget), "num"),
+        cell(fmtCost(r.cost), "num"), cell(budgetText(spend.clients[r.name]), "num"),
         cell(r.last_ts ? fmtTime(r.last_ts) : "–"),
       ]);
     },
