@@ -183,11 +183,12 @@ class Budgets:
         """The request's counters (each scope in each period) with their limits, and which
         budget and period each limit comes from."""
         budgets = {b.scope: b for b in cfg.budgets}
+        periods = period_keys(now)
         counters, owners = [], []
         for scope in scopes_of(client, provider):
             budget = budgets.get(scope)
-            for period, suffix in period_keys(now).items():
-                limits = budget.limits() if budget is not None else {}
+            limits = budget.limits() if budget is not None else {}
+            for period, suffix in periods.items():
                 max_usd = None if free else limits.get(f"usd_per_{period}")
                 counters.append(
                     Counter(f"{scope}|{suffix}", limits.get(f"tokens_per_{period}"), max_usd)
