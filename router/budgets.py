@@ -134,21 +134,16 @@ class Budgets:
                 target.model,
                 target.provider,
             )
+        now = self.clock()
+        counters, owners = self._counters(cfg, client, target.provider, now, price is FREE)
+        keys, name = [c.key for c in counters], client and client.name
+        if not any(c.max_tokens is not None or c.max_usd is not None for c in counters):
+            # Nothing to enforce, so no estimate: spend is only recorded when settled.
+            return Reservation(keys, 0, 0.0, target.provider, target.model, name)
         prompt = estimate_tokens(request)
         tokens = prompt + (request.max_tokens or 0)
         usd = cost_usd(price, prompt, request.max_tokens or 0)
-        now = self.clock()
-        counters, owners = self._counters(cfg, client, target.provider, now, price is FREE)
-        reservation = Reservation(
-            [c.key for c in counters],
-            tokens,
-            usd,
-            target.provider,
-            target.model,
-            client and client.name,
-        )
-        if not any(c.max_tokens is not None or c.max_usd is not None for c in counters):
-            return reservation  # nothing to enforce: spend is only recorded when settled
+        reservation = Reservation(keys, tokens, usd, target.provider, target.model, name)
         try:
             refused = await self.store.reserve(reservation.id, counters, tokens, usd)
         except SpendStoreUnavailable as err:
