@@ -134,21 +134,16 @@ class Budgets:
                 target.model,
                 target.provider,
             )
+        now = self.clock()
+        counters, owners = self._counters(cfg, client, target.provider, now, price is FREE)
+        keys, name = [c.key for c in counters], client and client.name
+        if not any(c.max_tokens is not None or c.max_usd is not None for c in counters):
+            # Nothing to enforce, so no estimate: spend is only recorded when settled.
+            return Reservation(keys, 0, 0.0, target.provider, target.model, name)
         prompt = estimate_tokens(request)
         tokens = prompt + (request.max_tokens or 0)
         usd = cost_usd(price, prompt, request.max_tokens or 0)
-        now = self.clock()
-        counters, owners = self._counters(cfg, client, target.provider, now, price is FREE)
-        reservation = Reservation(
-            [c.key for c in counters],
-            tokens,
-            usd,
-            target.provider,
-            target.model,
-            client and client.name,
-        )
-        if not any(c.max_tokens is not None or c.max_usd is not None for c in counters):
-            return reservation  # nothing to enforce: spend is only recorded when settled
+        reservation = Reservation(keys, tokens, usd, target.provider, target.model, name)
         try:
             refused = await self.store.reserve(reservation.id, counters, tokens, usd)
         except SpendStoreUnavailable as err:
@@ -183,11 +178,12 @@ class Budgets:
         """The request's counters (each scope in each period) with their limits, and which
         budget and period each limit comes from."""
         budgets = {b.scope: b for b in cfg.budgets}
+        periods = period_keys(now)
         counters, owners = [], []
         for scope in scopes_of(client, provider):
             budget = budgets.get(scope)
-            for period, suffix in period_keys(now).items():
-                limits = budget.limits() if budget is not None else {}
+            limits = budget.limits() if budget is not None else {}
+            for period, suffix in periods.items():
                 max_usd = None if free else limits.get(f"usd_per_{period}")
                 counters.append(
                     Counter(f"{scope}|{suffix}", limits.get(f"tokens_per_{period}"), max_usd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 from . import ir
 from .config import (
@@ -44,6 +45,11 @@ class RouteInput:
     request: ir.Request
     headers: Mapping[str, str]
     client: ClientKeyConfig | None = None
+
+    @cached_property
+    def prompt_tokens(self) -> int:
+        """The request's estimated prompt tokens, walked once however many rules read it."""
+        return estimate_tokens(self.request)
 
 
 @dataclass
@@ -160,9 +166,9 @@ def condition_holds(
     if when.models is not None:
         checks.append(lambda: any(fnmatch.fnmatchcase(request.model, m) for m in when.models))
     if when.prompt_tokens_above is not None:
-        checks.append(lambda: estimate_tokens(request) > when.prompt_tokens_above)
+        checks.append(lambda: facts.prompt_tokens > when.prompt_tokens_above)
     if when.exceeds_context_of is not None:
-        checks.append(lambda: _exceeds_context(request, context_window(when.exceeds_context_of)))
+        checks.append(lambda: _exceeds_context(facts, context_window(when.exceeds_context_of)))
     # Cheap checks first; the token estimate walks the whole conversation.
     return all(check() for check in checks)
 
@@ -210,8 +216,8 @@ def _header_matches(headers: Mapping[str, str], name: str, value: str) -> bool:
     return value == "*" or headers[name].strip().lower() == value.lower()
 
 
-def _exceeds_context(request: ir.Request, window: int | None) -> bool:
+def _exceeds_context(facts: RouteInput, window: int | None) -> bool:
     """The prompt estimate plus the output asked for does not fit the window."""
     if window is None:
         return False
-    return estimate_tokens(request) + (request.max_tokens or 0) > window
+    return facts.prompt_tokens + (facts.request.max_tokens or 0) > window
