@@ -186,9 +186,13 @@ class KeyCoordinator:
             full = full or frees < 0
             if frees >= 0 and (wait < 0 or frees < wait):
                 wait = frees
-        wait = POLL_S if full or wait < 0 else wait
-        answer = {"op": "admitted", "id": message["id"], "index": 0, "states": states}
-        return answer | {"wait": wait}
+        return {
+            "op": "admitted",
+            "id": message["id"],
+            "index": 0,
+            "states": states,
+            "wait": POLL_S if full or wait < 0 else wait,
+        }
 
     def _finish(self, worker: _Worker, message: dict) -> None:
         now = self._clock()

@@ -401,7 +401,7 @@ async def _decode_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]
     async for chunk in resp.content.iter_any():
         buffer += chunk
         *lines, rest = buffer.split(b"\n")
-        buffer = bytearray(rest)
+        buffer = rest  # already a bytearray of its own
         for line in lines:
             if line.strip():
                 yield SSEEvent(line.decode("utf-8", "replace"))

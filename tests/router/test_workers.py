@@ -133,11 +133,15 @@ def fresh_connections() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True))
 
 
-async def check_limits(served: Served) -> None:
-    """300 concurrent requests against 2 keys of rpm 60, then 300 against 2 keys of
-    max_concurrent 2: exactly 120 reach the fake, and never more than 2 at once per key; both
-    workers did part of the work."""
+async def check_limits(served: Served, backend: str) -> None:
+    """The key state is shared through ``backend`` (``/health``); 300 concurrent requests
+    against 2 keys of rpm 60, then 300 against 2 keys of max_concurrent 2: exactly 120 reach
+    the fake, and never more than 2 at once per key; both workers did part of the work."""
     fake, router = served.fake, served.router
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{router.url}/health") as resp:
+            health = await resp.json()
+    assert health["shared_state"]["backend"] == backend and health["shared_state"]["connected"]
     pids = worker_pids(router)
     assert len(pids) == 2
     fake.reset()
@@ -163,20 +167,12 @@ async def check_limits(served: Served) -> None:
 
 @module_loop
 async def test_limits_hold_exactly_across_two_workers(served):
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{served.router.url}/health") as resp:
-            health = await resp.json()
-    assert health["shared_state"]["backend"] == "workers" and health["shared_state"]["connected"]
-    await check_limits(served)
+    await check_limits(served, "workers")
 
 
 @module_loop
 async def test_limits_hold_exactly_across_two_workers_on_redis(served_redis):
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{served_redis.router.url}/health") as resp:
-            health = await resp.json()
-    assert health["shared_state"]["backend"] == "redis" and health["shared_state"]["connected"]
-    await check_limits(served_redis)
+    await check_limits(served_redis, "redis")
 
 
 @module_loop
