@@ -503,6 +503,10 @@ class ConditionConfig:
     groups: list[str] | None = None
     models: list[str] | None = None
 
+    def matches_all(self) -> bool:
+        """No key given (``stream: false`` or ``prompt_tokens_above: 0`` is a condition too)."""
+        return all(value is None or value == {} for value in vars(self).values())
+
 
 @dataclass
 class SpilloverConfig:
@@ -636,7 +640,7 @@ def _routing_config(
     names: set[str] = set()
     for i, raw in enumerate(rules):
         where = f"routing.rules[{i}]"
-        if routing.rules and not any(vars(routing.rules[-1].condition).values()):
+        if routing.rules and routing.rules[-1].condition.matches_all():
             raise ConfigError(f"{where}: unreachable, rule {routing.rules[-1].name!r} matches all")
         rule = _rule_config(raw, where, providers, models, routing.auto_model, auth)
         if rule.name in names:

@@ -341,6 +341,11 @@ def test_unreachable_rules_and_malformed_prices_are_refused(fake):
     catch_all = {"name": "all", "targets": ["gpt"]}
     with pytest.raises(ConfigError, match=r"routing.rules\[1\]: unreachable"):
         routing_config(fake.base_url, [catch_all, {"name": "b", "targets": ["gpt"]}])
+    # A condition whose value is false or zero is still a condition: the next rule is reachable.
+    for when in ({"stream": False}, {"tools": False}, {"prompt_tokens_above": 0}):
+        first = {"name": "a", "when": when, "targets": ["gpt"]}
+        cfg = routing_config(fake.base_url, [first, {"name": "b", "targets": ["gpt"]}])
+        assert [rule.name for rule in cfg.routing.rules] == ["a", "b"]
     with pytest.raises(ConfigError, match=r"pricing.gpt-4o-mini: input and output must be >= 0"):
         routing_config(fake.base_url, [], pricing={"gpt-4o-mini": {"input": -1, "output": 1}})
     with pytest.raises(ConfigError, match=r"pricing.x.output: expected float, got str"):
