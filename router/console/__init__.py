@@ -95,6 +95,8 @@ async def _login(request: web.Request) -> web.Response:
             body = json.loads(await request.read())
         except (ValueError, UnicodeDecodeError) as err:
             raise InvalidRequestError(f"request body is not valid JSON: {err}") from err
+        except RecursionError as err:
+            raise InvalidRequestError("request body is nested too deeply") from err
         key = body.get("admin_key") if isinstance(body, dict) else None
     else:
         key = (await request.post()).get("admin_key")

@@ -82,6 +82,10 @@ async def test_a_wrong_admin_key_gets_a_clear_401_and_no_cookie(aiohttp_client, 
     resp = await client.post("/ui/login", data={"admin_key": ""})
     assert resp.status == 400
     assert error_of(await resp.json()) == "admin_key: enter the router's admin key"
+    deep = "[" * 100_000 + "]" * 100_000
+    resp = await client.post("/ui/login", data=deep, headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    assert error_of(await resp.json()) == "request body is nested too deeply"
     resp = await client.get("/ui/api/session")
     assert resp.status == 401
     assert error_of(await resp.json()) == "not logged in"
