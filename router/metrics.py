@@ -15,11 +15,12 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from .keys import KeyPool
 from .logs import RequestContext
-from .workers import MULTIPROC_VAR
 
 logger = logging.getLogger(__name__)
 
 KEY_STATES = ("active", "cooling", "parked", "disabled")
+# Where prometheus_client's multiprocess mode keeps the workers' files (`router.workers` sets it).
+MULTIPROC_VAR = "PROMETHEUS_MULTIPROC_DIR"
 # Generation requests last from milliseconds (errors) to minutes (long streams).
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 

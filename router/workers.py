@@ -38,13 +38,13 @@ from typing import Any
 from .config import Config, ConfigError
 from .console.session import SECRET_VAR
 from .keys.local_store import KeyCoordinator
+from .metrics import MULTIPROC_VAR
 
 logger = logging.getLogger(__name__)
 
 # Set in each worker's environment: its index, and the coordinator's socket ('' : none).
 WORKER_VAR = "ROUTER_WORKER"
 COORDINATOR_VAR = "ROUTER_KEY_COORDINATOR"
-MULTIPROC_VAR = "PROMETHEUS_MULTIPROC_DIR"
 # A worker that exits within this long of its start failed to start: no restart.
 START_S = 5.0
 # Pause before a dead worker is started again (a crash loop stays slow).
