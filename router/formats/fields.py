@@ -248,18 +248,21 @@ def parse_data_url(url: str, where: str) -> tuple[str, str]:
     return head[5:-7] or "application/octet-stream", data
 
 
-def check_base64(data: str, where: str) -> None:
+def check_base64(data: str, where: str) -> bytes:
     """Validate standard base64 text.
 
     Args:
         data: The payload.
         where: Its path in the request.
 
+    Returns:
+        The decoded bytes.
+
     Raises:
         InvalidRequestError: If the payload is not valid base64.
     """
     try:
-        base64.b64decode(data, validate=True)
+        return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as err:
         raise InvalidRequestError(f"{where}: invalid base64 data", param=where) from err
 

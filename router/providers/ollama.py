@@ -45,5 +45,5 @@ class Provider(HTTPProvider):
                     raise self.wire.parse_error(chunk, 500, self.config.name)
                 for item in with_upstream_headers(self.upstream_data(parser.feed, chunk), headers):
                     yield item
-            for item in self.upstream_data(parser.finish):
+            for item in parser.finish():
                 yield item

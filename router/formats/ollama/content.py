@@ -4,13 +4,11 @@ image's first bytes), tool definitions, tool calls (arguments as a JSON object, 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 
 from ... import ir
 from ...errors import InvalidRequestError
-from ..fields import check_range, dump_json, field, objects
+from ..fields import check_base64, check_range, dump_json, field, objects
 
 # An image's first bytes -> its media type (the formats every client format can carry).
 _MAGIC = (
@@ -39,11 +37,7 @@ def parse_images(raw: list, where: str) -> list[ir.MediaPart]:
             raise InvalidRequestError(
                 f"{at}: expected a base64 string, got {type(item).__name__}", param=at
             )
-        try:
-            data = base64.b64decode(item, validate=True)
-        except (binascii.Error, ValueError) as err:
-            raise InvalidRequestError(f"{at}: invalid base64 data", param=at) from err
-        parts.append(ir.MediaPart(_media_type(data, at), data=item))
+        parts.append(ir.MediaPart(_media_type(check_base64(item, at), at), data=item))
     return parts
 
 

@@ -54,7 +54,7 @@ def _card(app: web.Application, name: str) -> ModelCard:
     # Tools and JSON output by constrained decoding (`router.providers.mlx_structured`).
     capabilities = ["completion", "tools"] if local.text_only else ["completion", "tools", "vision"]
     return ModelCard(
-        name, "smolvlm", True, local.weights_bytes, local.engine.max_context, capabilities
+        name, "smolvlm", True, local.weights_bytes, local.context_window(), capabilities
     )
 
 
