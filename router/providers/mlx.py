@@ -255,7 +255,9 @@ class Provider(BaseProvider):
                 elif isinstance(part, ir.ThinkingPart):
                     continue  # earlier reasoning from another model: SmolVLM2 has none
                 elif isinstance(part, ir.ToolCallPart):
-                    content.append({"type": "text", "text": mlx_structured.render_call(part)})
+                    content.append(
+                        {"type": "text", "text": mlx_structured.render_call(part, where)}
+                    )
                 elif isinstance(part, ir.ToolResultPart):
                     content.append(
                         {"type": "text", "text": mlx_structured.render_result(part, where)}

@@ -22,7 +22,7 @@ from mlx_smolvlm.constrain import (
 
 from .. import ir
 from ..errors import InvalidRequestError
-from ..formats.fields import new_id
+from ..formats.fields import new_id, parse_arguments
 
 TOOLS_PROMPT = (
     "You can call these tools. To call one, answer with only a JSON object "
@@ -87,9 +87,10 @@ def tools_message(request: ir.Request) -> dict | None:
     return {"role": "system", "content": [{"type": "text", "text": text}]}
 
 
-def render_call(part: ir.ToolCallPart) -> str:
-    """An earlier tool call as the model writes one."""
-    return json.dumps({"name": part.name, "arguments": json.loads(part.arguments or "{}")})
+def render_call(part: ir.ToolCallPart, where: str) -> str:
+    """An earlier tool call as the model writes one (arguments that are not a JSON object
+    are a 400 naming ``where``)."""
+    return json.dumps({"name": part.name, "arguments": parse_arguments(part.arguments, where)})
 
 
 def render_result(part: ir.ToolResultPart, where: str) -> str:

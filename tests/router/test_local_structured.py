@@ -367,3 +367,15 @@ async def test_a_tool_result_with_an_image_is_a_400_naming_it(clients):
     ]
     with pytest.raises(anthropic.BadRequestError, match=r"messages\[2\].*text only"):
         await clients.anthropic.messages.create(model=MODEL, max_tokens=8, messages=messages)
+
+
+@module_loop
+async def test_an_earlier_tool_call_with_arguments_not_json_is_a_400_naming_it(clients):
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{"}}
+    messages = [
+        {"role": "user", "content": ASK},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    with pytest.raises(openai.BadRequestError, match=r"messages\[1\].*not valid JSON"):
+        await clients.openai.chat.completions.create(model=MODEL, max_tokens=8, messages=messages)

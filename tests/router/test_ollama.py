@@ -820,6 +820,16 @@ def test_upstream_refuses_what_ollama_cannot_take(change, message):
         upstream.render_request(request)
 
 
+def test_upstream_refuses_tool_call_arguments_that_are_not_a_json_object():
+    call = ir.ToolCallPart("c1", "get_weather", "{")
+    request = ir.Request(
+        model="m",
+        messages=[ir.Message("user", [ir.TextPart("hi")]), ir.Message("assistant", [call])],
+    )
+    with pytest.raises(InvalidRequestError, match=r"messages\[1\]\.tool_calls: .*not valid JSON"):
+        upstream.render_request(request)
+
+
 def test_upstream_stream_parser():
     parser = upstream.StreamParser()
     chunks = [

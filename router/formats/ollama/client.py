@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from ... import ir
-from ...errors import GatewayError, InvalidRequestError
+from ...errors import GatewayError, InvalidRequestError, UpstreamError
 from ...sse import SSEEvent
 from ..base import ClientCall, ClientFormat, NDJSONWriter, StreamWriter
 from ..fields import append_tool_result, dump_json, field, new_id, objects
@@ -249,8 +249,16 @@ def render_chat_message(parts: list[ir.Part]) -> dict:
         message["thinking"] = thinking
     calls = [p for p in parts if isinstance(p, ir.ToolCallPart)]
     if calls:
-        message["tool_calls"] = [render_tool_call(c, i) for i, c in enumerate(calls)]
+        message["tool_calls"] = [_answer_call(c, i) for i, c in enumerate(calls)]
     return message
+
+
+def _answer_call(call: ir.ToolCallPart, index: int) -> dict:
+    """An answer's tool call; arguments that are not a JSON object are the upstream's error."""
+    try:
+        return render_tool_call(call, index, f"tool_calls[{index}]")
+    except InvalidRequestError as err:
+        raise UpstreamError(f"upstream sent tool call {call.name!r} with {err.message}") from err
 
 
 def _render_final(response: ir.Response, request: ir.Request, body: dict) -> dict:
@@ -365,9 +373,7 @@ class StreamRenderer:
         self._first_output = self._first_output or time.monotonic()
         call, self._call = self._call, None
         self._calls += 1
-        return [
-            self._chunk({"content": "", "tool_calls": [render_tool_call(call, self._calls - 1)]})
-        ]
+        return [self._chunk({"content": "", "tool_calls": [_answer_call(call, self._calls - 1)]})]
 
     def _head(self, piece: dict) -> dict:
         head = {"model": self._request.model, "created_at": now_iso()}

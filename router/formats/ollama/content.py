@@ -8,7 +8,7 @@ import json
 
 from ... import ir
 from ...errors import InvalidRequestError
-from ..fields import check_base64, check_range, dump_json, field, objects
+from ..fields import check_base64, check_range, dump_json, field, objects, parse_arguments
 
 # An image's first bytes -> its media type (the formats every client format can carry).
 _MAGIC = (
@@ -109,17 +109,19 @@ def parse_tool_call(raw: dict, where: str, call_id: str) -> ir.ToolCallPart:
     )
 
 
-def render_tool_call(call: ir.ToolCallPart, index: int) -> dict:
+def render_tool_call(call: ir.ToolCallPart, index: int, where: str) -> dict:
     """Render a tool call as Ollama does: arguments as an object.
 
     Args:
-        call: The IR tool call (its arguments are the JSON text of an object).
-        index: Its position among the answer's calls.
+        call: The IR tool call (its arguments should be the JSON text of an object).
+        index: Its position among the message's calls.
+        where: Its path, for the error message.
+
+    Raises:
+        InvalidRequestError: If the arguments are not a JSON object.
     """
-    return {
-        "id": call.id,
-        "function": {"index": index, "name": call.name, "arguments": json.loads(call.arguments)},
-    }
+    arguments = parse_arguments(call.arguments, where)
+    return {"id": call.id, "function": {"index": index, "name": call.name, "arguments": arguments}}
 
 
 # Ollama's sampling options the IR carries: option -> (IR field, type, minimum, maximum).

@@ -30,7 +30,9 @@ def render_request(request: ir.Request) -> dict:
     refuse_options(request, "Ollama", handled=("seed", "presence_penalty", "frequency_penalty"))
     body: dict = {
         "model": request.model,
-        "messages": [m for message in request.messages for m in _render_message(message)],
+        "messages": [
+            m for i, message in enumerate(request.messages) for m in _render_message(message, i)
+        ],
         "stream": request.stream,
     }
     choice = request.tool_choice.mode if request.tool_choice else "auto"
@@ -77,7 +79,7 @@ def _render_tool(tool: ir.Tool) -> dict:
     return {"type": "function", "function": function}
 
 
-def _render_message(message: ir.Message) -> list[dict]:
+def _render_message(message: ir.Message, index: int) -> list[dict]:
     """One IR message as Ollama messages: its tool results each become a ``tool`` message."""
     out = []
     wire: dict = {"role": message.role, "content": ""}
@@ -90,7 +92,7 @@ def _render_message(message: ir.Message) -> list[dict]:
         elif isinstance(part, ir.ThinkingPart):
             thinking.append(part.text)
         elif isinstance(part, ir.ToolCallPart):
-            calls.append(render_tool_call(part, len(calls)))
+            calls.append(render_tool_call(part, len(calls), f"messages[{index}].tool_calls"))
         else:
             out.append(_render_tool_result(part))
     wire["content"] = "\n\n".join(texts)
