@@ -55,12 +55,13 @@ QUESTIONS = [
 
 async def one_stream(engine: Engine, prompt: list[dict], images: list, max_tokens: int) -> dict:
     start = time.perf_counter()
-    first = None
+    first, produced = None, 0
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    async for _ in engine.generate(prompt, images, params=params):
+    async for output in engine.generate(prompt, images, params=params):
         if first is None:
             first = time.perf_counter()
-    return {"start": start, "first": first, "end": time.perf_counter(), "tokens": max_tokens}
+        produced = output.generation_tokens  # the tokens actually generated, not the limit
+    return {"start": start, "first": first, "end": time.perf_counter(), "tokens": produced}
 
 
 async def one_round(engine: Engine, n: int, max_tokens: int, image: Image.Image | None) -> dict:
@@ -75,7 +76,7 @@ async def one_round(engine: Engine, n: int, max_tokens: int, image: Image.Image 
     end = max(s["end"] for s in streams)
     all_first = max(s["first"] for s in streams)
     tokens = sum(s["tokens"] for s in streams)
-    # After every stream's first token, each has max_tokens - 1 left.
+    # Every stream's tokens after its first.
     decode_tokens = tokens - n
     return {
         "total_tps": tokens / (end - start),
@@ -122,7 +123,11 @@ async def run(args: argparse.Namespace) -> dict:
     for row in rows:
         row["speedup"] = row["total_tps"] / single
     return {
-        "model": "SmolVLM2-256M architecture, random weights, float32",
+        "model": (
+            f"{checkpoint.name}, float32"
+            if args.checkpoint
+            else "SmolVLM2-256M architecture, random weights, float32"
+        ),
         "checkpoint": str(checkpoint),
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,

@@ -7,8 +7,11 @@ step that bounds what the matrix-vector products alone cost.
 
     python -m benchmarks.profile_decode --shape 256m --prefix 104 --steps 20 [--bits 4]
 
-With ``--bits``, the decoder and head are quantized (group 64, fp32 scales) and their products
-go through ``quantized_matvec.project`` as the model runs them (q/k/v and gate/up one call each).
+With ``--bits``, the decoder and head are quantized (group 64, fp32 scales). On the CPU backend
+the decoder's layers then run in one call of the C kernel (``quantized_matvec.decode_layers``),
+which times its own phases (norms, products, RoPE, attention, SiLU, residuals); "kernel glue" is
+the rest of that call (copies in and out, appending to the caches). Elsewhere, and unquantized,
+the layers run operation by operation as ``TextModel`` writes them.
 """
 
 # ruff: noqa: I001 (mlx_smolvlm must be imported before mlx.core: it loads the BLAS first)
@@ -21,7 +24,13 @@ from mlx_smolvlm.blas import gemv_shim_calls
 from mlx_smolvlm.device_ops import Rotary
 from mlx_smolvlm.load import load_model
 from mlx_smolvlm.quantize import QuantizationSpec, quantize_model
-from mlx_smolvlm.quantized_matvec import calls as qmv_calls, project
+from mlx_smolvlm.quantized_matvec import (
+    PHASES,
+    calls as qmv_calls,
+    decode_layers,
+    layer_plans,
+    project,
+)
 from mlx_smolvlm.random_weights import random_checkpoint
 
 import mlx.core as mx
@@ -50,15 +59,42 @@ class OpTimer:
 
 
 def profiled_step(model, token, cache, t):
-    """One decode step written out operation by operation (same math as TextModel)."""
+    """One decode step, timed per operation (the model's own step, in the same order)."""
     text = model.text_model
     t.start()
     h = t("embed", text.embed_tokens(token))
+    plans = layer_plans(text.layers, h, None, cache)
+    h = (
+        layer_by_layer(text, h, cache, t)
+        if plans is None
+        else kernel_layers(plans, text, h, cache, t)
+    )
+    h = t("rms_norm", text.norm(h))
+    logits = t("lm_head", project(h, model.lm_head if "lm_head" in model else text.embed_tokens)[0])
+    logits = logits[:, -1, :]
+    logprobs = t("logsumexp", logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    return t("argmax", mx.argmax(logprobs, axis=-1, keepdims=True).astype(mx.int32))
+
+
+def kernel_layers(plans, text, h, cache, t):
+    """The decoder's layers in one call of the C kernel, which times its phases."""
+    phase_ns = np.zeros(len(PHASES), np.int64)
+    h = t(
+        "kernel glue", decode_layers(plans, text.config, h, None, cache, cache[0].offset, phase_ns)
+    )
+    for name, ns in zip(PHASES, phase_ns.tolist(), strict=True):
+        t.totals[name] += ns / 1e9
+        t.totals["kernel glue"] -= ns / 1e9
+    return h
+
+
+def layer_by_layer(text, h, cache, t):
+    """The decoder's layers written out operation by operation (as ``TextModel`` runs them)."""
     cfg = text.config
-    rotary = Rotary(cfg.head_dim, cfg.rope_theta, cache[0].offset, token.shape[1])
+    B, L, _ = h.shape
+    rotary = Rotary(cfg.head_dim, cfg.rope_theta, cache[0].offset, L)
     for layer, c in zip(text.layers, cache, strict=True):
         attn = layer.self_attn
-        B, L, _ = h.shape
         x = t("rms_norm", layer.input_layernorm(h))
         q, k, v = t("qkv_proj", project(x, attn.q_proj, attn.k_proj, attn.v_proj))
         q = q.reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
@@ -68,7 +104,7 @@ def profiled_step(model, token, cache, t):
         k = t("rope", rotary(k))
         k, v = c.update_and_fetch(k, v)
         t("kv_cache_update", (k, v))
-        o = t("sdpa", mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale))
+        o = t("attention", mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale))
         o = t("o_proj", project(o.transpose(0, 2, 1, 3).reshape(B, L, -1), attn.o_proj)[0])
         h = t("residual_add", h + o)
         x = t("rms_norm", layer.post_attention_layernorm(h))
@@ -76,11 +112,7 @@ def profiled_step(model, token, cache, t):
         a = t("silu_mul", nn.silu(g) * u)
         d = t("down_proj", project(a, layer.mlp.down_proj)[0])
         h = t("residual_add", h + d)
-    h = t("rms_norm", text.norm(h))
-    logits = t("lm_head", project(h, model.lm_head if "lm_head" in model else text.embed_tokens)[0])
-    logits = logits[:, -1, :]
-    logprobs = t("logsumexp", logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-    return t("argmax", mx.argmax(logprobs, axis=-1, keepdims=True).astype(mx.int32))
+    return h
 
 
 def numpy_step(weights, x, x_mlp):

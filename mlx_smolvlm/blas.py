@@ -149,7 +149,7 @@ def build_c_library(source_path: Path, flags: list[str]) -> Path | None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         cmd = [compiler, "-O3", *flags, "-shared", "-fPIC"]
-        cmd += ["-o", str(built), str(source_path), "-ldl", "-lpthread"]
+        cmd += ["-o", str(built), str(source_path), "-ldl", "-lpthread", "-lm"]
         try:
             subprocess.run(cmd, check=True, capture_output=True, timeout=COMPILE_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError) as err:

@@ -47,6 +47,11 @@ class KVCache:
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
     @property
+    def columns(self) -> int:
+        """The number of valid columns (positions) of ``keys`` and ``values``."""
+        return self.offset
+
+    @property
     def state(self) -> tuple[mx.array, mx.array] | tuple[None, None]:
         """The valid ``(keys, values)``, or ``(None, None)`` when empty."""
         if self.keys is None:
@@ -139,6 +144,11 @@ class BatchKVCache:
 
     def __len__(self) -> int:
         return len(self.left_padding)
+
+    @property
+    def columns(self) -> int:
+        """The number of columns in use of ``keys`` and ``values`` (padding included)."""
+        return self.idx
 
     def _set_padding(self, left_padding: list[int]) -> None:
         self.left_padding = left_padding

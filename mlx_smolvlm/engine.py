@@ -35,6 +35,7 @@ import mlx.core as mx
 
 from .cache import BatchKVCache, LayerKV
 from .constrain import Constraint, make_tokenizer
+from .device_ops import log_softmax
 from .generate import ImageFeatureCache, TextStream, encode_tiles, input_keys, prepare_prompt
 from .image_processing import ImageInput
 from .model import Model
@@ -215,7 +216,7 @@ class _Sequence:
             logits = process(self.history, logits)
         if self.constraint is not None:
             logits = mx.where(self.constraint.mask(), logits, -mx.inf)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = log_softmax(logits)
         if self.seed is not None:
             # A seed per (request, step): reproducible whatever else shares the batch.
             mx.random.seed(hash((self.seed, self.draws)) & 0x7FFFFFFFFFFFFFFF)

@@ -16,6 +16,7 @@ from typing import Any
 import mlx.core as mx
 
 from .cache import KVCache
+from .device_ops import log_softmax
 from .image_processing import ImageInput
 from .model import Model
 from .processing import PreparedPrompt, Processor
@@ -204,7 +205,7 @@ def generate_step(
         logits = logits[:, -1, :]
         for process in logits_processors:
             logits = process(tokens, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = log_softmax(logits)
         token = sampler(logprobs)
         tokens = mx.concatenate([tokens, token])
         return token, logprobs

@@ -8,7 +8,7 @@ import mlx.nn as nn
 from .cache import KVCache
 from .config import TextConfig
 from .device_ops import Rotary, attention, silu_mul
-from .quantized_matvec import project
+from .quantized_matvec import decode_layers, layer_plans, project
 
 
 class Attention(nn.Module):
@@ -119,9 +119,13 @@ class TextModel(nn.Module):
         # MLX's non-traditional RoPE. Every layer's cache is at the same positions.
         offset = 0 if cache is None else cache[0].offset
         cfg = self.config
-        rotary = Rotary(cfg.head_dim, cfg.rope_theta, offset, h.shape[1])
-        for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
-            h = layer(h, rotary, mask, layer_cache)
+        plans = None if cache is None else layer_plans(self.layers, h, mask, cache)
+        if plans is not None:
+            h = decode_layers(plans, cfg, h, mask, cache, offset)
+        else:
+            rotary = Rotary(cfg.head_dim, cfg.rope_theta, offset, h.shape[1])
+            for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
+                h = layer(h, rotary, mask, layer_cache)
         return self.norm(h)
 
     @staticmethod

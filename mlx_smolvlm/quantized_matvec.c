@@ -1,4 +1,5 @@
-/* Quantized matrix-vector (and up to 8-row) products for MLX's CPU backend.
+/* Quantized matrix-vector (and up to 8-row) products for MLX's CPU backend, and a Llama
+ * decoder's layers built on them for decoding steps (the end of this file).
  *
  * C (M x N) = X (M x K) W^T, W stored as MLX's affine quantization (mx.quantize, mode "affine"):
  * row n holds K / (32 / bits) uint32 words, value k in bits [bits * (k % vals), ...) of word
@@ -22,6 +23,7 @@
  */
 #define _GNU_SOURCE
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,7 +35,7 @@
 #define PASS_ROWS 4
 #define BLOCK_WORDS 8
 #define CHUNK_ROWS 32
-#define SPLIT_MIN_WORDS (1L << 14)
+#define SPLIT_MIN_WORK (1L << 14) /* packed words, or attention multiply-adds */
 
 typedef struct {
   const uint32_t *w;
@@ -167,18 +169,36 @@ static void run_rows(const qjob *j, int r0, int r1) {
 
 /* ---- sharing with the helper thread (helper_thread.h) -------------------------------------- */
 
+/* A job of `n_chunks` chunks, each computed by `run(job, chunk)`. */
+typedef struct {
+  void (*run)(const void *job, int chunk);
+  const void *job;
+} task;
+
+static void run_task_chunk(const void *arg, int c) {
+  const task *t = arg;
+  t->run(t->job, c);
+}
+
+static helper_pool pool = HELPER_POOL(run_task_chunk);
+
+/* Computes the chunks, with the helper thread when the job is worth it (`work`: its inner
+ * loop's steps). */
+static void run_tasks(void (*run)(const void *, int), const void *job, int n_chunks, long work) {
+  task t = {run, job};
+  if (work >= SPLIT_MIN_WORK && helper_share(&pool, &t, n_chunks)) return;
+  for (int c = 0; c < n_chunks; c++) run(job, c);
+}
+
 static void run_chunk(const void *arg, int c) {
   const qjob *j = arg;
   int r0 = c * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < j->total_rows ? r0 + CHUNK_ROWS : j->total_rows;
   run_rows(j, r0, r1);
 }
 
-static helper_pool pool = HELPER_POOL(run_chunk);
-
 static void run_job(const qjob *j) {
   long words = (long)j->total_rows * j->K / (32 / j->bits);
-  int n_chunks = (j->total_rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
-  if (words < SPLIT_MIN_WORDS || !helper_share(&pool, j, n_chunks)) run_rows(j, 0, j->total_rows);
+  run_tasks(run_chunk, j, (j->total_rows + CHUNK_ROWS - 1) / CHUNK_ROWS, words);
 }
 
 /* ---- entry points -------------------------------------------------------------------------- */
@@ -190,20 +210,11 @@ int mlx_smolvlm_qmv_init(int force_portable) {
   return have_avx2;
 }
 
-/* C[:, column_i : column_i + rows_i] = X W_i^T for each of `n_matrices` matrices.
- *
- * x: M x K fp32, row-major. w, scales, biases: per matrix, as mx.quantize makes them (scales
- * and biases fp32). C: M rows of ldc floats. Returns 0, or 1 for arguments this kernel does not
- * take (bits other than 4/8, groups other than 32/64/128, K not a multiple of 8 words, M > 8). */
-int mlx_smolvlm_qmv(int M, int K, int bits, int group, const float *x, int n_matrices,
-                    const uint32_t *const *w, const float *const *scales,
-                    const float *const *biases, const int *rows, float *C, int ldc) {
-  if ((bits != 4 && bits != 8) || (group != 32 && group != 64 && group != 128) || M < 1 ||
-      M > MAX_ROWS || n_matrices < 1 || n_matrices > MAX_MATRICES)
-    return 1;
-  int vals = 32 / bits;
-  if (K % (BLOCK_WORDS * vals) != 0 || K % group != 0) return 1;
-  int words = K / vals;
+/* C[:, column_i : column_i + rows_i] = X W_i^T for the job's matrices (bits and group checked
+ * by the caller). Returns 0, or 2 when out of memory. */
+static int product(int M, int K, int bits, int group, const float *x, int n_matrices,
+                   const qmatrix *matrices, float *C, int ldc) {
+  int vals = 32 / bits, words = K / vals;
   float *xp = malloc(sizeof(float) * ((size_t)M * K + (size_t)M * words));
   if (!xp) return 2;
   float *xs = xp + (size_t)M * K;
@@ -220,10 +231,241 @@ int mlx_smolvlm_qmv(int M, int K, int bits, int group, const float *x, int n_mat
     }
   qjob j = {M, K, bits, group, ldc, n_matrices, 0, {{0}}, xp, xs, C};
   for (int i = 0; i < n_matrices; i++) {
-    j.matrices[i] = (qmatrix){w[i], scales[i], biases[i], rows[i], j.total_rows};
-    j.total_rows += rows[i];
+    j.matrices[i] = matrices[i];
+    j.matrices[i].column = j.total_rows;
+    j.total_rows += matrices[i].rows;
   }
   run_job(&j);
   free(xp);
   return 0;
+}
+
+static int takes(int M, int K, int bits, int group) {
+  return (bits == 4 || bits == 8) && (group == 32 || group == 64 || group == 128) && M >= 1 &&
+         M <= MAX_ROWS && K % (BLOCK_WORDS * 32 / bits) == 0 && K % group == 0;
+}
+
+/* C[:, column_i : column_i + rows_i] = X W_i^T for each of `n_matrices` matrices.
+ *
+ * x: M x K fp32, row-major. w, scales, biases: per matrix, as mx.quantize makes them (scales
+ * and biases fp32). C: M rows of ldc floats. Returns 0, or 1 for arguments this kernel does not
+ * take (bits other than 4/8, groups other than 32/64/128, K not a multiple of 8 words, M > 8). */
+int mlx_smolvlm_qmv(int M, int K, int bits, int group, const float *x, int n_matrices,
+                    const uint32_t *const *w, const float *const *scales,
+                    const float *const *biases, const int *rows, float *C, int ldc) {
+  if (!takes(M, K, bits, group) || n_matrices < 1 || n_matrices > MAX_MATRICES) return 1;
+  qmatrix matrices[MAX_MATRICES];
+  for (int i = 0; i < n_matrices; i++) matrices[i] = (qmatrix){w[i], scales[i], biases[i], rows[i], 0};
+  return product(M, K, bits, group, x, n_matrices, matrices, C, ldc);
+}
+
+/* ---- the decoder's layers ----------------------------------------------------------------
+ *
+ * A Llama decoder for a few new rows (decoding steps: a token per sequence of a batch, or a
+ * few tokens of one sequence) in one call: per layer RMSNorm, q/k/v, RoPE, attention over the
+ * cached keys and values and the new ones, o_proj, residual, RMSNorm, gate/up, SiLU, down,
+ * residual. The cache is read, not written: the call returns every layer's new keys and values
+ * and the caller appends them (MLX owns the cache). Decoding then leaves MLX's graph once per
+ * step instead of once per product. */
+
+typedef struct {
+  const uint32_t *w;
+  const float *scales, *biases;
+  int rows, bits, group;
+} qlinear;
+
+typedef struct {
+  qlinear q, k, v, o, gate, up, down;
+  const float *input_norm, *post_norm; /* RMSNorm weights */
+} qlayer;
+
+typedef struct {
+  int hidden, intermediate, n_heads, n_kv_heads, head_dim;
+  float norm_eps, rope_theta;
+} qdims;
+
+/* One layer's cache and new rows, as attention reads them. */
+typedef struct {
+  int M, L, n_heads, n_kv_heads, head_dim, q_width, qkv_width;
+  int cached, capacity; /* cached columns; columns allocated per (row, head) */
+  float scale;
+  const float *keys, *values; /* B x n_kv_heads x capacity x head_dim, or NULL (cached 0) */
+  const float *qkv;           /* M x qkv_width: the new queries, keys and values */
+  const unsigned char *mask;  /* M x (cached + L), nonzero attends; NULL: causal */
+  float *scores;              /* (M n_heads) x (cached + L), scratch */
+  float *out;                 /* M x q_width */
+} attention_job;
+
+/* C = X [a; b; c]^T for linears of the same bits and group (b, c may be NULL). */
+static int linears(int M, int K, const float *x, const qlinear *a, const qlinear *b,
+                   const qlinear *c, float *C, int ldc) {
+  const qlinear *all[3] = {a, b, c};
+  qmatrix matrices[3];
+  int n = 0;
+  for (; n < 3 && all[n]; n++) {
+    if (all[n]->bits != a->bits || all[n]->group != a->group) return 1;
+    matrices[n] = (qmatrix){all[n]->w, all[n]->scales, all[n]->biases, all[n]->rows, 0};
+  }
+  if (!takes(M, K, a->bits, a->group)) return 1;
+  return product(M, K, a->bits, a->group, x, n, matrices, C, ldc);
+}
+
+/* out = RMSNorm(x) * weight, per row of `n` values (as MLX: fp32 mean of squares). */
+static void rms_norm(int M, int n, const float *x, const float *weight, float eps, float *out) {
+  for (int m = 0; m < M; m++) {
+    const float *xm = x + (long)m * n;
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += xm[i] * xm[i];
+    float r = 1.0f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) out[(long)m * n + i] = xm[i] * r * weight[i];
+  }
+}
+
+/* Llama's RoPE on `heads` heads of a row at `position`: the two halves of each head rotated
+ * (MLX's non-traditional rope), angles in fp32 as transformers computes them. */
+static void rope(float *x, int heads, int head_dim, float theta, int position) {
+  int half = head_dim / 2;
+  for (int i = 0; i < half; i++) {
+    float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)head_dim);
+    float angle = (float)position * inv_freq, c = cosf(angle), s = sinf(angle);
+    for (int h = 0; h < heads; h++) {
+      float *x1 = x + (long)h * head_dim + i, *x2 = x1 + half;
+      float a = *x1, b = *x2;
+      *x1 = a * c - b * s;
+      *x2 = b * c + a * s;
+    }
+  }
+}
+
+/* Eight partial sums, so that the compiler vectorizes without reassociating. */
+__attribute__((target_clones("avx2", "default"))) static float dot(const float *a,
+                                                                     const float *b, int n) {
+  float acc[8] = {0};
+  for (int i = 0; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; l++) acc[l] += a[i + l] * b[i + l];
+  float sum = 0.0f;
+  for (int i = n / 8 * 8; i < n; i++) sum += a[i] * b[i];
+  for (int l = 0; l < 8; l++) sum += acc[l];
+  return sum;
+}
+
+__attribute__((target_clones("avx2", "default"))) static void axpy(float a, const float *x,
+                                                                     float *y, int n) {
+  for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* Attention of one new row `m` and one query head `h` (chunk m * n_heads + h). */
+static void attend(const void *arg, int chunk) {
+  const attention_job *j = arg;
+  int m = chunk / j->n_heads, h = chunk % j->n_heads, hd = j->head_dim;
+  int b = m / j->L, l = m % j->L, kv = h / (j->n_heads / j->n_kv_heads);
+  int columns = j->cached + j->L;
+  const float *q = j->qkv + (long)m * j->qkv_width + (long)h * hd;
+  const float *cache_k = j->keys + ((long)b * j->n_kv_heads + kv) * j->capacity * hd;
+  const float *cache_v = j->values + ((long)b * j->n_kv_heads + kv) * j->capacity * hd;
+  /* New row i's key and value of this kv head. */
+  const float *new_k = j->qkv + (long)b * j->L * j->qkv_width + j->q_width + (long)kv * hd;
+  const float *new_v = new_k + (long)j->n_kv_heads * hd;
+  float *scores = j->scores + (long)chunk * columns, top = -INFINITY;
+  for (int s = 0; s < columns; s++) {
+    int visible = j->mask ? j->mask[(long)m * columns + s] != 0 : s <= j->cached + l;
+    const float *key = s < j->cached ? cache_k + (long)s * hd
+                                     : new_k + (long)(s - j->cached) * j->qkv_width;
+    scores[s] = visible ? dot(q, key, hd) * j->scale : -INFINITY;
+    if (scores[s] > top) top = scores[s];
+  }
+  float *out = j->out + (long)m * j->q_width + (long)h * hd, total = 0.0f;
+  memset(out, 0, sizeof(float) * hd);
+  for (int s = 0; s < columns; s++) {
+    if (scores[s] == -INFINITY) continue;
+    float p = expf(scores[s] - top);
+    total += p;
+    axpy(p, s < j->cached ? cache_v + (long)s * hd : new_v + (long)(s - j->cached) * j->qkv_width,
+         out, hd);
+  }
+  for (int i = 0; i < hd; i++) out[i] /= total;
+}
+
+/* The phases of a layer that `mlx_smolvlm_decode` times (benchmarks/profile_decode.py). */
+enum { NORMS, QKV, ROPE, ATTENTION, O_PROJ, RESIDUALS, GATE_UP, SILU_MUL, DOWN, N_PHASES };
+
+/* Adds the time since `*last` to phase `phase` (when timing) and restarts the clock. */
+static void lap(long *phase_ns, int phase, long *last) {
+  if (!phase_ns) return;
+  long now = now_ns();
+  phase_ns[phase] += now - *last;
+  *last = now;
+}
+
+/* Decode M = B * L new rows (L per sequence) through `n_layers` layers.
+ *
+ * h: M x hidden, the input embeddings; the last layer's output on return (before the final
+ * norm). positions: each row's position (RoPE). keys, values: per layer, the cache (B x
+ * n_kv_heads x capacity x head_dim fp32), NULL when `cached` is 0. mask: M x (cached + L),
+ * nonzero attends, or NULL for causal (row l of a sequence sees columns <= cached + l).
+ * new_kv: n_layers x 2 x B x n_kv_heads x L x head_dim: each layer's new keys (RoPE applied)
+ * and values, in the cache's layout. phase_ns: NULL, or N_PHASES counters that each phase's nanoseconds are added to.
+ * Returns 0, 1 for weights this kernel does not take, or 2 when out of memory. */
+int mlx_smolvlm_decode(const qdims *d, const qlayer *layers, int n_layers, int M, int L, float *h,
+                       const int *positions, const float *const *keys,
+                       const float *const *values, int cached, int capacity,
+                       const unsigned char *mask, float *new_kv, long *phase_ns) {
+  int D = d->hidden, I = d->intermediate, hd = d->head_dim;
+  int q_width = d->n_heads * hd, kv_width = d->n_kv_heads * hd, qkv_width = q_width + 2 * kv_width;
+  size_t columns = (size_t)cached + L;
+  float *x = malloc(sizeof(float) * M * (2 * D + 3 * I + qkv_width + q_width + d->n_heads * columns));
+  if (!x) return 2;
+  float *y = x + (size_t)M * D, *gate_up = y + (size_t)M * D, *act = gate_up + (size_t)M * 2 * I;
+  float *qkv = act + (size_t)M * I, *attn = qkv + (size_t)M * qkv_width;
+  float *scores = attn + (size_t)M * q_width;
+  int status = 0;
+  long last = phase_ns ? now_ns() : 0;
+  for (int i = 0; i < n_layers && !status; i++) {
+    const qlayer *layer = &layers[i];
+    rms_norm(M, D, h, layer->input_norm, d->norm_eps, x);
+    lap(phase_ns, NORMS, &last);
+    status = linears(M, D, x, &layer->q, &layer->k, &layer->v, qkv, qkv_width);
+    if (status) break;
+    lap(phase_ns, QKV, &last);
+    float *new_keys = new_kv + (size_t)i * 2 * M * kv_width, *new_values = new_keys + M * kv_width;
+    for (int m = 0; m < M; m++) {
+      float *row = qkv + (long)m * qkv_width;
+      rope(row, d->n_heads, hd, d->rope_theta, positions[m]);
+      rope(row + q_width, d->n_kv_heads, hd, d->rope_theta, positions[m]);
+      for (int k = 0; k < d->n_kv_heads; k++) { /* to (B, n_kv_heads, L, head_dim) */
+        long at = (((long)(m / L) * d->n_kv_heads + k) * L + m % L) * hd;
+        memcpy(new_keys + at, row + q_width + (long)k * hd, sizeof(float) * hd);
+        memcpy(new_values + at, row + q_width + kv_width + (long)k * hd, sizeof(float) * hd);
+      }
+    }
+    lap(phase_ns, ROPE, &last);
+    attention_job job = {M, L, d->n_heads, d->n_kv_heads, hd, q_width, qkv_width, cached,
+                         capacity, 1.0f / sqrtf((float)hd), keys ? keys[i] : NULL,
+                         values ? values[i] : NULL, qkv, mask, scores, attn};
+    run_tasks(attend, &job, M * d->n_heads, (long)M * d->n_heads * (cached + L) * hd);
+    lap(phase_ns, ATTENTION, &last);
+    status = linears(M, q_width, attn, &layer->o, NULL, NULL, y, D);
+    if (status) break;
+    lap(phase_ns, O_PROJ, &last);
+    for (long k = 0; k < (long)M * D; k++) h[k] += y[k];
+    lap(phase_ns, RESIDUALS, &last);
+    rms_norm(M, D, h, layer->post_norm, d->norm_eps, x);
+    lap(phase_ns, NORMS, &last);
+    status = linears(M, D, x, &layer->gate, &layer->up, NULL, gate_up, 2 * I);
+    if (status) break;
+    lap(phase_ns, GATE_UP, &last);
+    for (int m = 0; m < M; m++)
+      for (int k = 0; k < I; k++) {
+        float g = gate_up[(long)m * 2 * I + k], u = gate_up[(long)m * 2 * I + I + k];
+        act[(long)m * I + k] = g / (1.0f + expf(-g)) * u; /* -0 for g < -88, as MLX */
+      }
+    lap(phase_ns, SILU_MUL, &last);
+    status = linears(M, I, act, &layer->down, NULL, NULL, y, D);
+    if (status) break;
+    lap(phase_ns, DOWN, &last);
+    for (long k = 0; k < (long)M * D; k++) h[k] += y[k];
+    lap(phase_ns, RESIDUALS, &last);
+  }
+  free(x);
+  return status;
 }

@@ -1,4 +1,4 @@
-"""Quantized decode products on MLX's CPU backend, through a compiled C kernel.
+"""Quantized decoding on MLX's CPU backend, through a compiled C kernel.
 
 MLX's CPU kernel for ``mx.quantized_matmul`` is a scalar loop: a 4-bit 256M model decoded
 about 2.5x slower than fp32, though it reads a sixth of the bytes. ``quantized_matvec.c`` is a
@@ -8,17 +8,24 @@ path's ``load(dtype="float32")``), on both cores. It is compiled with the system
 first use and cached under ``~/.cache/mlx_smolvlm/`` like the BLAS shim (``blas.py``).
 
 The kernel runs outside MLX's graph: its input must be evaluated first, which waits for MLX's
-stream. ``project`` therefore takes every Linear that reads the same input (q/k/v, gate/up)
-in one call, so a decoder layer waits four times (q/k/v, o, gate/up, down) and the head once.
+stream (about 50 us), and every MLX operation between two products costs a few microseconds
+more. So a decoding step's layers run in one call (``decode_layers``): the C side does every
+layer's norms, products, RoPE, attention over the key/value cache, SiLU and residuals, and
+returns each layer's new keys and values, which MLX then appends to the caches (MLX owns them:
+its in-place update, or its copy when a buffer is shared, stays MLX's decision). ``TextModel``
+takes that path when ``layer_plans`` accepts the step: at most ``MAX_ROWS`` float32 rows, every
+layer's linears quantized as the kernel takes them, a causal or boolean mask.
 
-Products of more rows (prefill: hundreds of prompt tokens) are computed from the dequantized
-weight by the fp32 BLAS instead (``x @ dequantize(W).T``, in MLX's graph): dequantizing costs
-one pass over the weight, where MLX's quantized matrix-matrix kernel runs at about 1 GFLOP/s.
+Elsewhere ``project`` applies single layers (the head; a decoder the kernel does not take),
+every Linear that reads the same input in one call (q/k/v, gate/up). Products of more rows
+(prefill: hundreds of prompt tokens) are computed from the dequantized weights by the fp32
+BLAS instead (``x @ dequantize(W).T``, in MLX's graph): dequantizing costs one pass over the
+weight, where MLX's quantized matrix-matrix kernel runs at about 1 GFLOP/s.
 
 Used when the CPU backend's choices are made (``device_ops.cpu_choices``), unless
 ``MLX_SMOLVLM_QMV=off``; anything else (other bits, group sizes or dtypes, no C compiler) goes
-to MLX's own ``QuantizedLinear``. ``calls()`` counts the kernel's
-calls (for tests and benchmarks).
+to MLX's own ``QuantizedLinear``. ``calls()`` counts the kernel's calls (for tests and
+benchmarks).
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ import mlx.nn as nn
 import numpy as np
 
 from .blas import build_c_library
+from .cache import BatchKVCache, KVCache
+from .config import TextConfig
 from .device_ops import cpu_choices
 
 logger = logging.getLogger(__name__)
@@ -125,14 +134,21 @@ def _apply(layer: nn.Module, x: mx.array) -> mx.array:
 def _fits(x: mx.array, linears: tuple[nn.Module, ...]) -> bool:
     """Whether the kernel (or, past ``MAX_ROWS`` rows, the dequantized product) takes these
     layers on this input."""
-    first = linears[0]
-    if not isinstance(first, QUANTIZED) or len(linears) > MAX_MATRICES:
-        return False
-    K = x.shape[-1]
-    bits, group = first.bits, first.group_size
     return (
         x.dtype == mx.float32
-        and bits in BITS
+        and len(linears) <= MAX_MATRICES
+        and _quantized_alike(linears, x.shape[-1])
+    )
+
+
+def _quantized_alike(linears: tuple[nn.Module, ...], K: int) -> bool:
+    """Whether the layers are quantized alike in a way the kernel takes, with ``K`` inputs."""
+    first = linears[0]
+    if not isinstance(first, QUANTIZED):
+        return False
+    bits, group = first.bits, first.group_size
+    return (
+        bits in BITS
         and group in GROUP_SIZES
         and K % (BLOCK_WORDS * 32 // bits) == 0
         and all(
@@ -217,3 +233,259 @@ def project(x: mx.array, *linears: nn.Module) -> list[mx.array]:
         results.append(y + linear.bias if "bias" in linear else y)
         start = end
     return results
+
+
+# ---- decoder layers (``mlx_smolvlm_decode_layer`` in the C source) ---------------------------
+
+# The phases of a decoder layer that the kernel times, in its order (``N_PHASES`` in C).
+PHASES = (
+    "rms_norm",
+    "qkv_proj",
+    "rope",
+    "attention",
+    "o_proj",
+    "residual_add",
+    "gate_up_proj",
+    "silu_mul",
+    "down_proj",
+)
+
+# A decoder layer's linears: (module, attribute) in the C struct's order.
+LAYER_LINEARS = (
+    ("self_attn", "q_proj"),
+    ("self_attn", "k_proj"),
+    ("self_attn", "v_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_proj"),
+    ("mlp", "up_proj"),
+    ("mlp", "down_proj"),
+)
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("biases", ctypes.c_void_p),
+        ("rows", ctypes.c_int),
+        ("bits", ctypes.c_int),
+        ("group", ctypes.c_int),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, _Linear) for _, name in LAYER_LINEARS] + [
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+    ]
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [
+        ("hidden", ctypes.c_int),
+        ("intermediate", ctypes.c_int),
+        ("n_heads", ctypes.c_int),
+        ("n_kv_heads", ctypes.c_int),
+        ("head_dim", ctypes.c_int),
+        ("norm_eps", ctypes.c_float),
+        ("rope_theta", ctypes.c_float),
+    ]
+
+
+def _layer_arrays(layer: nn.Module) -> tuple[mx.array, ...] | None:
+    """The arrays the kernel reads of a decoder layer, or None when a linear is not quantized
+    (items, not attributes: this runs per layer and step)."""
+    arrays = []
+    for module, name in LAYER_LINEARS:
+        linear = layer[module][name]
+        if "scales" not in linear:
+            return None
+        arrays += (linear["weight"], linear["scales"], linear["biases"])
+    return (
+        *arrays,
+        layer["input_layernorm"]["weight"],
+        layer["post_attention_layernorm"]["weight"],
+    )
+
+
+def _layer_fits(layer: nn.Module) -> bool:
+    """Whether the kernel takes the layer: quantized linears without biases, q/k/v alike and
+    gate/up alike, fp32 norms."""
+    attn, mlp = layer.self_attn, layer.mlp
+    jobs = (
+        (attn.q_proj, attn.k_proj, attn.v_proj),
+        (attn.o_proj,),
+        (mlp.gate_proj, mlp.up_proj),
+        (mlp.down_proj,),
+    )
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    return all(
+        all(isinstance(lin, nn.QuantizedLinear) and "bias" not in lin for lin in linears)
+        and _quantized_alike(linears, linears[0].weight.shape[1] * 32 // linears[0].bits)
+        for linears in jobs
+    ) and all(norm.weight.dtype == mx.float32 for norm in norms)
+
+
+def _layer_plan(layer: nn.Module) -> _Layer | None:
+    """The layer's C struct (cached on it until its arrays change), or None if the kernel
+    does not take the layer."""
+    arrays = _layer_arrays(layer)
+    if arrays is None:
+        return None
+    cached = layer.__dict__.get("_qmv_layer")
+    if cached is not None and all(a is b for a, b in zip(cached[0], arrays, strict=True)):
+        return cached[1]
+    plan = None
+    if _layer_fits(layer):
+        linears = [_weights(layer[module][name]) for module, name in LAYER_LINEARS]
+        norms = [np.ascontiguousarray(np.asarray(a)) for a in arrays[-2:]]
+        plan = _Layer(
+            *(
+                _Linear(
+                    *w.pointers, w.rows, layer[module][name].bits, layer[module][name].group_size
+                )
+                for w, (module, name) in zip(linears, LAYER_LINEARS, strict=True)
+            ),
+            *(norm.ctypes.data for norm in norms),
+        )
+        plan._keep = (linears, norms)  # the buffers its pointers point into
+    object.__setattr__(layer, "_qmv_layer", (arrays, plan))
+    return plan
+
+
+def layer_plans(
+    layers: list[nn.Module],
+    h: mx.array,
+    mask: mx.array | str | None,
+    caches: list[KVCache | BatchKVCache],
+) -> list[_Layer] | None:
+    """The decoder layers' C structs when ``decode_layers`` takes this step, else None: a few
+    float32 rows, every layer quantized as the kernel takes it, float32 caches alike, and a
+    causal or boolean mask shared by the heads.
+
+    Args:
+        layers: The decoder's layers.
+        h: ``(B, L, hidden)`` input embeddings.
+        mask: The attention mask, as ``TextModel`` takes it.
+        caches: Each layer's cache.
+    """
+    if h.dtype != mx.float32 or h.shape[0] * h.shape[1] > MAX_ROWS or not enabled():
+        return None
+    if isinstance(mask, mx.array) and (
+        mask.dtype != mx.bool_ or mask.ndim != 4 or mask.shape[1] != 1
+    ):
+        return None
+    first = caches[0].keys
+    shape = None if first is None else first.shape
+    for cache in caches:
+        keys, values = cache.keys, cache.values
+        if cache.columns != caches[0].columns or (keys is None) != (first is None):
+            return None
+        if keys is not None and not (
+            keys.shape == values.shape == shape
+            and keys.dtype == values.dtype == mx.float32
+            and shape[0] == h.shape[0]
+        ):
+            return None
+    plans = [_layer_plan(layer) for layer in layers]
+    return None if any(plan is None for plan in plans) else plans
+
+
+def decode_layers(
+    plans: list[_Layer],
+    config: TextConfig,
+    h: mx.array,
+    mask: mx.array | str | None,
+    caches: list[KVCache | BatchKVCache],
+    offset: int | mx.array,
+    phase_ns: np.ndarray | None = None,
+) -> mx.array:
+    """Run the decoder layers on a few new rows in one call of the kernel (products, norms,
+    SiLU, RoPE, attention over the cache), then append their keys and values to the caches.
+
+    Args:
+        plans: ``layer_plans(...)`` of this step.
+        config: The decoder's config.
+        h: ``(B, L, hidden)`` input embeddings.
+        mask: ``None`` or ``"causal"`` (row ``l`` sees the cached columns and new rows up to
+            ``l``), or a boolean ``(B, 1, L, columns + L)`` mask (True attends).
+        caches: Each layer's cache.
+        offset: The first new position: an int, or ``[B]`` per-row positions.
+        phase_ns: ``len(PHASES)`` int64 counters that the kernel adds each phase's
+            nanoseconds to (``benchmarks/profile_decode.py``), or None.
+
+    Returns:
+        ``(B, L, hidden)``: the last layer's output (before the final norm).
+
+    Raises:
+        RuntimeError: If the kernel rejects its arguments.
+    """
+    B, L, D = h.shape
+    M, hd, n_kv = B * L, config.head_dim, config.num_key_value_heads
+    start = np.asarray(offset).reshape(-1, 1) if isinstance(offset, mx.array) else offset
+    positions = np.ascontiguousarray(np.broadcast_to(start + np.arange(L), (B, L)), np.int32)
+    cached = caches[0].columns
+    if isinstance(mask, mx.array):
+        mask = np.ascontiguousarray(np.broadcast_to(np.asarray(mask), (B, 1, L, cached + L)))
+    hidden = np.array(h.reshape(M, D), dtype=np.float32)  # the residual stream, updated in C
+    new_kv = np.empty((len(plans), 2, B, n_kv, L, hd), np.float32)
+    _run_decode(plans, config, hidden, positions, caches, mask, new_kv, phase_ns)
+    kv = mx.array(new_kv)
+    for i, cache in enumerate(caches):
+        cache.update_and_fetch(kv[i, 0], kv[i, 1])
+    # Written now, in place where MLX can: nothing else holds the caches' buffers.
+    mx.eval([(cache.keys, cache.values) for cache in caches])
+    return mx.array(hidden).reshape(B, L, D)
+
+
+def _run_decode(
+    plans: list[_Layer],
+    config: TextConfig,
+    hidden: np.ndarray,
+    positions: np.ndarray,
+    caches: list[KVCache | BatchKVCache],
+    mask: np.ndarray | None,
+    new_kv: np.ndarray,
+    phase_ns: np.ndarray | None,
+) -> None:
+    """Call the kernel; the NumPy views of the caches end with this function."""
+    n = len(plans)
+    cached = caches[0].columns
+    if cached:
+        mx.eval([(cache.keys, cache.values) for cache in caches])
+        views = [np.asarray(a) for cache in caches for a in (cache.keys, cache.values)]
+        views = [v if v.flags.c_contiguous else np.ascontiguousarray(v) for v in views]
+        keys = (ctypes.c_void_p * n)(*(v.ctypes.data for v in views[0::2]))
+        values = (ctypes.c_void_p * n)(*(v.ctypes.data for v in views[1::2]))
+        capacity = views[0].shape[2]
+    else:
+        keys = values = None
+        capacity = 0
+    dims = _Dims(
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+        config.rms_norm_eps,
+        config.rope_theta,
+    )
+    status = _state["library"].mlx_smolvlm_decode(
+        ctypes.byref(dims),
+        (_Layer * n)(*plans),
+        n,
+        hidden.shape[0],
+        positions.shape[1],
+        ctypes.c_void_p(hidden.ctypes.data),
+        ctypes.c_void_p(positions.ctypes.data),
+        keys,
+        values,
+        cached,
+        capacity,
+        None if isinstance(mask, str) or mask is None else ctypes.c_void_p(mask.ctypes.data),
+        ctypes.c_void_p(new_kv.ctypes.data),
+        None if phase_ns is None else ctypes.c_void_p(phase_ns.ctypes.data),
+    )
+    if status != 0:
+        raise RuntimeError(f"the decoder kernel rejected its arguments ({status})")
+    _state["calls"] = calls() + 1

@@ -41,6 +41,7 @@ def hf_config(
     patch_size: int = 16,
     image_size: int = 64,
     tie: bool = False,
+    intermediate_size: int = 96,
 ) -> SmolVLMConfig | Idefics3Config:
     """A tiny transformers config (hidden sizes 64 text / 32 vision, 2 layers each).
 
@@ -53,13 +54,14 @@ def hf_config(
         patch_size: Vision patch size.
         image_size: Vision tile size.
         tie: Root ``tie_word_embeddings`` (no ``lm_head.weight`` is saved).
+        intermediate_size: The decoder's MLP width.
     """
     config_cls, _ = HF_CLASSES[model_type]
     text = dict(
         model_type="llama",
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
-        intermediate_size=96,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=text_heads,
         num_key_value_heads=kv_heads,

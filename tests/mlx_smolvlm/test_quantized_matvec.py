@@ -3,12 +3,17 @@ and the decoder uses it on the CPU backend without changing its output."""
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 
+from benchmarks.trained_weights import trained_checkpoint
 from mlx_smolvlm import quantized_matvec
+from mlx_smolvlm.cache import BatchKVCache
+from mlx_smolvlm.generate import generate
 from mlx_smolvlm.load import load
 from mlx_smolvlm.quantize import QuantizationSpec, quantize_model
 
@@ -96,9 +101,110 @@ def test_decoder_uses_the_kernel_and_keeps_its_output(hf_checkpoint, monkeypatch
 
     calls = quantized_matvec.calls()
     fast = decode_step("on")
-    # Prefill (4 rows: the kernel's too) and the step each: q/k/v, o, gate/up and down per decoder layer, and the
-    # head; at 4 bits not down_proj, whose 96 inputs are not a multiple of the kernel's blocks
-    # of 64 values (MLX's kernel takes it).
-    per_layer = 4 if bits == 8 else 3
-    assert quantized_matvec.calls() - calls == 2 * (per_layer * len(model.text_model.layers) + 1)
+    # Prefill (4 rows: the kernel's too) and the step each. At 8 bits the whole decoder is one
+    # call, then the head; at 4 bits down_proj's 96 inputs are not a multiple of the kernel's
+    # blocks of 64 values, so the layers run one by one: q/k/v, o and gate/up per layer (MLX's
+    # kernel takes down_proj), and the head.
+    per_pass = 2 if bits == 8 else 3 * len(model.text_model.layers) + 1
+    assert quantized_matvec.calls() - calls == 2 * per_pass
     np.testing.assert_allclose(fast, decode_step("off"), atol=1e-4)
+
+
+@pytest.fixture(params=[(4, 32), (8, 64)], ids=["4bit-g32", "8bit-g64"])
+def quantized_decoder(request, hf_checkpoint):
+    """A tiny model whose every decoder product the kernel takes (MLP width 128)."""
+    bits, group = request.param
+    model, _ = load(str(hf_checkpoint(intermediate_size=128)))
+    quantize_model(model, QuantizationSpec(bits=bits, group_size=group))
+    return model
+
+
+def with_and_without_the_kernel(monkeypatch, run) -> tuple[list, list]:
+    """``run()`` through the decoder kernel, then through MLX's own quantized products."""
+    calls = quantized_matvec.calls()
+    fused = run()
+    assert quantized_matvec.calls() > calls
+    monkeypatch.setenv("MLX_SMOLVLM_QMV", "off")
+    reference = run()
+    monkeypatch.delenv("MLX_SMOLVLM_QMV")
+    return fused, reference
+
+
+def assert_all_close(got: list, expected: list) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_kernel_keeps_the_decoders_output_and_cache(quantized_decoder, monkeypatch):
+    model = quantized_decoder
+    layers = len(model.text_model.layers)
+
+    def run() -> list[np.ndarray]:
+        cache = model.make_cache()
+        calls = quantized_matvec.calls()
+        outputs = [
+            model(mx.array([[5, 6, 7, 8, 9]]), cache=cache),  # an empty cache, causal rows
+            model(mx.array([[10]]), cache=cache),
+            model(mx.array([[11, 12, 13]]), cache=cache),  # causal after the cached columns
+        ]
+        if os.environ.get("MLX_SMOLVLM_QMV") != "off":
+            assert quantized_matvec.calls() - calls == 3 * 2  # the decoder and the head each
+        keys, values = zip(*(c.state for c in cache), strict=True)
+        assert all(c.offset == 9 for c in cache) and len(keys) == layers
+        return [np.array(a) for a in (*outputs, *keys, *values)]
+
+    assert_all_close(*with_and_without_the_kernel(monkeypatch, run))
+
+
+def test_decoder_kernel_past_the_caches_first_allocation(quantized_decoder, monkeypatch):
+    model = quantized_decoder
+    prompt = mx.array(np.random.default_rng(0).integers(3, 200, (1, 250)))
+
+    def run() -> list[np.ndarray]:
+        cache = model.make_cache()
+        outputs = [model(prompt, cache=cache)]  # 250 rows: MLX on the dequantized weights
+        for token in range(10):  # the cache grows past its 256 columns on the way
+            outputs.append(model(mx.array([[token + 3]]), cache=cache))
+        return [np.array(a) for a in outputs]
+
+    assert_all_close(*with_and_without_the_kernel(monkeypatch, run))
+
+
+def test_decoder_kernel_on_a_padded_batch(quantized_decoder, monkeypatch):
+    model = quantized_decoder
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
+    width = max(map(len, prompts))
+    padding = [width - len(p) for p in prompts]
+    ids = mx.array([[0] * pad + p for pad, p in zip(padding, prompts, strict=True)])
+
+    def run() -> list[np.ndarray]:
+        cache = [BatchKVCache(padding) for _ in model.text_model.layers]
+        outputs = [model(ids, cache=cache, mask=cache[0].make_mask(width))]
+        for step in range(3):  # one new row per sequence, then two
+            new = mx.array([[20 + step], [30 + step]])
+            if step == 2:
+                new = mx.concatenate([new, new + 1], axis=1)
+            calls = quantized_matvec.calls()
+            outputs.append(model(new, cache=cache, mask=cache[0].make_mask(new.shape[1])))
+            if os.environ.get("MLX_SMOLVLM_QMV") != "off":
+                assert quantized_matvec.calls() - calls == 2  # the decoder and the head
+        return [np.array(a) for a in outputs]
+
+    assert_all_close(*with_and_without_the_kernel(monkeypatch, run))
+
+
+def test_4bit_greedy_on_trained_weights_is_unchanged_by_the_kernels(monkeypatch):
+    model, processor = load(str(trained_checkpoint()), dtype="float32")
+    quantize_model(model, QuantizationSpec(bits=4, quantize_vision=False))
+    prompt = processor("The capital of France is")
+    one_row = mx.zeros((1, 1, model.config.text_config.hidden_size))
+    layers = model.text_model.layers
+    assert quantized_matvec.layer_plans(layers, one_row, None, model.make_cache()) is not None
+
+    def run() -> list[list[int]]:
+        return [generate(model, processor, prompt, max_tokens=16).tokens]
+
+    fused, reference = with_and_without_the_kernel(monkeypatch, run)
+    assert fused == reference
