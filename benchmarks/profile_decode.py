@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 
 from mlx_smolvlm.blas import gemv_shim_calls
-from mlx_smolvlm.device_ops import Rotary
+from mlx_smolvlm.device_ops import Rotary, log_softmax
 from mlx_smolvlm.load import load_model
 from mlx_smolvlm.quantize import QuantizationSpec, quantize_model
 from mlx_smolvlm.quantized_matvec import (
@@ -72,7 +72,7 @@ def profiled_step(model, token, cache, t):
     h = t("rms_norm", text.norm(h))
     logits = t("lm_head", project(h, model.lm_head if "lm_head" in model else text.embed_tokens)[0])
     logits = logits[:, -1, :]
-    logprobs = t("logsumexp", logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    logprobs = t("log_softmax", log_softmax(logits))
     return t("argmax", mx.argmax(logprobs, axis=-1, keepdims=True).astype(mx.int32))
 
 

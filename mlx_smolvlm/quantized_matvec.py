@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,14 +296,11 @@ class _Dims(ctypes.Structure):
 def _layer_arrays(layer: nn.Module) -> tuple[mx.array, ...] | None:
     """The arrays the kernel reads of a decoder layer, or None when a linear is not quantized
     (items, not attributes: this runs per layer and step)."""
-    arrays = []
-    for module, name in LAYER_LINEARS:
-        linear = layer[module][name]
-        if "scales" not in linear:
-            return None
-        arrays += (linear["weight"], linear["scales"], linear["biases"])
+    linears = [layer[module][name] for module, name in LAYER_LINEARS]
+    if not all("scales" in linear for linear in linears):
+        return None
     return (
-        *arrays,
+        *[linear[key] for linear in linears for key in ("weight", "scales", "biases")],
         layer["input_layernorm"]["weight"],
         layer["post_attention_layernorm"]["weight"],
     )
@@ -333,7 +331,7 @@ def _layer_plan(layer: nn.Module) -> _Layer | None:
     if arrays is None:
         return None
     cached = layer.__dict__.get("_qmv_layer")
-    if cached is not None and all(a is b for a, b in zip(cached[0], arrays, strict=True)):
+    if cached is not None and all(map(operator.is_, cached[0], arrays)):
         return cached[1]
     plan = None
     if _layer_fits(layer):
