@@ -70,7 +70,8 @@ static void row_scalar(const qjob *j, const qmatrix *mt, int n, int m0, int mr) 
         uint32_t v = w[blk + l];
         float dot = 0.0f;
         for (int q = 0; q < vals; q++)
-          dot += (float)((v >> (q * j->bits)) & mask) * xp[blk * vals + q * BLOCK_WORDS + l];
+          dot += (float)(q < vals - 1 ? v & (mask << (q * j->bits)) : v >> (q * j->bits)) *
+                 xp[blk * vals + q * BLOCK_WORDS + l];
         int g = (blk + l) / wpg;
         acc[l] += s[g] * dot + b[g] * xs[blk + l];
       }
@@ -116,8 +117,11 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void row_avx2_p
     for (int m = 0; m < mr; m++)
       for (int c = 0; c < chains; c++) dot[m][c] = _mm256_setzero_ps();
     for (int q = 0; q < vals; q++) {
-      __m256i shifted = _mm256_srlv_epi32(v, _mm256_set1_epi32(q * bits));
-      __m256 wq = _mm256_cvtepi32_ps(_mm256_and_si256(shifted, mask));
+      /* Value q in place (times 2^(q bits), the input scaled to match): no shift. The last
+       * is shifted down instead, as its top bit would make the integer negative. */
+      __m256i value = q < vals - 1 ? _mm256_and_si256(v, _mm256_slli_epi32(mask, q * bits))
+                                   : _mm256_srli_epi32(v, q * bits);
+      __m256 wq = _mm256_cvtepi32_ps(value);
       for (int m = 0; m < mr; m++) {
         const float *xp = j->xp + (long)(m0 + m) * j->K + blk * vals + q * BLOCK_WORDS;
         dot[m][q % chains] = _mm256_fmadd_ps(wq, _mm256_loadu_ps(xp), dot[m][q % chains]);
@@ -224,7 +228,9 @@ static int product(int M, int K, int bits, int group, const float *x, int n_matr
       float sum = 0.0f;
       for (int q = 0; q < vals; q++) {
         float v = x[(long)m * K + (long)word * vals + q];
-        xp[(long)m * K + (long)blk * vals + q * BLOCK_WORDS + l] = v;
+        /* Scaled by 2^-(q bits), exactly, to meet value q left in place (see the kernels). */
+        xp[(long)m * K + (long)blk * vals + q * BLOCK_WORDS + l] =
+            q < vals - 1 ? ldexpf(v, -q * bits) : v;
         sum += v;
       }
       xs[(long)m * words + word] = sum;
