@@ -7,10 +7,11 @@
  * one fp32 scale and bias per group of `group` consecutive values.
  * MLX's own CPU kernel for this is a scalar loop (about 1 GFLOP/s); here:
  *
- * - Blocks of 8 words (64 4-bit or 32 8-bit values) are unpacked with one shift, mask and
- *   convert per 8 values: lane l of the j-th unpacked vector holds value j of word l. X is
- *   reordered once per call to match (xp[j][l] = x[block + l * vals + j]), so every row of W
- *   meets it in that order and nothing is shuffled per weight.
+ * - Blocks of 8 words (64 4-bit or 32 8-bit values) are unpacked with one mask and convert per
+ *   8 values: lane l of the j-th unpacked vector holds value j of word l, left in place (times
+ *   2^(j bits); the last one shifted down instead, its top bit would read as a sign). X is
+ *   reordered and scaled once per call to match (xp[j][l] = x[block + l * vals + j] 2^-(j bits),
+ *   exact), so every row of W meets it in that order and nothing is shuffled per weight.
  * - Per block, the 8 lanes' sums of x * q are multiplied by each lane's group scale, and each
  *   lane's bias by its word's sum of x (also made once per call), all in vector registers; one
  *   horizontal sum per output. Groups of 32 put two groups in one block (lanes 0-3, 4-7).
