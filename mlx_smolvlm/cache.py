@@ -29,6 +29,16 @@ class KVCache:
             keys: ``(B, n_kv_heads, L, head_dim)`` keys of the new positions.
             values: ``(B, n_kv_heads, L, head_dim)`` values of the new positions.
         """
+        self.append(keys, values)
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def append(self, keys: mx.array, values: mx.array) -> None:
+        """Append new keys and values (``update_and_fetch`` without the fetch).
+
+        Args:
+            keys: ``(B, n_kv_heads, L, head_dim)`` keys of the new positions.
+            values: ``(B, n_kv_heads, L, head_dim)`` values of the new positions.
+        """
         prev = self.offset
         B, n_kv_heads, L, k_dim = keys.shape
         v_dim = values.shape[3]
@@ -44,7 +54,6 @@ class KVCache:
         self.offset += L
         self.keys[..., prev : self.offset, :] = keys
         self.values[..., prev : self.offset, :] = values
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
     @property
     def columns(self) -> int:
@@ -164,6 +173,20 @@ class BatchKVCache:
         Raises:
             ValueError: If the batch is empty or ``keys`` has a different number of rows.
         """
+        self.append(keys, values)
+        return self.keys[..., : self.idx, :], self.values[..., : self.idx, :]
+
+    def append(self, keys: mx.array, values: mx.array) -> None:
+        """Append the same number of new positions to every row (``update_and_fetch`` without
+        the fetch).
+
+        Args:
+            keys: ``(B, n_kv_heads, L, head_dim)`` keys of the new positions.
+            values: ``(B, n_kv_heads, L, head_dim)`` values of the new positions.
+
+        Raises:
+            ValueError: If the batch is empty or ``keys`` has a different number of rows.
+        """
         B, n_kv_heads, L, k_dim = keys.shape
         if B != len(self):
             raise ValueError(f"update of {B} rows for a batch cache of {len(self)} rows")
@@ -182,7 +205,6 @@ class BatchKVCache:
         self.offset = self.offset + L
         self.keys[..., prev : self.idx, :] = keys
         self.values[..., prev : self.idx, :] = values
-        return self.keys[..., : self.idx, :], self.values[..., : self.idx, :]
 
     def make_mask(self, L: int = 1) -> mx.array | None:
         """The attention mask for ``L`` new positions: causal, padding hidden.

@@ -20,7 +20,7 @@ from .device_ops import log_softmax
 from .image_processing import ImageInput
 from .model import Model
 from .processing import PreparedPrompt, Processor
-from .sample import LogitsProcessor, Sampler, make_repetition_penalty, make_sampler
+from .sample import LogitsProcessor, Sampler, greedy, make_repetition_penalty, make_sampler
 from .tokenizer import Tokenizer
 from .video import VideoInput
 
@@ -205,16 +205,17 @@ def generate_step(
         logits = logits[:, -1, :]
         for process in logits_processors:
             logits = process(tokens, logits)
-        logprobs = log_softmax(logits)
-        token = sampler(logprobs)
+        logprobs = log_softmax(logits)  # lazy: computed only if the caller reads them
+        # The argmax of the logits is the argmax of the log-probabilities.
+        token = greedy(logits) if sampler is greedy else sampler(logprobs)
         tokens = mx.concatenate([tokens, token])
         return token, logprobs
 
     token, logprobs = step(prompt, image_features)
-    mx.async_eval(token, logprobs)
+    mx.async_eval(token)
     while True:
         next_token, next_logprobs = step(token)
-        mx.async_eval(next_token, next_logprobs)
+        mx.async_eval(next_token)
         yield token.item(), logprobs
         token, logprobs = next_token, next_logprobs
 

@@ -428,9 +428,8 @@ def decode_layers(
     hidden = np.array(h.reshape(M, D), dtype=np.float32)  # the residual stream, updated in C
     new_kv = np.empty((len(plans), 2, B, n_kv, L, hd), np.float32)
     _run_decode(plans, config, hidden, positions, caches, mask, new_kv, phase_ns)
-    kv = mx.array(new_kv)
-    for i, cache in enumerate(caches):
-        cache.update_and_fetch(kv[i, 0], kv[i, 1])
+    for cache, (keys, values) in zip(caches, new_kv, strict=True):
+        cache.append(mx.array(keys), mx.array(values))  # copies: no slicing in MLX's graph
     # Written now, in place where MLX can: nothing else holds the caches' buffers.
     mx.eval([(cache.keys, cache.values) for cache in caches])
     return mx.array(hidden).reshape(B, L, D)

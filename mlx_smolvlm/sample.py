@@ -9,6 +9,15 @@ Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
+def greedy(logprobs: mx.array) -> mx.array:
+    """The likeliest token of each row (the same for logits as for log-probabilities).
+
+    Args:
+        logprobs: ``(..., vocab)`` log-probabilities or logits.
+    """
+    return mx.argmax(logprobs, axis=-1)
+
+
 def make_sampler(
     temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
 ) -> Sampler:
@@ -32,7 +41,7 @@ def make_sampler(
     if not 0 <= min_p <= 1:
         raise ValueError(f"min_p must be in [0, 1], got {min_p}")
     if temp == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+        return greedy
 
     def sample(logprobs: mx.array) -> mx.array:
         if top_k > 0 and top_k < logprobs.shape[-1]:
