@@ -345,8 +345,7 @@ static void rope(float *x, int heads, int head_dim, float theta, int position) {
 }
 
 /* Eight partial sums, so that the compiler vectorizes without reassociating. */
-__attribute__((target_clones("avx2", "default"))) static float dot(const float *a,
-                                                                     const float *b, int n) {
+static float dot(const float *a, const float *b, int n) {
   float acc[8] = {0};
   for (int i = 0; i + 8 <= n; i += 8)
     for (int l = 0; l < 8; l++) acc[l] += a[i + l] * b[i + l];
@@ -356,41 +355,118 @@ __attribute__((target_clones("avx2", "default"))) static float dot(const float *
   return sum;
 }
 
-__attribute__((target_clones("avx2", "default"))) static void axpy(float a, const float *x,
-                                                                     float *y, int n) {
-  for (int i = 0; i < n; i++) y[i] += a * x[i];
+/* out[s] = q . keys[s] for n keys of hd values, 4 keys at a time (one reduction per 4). */
+__attribute__((target("avx2,fma"))) static void scores_avx2(const float *q, const float *keys,
+                                                             int n, int hd, float *out) {
+  int s = 0;
+  for (; s + 4 <= n; s += 4) {
+    const float *k = keys + (long)s * hd;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int d = 0; d < hd; d += 8) {
+      __m256 qv = _mm256_loadu_ps(q + d);
+      a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + d), a0);
+      a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + hd + d), a1);
+      a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 2 * hd + d), a2);
+      a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + 3 * hd + d), a3);
+    }
+    /* Lane i of the sum of both halves of hadd(hadd(a0, a1), hadd(a2, a3)) is key i's dot. */
+    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    _mm_storeu_ps(out + s, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+  }
+  for (; s < n; s++) out[s] = dot(q, keys + (long)s * hd, hd);
 }
 
-/* Attention of one new row `m` and one query head `h` (chunk m * n_heads + h). */
+/* e^x for x <= 0 to about 1 ulp (Cephes' expf): 2^n times a polynomial in the remainder;
+ * below -87 (where e^x < 2^-125) it gives e^-87 rather than a subnormal. */
+__attribute__((target("avx2,fma"))) static __m256 exp_avx2(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(two_n));
+}
+
+/* p[s] = e^(p[s] - top), 0 where p[s] is -inf (hidden); returns their sum. */
+static float softmax_weights(float *p, int n, float top) {
+  float total = 0.0f;
+  for (int s = 0; s < n; s++) total += p[s] = p[s] == -INFINITY ? 0.0f : expf(p[s] - top);
+  return total;
+}
+
+__attribute__((target("avx2,fma"))) static float softmax_weights_avx2(float *p, int n, float top) {
+  __m256 sum = _mm256_setzero_ps(), hidden = _mm256_set1_ps(-INFINITY), tops = _mm256_set1_ps(top);
+  int s = 0;
+  for (; s + 8 <= n; s += 8) {
+    __m256 x = _mm256_loadu_ps(p + s);
+    __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(x, hidden, _CMP_EQ_OQ), exp_avx2(_mm256_sub_ps(x, tops)));
+    _mm256_storeu_ps(p + s, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  return hsum8(sum) + softmax_weights(p + s, n - s, top);
+}
+
+/* out[d] += sum over s of p[s] values[s][d], n values of hd; four chains per 8 values of d. */
+__attribute__((target("avx2,fma"))) static void weighted_sum_avx2(const float *p, const float *values,
+                                                                   int n, int hd, float *out) {
+  for (int d = 0; d < hd; d += 8) {
+    const float *v = values + d;
+    __m256 a0 = _mm256_loadu_ps(out + d), a1 = _mm256_setzero_ps(), a2 = a1, a3 = a1;
+    int s = 0;
+    for (; s + 4 <= n; s += 4, v += 4L * hd) {
+      a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), _mm256_loadu_ps(v), a0);
+      a1 = _mm256_fmadd_ps(_mm256_set1_ps(p[s + 1]), _mm256_loadu_ps(v + hd), a1);
+      a2 = _mm256_fmadd_ps(_mm256_set1_ps(p[s + 2]), _mm256_loadu_ps(v + 2 * hd), a2);
+      a3 = _mm256_fmadd_ps(_mm256_set1_ps(p[s + 3]), _mm256_loadu_ps(v + 3 * hd), a3);
+    }
+    for (; s < n; s++, v += hd) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), _mm256_loadu_ps(v), a0);
+    _mm256_storeu_ps(out + d, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  }
+}
+
+/* Attention of one new row `m` and one query head `h` (chunk m * n_heads + h): scores against
+ * the cached keys and the new ones, softmax over the visible columns, values weighted. */
 static void attend(const void *arg, int chunk) {
   const attention_job *j = arg;
   int m = chunk / j->n_heads, h = chunk % j->n_heads, hd = j->head_dim;
   int b = m / j->L, l = m % j->L, kv = h / (j->n_heads / j->n_kv_heads);
-  int columns = j->cached + j->L;
+  int columns = j->cached + j->L, vector = have_avx2 && hd % 8 == 0;
   const float *q = j->qkv + (long)m * j->qkv_width + (long)h * hd;
   const float *cache_k = j->keys + ((long)b * j->n_kv_heads + kv) * j->capacity * hd;
   const float *cache_v = j->values + ((long)b * j->n_kv_heads + kv) * j->capacity * hd;
   /* New row i's key and value of this kv head. */
   const float *new_k = j->qkv + (long)b * j->L * j->qkv_width + j->q_width + (long)kv * hd;
   const float *new_v = new_k + (long)j->n_kv_heads * hd;
-  float *scores = j->scores + (long)chunk * columns, top = -INFINITY;
+  float *p = j->scores + (long)chunk * columns, top = -INFINITY;
+  if (vector)
+    scores_avx2(q, cache_k, j->cached, hd, p);
+  else
+    for (int s = 0; s < j->cached; s++) p[s] = dot(q, cache_k + (long)s * hd, hd);
+  for (int i = 0; i < j->L; i++) p[j->cached + i] = dot(q, new_k + (long)i * j->qkv_width, hd);
   for (int s = 0; s < columns; s++) {
     int visible = j->mask ? j->mask[(long)m * columns + s] != 0 : s <= j->cached + l;
-    const float *key = s < j->cached ? cache_k + (long)s * hd
-                                     : new_k + (long)(s - j->cached) * j->qkv_width;
-    scores[s] = visible ? dot(q, key, hd) * j->scale : -INFINITY;
-    if (scores[s] > top) top = scores[s];
+    p[s] = visible ? p[s] * j->scale : -INFINITY;
+    if (p[s] > top) top = p[s];
   }
-  float *out = j->out + (long)m * j->q_width + (long)h * hd, total = 0.0f;
+  float total = vector ? softmax_weights_avx2(p, columns, top) : softmax_weights(p, columns, top);
+  float *out = j->out + (long)m * j->q_width + (long)h * hd;
   memset(out, 0, sizeof(float) * hd);
-  for (int s = 0; s < columns; s++) {
-    if (scores[s] == -INFINITY) continue;
-    float p = expf(scores[s] - top);
-    total += p;
-    axpy(p, s < j->cached ? cache_v + (long)s * hd : new_v + (long)(s - j->cached) * j->qkv_width,
-         out, hd);
-  }
-  for (int i = 0; i < hd; i++) out[i] /= total;
+  if (vector)
+    weighted_sum_avx2(p, cache_v, j->cached, hd, out);
+  else
+    for (int s = 0; s < j->cached; s++)
+      for (int d = 0; d < hd; d++) out[d] += p[s] * cache_v[(long)s * hd + d];
+  for (int i = 0; i < j->L; i++)
+    for (int d = 0; d < hd; d++) out[d] += p[j->cached + i] * new_v[(long)i * j->qkv_width + d];
+  for (int d = 0; d < hd; d++) out[d] /= total;
 }
 
 /* The phases of a layer that `mlx_smolvlm_decode` times (benchmarks/profile_decode.py). */

@@ -137,7 +137,7 @@ def assert_all_close(got: list, expected: list) -> None:
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_decoder_kernel_keeps_the_decoders_output_and_cache(quantized_decoder, monkeypatch):
+def test_decoder_kernel_keeps_the_decoders_output_and_cache(kernel, quantized_decoder, monkeypatch):
     model = quantized_decoder
     layers = len(model.text_model.layers)
 
@@ -172,7 +172,7 @@ def test_decoder_kernel_past_the_caches_first_allocation(quantized_decoder, monk
     assert_all_close(*with_and_without_the_kernel(monkeypatch, run))
 
 
-def test_decoder_kernel_on_a_padded_batch(quantized_decoder, monkeypatch):
+def test_decoder_kernel_on_a_padded_batch(kernel, quantized_decoder, monkeypatch):
     model = quantized_decoder
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
     width = max(map(len, prompts))
