@@ -72,9 +72,10 @@ class RoutingState:
             logger.error("spend not recorded", exc_info=task.exception())
 
     async def drain(self) -> None:
-        """Wait for the spend being written (before a report, and at exit)."""
+        """Write the spend of the requests that ended (before a report, and at exit)."""
         while self.settling:
             await asyncio.wait(list(self.settling))
+        await self.budgets.flush()
 
     def load(self, provider: str) -> Load:
         """The provider's load as this router sees it."""
