@@ -56,8 +56,8 @@ class Reservation:
     # Whether the store holds it (only when a budget applies; else spend is just recorded).
     held: bool = False
     settled: bool = field(default=False, repr=False)
-    # Names the reservation in the spend store (each is settled once).
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Names a held reservation in the spend store (each is settled once).
+    id: str = ""
 
 
 def period_keys(now: float) -> dict[str, str]:
@@ -157,7 +157,9 @@ class Budgets:
         prompt = estimate_tokens(request)
         tokens = prompt + (request.max_tokens or 0)
         usd = cost_usd(price, prompt, request.max_tokens or 0)
-        reservation = Reservation(keys, tokens, usd, target.provider, target.model, name)
+        reservation = Reservation(
+            keys, tokens, usd, target.provider, target.model, name, id=uuid.uuid4().hex
+        )
         try:
             refused = await self.store.reserve(reservation.id, counters, tokens, usd)
         except SpendStoreUnavailable as err:
