@@ -232,24 +232,38 @@ class Budgets:
         Returns:
             The USD spent.
         """
+        if not reservation.held:
+            return self.record(reservation, usage, cfg)
         if reservation.settled:
             return 0.0
         reservation.settled = True
         tokens = usage.total_tokens if usage is not None else 0
         usd = self.cost(reservation, usage, cfg)
-        if not reservation.held:
-            self._record(reservation.keys, tokens, usd)
-            return usd
         await self.store.settle(
             reservation.id, reservation.keys, reservation.tokens, reservation.usd, tokens, usd
         )
         return usd
 
-    def _record(self, keys: list[str], tokens: int, usd: float) -> None:
-        """Add spend that no budget limits to the next write (`RECORD_EVERY_S`)."""
+    def record(self, reservation: Reservation, usage: ir.Usage | None, cfg: Config) -> float:
+        """Settle a reservation the store does not hold (no budget applies): its spend joins
+        the next write (`RECORD_EVERY_S`), so nothing waits for the store.
+
+        Args:
+            reservation: The reservation.
+            usage: The tokens used (None: the attempt failed and used none).
+            cfg: The config (prices).
+
+        Returns:
+            The USD spent.
+        """
+        if reservation.settled:
+            return 0.0
+        reservation.settled = True
+        tokens = usage.total_tokens if usage is not None else 0
+        usd = self.cost(reservation, usage, cfg)
         if not tokens and not usd:
-            return
-        total = self._unwritten.setdefault(tuple(keys), [0, 0.0])
+            return usd
+        total = self._unwritten.setdefault(tuple(reservation.keys), [0, 0.0])
         total[0] += tokens
         total[1] += usd
         if self._timer is None:

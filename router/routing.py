@@ -262,8 +262,11 @@ async def finish_request(app: web.Application, context: RequestContext, outcome:
     load.served(time.monotonic() - context.started)
     usage = ir.Usage(context.input_tokens, context.output_tokens)
     context.spend_usd = state.budgets.cost(reservation, usage, app[CONFIG])
-    # Written after the answer: the reservation counts meanwhile, so budgets stay enforced.
-    state.settle_later(state.budgets.settle(reservation, usage, app[CONFIG]))
+    if reservation.held:
+        # Written after the answer: the reservation counts meanwhile, so budgets stay enforced.
+        state.settle_later(state.budgets.settle(reservation, usage, app[CONFIG]))
+    else:
+        state.budgets.record(reservation, usage, app[CONFIG])
     client = reservation.client or "none"
     state.spend_usd.labels(client).inc(context.spend_usd)
     state.spend_tokens.labels(client).inc(usage.total_tokens)
