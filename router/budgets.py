@@ -8,10 +8,16 @@ reserved at or past it. When the request ends, the reservation becomes the token
 really used. So a budget is never exceeded by more than what the requests already in flight
 when it ran out use beyond their estimates. A local target costs no USD, so USD limits never
 stop it: over a USD budget, a rule's local fallback still serves.
+
+The spend of a request no budget applies to reserves nothing and is only recorded: it is
+summed per set of counters and written every `RECORD_EVERY_S` seconds (a write per request
+costs more than the rest of the request), before any reservation of this router, and
+before a spend report.
 """
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import logging
 import time
@@ -29,6 +35,8 @@ from .spend_store import Counter, SpendStore, SpendStoreUnavailable
 logger = logging.getLogger(__name__)
 
 PERIODS = ("day", "month")
+# How long the spend of requests without a budget waits to be written with the others'.
+RECORD_EVERY_S = 0.5
 
 
 class BudgetExceededError(RateLimitError):
@@ -48,8 +56,8 @@ class Reservation:
     # Whether the store holds it (only when a budget applies; else spend is just recorded).
     held: bool = False
     settled: bool = field(default=False, repr=False)
-    # Names the reservation in the spend store (each is settled once).
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Names a held reservation in the spend store (each is settled once).
+    id: str = ""
 
 
 def period_keys(now: float) -> dict[str, str]:
@@ -106,6 +114,10 @@ class Budgets:
         self.store = store
         self.clock = clock
         self._unpriced: set[str] = set()
+        # Spend not written yet, of requests without a budget: counter keys -> [tokens, usd].
+        self._unwritten: dict[tuple[str, ...], list] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._writes: set[asyncio.Task] = set()
 
     async def reserve(
         self,
@@ -140,10 +152,14 @@ class Budgets:
         if not any(c.max_tokens is not None or c.max_usd is not None for c in counters):
             # Nothing to enforce, so no estimate: spend is only recorded when settled.
             return Reservation(keys, 0, 0.0, target.provider, target.model, name)
+        # A budget counts on every counter's total: first the spend recorded so far.
+        await self.flush()
         prompt = estimate_tokens(request)
         tokens = prompt + (request.max_tokens or 0)
         usd = cost_usd(price, prompt, request.max_tokens or 0)
-        reservation = Reservation(keys, tokens, usd, target.provider, target.model, name)
+        reservation = Reservation(
+            keys, tokens, usd, target.provider, target.model, name, id=uuid.uuid4().hex
+        )
         try:
             refused = await self.store.reserve(reservation.id, counters, tokens, usd)
         except SpendStoreUnavailable as err:
@@ -216,18 +232,71 @@ class Budgets:
         Returns:
             The USD spent.
         """
+        if not reservation.held:
+            return self.record(reservation, usage, cfg)
         if reservation.settled:
             return 0.0
         reservation.settled = True
         tokens = usage.total_tokens if usage is not None else 0
         usd = self.cost(reservation, usage, cfg)
-        reserved_tokens, reserved_usd = 0, 0.0
-        if reservation.held:
-            reserved_tokens, reserved_usd = reservation.tokens, reservation.usd
         await self.store.settle(
-            reservation.id, reservation.keys, reserved_tokens, reserved_usd, tokens, usd
+            reservation.id, reservation.keys, reservation.tokens, reservation.usd, tokens, usd
         )
         return usd
+
+    def record(self, reservation: Reservation, usage: ir.Usage | None, cfg: Config) -> float:
+        """Settle a reservation the store does not hold (no budget applies): its spend joins
+        the next write (`RECORD_EVERY_S`), so nothing waits for the store.
+
+        Args:
+            reservation: The reservation.
+            usage: The tokens used (None: the attempt failed and used none).
+            cfg: The config (prices).
+
+        Returns:
+            The USD spent.
+        """
+        if reservation.settled:
+            return 0.0
+        reservation.settled = True
+        tokens = usage.total_tokens if usage is not None else 0
+        usd = self.cost(reservation, usage, cfg)
+        if not tokens and not usd:
+            return usd
+        total = self._unwritten.setdefault(tuple(reservation.keys), [0, 0.0])
+        total[0] += tokens
+        total[1] += usd
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(RECORD_EVERY_S, self._write_due)
+
+    def _write_due(self) -> None:
+        self._timer = None
+        task = asyncio.get_running_loop().create_task(self._write(self._take()))
+        self._writes.add(task)
+        task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Task) -> None:
+        self._writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("spend not recorded", exc_info=task.exception())
+
+    def _take(self) -> dict[tuple[str, ...], list]:
+        taken, self._unwritten = self._unwritten, {}
+        return taken
+
+    async def _write(self, spend: dict[tuple[str, ...], list]) -> None:
+        for keys, (tokens, usd) in spend.items():
+            await self.store.settle(uuid.uuid4().hex, list(keys), 0, 0.0, tokens, usd)
+
+    async def flush(self) -> None:
+        """Write the recorded spend of requests without a budget now, and wait for the writes
+        under way."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await self._write(self._take())
+        while self._writes:
+            await asyncio.wait(list(self._writes))
 
     async def report(self, cfg: Config, clients: list[str]) -> dict:
         """Spend per client key (and group, and provider) today and this month, with the

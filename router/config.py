@@ -9,6 +9,7 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -659,9 +660,13 @@ def is_local_provider(provider: ProviderConfig) -> bool:
     """
     if provider.local is not None:
         return provider.local
-    if provider.type == "mlx":
-        return True
-    host = urlsplit(provider.base_url).hostname or ""
+    return provider.type == "mlx" or _on_loopback(provider.base_url)
+
+
+@lru_cache(maxsize=256)
+def _on_loopback(url: str) -> bool:
+    """Whether a URL's host is this machine (cached: every request's pricing asks)."""
+    host = urlsplit(url).hostname or ""
     try:
         return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:

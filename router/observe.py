@@ -14,7 +14,7 @@ from aiohttp import web
 from .backends import CONFIG, PROVIDERS
 from .config import Config
 from .keys import KEY_POOLS, SHARED_STATE
-from .logs import REQUEST_CONTEXT, Redactor, secrets_of, start_request
+from .logs import REQUEST_CONTEXT, Redactor, RequestContext, secrets_of, start_request
 from .metrics import METRICS, Metrics
 
 access_logger = logging.getLogger("router.access")
@@ -78,33 +78,42 @@ async def observe_middleware(
         raise
     finally:
         seconds = time.monotonic() - context.started
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        model = _model_label(cfg, context.model)
-        request.app[METRICS].observe(context, route, model, status, seconds)
-        level = logging.DEBUG if request.path in QUIET_PATHS else logging.INFO
-        access_logger.log(
-            level,
-            "%s %s %d %.1f ms",
-            request.method,
-            request.path,
-            status,
-            seconds * 1000,
-            extra={
-                "method": request.method,
-                "path": request.path,
-                "status": status,
-                "ms": round(seconds * 1000, 1),
-                "model": context.model,
-                "provider": context.provider,
-                "attempts": len(context.attempts),
-                "client": context.client,
-                "rule": context.rule,
-                "targets": [f"{t.provider}/{t.model}" for t in context.targets or ()],
-                "usd": round(context.spend_usd, 6),
-                "remote": request.remote,
-            },
-        )
+        # Recorded once the response is written (aiohttp writes it when the handler returns,
+        # before the loop runs this): the client does not wait for the books.
+        asyncio.get_running_loop().call_soon(_record, request, cfg, context, status, seconds)
+
+
+def _record(
+    request: web.Request, cfg: Config, context: RequestContext, status: int, seconds: float
+) -> None:
+    """A finished request's metrics and access-log line."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    model = _model_label(cfg, context.model)
+    request.app[METRICS].observe(context, route, model, status, seconds)
+    level = logging.DEBUG if request.path in QUIET_PATHS else logging.INFO
+    access_logger.log(
+        level,
+        "%s %s %d %.1f ms",
+        request.method,
+        request.path,
+        status,
+        seconds * 1000,
+        extra={
+            "method": request.method,
+            "path": request.path,
+            "status": status,
+            "ms": round(seconds * 1000, 1),
+            "model": context.model,
+            "provider": context.provider,
+            "attempts": len(context.attempts),
+            "client": context.client,
+            "rule": context.rule,
+            "targets": [f"{t.provider}/{t.model}" for t in context.targets or ()],
+            "usd": round(context.spend_usd, 6),
+            "remote": request.remote,
+        },
+    )
 
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:

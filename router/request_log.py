@@ -502,7 +502,8 @@ async def request_log_middleware(
         if request.app[CONFIG].request_log.bodies:
             entry.request_body = _cut(request_body)
             entry.response_body = _cut(_text_of(response))
-        request.app[REQUEST_LOG].record(entry)
+        # Buffered once the response is written (as the observe middleware's metrics).
+        asyncio.get_running_loop().call_soon(request.app[REQUEST_LOG].record, entry)
 
 
 def _entry(

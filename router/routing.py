@@ -72,9 +72,10 @@ class RoutingState:
             logger.error("spend not recorded", exc_info=task.exception())
 
     async def drain(self) -> None:
-        """Wait for the spend being written (before a report, and at exit)."""
+        """Write the spend of the requests that ended (before a report, and at exit)."""
         while self.settling:
             await asyncio.wait(list(self.settling))
+        await self.budgets.flush()
 
     def load(self, provider: str) -> Load:
         """The provider's load as this router sees it."""
@@ -261,8 +262,11 @@ async def finish_request(app: web.Application, context: RequestContext, outcome:
     load.served(time.monotonic() - context.started)
     usage = ir.Usage(context.input_tokens, context.output_tokens)
     context.spend_usd = state.budgets.cost(reservation, usage, app[CONFIG])
-    # Written after the answer: the reservation counts meanwhile, so budgets stay enforced.
-    state.settle_later(state.budgets.settle(reservation, usage, app[CONFIG]))
+    if reservation.held:
+        # Written after the answer: the reservation counts meanwhile, so budgets stay enforced.
+        state.settle_later(state.budgets.settle(reservation, usage, app[CONFIG]))
+    else:
+        state.budgets.record(reservation, usage, app[CONFIG])
     client = reservation.client or "none"
     state.spend_usd.labels(client).inc(context.spend_usd)
     state.spend_tokens.labels(client).inc(usage.total_tokens)

@@ -21,6 +21,11 @@ from .logs import RequestContext
 logger = logging.getLogger(__name__)
 
 
+class _StreamResponse(web.StreamResponse):
+    # The headers go out with the first bytes of the body, in one segment (as a web.Response's).
+    _send_headers_immediately = False
+
+
 async def stream_answer(
     request: web.Request,
     fmt: ClientFormat,
@@ -43,7 +48,7 @@ async def stream_answer(
     ir_request = call.request
     renderer = fmt.stream_renderer(ir_request)
     writer = fmt.stream_writer(call)
-    out = web.StreamResponse(
+    out = _StreamResponse(
         headers={"Content-Type": writer.content_type, "Cache-Control": "no-cache"}
     )
     keepalive = request.app[CONFIG].limits.keepalive_s if writer.keepalive else 0
@@ -62,8 +67,10 @@ async def stream_answer(
     try:
         if not out.prepared:
             await out.prepare(request)
-        for event in buffered:
-            await writer.write(out, renderer.render_stream_event(event))
+        # One write up to the first content: the client gets its first byte in one segment.
+        await writer.write(
+            out, [e for event in buffered for e in renderer.render_stream_event(event)]
+        )
         async for event in events:
             await writer.write(out, renderer.render_stream_event(event))
     except GatewayError as err:

@@ -15,6 +15,10 @@ Messages are JSON lines (orjson). A worker sends:
 - ``finish``: ``{op, rid, lease, tokens, state, seconds, reason, force, notify}``, unanswered;
 - ``states``: ``{op, rids}``, answered by ``{op: "states", states}`` (of keys not active).
 
+A key with no ``max_concurrent``, ``rpm`` or ``tpm`` is admitted by each worker on its mirror
+of the shared states, without an ``acquire``, and the plain end of its requests is not reported:
+only its state changes travel.
+
 State changes, and releases of keys with limits, go to every worker as ``{op: "event", rid,
 state, seconds, reason}``: they mirror the state and wake their waiting requests.
 
@@ -295,9 +299,15 @@ class LocalKeyState:
     async def acquire(self, candidates: list[PooledKey]) -> tuple[PooledKey | None, str, float]:
         """Admit the first candidate that is active and has room across all workers.
 
+        A first candidate without ``max_concurrent``, ``rpm`` and ``tpm`` is admitted on this
+        worker's mirror of the states (the coordinator's events keep it current): nothing
+        across workers limits it, and a round trip per request costs more than the request.
+
         Returns:
-            The admitted key, its lease id and 0; or None, '' and how long to wait.
+            The admitted key, its lease id ('' : none) and 0; or None, '' and how long to wait.
         """
+        if _unlimited(candidates[0]):
+            return candidates[0], "", 0.0
         ident = next(self._serial)
         lease = f"{os.getpid()}:{ident}"
         limits = [[k.shared_id, *(-1 if v is None else v for v in _limits(k))] for k in candidates]
@@ -325,7 +335,10 @@ class LocalKeyState:
         reason: str = "",
         force: bool = False,
     ) -> None:
-        """Report a request's end and/or a key's new state to the coordinator."""
+        """Report a request's end and/or a key's new state to the coordinator (the plain end
+        of a request on a key without limits has nothing to report)."""
+        if not (lease or state or force) and _unlimited(key):
+            return
         limited = key.config.max_concurrent is not None or key.config.rpm is not None
         self._send(
             {
@@ -399,3 +412,7 @@ class LocalKeyState:
 def _limits(key: PooledKey) -> tuple[int | None, int | None, int | None]:
     cfg = key.config
     return cfg.max_concurrent, cfg.rpm, cfg.tpm
+
+
+def _unlimited(key: PooledKey) -> bool:
+    return _limits(key) == (None, None, None)
