@@ -168,7 +168,10 @@ class HTTPProvider(BaseProvider):
         connector = aiohttp.TCPConnector(
             limit=config.max_connections, limit_per_host=config.max_connections
         )
-        self.session = aiohttp.ClientSession(connector=connector)
+        # No cookie jar: a cookie one client's answer sets must not go out with another's request.
+        self.session = aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+        )
         # timeout_s bounds the silence between upstream bytes, not a whole long stream.
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout_s, sock_read=config.timeout_s

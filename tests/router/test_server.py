@@ -68,6 +68,18 @@ async def test_gemini_client_to_openai_upstream(client, fake):
     assert fake.seen[-1].headers["Authorization"] == "Bearer sk-1"
 
 
+async def test_upstream_cookies_are_not_kept_for_the_next_request(router_client, fake):
+    # One client's upstream session cookie must not ride on another client's request. By name,
+    # not IP: aiohttp's default jar ignores cookies of IP addresses.
+    client = await router_client(make_config(fake.base_url.replace("127.0.0.1", "localhost")))
+    body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]}
+    fake.queue("openai", Answer(body=body, headers={"Set-Cookie": "session=alice; Path=/"}))
+    for _ in range(2):
+        resp = await client.post("/v1/chat/completions", json={**OPENAI_BODY, "model": "gpt"})
+        assert resp.status == 200
+    assert "Cookie" not in fake.seen[-1].headers
+
+
 async def test_provider_slash_model_routes_without_alias(client, fake):
     resp = await client.post("/v1/chat/completions", json={**OPENAI_BODY, "model": "oai/other"})
     assert resp.status == 200
