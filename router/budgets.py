@@ -22,8 +22,9 @@ import calendar
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from functools import partial
 
 from . import ir
 from .config import BudgetConfig, ClientKeyConfig, Config, Target
@@ -100,6 +101,34 @@ def scopes_of(client: ClientKeyConfig | None, provider: str) -> list[str]:
             scopes.append(f"group:{client.group}")
     scopes.append(f"provider:{provider}")
     return scopes
+
+
+def write_in_background(writes: set[asyncio.Task], write: Coroutine[None, None, object]) -> None:
+    """Run a spend write as a task held in ``writes`` until it ends; a failure is logged.
+
+    Args:
+        writes: The owner's writes under way (``writes_done`` waits for them).
+        write: The write.
+    """
+    task = asyncio.get_running_loop().create_task(write)
+    writes.add(task)
+    task.add_done_callback(partial(_written, writes))
+
+
+def _written(writes: set[asyncio.Task], task: asyncio.Task) -> None:
+    writes.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("spend not recorded", exc_info=task.exception())
+
+
+async def writes_done(writes: set[asyncio.Task]) -> None:
+    """Wait for the writes under way, and for any they start meanwhile.
+
+    Args:
+        writes: A set ``write_in_background`` fills.
+    """
+    while writes:
+        await asyncio.wait(list(writes))
 
 
 class Budgets:
@@ -234,11 +263,10 @@ class Budgets:
         """
         if not reservation.held:
             return self.record(reservation, usage, cfg)
-        if reservation.settled:
+        spent = self._settle_once(reservation, usage, cfg)
+        if spent is None:
             return 0.0
-        reservation.settled = True
-        tokens = usage.total_tokens if usage is not None else 0
-        usd = self.cost(reservation, usage, cfg)
+        tokens, usd = spent
         await self.store.settle(
             reservation.id, reservation.keys, reservation.tokens, reservation.usd, tokens, usd
         )
@@ -256,11 +284,10 @@ class Budgets:
         Returns:
             The USD spent.
         """
-        if reservation.settled:
+        spent = self._settle_once(reservation, usage, cfg)
+        if spent is None:
             return 0.0
-        reservation.settled = True
-        tokens = usage.total_tokens if usage is not None else 0
-        usd = self.cost(reservation, usage, cfg)
+        tokens, usd = spent
         if not tokens and not usd:
             return usd
         total = self._unwritten.setdefault(tuple(reservation.keys), [0, 0.0])
@@ -268,17 +295,22 @@ class Budgets:
         total[1] += usd
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(RECORD_EVERY_S, self._write_due)
+        return usd
+
+    def _settle_once(
+        self, reservation: Reservation, usage: ir.Usage | None, cfg: Config
+    ) -> tuple[int, float] | None:
+        """Mark the reservation settled and return its ``(tokens, USD)``, or None if it already
+        was (a request's spend counts once)."""
+        if reservation.settled:
+            return None
+        reservation.settled = True
+        tokens = usage.total_tokens if usage is not None else 0
+        return tokens, self.cost(reservation, usage, cfg)
 
     def _write_due(self) -> None:
         self._timer = None
-        task = asyncio.get_running_loop().create_task(self._write(self._take()))
-        self._writes.add(task)
-        task.add_done_callback(self._written)
-
-    def _written(self, task: asyncio.Task) -> None:
-        self._writes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("spend not recorded", exc_info=task.exception())
+        write_in_background(self._writes, self._write(self._take()))
 
     def _take(self) -> dict[tuple[str, ...], list]:
         taken, self._unwritten = self._unwritten, {}
@@ -295,8 +327,7 @@ class Budgets:
             self._timer.cancel()
             self._timer = None
         await self._write(self._take())
-        while self._writes:
-            await asyncio.wait(list(self._writes))
+        await writes_done(self._writes)
 
     async def report(self, cfg: Config, clients: list[str]) -> dict:
         """Spend per client key (and group, and provider) today and this month, with the

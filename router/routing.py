@@ -7,7 +7,6 @@ routing metrics."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from . import ir
 from .auth import require_admin
 from .backends import CONFIG, PROVIDERS
 from .breaker import Breaker
-from .budgets import Budgets, Reservation
+from .budgets import Budgets, Reservation, write_in_background, writes_done
 from .config import ClientKeyConfig, Config, Target
 from .errors import OverloadedError
 from .logs import RequestContext
@@ -27,8 +26,6 @@ from .metrics import METRICS
 from .rules import RouteInput, choose_route
 from .spend_store import SpendStore, SQLiteSpendStore
 from .spillover import Load, Spillover
-
-logger = logging.getLogger(__name__)
 
 
 class CircuitOpenError(OverloadedError):
@@ -62,19 +59,11 @@ class RoutingState:
         Args:
             settlement: `Budgets.settle` of the request.
         """
-        task = asyncio.get_running_loop().create_task(settlement)
-        self.settling.add(task)
-        task.add_done_callback(self._settled)
-
-    def _settled(self, task: asyncio.Task) -> None:
-        self.settling.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("spend not recorded", exc_info=task.exception())
+        write_in_background(self.settling, settlement)
 
     async def drain(self) -> None:
         """Write the spend of the requests that ended (before a report, and at exit)."""
-        while self.settling:
-            await asyncio.wait(list(self.settling))
+        await writes_done(self.settling)
         await self.budgets.flush()
 
     def load(self, provider: str) -> Load:
