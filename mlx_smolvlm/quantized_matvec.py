@@ -236,7 +236,7 @@ def project(x: mx.array, *linears: nn.Module) -> list[mx.array]:
     return results
 
 
-# ---- decoder layers (``mlx_smolvlm_decode_layer`` in the C source) ---------------------------
+# ---- the decoder's layers in one call (``mlx_smolvlm_decode`` in the C source) ----------------
 
 # The phases of a decoder layer that the kernel times, in its order (``N_PHASES`` in C).
 PHASES = (
