@@ -135,7 +135,9 @@ async def run_with_fallback(
                 except BaseException:
                     lease.release()
                     raise
-                logger.info(
+                # DEBUG: the access line already names the provider and the attempts; this
+                # one, on the answer's path, adds the key and the attempt's own time.
+                logger.debug(
                     "model=%s provider=%s key=%s upstream_model=%s stream=%s attempt=%d ms=%.1f",
                     request.model,
                     target.provider,
