@@ -15,11 +15,10 @@ import json
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import TypeVar
 
-import aiohttp
 import orjson
 
 from .. import ir
@@ -36,6 +35,7 @@ from ..formats.fields import error_message
 from ..formats.registry import upstream_format
 from ..images import MediaFetcher
 from ..sse import SSEDecoder, SSEEvent
+from ..upstream_client import UpstreamConnectionError, UpstreamPool, UpstreamResponse
 
 T = TypeVar("T")
 
@@ -158,28 +158,19 @@ class HTTPProvider(BaseProvider):
     ``wire`` is the provider's upstream format (`router.formats.registry.upstream_format`).
     The upstream answer's headers travel with what it returns: on the `ir.Response`, the
     `ir.StreamStart` or the `GatewayError` (the key pool reads rate-limit resets from them).
-    ``session`` is the provider's own, with ``config.max_connections`` connections (aiohttp's
-    default of 100 would queue every request beyond it, streams included).
+    ``pool`` is the provider's own, with at most ``config.max_connections`` connections.
     """
 
     def __init__(self, config: ProviderConfig, media: MediaFetcher) -> None:
         super().__init__(config, media)
         self.wire = upstream_format(config)
-        connector = aiohttp.TCPConnector(
-            limit=config.max_connections, limit_per_host=config.max_connections
-        )
-        # No cookie jar: a cookie one client's answer sets must not go out with another's request.
-        self.session = aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar()
-        )
-        # timeout_s bounds the silence between upstream bytes, not a whole long stream.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=config.connect_timeout_s, sock_read=config.timeout_s
+        self.pool = UpstreamPool(
+            config.max_connections, config.connect_timeout_s, read_timeout_s=config.timeout_s
         )
 
     async def close(self) -> None:
         """Close the provider's connection pool."""
-        await self.session.close()
+        await self.pool.close()
         await super().close()
 
     @abstractmethod
@@ -209,14 +200,13 @@ class HTTPProvider(BaseProvider):
         """
         try:
             async with self._post(url, body, key, headers) as resp:
-                received = _lower_case(resp.headers)
                 raw = await resp.read()
         except asyncio.TimeoutError as err:
             raise GatewayTimeoutError(f"{self.config.name}: upstream timed out") from err
-        except aiohttp.ClientError as err:
+        except UpstreamConnectionError as err:
             raise UpstreamError(f"{self.config.name}: upstream connection failed: {err}") from err
         try:
-            return orjson.loads(raw), received
+            return orjson.loads(raw), resp.headers
         except orjson.JSONDecodeError as err:
             raise UpstreamError(f"{self.config.name}: upstream sent invalid JSON") from err
 
@@ -265,7 +255,7 @@ class HTTPProvider(BaseProvider):
         """
         try:
             async with self._post(url, body, key, headers) as resp:
-                received = _lower_case(resp.headers)
+                received = resp.headers
                 decode = _decode_lines if ndjson else _decode_sse
                 async with aclosing(decode(resp)) as events:
                     try:
@@ -276,13 +266,13 @@ class HTTPProvider(BaseProvider):
                         raise
         except asyncio.TimeoutError as err:
             raise GatewayTimeoutError(f"{self.config.name}: upstream stream timed out") from err
-        except aiohttp.ClientError as err:
+        except UpstreamConnectionError as err:
             raise UpstreamError(f"{self.config.name}: upstream stream failed: {err}") from err
 
     @asynccontextmanager
     async def _post(
         self, url: str, body: dict, key: str | None, headers: dict[str, str] | None
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
+    ) -> AsyncIterator[UpstreamResponse]:
         """POST a JSON body; an error status raises before the answer is read."""
         all_headers = {
             **JSON_HEADERS,
@@ -290,17 +280,15 @@ class HTTPProvider(BaseProvider):
             **(headers or {}),
             **self.headers(key),
         }
-        async with self.session.post(
-            url, data=orjson.dumps(body), headers=all_headers, timeout=self._timeout
-        ) as resp:
+        async with self.pool.post(url, orjson.dumps(body), all_headers) as resp:
             if resp.status >= 400:
                 raise await self._status_error(resp)
             yield resp
 
-    async def _status_error(self, resp: aiohttp.ClientResponse) -> GatewayError:
-        raw = await resp.content.read(_ERROR_BODY_LIMIT)
+    async def _status_error(self, resp: UpstreamResponse) -> GatewayError:
+        raw = await resp.read(_ERROR_BODY_LIMIT)
         text = raw.decode("utf-8", "replace")
-        retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+        retry_after = parse_retry_after(resp.headers.get("retry-after"))
         body = None
         try:
             body = json.loads(text)
@@ -316,7 +304,7 @@ class HTTPProvider(BaseProvider):
             f"{self.config.name} ({self.config.type}) returned HTTP {resp.status}: {message}",
             retry_after=retry_after,
             upstream_body=body,
-            upstream_headers=_lower_case(resp.headers),
+            upstream_headers=resp.headers,
         )
 
     def upstream_data(self, parse: Callable[..., T], *args: object) -> T:
@@ -385,23 +373,19 @@ def with_upstream_headers(
     return events
 
 
-def _lower_case(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k.lower(): v for k, v in headers.items()}
-
-
-async def _decode_sse(resp: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
+async def _decode_sse(resp: UpstreamResponse) -> AsyncIterator[SSEEvent]:
     decoder = SSEDecoder()
-    async for chunk in resp.content.iter_any():
+    async for chunk in resp.chunks():
         for event in decoder.feed(chunk):
             yield event
     for event in decoder.flush():
         yield event
 
 
-async def _decode_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
+async def _decode_lines(resp: UpstreamResponse) -> AsyncIterator[SSEEvent]:
     """Newline-delimited JSON as events: each non-empty line is one event's data."""
     buffer = bytearray()
-    async for chunk in resp.content.iter_any():
+    async for chunk in resp.chunks():
         buffer += chunk
         *lines, rest = buffer.split(b"\n")
         buffer = rest  # already a bytearray of its own

@@ -581,9 +581,7 @@ async def test_pools_are_separate_and_sized_by_the_config(router_client, fake):
     client = await router_client(cfg)
     app = client.server.app
     providers = app[PROVIDERS]
-    assert providers["oai"].session.connector.limit == 1500
-    assert providers["oai"].session.connector.limit_per_host == 1500
-    assert providers["claude"].session.connector.limit == 1000  # the default
-    sessions = {id(p.session) for p in providers.values()} | {id(app[MEDIA].session)}
-    assert len(sessions) == len(providers) + 1
+    assert providers["oai"].pool.max_connections == 1500
+    assert providers["claude"].pool.max_connections == 1000  # the default
+    assert len({id(p.pool) for p in providers.values()}) == len(providers)
     assert app[MEDIA].session.connector.limit == MediaConfig().max_connections

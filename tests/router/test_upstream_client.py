@@ -1,0 +1,295 @@
+"""The providers' upstream HTTP client against raw TCP servers on loopback that answer each
+request as a test scripts it: connection reuse and its bound, streamed and compressed
+bodies, the keep-alive race, and every way an upstream can break an answer."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from router.upstream_client import UpstreamConnectionError, UpstreamPool, split_url
+
+Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+class RawServer:
+    """Counts connections and requests; ``answer(reader, writer, n)`` answers request ``n``
+    after its head and body were read."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.open_now = 0
+        self.most_open = 0
+        self.requests: list[bytes] = []
+        self.url = ""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open_now += 1
+        self.most_open = max(self.most_open, self.open_now)
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = int(
+                    next(
+                        line.split(b":")[1]
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    )
+                )
+                self.requests.append(head + await reader.readexactly(length))
+                await self.answer(reader, writer, len(self.requests))
+                if writer.is_closing():
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.open_now -= 1
+            writer.close()
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[Answer], Awaitable[RawServer]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(answer: Answer) -> RawServer:
+        raw = RawServer(answer)
+        server = await asyncio.start_server(raw.handle, "127.0.0.1", 0)
+        servers.append(server)
+        raw.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions"
+        return raw
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def answer_json(body: bytes = b'{"ok":true}', extra: str = "") -> Answer:
+    async def answer(reader, writer, n) -> None:
+        writer.write(
+            f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{extra}"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+
+    return answer
+
+
+async def post(pool: UpstreamPool, url: str, headers: dict | None = None) -> tuple[int, bytes]:
+    async with pool.post(url, b'{"q":1}', headers or {"Content-Type": "application/json"}) as r:
+        return r.status, await r.read()
+
+
+async def test_sequential_requests_share_one_connection(serve):
+    server = await serve(answer_json())
+    pool = UpstreamPool(10, 5, 5)
+    for _ in range(5):
+        assert await post(pool, server.url) == (200, b'{"ok":true}')
+    assert server.connections == 1
+    assert pool.idle_connections() == 1
+    head = server.requests[0].split(b"\r\n\r\n")[0].decode()
+    assert head.startswith("POST /v1/chat/completions HTTP/1.1\r\n")
+    assert f"Host: {server.url.split('/')[2]}" in head
+    assert "Content-Length: 7" in head and "Accept-Encoding: gzip" in head
+    await pool.close()
+    assert pool.idle_connections() == 0
+
+
+async def test_concurrent_requests_never_exceed_max_connections(serve):
+    release = asyncio.Event()
+
+    async def held(reader, writer, n) -> None:
+        await release.wait()
+        await answer_json()(reader, writer, n)
+
+    server = await serve(held)
+    pool = UpstreamPool(3, 5, 5)
+    calls = [asyncio.ensure_future(post(pool, server.url)) for _ in range(10)]
+    await asyncio.sleep(0.2)
+    assert server.open_now == 3  # the other 7 wait for a slot, not for a connection
+    release.set()
+    assert [status for status, _ in await asyncio.gather(*calls)] == [200] * 10
+    assert server.most_open == 3 and server.connections == 3
+    await pool.close()
+
+
+async def test_a_later_header_overrides_an_earlier_one_in_any_case(serve):
+    server = await serve(answer_json())
+    pool = UpstreamPool(1, 5, 5)
+    headers = {"Content-Type": "text/plain", "content-type": "application/json", "Host": "x"}
+    await post(pool, server.url, headers)
+    head = server.requests[0].decode().lower()
+    assert head.count("content-type:") == 1 and "content-type: application/json" in head
+    assert head.count("host:") == 1 and "host: x" not in head
+    await pool.close()
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\0b", "ключ"])
+async def test_a_header_that_would_break_framing_is_refused_before_sending(serve, value):
+    server = await serve(answer_json())
+    pool = UpstreamPool(1, 5, 5)
+    with pytest.raises(UpstreamConnectionError, match="header"):
+        await post(pool, server.url, {"Authorization": value})
+    assert server.connections == 0
+    await pool.close()
+
+
+async def test_a_chunked_stream_arrives_piece_by_piece(serve):
+    async def stream(reader, writer, n) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in (b"data: 1\n\n", b"data: 2\n\n"):
+            writer.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(b"0\r\n\r\n")
+
+    server = await serve(stream)
+    pool = UpstreamPool(1, 5, 5)
+    arrivals = []
+    async with pool.post(server.url, b"{}", {}) as resp:
+        async for chunk in resp.chunks():
+            arrivals.append((chunk, time.monotonic()))
+    assert [chunk for chunk, _ in arrivals] == [b"data: 1\n\n", b"data: 2\n\n"]
+    assert arrivals[1][1] - arrivals[0][1] > 0.03  # not buffered to the end
+    assert pool.idle_connections() == 1
+    await pool.close()
+
+
+async def test_a_gzip_body_is_decompressed(serve):
+    payload = b'{"text":"' + b"x" * 10_000 + b'"}'
+    server = await serve(answer_json(gzip.compress(payload), "Content-Encoding: gzip\r\n"))
+    pool = UpstreamPool(1, 5, 5)
+    assert await post(pool, server.url) == (200, payload)
+    await pool.close()
+
+
+async def test_a_body_that_ends_with_the_connection_is_read_whole(serve):
+    async def until_close(reader, writer, n) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"a" * 100_000)
+        await writer.drain()
+        writer.close()
+
+    server = await serve(until_close)
+    pool = UpstreamPool(1, 5, 5)
+    assert await post(pool, server.url) == (200, b"a" * 100_000)
+    assert pool.idle_connections() == 0  # not reused
+    await pool.close()
+
+
+async def test_a_request_into_a_closing_kept_alive_connection_is_sent_again(serve):
+    async def close_the_second(reader, writer, n) -> None:
+        if n == 2:
+            writer.close()  # the keep-alive race: the server drops it as the request comes
+        else:
+            await answer_json()(reader, writer, n)
+
+    server = await serve(close_the_second)
+    pool = UpstreamPool(1, 5, 5)
+    assert (await post(pool, server.url))[0] == 200
+    assert (await post(pool, server.url))[0] == 200
+    assert server.connections == 2 and len(server.requests) == 3
+    await pool.close()
+
+
+async def test_a_new_connection_closed_without_an_answer_is_an_error(serve):
+    async def hang_up(reader, writer, n) -> None:
+        writer.close()
+
+    server = await serve(hang_up)
+    pool = UpstreamPool(1, 5, 5)
+    with pytest.raises(UpstreamConnectionError, match="closed the connection"):
+        await post(pool, server.url)
+    assert len(server.requests) == 1  # never sent twice
+    await pool.close()
+
+
+async def test_a_truncated_body_is_an_error_and_the_connection_is_dropped(serve):
+    async def truncated(reader, writer, n) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"{" * 10)
+        await writer.drain()
+        writer.close()
+
+    server = await serve(truncated)
+    pool = UpstreamPool(1, 5, 5)
+    with pytest.raises(UpstreamConnectionError, match="closed the connection"):
+        await post(pool, server.url)
+    assert pool.idle_connections() == 0
+    await pool.close()
+
+
+async def test_malformed_http_is_an_error(serve):
+    async def garbage(reader, writer, n) -> None:
+        writer.write(b"HTTP/1.1 OK OK\r\n\x00\x01\r\n\r\n")
+
+    server = await serve(garbage)
+    pool = UpstreamPool(1, 5, 5)
+    with pytest.raises(UpstreamConnectionError, match="malformed HTTP"):
+        await post(pool, server.url)
+    await pool.close()
+
+
+async def test_silence_past_the_read_timeout_times_out_and_frees_the_slot(serve):
+    async def silent(reader, writer, n) -> None:
+        if n == 1:
+            await asyncio.sleep(5)
+        else:
+            await answer_json()(reader, writer, n)
+
+    server = await serve(silent)
+    pool = UpstreamPool(1, 5, read_timeout_s=0.2)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await post(pool, server.url)
+    assert 0.15 < time.monotonic() - started < 1
+    assert (await post(pool, server.url))[0] == 200  # the one slot is free again
+    await pool.close()
+
+
+async def test_a_stream_left_midway_closes_its_connection_and_frees_the_slot(serve):
+    async def endless(reader, writer, n) -> None:
+        if n > 1:
+            return await answer_json()(reader, writer, n)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        while not writer.is_closing():
+            writer.write(b"5\r\nhello\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.01)
+
+    server = await serve(endless)
+    pool = UpstreamPool(1, 5, 5)
+
+    async def read_a_little() -> None:
+        async with pool.post(server.url, b"{}", {}) as resp:
+            async for _ in resp.chunks():
+                await asyncio.sleep(10)
+
+    reader = asyncio.ensure_future(read_a_little())
+    await asyncio.sleep(0.1)
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    assert (await post(pool, server.url))[0] == 200
+    assert server.connections == 2
+    await pool.close()
+
+
+async def test_a_refused_connection_is_an_error():
+    pool = UpstreamPool(1, 5, 5)
+    with pytest.raises(UpstreamConnectionError, match="cannot connect"):
+        await post(pool, "http://127.0.0.1:1/v1/chat/completions")
+    await pool.close()
+
+
+def test_urls_are_split_and_quoted_once():
+    target = split_url("https://api.example.com/v1beta/models/a b:generateContent?alt=sse")
+    assert target.origin == (True, "api.example.com", 443)
+    assert target.path == "/v1beta/models/a%20b:generateContent?alt=sse"
+    assert split_url("http://[::1]:8080").path == "/"
+    assert split_url("http://[::1]:8080").host_header == "[::1]:8080"
+    for bad in ("ftp://x/", "http:///path", "http://x:99999/"):
+        with pytest.raises(UpstreamConnectionError):
+            split_url(bad)
