@@ -34,6 +34,8 @@ KEEPALIVE_S = 15.0
 # the socket past this many buffered bytes, so TCP pushes back on the upstream.
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
+# An answer's headers may take this many bytes (aiohttp's client allows 8 KiB per line).
+_HEADER_LIMIT = 64 * 1024
 # A header name is an RFC 9110 token; a value may hold no line break or NUL.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BREAKS_FRAMING = re.compile(r"[\r\n\0]")
@@ -135,6 +137,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.reason = ""
         self.headers: dict[str, str] = {}
+        self._header_bytes = 0
         self.headers_done = False
         self.keep_alive = False
         self.complete = False
@@ -155,7 +158,11 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as err:
-            self._fail(UpstreamConnectionError(f"upstream sent malformed HTTP: {err}"))
+            # A callback's own error (the header limit) comes wrapped in the parser's.
+            cause = err.__context__
+            if not isinstance(cause, UpstreamConnectionError):
+                cause = UpstreamConnectionError(f"upstream sent malformed HTTP: {err}")
+            self._fail(cause)
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -173,6 +180,9 @@ class _Connection(asyncio.Protocol):
         self.reason = status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > _HEADER_LIMIT:
+            raise UpstreamConnectionError(f"upstream sent over {_HEADER_LIMIT} bytes of headers")
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
@@ -326,6 +336,7 @@ class UpstreamPool:
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: dict[Origin, list[_Connection]] = {}
         self._tls: ssl.SSLContext | None = None
+        self._closed = False
 
     def idle_connections(self) -> int:
         """Open connections waiting for a request."""
@@ -359,7 +370,8 @@ class UpstreamPool:
                 self._release(target.origin, connection)
 
     async def close(self) -> None:
-        """Close the idle connections (connections in use close when their answer ends)."""
+        """Close the idle connections; connections in use close when their answer ends."""
+        self._closed = True
         for pool in self._idle.values():
             for connection in pool:
                 connection.close()
@@ -420,7 +432,7 @@ class UpstreamPool:
         return connection
 
     def _release(self, origin: Origin, connection: _Connection) -> None:
-        if connection.reusable():
+        if connection.reusable() and not self._closed:
             connection.idle_since = asyncio.get_running_loop().time()
             self._idle.setdefault(origin, []).append(connection)
         else:

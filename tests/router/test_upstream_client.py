@@ -293,3 +293,36 @@ def test_urls_are_split_and_quoted_once():
     for bad in ("ftp://x/", "http:///path", "http://x:99999/"):
         with pytest.raises(UpstreamConnectionError):
             split_url(bad)
+
+
+async def test_an_answer_ending_after_the_pool_closed_closes_its_connection(serve):
+    release = asyncio.Event()
+
+    async def held(reader, writer, n) -> None:
+        await release.wait()
+        await answer_json()(reader, writer, n)
+
+    server = await serve(held)
+    pool = UpstreamPool(1, 5, 5)
+    call = asyncio.ensure_future(post(pool, server.url))
+    await asyncio.sleep(0.1)
+    await pool.close()  # a config reload retires the provider mid-request
+    release.set()
+    assert (await call)[0] == 200
+    assert pool.idle_connections() == 0
+    await asyncio.sleep(0.05)
+    assert server.open_now == 0
+
+
+async def test_endless_headers_are_an_error(serve):
+    async def endless(reader, writer, n) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for i in range(10_000):
+            writer.write(f"X-Filler-{i}: {'a' * 100}\r\n".encode())
+            await writer.drain()
+
+    server = await serve(endless)
+    pool = UpstreamPool(1, 5, 5)
+    with pytest.raises(UpstreamConnectionError, match="bytes of headers"):
+        await post(pool, server.url)
+    await pool.close()
