@@ -33,8 +33,8 @@ from benchmarks.gateways import (
 from benchmarks.loadgen import CLIENT_FORMATS, ERROR, HANG, TORN, Sample, send
 from benchmarks.procfs import count_fds
 
-# aiohttp's client keep-alive timeout: its pool closes idle connections at the first cleanup
-# pass (one every 15 s) after they have been idle this long, so within 30 s.
+# The providers' keep-alive pool closes a connection idle for 15 s (KEEPALIVE_S in
+# router/upstream_client.py); the check allows twice that.
 POOL_KEEPALIVE_S = 30.0
 
 
@@ -202,7 +202,7 @@ def soak_report(
     invariants = {
         "every_request_answered_once": len(samples) == options.requests,
         "no_torn_or_hung": outcomes[TORN] == 0 and outcomes[HANG] == 0,
-        # The upstream keep-alive pool may hold idle connections to the fake until aiohttp's
+        # The upstream keep-alive pool may hold idle connections to the fake until its
         # keep-alive timeout (15 s) closes them: all other descriptors must be back at once.
         "fds_back_to_start_except_pool": _without_pool(settled) <= _without_pool(before),
         "no_client_sockets_left": settled.get("clients", 0) <= before.get("clients", 0),

@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit
 import httptools
 
 USER_AGENT = "smolvlm-router"
-# An idle connection older than this is closed rather than reused: servers drop idle
+# An idle connection is closed after this long (as aiohttp's client does): servers drop idle
 # connections after 5-75 s, and a request sent into one that is closing is lost.
 KEEPALIVE_S = 15.0
 # A streamed answer the caller reads slower than the upstream sends stops being read from
@@ -337,6 +337,7 @@ class UpstreamPool:
         self._idle: dict[Origin, list[_Connection]] = {}
         self._tls: ssl.SSLContext | None = None
         self._closed = False
+        self._sweep_timer: asyncio.TimerHandle | None = None
 
     def idle_connections(self) -> int:
         """Open connections waiting for a request."""
@@ -372,6 +373,8 @@ class UpstreamPool:
     async def close(self) -> None:
         """Close the idle connections; connections in use close when their answer ends."""
         self._closed = True
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
         for pool in self._idle.values():
             for connection in pool:
                 connection.close()
@@ -433,10 +436,29 @@ class UpstreamPool:
 
     def _release(self, origin: Origin, connection: _Connection) -> None:
         if connection.reusable() and not self._closed:
-            connection.idle_since = asyncio.get_running_loop().time()
+            loop = asyncio.get_running_loop()
+            connection.idle_since = loop.time()
             self._idle.setdefault(origin, []).append(connection)
+            if self._sweep_timer is None:
+                self._sweep_timer = loop.call_later(KEEPALIVE_S, self._sweep)
         else:
             connection.close()
+
+    def _sweep(self) -> None:
+        """Close the connections idle for KEEPALIVE_S; come back when the next one will be."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        oldest = now
+        for pool in self._idle.values():
+            # Each list is in the order its connections went idle (reuse takes the newest).
+            while pool and (pool[0].closed or now - pool[0].idle_since >= KEEPALIVE_S):
+                pool.pop(0).close()
+            if pool:
+                oldest = min(oldest, pool[0].idle_since)
+        has_idle = any(self._idle.values())
+        self._sweep_timer = (
+            loop.call_later(oldest + KEEPALIVE_S - now, self._sweep) if has_idle else None
+        )
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._tls is None:

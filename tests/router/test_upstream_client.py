@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from router import upstream_client
 from router.upstream_client import UpstreamConnectionError, UpstreamPool, split_url
 
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -325,4 +326,21 @@ async def test_endless_headers_are_an_error(serve):
     pool = UpstreamPool(1, 5, 5)
     with pytest.raises(UpstreamConnectionError, match="bytes of headers"):
         await post(pool, server.url)
+    await pool.close()
+
+
+async def test_idle_connections_close_after_the_keepalive_time(serve, monkeypatch):
+    monkeypatch.setattr(upstream_client, "KEEPALIVE_S", 0.2)
+    server = await serve(answer_json())
+    pool = UpstreamPool(5, 5, 5)
+    await asyncio.gather(*(post(pool, server.url) for _ in range(3)))
+    assert pool.idle_connections() == 3
+    await asyncio.sleep(0.1)
+    await post(pool, server.url)  # one of them is used again, so idle for longer
+    await asyncio.sleep(0.15)
+    assert pool.idle_connections() == 1
+    await asyncio.sleep(0.15)
+    assert pool.idle_connections() == 0
+    await asyncio.sleep(0.05)
+    assert server.open_now == 0
     await pool.close()
