@@ -5,11 +5,18 @@ bodies, the keep-alive race, and every way an upstream can break an answer."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gzip
+import ipaddress
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from router import upstream_client
 from router.upstream_client import UpstreamConnectionError, UpstreamPool, split_url
@@ -344,3 +351,57 @@ async def test_idle_connections_close_after_the_keepalive_time(serve, monkeypatc
     await asyncio.sleep(0.05)
     assert server.open_now == 0
     await pool.close()
+
+
+def self_signed(tmp_path) -> tuple[ssl.SSLContext, str]:
+    """A server TLS context for 127.0.0.1 and the path of its certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_path, key_path)
+    return context, str(cert_path)
+
+
+async def test_https_is_verified_against_the_system_certificates(tmp_path, monkeypatch):
+    server_tls, cert_path = self_signed(tmp_path)
+    raw = RawServer(answer_json())
+    server = await asyncio.start_server(raw.handle, "127.0.0.1", 0, ssl=server_tls)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions"
+    try:
+        untrusting = UpstreamPool(1, 5, 5)
+        with pytest.raises(UpstreamConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            await post(untrusting, url)
+        # SSL_CERT_FILE (OpenSSL's own variable) adds a CA, as for a company's TLS proxy.
+        monkeypatch.setenv("SSL_CERT_FILE", cert_path)
+        trusting = UpstreamPool(1, 5, 5)
+        assert await post(trusting, url) == (200, b'{"ok":true}')
+        assert await post(trusting, url) == (200, b'{"ok":true}')
+        assert raw.connections == 1  # kept alive (the refused handshake never reached it)
+        await trusting.close()
+    finally:
+        server.close()
