@@ -47,7 +47,12 @@ def draw(report: dict, path: Path) -> bool:
         ("plain", "added_latency_p50_ms", "added p50 latency, ms (plain)"),
         ("stream", "added_ttfb_p50_ms", "added p50 TTFB, ms (stream, OpenAI->Anthropic)"),
     )
-    colors = {"direct": "tab:gray", "router": "tab:blue", "litellm": "tab:orange"}
+    colors = {
+        "direct": "tab:gray",
+        "router": "tab:blue",
+        "litellm": "tab:orange",
+        "floor": "tab:green",
+    }
     for ax, (workload, key, title) in zip(axes, panels, strict=True):
         # One line per system and worker count (dashed: several workers).
         lines = sorted({(r["system"], r.get("workers", 1)) for r in report["rows"]})

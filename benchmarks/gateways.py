@@ -275,6 +275,19 @@ def start_router(
     return _spawn("router", args, f"http://127.0.0.1:{port}", workdir, cpus)
 
 
+def start_floor(fake_url: str, workdir: Path, cpus: set[int] | None) -> Server:
+    """Start `benchmarks.floor_proxy` (one process) in front of the fake.
+
+    Args:
+        fake_url: The fake's root URL.
+        workdir: Where its log goes.
+        cpus: CPUs to run on (None: any).
+    """
+    port = free_port()
+    args = [sys.executable, "-m", "benchmarks.floor_proxy", fake_url, str(port)]
+    return _spawn("floor", args, f"http://127.0.0.1:{port}", workdir, cpus)
+
+
 def start_litellm(
     exe: str, fake_url: str, workdir: Path, cpus: set[int] | None, workers: int = 1
 ) -> Server:

@@ -2,7 +2,9 @@
 provider (`benchmarks.fake_provider`), plus a soak run of the router under injected faults.
 
 Systems on loopback: ``direct`` (the fake itself, the baseline), ``router`` (``python -m
-router --config ... --workers N``) and ``litellm`` (the LiteLLM proxy, ``--num_workers N``,
+router --config ... --workers N``), ``floor`` (opt-in: `benchmarks.floor_proxy`, aiohttp's
+server and the router's upstream client with none of its logic, the least a gateway of
+this design adds on this machine) and ``litellm`` (the LiteLLM proxy, ``--num_workers N``,
 installed in its own virtual environment under ``~/.cache/mlx_smolvlm/litellm-venv`` on first
 use, or ``--litellm PATH``), each gateway measured once per ``--workers`` count (default 1). Both gateways get the same two API keys for each model: the router
 one provider per upstream format with two keys, LiteLLM two deployments per model name.
@@ -76,6 +78,7 @@ from benchmarks.gateways import (
     litellm_executable,
     sample_rss,
     start_fake,
+    start_floor,
     start_litellm,
     start_router,
     temporary_workdir,
@@ -87,7 +90,7 @@ from benchmarks.soak import SoakOptions, run_soak
 
 logger = logging.getLogger(__name__)
 
-SYSTEMS = ("router", "litellm")
+SYSTEMS = ("router", "litellm", "floor")
 
 
 @dataclass
@@ -112,7 +115,7 @@ class BenchOptions:
             pinned and may use every CPU.
     """
 
-    systems: tuple[str, ...] = SYSTEMS
+    systems: tuple[str, ...] = ("router", "litellm")
     concurrency: tuple[int, ...] = (1, 10, 100, 500)
     duration_s: float | None = 5.0
     requests: int | None = None
@@ -128,7 +131,9 @@ class BenchOptions:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.systems) - set(SYSTEMS))
         if unknown:
-            raise ValueError(f"systems: unknown {', '.join(unknown)}; choose from router, litellm")
+            raise ValueError(
+                f"systems: unknown {', '.join(unknown)}; choose from router, litellm, floor"
+            )
         if not self.concurrency or min(self.concurrency) < 1:
             raise ValueError(f"concurrency: need levels >= 1, got {self.concurrency}")
         if not self.workers or min(self.workers) < 1:
@@ -343,6 +348,8 @@ async def run_benchmark(options: BenchOptions) -> dict:
             report["rows"] += await measure_system(fake, options, True, fake.proc.pid, client_cpus)
             for name in options.systems:
                 for workers in options.workers:
+                    if name == "floor" and workers > 1:
+                        continue  # one process, as its purpose is the one-worker floor
                     label = name if workers == 1 else f"{name} x{workers}"
                     # One worker is pinned to its own CPU; several may use every CPU.
                     cpus = server_cpus if workers == 1 else None
@@ -377,6 +384,8 @@ async def _measure_gateway(
     if name == "litellm":
         exe = litellm_executable(options.litellm)
         server = start_litellm(exe, fake.url, workdir, cpus, workers)
+    elif name == "floor":
+        server = start_floor(fake.url, workdir, cpus)
     else:
         server = start_router(fake.url, workdir, cpus, workers=workers)
     sampler = asyncio.ensure_future(sample_rss(server))
@@ -541,7 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.router_overhead", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="router,litellm")
+    parser.add_argument(
+        "--systems", default="router,litellm", help="router,litellm,floor (floor: opt-in)"
+    )
     parser.add_argument("--concurrency", type=_levels, default=(1, 10, 100, 500))
     parser.add_argument(
         "--workers",

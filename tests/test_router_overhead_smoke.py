@@ -1,5 +1,5 @@
-"""Smoke test of ``python -m benchmarks.router_overhead``: the fake provider and our router as
-real processes on loopback, a few dozen requests per level and a tiny soak with faults (no
+"""Smoke test of ``python -m benchmarks.router_overhead``: the fake provider, our router and the
+floor proxy as real processes on loopback, a few dozen requests per level and a tiny soak with faults (no
 LiteLLM)."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from benchmarks.router_overhead import BenchOptions, add_overheads, percentile, 
 from benchmarks.soak import SoakOptions, run_soak
 
 
-async def test_benchmark_reports_every_level_of_fake_and_router() -> None:
+async def test_benchmark_reports_every_level_of_fake_router_and_floor() -> None:
     options = BenchOptions(
-        systems=("router",),
+        systems=("router", "floor"),
         concurrency=(1, 10),
         duration_s=None,
         requests=30,
@@ -30,7 +30,7 @@ async def test_benchmark_reports_every_level_of_fake_and_router() -> None:
     cells = {(r["system"], r["workload"], r["concurrency"]) for r in report["rows"]}
     assert cells == {
         (system, workload, c)
-        for system in ("direct", "router")
+        for system in ("direct", "router", "floor")
         for workload in ("plain", "stream")
         for c in (1, 10)
     }
@@ -40,7 +40,7 @@ async def test_benchmark_reports_every_level_of_fake_and_router() -> None:
         assert row["rps"] > 0 and row["latency_p50_ms"] <= row["latency_p99_ms"]
         if row["workload"] == "stream":
             assert row["ttfb_p50_ms"] is not None and row["piece_delay_p50_ms"] is not None
-        if row["system"] == "router":
+        if row["system"] != "direct":
             assert row["added_latency_p50_ms"] is not None
             if row["workload"] == "stream":
                 assert row["added_ttfb_p50_ms"] is not None
