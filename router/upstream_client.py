@@ -139,6 +139,7 @@ class _Connection(asyncio.Protocol):
         self.headers: dict[str, str] = {}
         self._header_bytes = 0
         self.headers_done = False
+        self._interim = False
         self.keep_alive = False
         self.complete = False
         self.received_any = False
@@ -188,6 +189,11 @@ class _Connection(asyncio.Protocol):
         self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
 
     def on_headers_complete(self) -> None:
+        if 100 <= self.status < 200:
+            # An interim answer (100 Continue, 103 Early Hints): the real one follows.
+            self.headers = {}
+            self._interim = True
+            return
         self.headers_done = True
         # Read now: llhttp forgets it once the message is complete.
         self.keep_alive = self._parser.should_keep_alive()
@@ -202,6 +208,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self.complete = True
         self._wake()
 

@@ -405,3 +405,19 @@ async def test_https_is_verified_against_the_system_certificates(tmp_path, monke
         await trusting.close()
     finally:
         server.close()
+
+
+async def test_interim_answers_are_skipped(serve):
+    async def hints_first(reader, writer, n) -> None:
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n")
+        await answer_json()(reader, writer, n)
+
+    server = await serve(hints_first)
+    pool = UpstreamPool(1, 5, 5)
+    async with pool.post(server.url, b"{}", {}) as resp:
+        assert resp.status == 200 and "link" not in resp.headers
+        assert await resp.read() == b'{"ok":true}'
+    assert await post(pool, server.url) == (200, b'{"ok":true}')
+    assert server.connections == 1
+    await pool.close()
