@@ -238,6 +238,9 @@ class ProviderConfig:
         if self.max_connections < 1:
             raise ConfigError(f"{where}.max_connections: must be >= 1, got {self.max_connections}")
         self.key_configs = [_key_config(k, f"{where}.keys[{i}]") for i, k in enumerate(self.keys)]
+        for name, value in self.headers.items():
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}.headers.{name}: expected a string value")
 
 
 @dataclass

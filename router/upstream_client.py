@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
+import socket
 import ssl
 import zlib
 from collections.abc import AsyncIterator, Mapping
@@ -24,12 +25,17 @@ from functools import lru_cache
 from typing import NamedTuple
 from urllib.parse import quote, urlsplit
 
+import aiohappyeyeballs
 import httptools
 
 USER_AGENT = "smolvlm-router"
 # An idle connection is closed after this long (as aiohttp's client does): servers drop idle
 # connections after 5-75 s, and a request sent into one that is closing is lost.
 KEEPALIVE_S = 15.0
+# A kept-alive connection lost this soon after a request, before any answer, was closing as
+# the request went out (the server's close crossed it): about one round trip, far less than
+# any model takes to answer.
+RACE_WINDOW_S = 0.5
 # A streamed answer the caller reads slower than the upstream sends stops being read from
 # the socket past this many buffered bytes, so TCP pushes back on the upstream.
 _HIGH_WATER = 256 * 1024
@@ -137,7 +143,8 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.reason = ""
         self.headers: dict[str, str] = {}
-        self._header_bytes = 0
+        self._head_bytes = 0
+        self.idle = False
         self.headers_done = False
         self._interim = False
         self.keep_alive = False
@@ -155,20 +162,29 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.idle:
+            # Nothing may come between answers (a 408 before a close, a stray body).
+            self.close()
+            return
         self.received_any = True
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as err:
-            # A callback's own error (the header limit) comes wrapped in the parser's.
-            cause = err.__context__
-            if not isinstance(cause, UpstreamConnectionError):
-                cause = UpstreamConnectionError(f"upstream sent malformed HTTP: {err}")
-            self._fail(cause)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as err:
+            self._fail(UpstreamConnectionError(f"upstream sent malformed HTTP: {err!r}"))
             self.close()
+            return
+        if not self.headers_done:
+            # Counted as received: httptools buffers a header line whole before its callback.
+            self._head_bytes += len(data)
+            if self._head_bytes > _HEADER_LIMIT:
+                self._fail(
+                    UpstreamConnectionError(f"upstream sent over {_HEADER_LIMIT} bytes of headers")
+                )
+                self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.headers_done and not self.complete and self._ends_at_close():
+        if exc is None and self.headers_done and not self.complete and self._ends_at_close():
             self.complete = True
             self._wake()
         elif not self.complete:
@@ -178,12 +194,9 @@ class _Connection(asyncio.Protocol):
     # httptools' callbacks
 
     def on_status(self, status: bytes) -> None:
-        self.reason = status.decode("latin-1")
+        self.reason += status.decode("latin-1")  # in pieces when the line spans two reads
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value)
-        if self._header_bytes > _HEADER_LIMIT:
-            raise UpstreamConnectionError(f"upstream sent over {_HEADER_LIMIT} bytes of headers")
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
@@ -222,7 +235,7 @@ class _Connection(asyncio.Protocol):
 
     def reusable(self) -> bool:
         """Whether the answer was read to its end on a connection the server keeps open."""
-        return self.complete and self.keep_alive and not self.closed
+        return self.complete and self.keep_alive and not self.closed and not self._paused
 
     def send(self, data: bytes) -> None:
         self._reset()
@@ -252,9 +265,8 @@ class _Connection(asyncio.Protocol):
 
     def _ends_at_close(self) -> bool:
         """An answer with neither a length nor chunked framing ends when the connection does."""
-        return "content-length" not in self.headers and "chunked" not in self.headers.get(
-            "transfer-encoding", ""
-        )
+        framing = self.headers.get("transfer-encoding", "").lower()
+        return "content-length" not in self.headers and "chunked" not in framing
 
     async def _wait(self) -> None:
         if self.error is not None:
@@ -280,7 +292,7 @@ class _Connection(asyncio.Protocol):
 
 def _time_out(waiter: asyncio.Future) -> None:
     if not waiter.done():
-        waiter.set_exception(TimeoutError())
+        waiter.set_exception(asyncio.TimeoutError())
 
 
 class UpstreamResponse:
@@ -295,6 +307,7 @@ class UpstreamResponse:
         encoding = self.headers.get("content-encoding", "").strip().lower()
         # wbits 47 reads a gzip or a zlib header, whichever the server sent.
         self._inflate = zlib.decompressobj(47) if encoding in ("gzip", "deflate") else None
+        self._inflate_fed = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body, piece by piece as it arrives (decompressed)."""
@@ -303,8 +316,11 @@ class UpstreamResponse:
                 chunk = self._decompress(chunk)
             if chunk:
                 yield chunk
-        if self._inflate is not None and (tail := self._inflate.flush()):
-            yield tail
+        if self._inflate is not None:
+            if tail := self._inflate.flush():
+                yield tail
+            if self._inflate_fed and not self._inflate.eof:
+                raise UpstreamConnectionError("upstream sent a truncated compressed body")
 
     async def read(self, limit: int | None = None) -> bytes:
         """The body (decompressed), or its first ``limit`` bytes.
@@ -320,6 +336,7 @@ class UpstreamResponse:
         return bytes(body)
 
     def _decompress(self, chunk: bytes) -> bytes:
+        self._inflate_fed = True
         try:
             return self._inflate.decompress(chunk)
         except zlib.error as err:
@@ -392,22 +409,26 @@ class UpstreamPool:
     async def _send(self, origin: Origin, data: bytes) -> _Connection:
         """Send a request and wait for its answer's headers.
 
-        A reused connection that closes before answering anything was being closed by the
-        server as the request went out (the keep-alive race): the request is sent once more,
-        on a new connection.
+        A reused connection lost within `RACE_WINDOW_S` of the request, before any byte of an
+        answer, was being closed by the server as the request went out (the keep-alive race):
+        the request is sent once more, on a new connection. A later loss is not retried here,
+        as the server may have acted on the request (the fallback loop decides what follows).
         """
+        loop = asyncio.get_running_loop()
         while True:
             connection = self._reusable(origin)
             reused = connection is not None
             if connection is None:
                 connection = await self._connect(origin)
+            sent_at = loop.time()
             connection.send(data)
             try:
                 await connection.wait_headers()
                 return connection
             except UpstreamConnectionError:
                 connection.close()
-                if not (reused and not connection.received_any):
+                crossed = loop.time() - sent_at < RACE_WINDOW_S and not connection.received_any
+                if not (reused and crossed):
                     raise
             except BaseException:
                 connection.close()
@@ -424,29 +445,41 @@ class UpstreamPool:
         return None
 
     async def _connect(self, origin: Origin) -> _Connection:
-        loop = asyncio.get_running_loop()
-        tls = self._tls_context() if origin.secure else None
         try:
-            _, connection = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: _Connection(loop, self._read_timeout_s),
-                    origin.host,
-                    origin.port,
-                    ssl=tls,
-                    server_hostname=origin.host if tls else None,
-                ),
-                self._connect_timeout_s,
-            )
+            return await asyncio.wait_for(self._open(origin), self._connect_timeout_s)
+        except asyncio.TimeoutError:  # an OSError too from Python 3.11: caught first
+            raise asyncio.TimeoutError(
+                f"connecting to {origin.host}:{origin.port} took over {self._connect_timeout_s} s"
+            ) from None
         except OSError as err:
             raise UpstreamConnectionError(
                 f"cannot connect to {origin.host}:{origin.port}: {err}"
             ) from err
+
+    async def _open(self, origin: Origin) -> _Connection:
+        """Resolve, connect with Happy Eyeballs (RFC 8305: a dual-stack host whose IPv6 path
+        drops packets still answers over IPv4, as with aiohttp), then TLS."""
+        loop = asyncio.get_running_loop()
+        addresses = await loop.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
+        sock = await aiohappyeyeballs.start_connection(addresses, happy_eyeballs_delay=0.25)
+        tls = self._tls_context() if origin.secure else None
+        try:
+            _, connection = await loop.create_connection(
+                lambda: _Connection(loop, self._read_timeout_s),
+                sock=sock,
+                ssl=tls,
+                server_hostname=origin.host if tls else None,
+            )
+        except BaseException:
+            sock.close()
+            raise
         return connection
 
     def _release(self, origin: Origin, connection: _Connection) -> None:
         if connection.reusable() and not self._closed:
             loop = asyncio.get_running_loop()
             connection.idle_since = loop.time()
+            connection.idle = True
             self._idle.setdefault(origin, []).append(connection)
             if self._sweep_timer is None:
                 self._sweep_timer = loop.call_later(KEEPALIVE_S, self._sweep)

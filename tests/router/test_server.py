@@ -562,6 +562,10 @@ def test_load_config_expands_env_and_defaults(tmp_path, monkeypatch):
         ),
         ({"providers": {"x": {"type": "openai", "keys": "k"}}, "models": {}}, "providers.x.keys"),
         ({"providers": {}, "models": {}, "listen": {"port": "80"}}, "listen.port"),
+        (
+            {"providers": {"x": {"type": "openai", "headers": {"X-Org": 1}}}, "models": {}},
+            "providers.x.headers.X-Org",
+        ),
         ({"providers": {}}, "models"),
     ],
 )

@@ -8,7 +8,9 @@ import asyncio
 import datetime
 import gzip
 import ipaddress
+import socket
 import ssl
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -251,7 +253,7 @@ async def test_silence_past_the_read_timeout_times_out_and_frees_the_slot(serve)
     server = await serve(silent)
     pool = UpstreamPool(1, 5, read_timeout_s=0.2)
     started = time.monotonic()
-    with pytest.raises(TimeoutError):
+    with pytest.raises(asyncio.TimeoutError):
         await post(pool, server.url)
     assert 0.15 < time.monotonic() - started < 1
     assert (await post(pool, server.url))[0] == 200  # the one slot is free again
@@ -420,4 +422,117 @@ async def test_interim_answers_are_skipped(serve):
         assert await resp.read() == b'{"ok":true}'
     assert await post(pool, server.url) == (200, b'{"ok":true}')
     assert server.connections == 1
+    await pool.close()
+
+
+async def test_a_request_lost_after_the_race_window_is_not_sent_again(serve, monkeypatch):
+    monkeypatch.setattr(upstream_client, "RACE_WINDOW_S", 0.1)
+
+    async def crash_on_the_second(reader, writer, n) -> None:
+        if n == 2:
+            await asyncio.sleep(0.3)  # the server worked on it, then died without answering
+            writer.close()
+        else:
+            await answer_json()(reader, writer, n)
+
+    server = await serve(crash_on_the_second)
+    pool = UpstreamPool(1, 5, 5)
+    assert (await post(pool, server.url))[0] == 200
+    with pytest.raises(UpstreamConnectionError, match="closed the connection"):
+        await post(pool, server.url)
+    assert len(server.requests) == 2  # never sent twice
+    await pool.close()
+
+
+async def test_a_connect_that_outlasts_its_timeout_is_a_timeout():
+    # A TCP server that never answers the TLS handshake.
+    server = await asyncio.start_server(lambda r, w: asyncio.sleep(10), "127.0.0.1", 0)
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions"
+    pool = UpstreamPool(1, connect_timeout_s=0.2, read_timeout_s=5)
+    with pytest.raises(asyncio.TimeoutError, match="took over 0.2 s"):
+        await post(pool, url)
+    server.close()
+
+
+async def test_bytes_on_an_idle_connection_close_it_and_leave_the_last_answer_alone(serve):
+    async def answer_then_408(reader, writer, n) -> None:
+        await answer_json(extra="X-Ratelimit-Reset: 1s\r\n")(reader, writer, n)
+        await asyncio.sleep(0.05)
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\nX-Ratelimit-Reset: 99s\r\n\r\n")
+
+    server = await serve(answer_then_408)
+    pool = UpstreamPool(1, 5, 5)
+    async with pool.post(server.url, b"{}", {}) as resp:
+        headers = resp.headers
+        await resp.read()
+    await asyncio.sleep(0.1)
+    assert headers["x-ratelimit-reset"] == "1s"
+    assert pool.idle_connections() == 0
+    assert (await post(pool, server.url))[0] == 200
+    assert server.connections == 2
+    await pool.close()
+
+
+async def test_one_endless_header_line_is_cut_off(serve):
+    async def endless(reader, writer, n) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        for _ in range(1000):
+            writer.write(b"a" * 1024)
+            await writer.drain()
+
+    server = await serve(endless)
+    pool = UpstreamPool(1, 5, 5)
+    with pytest.raises(UpstreamConnectionError, match="bytes of headers"):
+        await post(pool, server.url)
+    await pool.close()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",  # ends at close, but reset
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n",
+    ],
+)
+async def test_a_body_cut_by_a_reset_or_mid_chunk_is_an_error(serve, head):
+    async def cut(reader, writer, n) -> None:
+        writer.write(head + (b'{"partial": "' if b"close" in head else b""))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # a reset, not a clean close
+
+    server = await serve(cut)
+    pool = UpstreamPool(1, 5, 5)
+    with pytest.raises(UpstreamConnectionError, match="closed the connection"):
+        await post(pool, server.url)
+    await pool.close()
+
+
+async def test_a_big_answer_left_unread_does_not_stall_the_next_request(serve):
+    big = b"x" * (300 * 1024)
+    server = await serve(answer_json(big))
+    pool = UpstreamPool(1, 5, read_timeout_s=1)
+    async with pool.post(server.url, b"{}", {}) as resp:
+        await asyncio.sleep(0.2)  # all of it arrives meanwhile, past the high-water mark
+        assert len(await resp.read(1024)) == 1024
+    assert await post(pool, server.url) == (200, big)
+    await pool.close()
+
+
+async def test_an_upgrade_or_a_truncated_gzip_body_is_an_error(serve):
+    async def upgrade(reader, writer, n) -> None:
+        if n == 1:
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n")
+        else:
+            body = gzip.compress(b'{"ok":true}')[:-6]
+            await answer_json(body, "Content-Encoding: gzip\r\n")(reader, writer, n)
+
+    server = await serve(upgrade)
+    pool = UpstreamPool(1, 5, 5)
+    with pytest.raises(UpstreamConnectionError, match="malformed HTTP"):
+        await post(pool, server.url)
+    with pytest.raises(UpstreamConnectionError, match="truncated compressed body"):
+        await post(pool, server.url)
     await pool.close()
