@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -121,7 +122,8 @@ def test_env_client_keys_let_the_router_listen_beyond_loopback(tmp_path):
         )
     try:
         deadline = time.monotonic() + 30
-        while "endpoints: " not in log.read_text():
+        # Every worker (the supervisor starts one per CPU for a cloud config) is listening.
+        while log.read_text().count("endpoints: ") < _workers_started(log.read_text()):
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
@@ -129,20 +131,29 @@ def test_env_client_keys_let_the_router_listen_beyond_loopback(tmp_path):
         assert "POST /v1/chat/completions" in text and "GET /health" in text
         assert "env-key-1" not in text and "flag-key" not in text
         url = f"http://127.0.0.1:{port}/"
-        assert _get_status(url, {}) == 401
+        assert _get_status(url, {}) == 401, log.read_text()
         for key in ("env-key-2", "flag-key"):
-            assert _get_status(url, {"Authorization": f"Bearer {key}"}) == 200
+            assert _get_status(url, {"Authorization": f"Bearer {key}"}) == 200, log.read_text()
     finally:
         proc.kill()
         proc.wait()
 
 
+def _workers_started(text: str) -> int:
+    """How many workers the router's log says it runs (1 without a supervisor)."""
+    found = re.search(r"supervisor \d+: (\d+) ", text)
+    return int(found.group(1)) if found else 1
+
+
 def _get_status(url: str, headers: dict) -> int:
+    """The status of a GET, or 0 if no connection could be made."""
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
             return r.status
     except urllib.error.HTTPError as err:
         return err.code
+    except urllib.error.URLError:
+        return 0
 
 
 def test_a_bad_env_client_key_is_a_clear_start_error(tmp_path):
