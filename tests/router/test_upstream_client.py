@@ -78,6 +78,14 @@ async def serve() -> AsyncIterator[Callable[[Answer], Awaitable[RawServer]]]:
         server.close()
 
 
+@pytest.fixture
+async def pool() -> AsyncIterator[UpstreamPool]:
+    """One connection, 5 s to connect and 5 s of silence; closed after the test."""
+    upstream = UpstreamPool(1, 5, 5)
+    yield upstream
+    await upstream.close()
+
+
 def answer_json(body: bytes = b'{"ok":true}', extra: str = "") -> Answer:
     async def answer(reader, writer, n) -> None:
         writer.write(
@@ -128,28 +136,24 @@ async def test_concurrent_requests_never_exceed_max_connections(serve):
     await pool.close()
 
 
-async def test_a_later_header_overrides_an_earlier_one_in_any_case(serve):
+async def test_a_later_header_overrides_an_earlier_one_in_any_case(serve, pool):
     server = await serve(answer_json())
-    pool = UpstreamPool(1, 5, 5)
     headers = {"Content-Type": "text/plain", "content-type": "application/json", "Host": "x"}
     await post(pool, server.url, headers)
     head = server.requests[0].decode().lower()
     assert head.count("content-type:") == 1 and "content-type: application/json" in head
     assert head.count("host:") == 1 and "host: x" not in head
-    await pool.close()
 
 
 @pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\0b", "ключ"])
-async def test_a_header_that_would_break_framing_is_refused_before_sending(serve, value):
+async def test_a_header_that_would_break_framing_is_refused_before_sending(serve, value, pool):
     server = await serve(answer_json())
-    pool = UpstreamPool(1, 5, 5)
     with pytest.raises(UpstreamConnectionError, match="header"):
         await post(pool, server.url, {"Authorization": value})
     assert server.connections == 0
-    await pool.close()
 
 
-async def test_a_chunked_stream_arrives_piece_by_piece(serve):
+async def test_a_chunked_stream_arrives_piece_by_piece(serve, pool):
     async def stream(reader, writer, n) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
         for piece in (b"data: 1\n\n", b"data: 2\n\n"):
@@ -159,7 +163,6 @@ async def test_a_chunked_stream_arrives_piece_by_piece(serve):
         writer.write(b"0\r\n\r\n")
 
     server = await serve(stream)
-    pool = UpstreamPool(1, 5, 5)
     arrivals = []
     async with pool.post(server.url, b"{}", {}) as resp:
         async for chunk in resp.chunks():
@@ -167,31 +170,26 @@ async def test_a_chunked_stream_arrives_piece_by_piece(serve):
     assert [chunk for chunk, _ in arrivals] == [b"data: 1\n\n", b"data: 2\n\n"]
     assert arrivals[1][1] - arrivals[0][1] > 0.03  # not buffered to the end
     assert pool.idle_connections() == 1
-    await pool.close()
 
 
-async def test_a_gzip_body_is_decompressed(serve):
+async def test_a_gzip_body_is_decompressed(serve, pool):
     payload = b'{"text":"' + b"x" * 10_000 + b'"}'
     server = await serve(answer_json(gzip.compress(payload), "Content-Encoding: gzip\r\n"))
-    pool = UpstreamPool(1, 5, 5)
     assert await post(pool, server.url) == (200, payload)
-    await pool.close()
 
 
-async def test_a_body_that_ends_with_the_connection_is_read_whole(serve):
+async def test_a_body_that_ends_with_the_connection_is_read_whole(serve, pool):
     async def until_close(reader, writer, n) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"a" * 100_000)
         await writer.drain()
         writer.close()
 
     server = await serve(until_close)
-    pool = UpstreamPool(1, 5, 5)
     assert await post(pool, server.url) == (200, b"a" * 100_000)
     assert pool.idle_connections() == 0  # not reused
-    await pool.close()
 
 
-async def test_a_request_into_a_closing_kept_alive_connection_is_sent_again(serve):
+async def test_a_request_into_a_closing_kept_alive_connection_is_sent_again(serve, pool):
     async def close_the_second(reader, writer, n) -> None:
         if n == 2:
             writer.close()  # the keep-alive race: the server drops it as the request comes
@@ -199,48 +197,40 @@ async def test_a_request_into_a_closing_kept_alive_connection_is_sent_again(serv
             await answer_json()(reader, writer, n)
 
     server = await serve(close_the_second)
-    pool = UpstreamPool(1, 5, 5)
     assert (await post(pool, server.url))[0] == 200
     assert (await post(pool, server.url))[0] == 200
     assert server.connections == 2 and len(server.requests) == 3
-    await pool.close()
 
 
-async def test_a_new_connection_closed_without_an_answer_is_an_error(serve):
+async def test_a_new_connection_closed_without_an_answer_is_an_error(serve, pool):
     async def hang_up(reader, writer, n) -> None:
         writer.close()
 
     server = await serve(hang_up)
-    pool = UpstreamPool(1, 5, 5)
     with pytest.raises(UpstreamConnectionError, match="closed the connection"):
         await post(pool, server.url)
     assert len(server.requests) == 1  # never sent twice
-    await pool.close()
 
 
-async def test_a_truncated_body_is_an_error_and_the_connection_is_dropped(serve):
+async def test_a_truncated_body_is_an_error_and_the_connection_is_dropped(serve, pool):
     async def truncated(reader, writer, n) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"{" * 10)
         await writer.drain()
         writer.close()
 
     server = await serve(truncated)
-    pool = UpstreamPool(1, 5, 5)
     with pytest.raises(UpstreamConnectionError, match="closed the connection"):
         await post(pool, server.url)
     assert pool.idle_connections() == 0
-    await pool.close()
 
 
-async def test_malformed_http_is_an_error(serve):
+async def test_malformed_http_is_an_error(serve, pool):
     async def garbage(reader, writer, n) -> None:
         writer.write(b"HTTP/1.1 OK OK\r\n\x00\x01\r\n\r\n")
 
     server = await serve(garbage)
-    pool = UpstreamPool(1, 5, 5)
     with pytest.raises(UpstreamConnectionError, match="malformed HTTP"):
         await post(pool, server.url)
-    await pool.close()
 
 
 async def test_silence_past_the_read_timeout_times_out_and_frees_the_slot(serve):
@@ -260,7 +250,7 @@ async def test_silence_past_the_read_timeout_times_out_and_frees_the_slot(serve)
     await pool.close()
 
 
-async def test_a_stream_left_midway_closes_its_connection_and_frees_the_slot(serve):
+async def test_a_stream_left_midway_closes_its_connection_and_frees_the_slot(serve, pool):
     async def endless(reader, writer, n) -> None:
         if n > 1:
             return await answer_json()(reader, writer, n)
@@ -271,7 +261,6 @@ async def test_a_stream_left_midway_closes_its_connection_and_frees_the_slot(ser
             await asyncio.sleep(0.01)
 
     server = await serve(endless)
-    pool = UpstreamPool(1, 5, 5)
 
     async def read_a_little() -> None:
         async with pool.post(server.url, b"{}", {}) as resp:
@@ -284,14 +273,11 @@ async def test_a_stream_left_midway_closes_its_connection_and_frees_the_slot(ser
     await asyncio.gather(reader, return_exceptions=True)
     assert (await post(pool, server.url))[0] == 200
     assert server.connections == 2
-    await pool.close()
 
 
-async def test_a_refused_connection_is_an_error():
-    pool = UpstreamPool(1, 5, 5)
+async def test_a_refused_connection_is_an_error(pool):
     with pytest.raises(UpstreamConnectionError, match="cannot connect"):
         await post(pool, "http://127.0.0.1:1/v1/chat/completions")
-    await pool.close()
 
 
 def test_urls_are_split_and_quoted_once():
@@ -324,7 +310,7 @@ async def test_an_answer_ending_after_the_pool_closed_closes_its_connection(serv
     assert server.open_now == 0
 
 
-async def test_endless_headers_are_an_error(serve):
+async def test_endless_headers_are_an_error(serve, pool):
     async def endless(reader, writer, n) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\n")
         for i in range(10_000):
@@ -332,10 +318,8 @@ async def test_endless_headers_are_an_error(serve):
             await writer.drain()
 
     server = await serve(endless)
-    pool = UpstreamPool(1, 5, 5)
     with pytest.raises(UpstreamConnectionError, match="bytes of headers"):
         await post(pool, server.url)
-    await pool.close()
 
 
 async def test_idle_connections_close_after_the_keepalive_time(serve, monkeypatch):
@@ -409,23 +393,21 @@ async def test_https_is_verified_against_the_system_certificates(tmp_path, monke
         server.close()
 
 
-async def test_interim_answers_are_skipped(serve):
+async def test_interim_answers_are_skipped(serve, pool):
     async def hints_first(reader, writer, n) -> None:
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n")
         await answer_json()(reader, writer, n)
 
     server = await serve(hints_first)
-    pool = UpstreamPool(1, 5, 5)
     async with pool.post(server.url, b"{}", {}) as resp:
         assert resp.status == 200 and "link" not in resp.headers
         assert await resp.read() == b'{"ok":true}'
     assert await post(pool, server.url) == (200, b'{"ok":true}')
     assert server.connections == 1
-    await pool.close()
 
 
-async def test_a_request_lost_after_the_race_window_is_not_sent_again(serve, monkeypatch):
+async def test_a_request_lost_after_the_race_window_is_not_sent_again(serve, monkeypatch, pool):
     monkeypatch.setattr(upstream_client, "RACE_WINDOW_S", 0.1)
 
     async def crash_on_the_second(reader, writer, n) -> None:
@@ -436,12 +418,10 @@ async def test_a_request_lost_after_the_race_window_is_not_sent_again(serve, mon
             await answer_json()(reader, writer, n)
 
     server = await serve(crash_on_the_second)
-    pool = UpstreamPool(1, 5, 5)
     assert (await post(pool, server.url))[0] == 200
     with pytest.raises(UpstreamConnectionError, match="closed the connection"):
         await post(pool, server.url)
     assert len(server.requests) == 2  # never sent twice
-    await pool.close()
 
 
 async def test_a_connect_that_outlasts_its_timeout_is_a_timeout():
@@ -454,14 +434,13 @@ async def test_a_connect_that_outlasts_its_timeout_is_a_timeout():
     server.close()
 
 
-async def test_bytes_on_an_idle_connection_close_it_and_leave_the_last_answer_alone(serve):
+async def test_bytes_on_an_idle_connection_close_it_and_leave_the_last_answer_alone(serve, pool):
     async def answer_then_408(reader, writer, n) -> None:
         await answer_json(extra="X-Ratelimit-Reset: 1s\r\n")(reader, writer, n)
         await asyncio.sleep(0.05)
         writer.write(b"HTTP/1.1 408 Request Timeout\r\nX-Ratelimit-Reset: 99s\r\n\r\n")
 
     server = await serve(answer_then_408)
-    pool = UpstreamPool(1, 5, 5)
     async with pool.post(server.url, b"{}", {}) as resp:
         headers = resp.headers
         await resp.read()
@@ -470,10 +449,9 @@ async def test_bytes_on_an_idle_connection_close_it_and_leave_the_last_answer_al
     assert pool.idle_connections() == 0
     assert (await post(pool, server.url))[0] == 200
     assert server.connections == 2
-    await pool.close()
 
 
-async def test_one_endless_header_line_is_cut_off(serve):
+async def test_one_endless_header_line_is_cut_off(serve, pool):
     async def endless(reader, writer, n) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
         for _ in range(1000):
@@ -481,10 +459,8 @@ async def test_one_endless_header_line_is_cut_off(serve):
             await writer.drain()
 
     server = await serve(endless)
-    pool = UpstreamPool(1, 5, 5)
     with pytest.raises(UpstreamConnectionError, match="bytes of headers"):
         await post(pool, server.url)
-    await pool.close()
 
 
 @pytest.mark.parametrize(
@@ -494,7 +470,7 @@ async def test_one_endless_header_line_is_cut_off(serve):
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n",
     ],
 )
-async def test_a_body_cut_by_a_reset_or_mid_chunk_is_an_error(serve, head):
+async def test_a_body_cut_by_a_reset_or_mid_chunk_is_an_error(serve, head, pool):
     async def cut(reader, writer, n) -> None:
         writer.write(head + (b'{"partial": "' if b"close" in head else b""))
         await writer.drain()
@@ -504,10 +480,8 @@ async def test_a_body_cut_by_a_reset_or_mid_chunk_is_an_error(serve, head):
         writer.transport.abort()  # a reset, not a clean close
 
     server = await serve(cut)
-    pool = UpstreamPool(1, 5, 5)
     with pytest.raises(UpstreamConnectionError, match="closed the connection"):
         await post(pool, server.url)
-    await pool.close()
 
 
 async def test_a_big_answer_left_unread_does_not_stall_the_next_request(serve):
@@ -521,7 +495,7 @@ async def test_a_big_answer_left_unread_does_not_stall_the_next_request(serve):
     await pool.close()
 
 
-async def test_an_upgrade_or_a_truncated_gzip_body_is_an_error(serve):
+async def test_an_upgrade_or_a_truncated_gzip_body_is_an_error(serve, pool):
     async def upgrade(reader, writer, n) -> None:
         if n == 1:
             writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n")
@@ -530,9 +504,7 @@ async def test_an_upgrade_or_a_truncated_gzip_body_is_an_error(serve):
             await answer_json(body, "Content-Encoding: gzip\r\n")(reader, writer, n)
 
     server = await serve(upgrade)
-    pool = UpstreamPool(1, 5, 5)
     with pytest.raises(UpstreamConnectionError, match="malformed HTTP"):
         await post(pool, server.url)
     with pytest.raises(UpstreamConnectionError, match="truncated compressed body"):
         await post(pool, server.url)
-    await pool.close()
