@@ -46,8 +46,7 @@ async def make_app(upstream: str) -> web.Application:
     app = web.Application()
     app[POOL] = UpstreamPool(max_connections=1000, connect_timeout_s=10, read_timeout_s=60)
     app[UPSTREAM] = upstream
-    for path in ("/v1/chat/completions", "/v1/messages"):
-        app.router.add_post(path, forward)
+    app.router.add_post("/v1/chat/completions", forward)
     return app
 
 
