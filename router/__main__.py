@@ -43,7 +43,14 @@ from .handlers import list_endpoints
 from .keys.local_store import KEY_COORDINATOR
 from .logs import configure_logging, secrets_of
 from .reload import CONFIG_LOADER, RELOAD_HOOKS, RELOAD_OTHERS, reload_on_signal
-from .workers import run_event_loop, supervise, watch_supervisor, worker_count, worker_role
+from .workers import (
+    run_event_loop,
+    supervise,
+    tune_gc,
+    watch_supervisor,
+    worker_count,
+    worker_role,
+)
 
 logger = logging.getLogger("router")
 
@@ -345,6 +352,7 @@ async def _serve(cfg: Config, loader: Callable[[], Config] | None) -> None:
             reuse_port=role is not None,
         )
         await site.start()
+        tune_gc()
         logger.info(
             "serving %s on http://%s:%d", ", ".join(cfg.models), cfg.listen.host, cfg.listen.port
         )

@@ -22,6 +22,7 @@ A worker learns its role from the environment the supervisor sets (`WORKER_VAR`,
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import secrets
@@ -121,6 +122,20 @@ def worker_count(cfg: Config, requested: int | None) -> int:
             "process: the model owns the accelerator"
         )
     return count
+
+
+# Python collects its youngest generation every 700 net allocations: under load the objects
+# of the requests in flight keep it running (1,500 times in 10 s at concurrency 100), and its
+# full passes also walk every object loaded at start, stalling the loop for ~30 ms each.
+# Requests' reference cycles are still collected, this many allocations apart.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Exempt what is loaded so far (modules, config, app) from the garbage collector's
+    passes, and collect the young generation less often (call once serving starts)."""
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
