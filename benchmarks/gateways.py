@@ -72,10 +72,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _affinity(cpus: set[int] | None) -> Callable[[], None] | None:
-    if not cpus:
-        return None
-    return lambda: os.sched_setaffinity(0, cpus)
+# The CPUs this process may use before the benchmark pins itself to the load generator's.
+MACHINE_CPUS = os.sched_getaffinity(0)
+
+
+def _affinity(cpus: set[int] | None) -> Callable[[], None]:
+    # A child inherits its parent's affinity: "any CPU" must be set explicitly, or a gateway
+    # with several workers would share the load generator's CPUs only.
+    return lambda: os.sched_setaffinity(0, cpus or MACHINE_CPUS)
 
 
 @dataclass
