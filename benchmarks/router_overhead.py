@@ -55,9 +55,11 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -84,13 +86,16 @@ from benchmarks.gateways import (
     temporary_workdir,
     wait_ready,
 )
-from benchmarks.loadgen import ANSWER, ERROR, HANG, TORN, LoadRun, drive, send
+from benchmarks.loadgen import ANSWER, ERROR, HANG, TORN, LoadRun, Sample, drive, send
 from benchmarks.procfs import CpuMeter
 from benchmarks.soak import SoakOptions, run_soak
+from benchmarks.wrk import WrkUnavailable, run_wrk, write_script
 
 logger = logging.getLogger(__name__)
 
 SYSTEMS = ("router", "litellm", "floor")
+# ``wrk``: the plain workload from wrk (opt-in, `benchmarks.wrk`).
+WORKLOADS = ("plain", "stream", "wrk")
 
 
 @dataclass
@@ -113,6 +118,9 @@ class BenchOptions:
         workers: Worker processes of each gateway, one measurement each (the router's
             ``--workers``, LiteLLM's ``--num_workers``); with more than one, the gateway is not
             pinned and may use every CPU.
+        wrk: Also run the plain workload from wrk (`benchmarks.wrk`), whose own CPU is small
+            enough to leave a small machine's CPUs to several workers; the worker and LiteLLM
+            ratios then use its rows.
     """
 
     systems: tuple[str, ...] = ("router", "litellm")
@@ -127,6 +135,7 @@ class BenchOptions:
     retries: int = 0
     quiet_cpus: float = 0.25
     workers: tuple[int, ...] = (1,)
+    wrk: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.systems) - set(SYSTEMS))
@@ -140,6 +149,8 @@ class BenchOptions:
             raise ValueError(f"workers: need counts >= 1, got {self.workers}")
         if (self.duration_s is None) == (self.requests is None):
             raise ValueError("give exactly one of duration_s and requests")
+        if self.wrk and self.duration_s is None:
+            raise ValueError("wrk: needs duration_s (wrk runs for a time, not a request count)")
 
 
 # ---- statistics -----------------------------------------------------------------------------
@@ -236,8 +247,9 @@ async def measure_system(
     fake_pid: int,
     cpus: set[int] | None,
     workers: int = 1,
+    wrk_script: Path | None = None,
 ) -> list[dict]:
-    """Both workloads at every concurrency against one system.
+    """Every workload at every concurrency against one system.
 
     Args:
         server: The system (the fake itself when ``direct``).
@@ -247,6 +259,7 @@ async def measure_system(
         cpus: The CPUs the system, the fake and the load generator run on (None: all), where
             other processes' work counts against the measurement.
         workers: The system's worker processes (for the rows).
+        wrk_script: From `benchmarks.wrk.write_script` (None: no ``wrk`` workload).
     """
     meter = CpuMeter(server.proc.pid, (fake_pid, os.getpid()), cpus)
     rows = []
@@ -254,12 +267,12 @@ async def measure_system(
         connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
         timeout = aiohttp.ClientTimeout(total=None)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            for workload in ("plain", "stream"):
-                if workload == "plain":
-                    client, model, stream = "openai", PLAIN_MODEL, False
-                else:
+            for workload in WORKLOADS if wrk_script else WORKLOADS[:2]:
+                if workload == "stream":
                     client = "anthropic" if direct else "openai"
                     model, stream = STREAM_MODEL, True
+                else:
+                    client, model, stream = "openai", PLAIN_MODEL, False
 
                 def one(
                     n: int, client: str = client, model: str = model, stream: bool = stream
@@ -271,10 +284,12 @@ async def measure_system(
                 row: dict = {}
                 for attempt in range(options.retries + 1):
                     before = meter.read()
-                    run = await drive(
-                        one, concurrency, options.warmup_s, options.duration_s, options.requests
-                    )
-                    tried = summarize(run) | CpuMeter.shares(before, meter.read())
+                    try:
+                        tried = await _window(
+                            workload, one, concurrency, options, server.url, wrk_script
+                        ) | CpuMeter.shares(before, meter.read())
+                    except WrkUnavailable as err:
+                        raise PeerUnavailable(f"{server.name}: {err}", rows) from err
                     logger.info(
                         "%s %s c=%d: %.0f req/s, p50 %s ms, outcomes %s, other processes "
                         "%.0f%% of a CPU",
@@ -302,6 +317,23 @@ async def measure_system(
                         rows[:-1],
                     )
     return rows
+
+
+async def _window(
+    workload: str,
+    one: Callable[[int], Awaitable[Sample]],
+    concurrency: int,
+    options: BenchOptions,
+    url: str,
+    wrk_script: Path | None,
+) -> dict:
+    """One measured window (after its warm-up) of a workload; its `summarize` figures."""
+    if workload != "wrk":
+        run = await drive(one, concurrency, options.warmup_s, options.duration_s, options.requests)
+        return summarize(run)
+    if options.warmup_s > 0:
+        await run_wrk(url, wrk_script, concurrency, options.warmup_s)
+    return await run_wrk(url, wrk_script, concurrency, options.duration_s)
 
 
 def _cpu_us(row: dict) -> float | None:
@@ -345,7 +377,10 @@ async def run_benchmark(options: BenchOptions) -> dict:
         fake = start_fake(fake_config, client_cpus, workdir)
         try:
             fake.name = "direct"
-            report["rows"] += await measure_system(fake, options, True, fake.proc.pid, client_cpus)
+            wrk_script = write_script(workdir / "plain.lua", PLAIN_MODEL) if options.wrk else None
+            report["rows"] += await measure_system(
+                fake, options, True, fake.proc.pid, client_cpus, 1, wrk_script
+            )
             for name in options.systems:
                 for workers in options.workers:
                     if name == "floor" and workers > 1:
@@ -392,7 +427,8 @@ async def _measure_gateway(
     try:
         async with aiohttp.ClientSession() as session:
             await wait_ready(server, session, options.chunks)
-        rows = await measure_system(server, options, False, fake.proc.pid, None, workers)
+        script = workdir / "plain.lua" if options.wrk else None
+        rows = await measure_system(server, options, False, fake.proc.pid, None, workers, script)
     finally:
         sampler.cancel()
         server.stop()
@@ -406,7 +442,8 @@ async def _measure_gateway(
 def check_targets(report: dict) -> dict:
     """The issues' targets, each with the measured figure and whether it is met: the latency
     the router adds at concurrency 1 (one worker, an unloaded gateway), req/s at concurrency
-    100 against LiteLLM's with as many workers, and with the most workers measured: req/s at
+    100 against LiteLLM's with as many workers (from wrk, when it ran), and with the most
+    workers measured: req/s at
     concurrency 100 against one worker's, and a translated stream's added first-byte p99 at
     concurrency 100.
 
@@ -433,15 +470,17 @@ def check_targets(report: dict) -> dict:
         value = rows.get(cell, {}).get(key)
         if value is not None:
             targets[name] = {"value": value, "target": f"<= {limit:g}", "met": value <= limit}
+    # Throughput from wrk where it was measured: it leaves the gateway more of the CPUs.
+    load = "wrk" if report["options"]["wrk"] else "plain"
     for workers in report["options"]["workers"]:
-        router = rows.get(("router", workers, "plain", 100))
-        litellm = rows.get(("litellm", workers, "plain", 100))
+        router = rows.get(("router", workers, load, 100))
+        litellm = rows.get(("litellm", workers, load, 100))
         if router and litellm and litellm["rps"] > 0:
             ratio = router["rps"] / litellm["rps"]
             name = f"rps_ratio_vs_litellm_c100_{workers}w"
             targets[name] = {"value": ratio, "target": ">= 5", "met": ratio >= 5}
-    one = rows.get(("router", 1, "plain", 100))
-    many = rows.get(("router", most, "plain", 100))
+    one = rows.get(("router", 1, load, 100))
+    many = rows.get(("router", most, load, 100))
     if most > 1 and one and many and one["rps"] > 0:
         ratio = many["rps"] / one["rps"]
         name = f"rps_ratio_{most}w_vs_1w_c100"
@@ -574,6 +613,12 @@ def main(argv: list[str] | None = None) -> int:
         default=2,
         help="repeat a window up to this often while other processes use > 25%% of a CPU",
     )
+    parser.add_argument(
+        "--wrk",
+        action="store_true",
+        help="also run the plain workload from wrk, a load generator in C (its rows give the "
+        "worker and LiteLLM throughput ratios)",
+    )
     parser.add_argument("--soak", action="store_true", help="the soak run instead")
     parser.add_argument("--soak-requests", type=int, default=10_000)
     parser.add_argument("--soak-concurrency", type=int, default=32)
@@ -609,7 +654,10 @@ def main(argv: list[str] | None = None) -> int:
             litellm=args.litellm,
             retries=0 if args.quick else args.retries,
             workers=args.workers,
+            wrk=args.wrk,
         )
+        if args.wrk and shutil.which("wrk") is None:
+            raise ValueError("--wrk: wrk is not installed (Debian: apt-get install wrk)")
     except ValueError as err:
         parser.error(str(err))
     report = asyncio.run(run_benchmark(options))

@@ -1,6 +1,6 @@
 """Smoke test of ``python -m benchmarks.router_overhead``: the fake provider, our router and the
-floor proxy as real processes on loopback, a few dozen requests per level and a tiny soak with faults (no
-LiteLLM)."""
+floor proxy as real processes on loopback, a few dozen requests per level, one and two workers under
+wrk, and a tiny soak with faults (no LiteLLM)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,31 @@ async def test_benchmark_reports_every_level_of_fake_router_and_floor() -> None:
     router = report["servers"]["router"]
     assert 0 < router["cold_start_s"] < 30 and router["rss_peak_mib"] > 10
     assert {"added_p50_ms_plain_c1", "added_ttfb_p50_ms_stream_c1"} <= report["targets"].keys()
+
+
+async def test_wrk_workload_gives_the_worker_ratio() -> None:
+    # wrk drives one and two workers at concurrency 100; the 2-worker ratio comes from its rows.
+    options = BenchOptions(
+        systems=("router",),
+        concurrency=(100,),
+        duration_s=1.0,
+        warmup_s=0.2,
+        chunks=8,
+        chunk_interval_s=0.0,
+        workers=(1, 2),
+        wrk=True,
+    )
+    report = await run_benchmark(options)
+    assert report["unavailable"] == {}
+    wrk = {(r["system"], r["workers"]): r for r in report["rows"] if r["workload"] == "wrk"}
+    assert wrk.keys() == {("direct", 1), ("router", 1), ("router", 2)}
+    for row in wrk.values():
+        assert row["outcomes"] == {ANSWER: row["requests"]}, row["first_failure"]
+        assert row["rps"] > 0 and 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
+        assert 0 < row["loadgen_cpu_share"] < 1
+    ratio = report["targets"]["rps_ratio_2w_vs_1w_c100"]["value"]
+    assert ratio == pytest.approx(wrk["router", 2]["rps"] / wrk["router", 1]["rps"])
+    assert wrk["router", 1]["added_latency_p50_ms"] is not None
 
 
 async def test_tiny_soak_with_faults_keeps_the_invariants() -> None:
@@ -116,3 +141,5 @@ def test_helpers() -> None:
     add_overheads(rows)
     assert rows[1]["added_latency_p50_ms"] == pytest.approx(0.5)
     assert rows[1]["added_ttfb_p50_ms"] is None
+    with pytest.raises(ValueError, match="wrk: needs duration_s"):
+        BenchOptions(duration_s=None, requests=30, wrk=True)
