@@ -42,8 +42,14 @@ def draw(report: dict, path: Path) -> bool:
     if plt is None:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    # Throughput from wrk where it ran (it leaves a small machine's CPUs to the gateway).
+    wrk = report["options"].get("wrk", False)
     panels = (
-        ("plain", "rps", "requests/s (plain, OpenAI->OpenAI)"),
+        (
+            "wrk" if wrk else "plain",
+            "rps",
+            f"requests/s (plain, OpenAI->OpenAI{', from wrk' if wrk else ''})",
+        ),
         ("plain", "added_latency_p50_ms", "added p50 latency, ms (plain)"),
         ("stream", "added_ttfb_p50_ms", "added p50 TTFB, ms (stream, OpenAI->Anthropic)"),
     )

@@ -292,11 +292,10 @@ async def measure_system(
 
                 row: dict = {}
                 for attempt in range(options.retries + 1):
-                    before = meter.read()
                     try:
                         tried = await _window(
-                            workload, one, concurrency, options, server.url, wrk_script
-                        ) | CpuMeter.shares(before, meter.read())
+                            workload, one, concurrency, options, meter, server.url, wrk_script
+                        )
                     except WrkUnavailable as err:
                         raise PeerUnavailable(f"{server.name}: {err}", rows) from err
                     logger.info(
@@ -333,17 +332,22 @@ async def _window(
     one: Callable[[int], Awaitable[Sample]],
     concurrency: int,
     options: BenchOptions,
+    meter: CpuMeter,
     url: str,
     wrk_script: Path | None,
 ) -> dict:
-    """One measured window (after its warm-up) of a workload; its `summarize` figures."""
+    """One measured window (after its warm-up) of a workload: its `summarize` figures and the
+    CPU shares (`CpuMeter.shares`)."""
     if workload != "wrk":
+        before = meter.read()
         run = await drive(one, concurrency, options.warmup_s, options.duration_s, options.requests)
-        return summarize(run)
+        return summarize(run) | CpuMeter.shares(before, meter.read())
     if options.warmup_s > 0:
         await run_wrk(url, wrk_script, concurrency, options.warmup_s)
         await asyncio.sleep(WRK_SETTLE_S)
-    return await run_wrk(url, wrk_script, concurrency, options.duration_s)
+    before = meter.read()
+    figures = await run_wrk(url, wrk_script, concurrency, options.duration_s)
+    return figures | CpuMeter.shares(before, meter.read())
 
 
 def _cpu_us(row: dict) -> float | None:
@@ -453,9 +457,8 @@ def check_targets(report: dict) -> dict:
     """The issues' targets, each with the measured figure and whether it is met: the latency
     the router adds at concurrency 1 (one worker, an unloaded gateway), req/s at concurrency
     100 against LiteLLM's with as many workers (from wrk, when it ran), and with the most
-    workers measured: req/s at
-    concurrency 100 against one worker's, and a translated stream's added first-byte p99 at
-    concurrency 100.
+    workers measured: req/s at concurrency 100 against one worker's, and a translated stream's
+    added first-byte p99 at concurrency 100.
 
     Args:
         report: A benchmark report with overheads added.
