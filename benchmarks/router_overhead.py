@@ -100,10 +100,10 @@ logger = logging.getLogger(__name__)
 SYSTEMS = ("router", "litellm", "floor")
 # ``wrk``: the plain workload from wrk (opt-in, `benchmarks.wrk`).
 WORKLOADS = ("plain", "stream", "wrk")
-# A pause between wrk's warm-up and its window, each with its own 100 connections: started at
-# once, the window's first second had a 0.3-0.8 s tail on a one-worker router (p99 230-480 ms
-# in 5-8 s windows, 67 ms after this pause; the router idle 50 ms after the warm-up ended; not
-# seen with the Python client or on the floor; cause not found).
+# A pause between wrk's warm-up and its window, each with its own connections: started at
+# once, a one-worker router's window often had a 0.2-0.8 s tail near its start (p99 230-480 ms
+# in 5-8 s windows; a raw client like wrk saw none); after this pause, 1 window in 10 (README:
+# cause not found).
 WRK_SETTLE_S = 1.0
 
 
