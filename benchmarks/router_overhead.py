@@ -59,7 +59,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
 import time
 from collections import Counter
@@ -93,7 +92,7 @@ from benchmarks.gateways import (
 from benchmarks.loadgen import ANSWER, ERROR, HANG, TORN, LoadRun, Sample, drive, send
 from benchmarks.procfs import CpuMeter
 from benchmarks.soak import SoakOptions, run_soak
-from benchmarks.wrk import WrkUnavailable, run_wrk, write_script
+from benchmarks.wrk import WrkUnavailable, run_wrk, write_script, wrk_executable
 
 logger = logging.getLogger(__name__)
 
@@ -404,7 +403,7 @@ async def run_benchmark(options: BenchOptions) -> dict:
                     cpus = server_cpus if workers == 1 else None
                     try:
                         rows, info = await _measure_gateway(
-                            name, fake, options, workdir, cpus, workers
+                            name, fake, options, workdir, cpus, workers, wrk_script
                         )
                     except PeerUnavailable as err:
                         logger.error("%s: not (fully) measured: %s", label, err)
@@ -429,6 +428,7 @@ async def _measure_gateway(
     workdir: Path,
     cpus: set[int] | None,
     workers: int,
+    wrk_script: Path | None,
 ) -> tuple[list[dict], dict]:
     if name == "litellm":
         exe = litellm_executable(options.litellm)
@@ -441,8 +441,9 @@ async def _measure_gateway(
     try:
         async with aiohttp.ClientSession() as session:
             await wait_ready(server, session, options.chunks)
-        script = workdir / "plain.lua" if options.wrk else None
-        rows = await measure_system(server, options, False, fake.proc.pid, None, workers, script)
+        rows = await measure_system(
+            server, options, False, fake.proc.pid, None, workers, wrk_script
+        )
     finally:
         sampler.cancel()
         server.stop()
@@ -669,9 +670,9 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             wrk=args.wrk,
         )
-        if args.wrk and shutil.which("wrk") is None:
-            raise ValueError("--wrk: wrk is not installed (Debian: apt-get install wrk)")
-    except ValueError as err:
+        if args.wrk:
+            wrk_executable()
+    except (ValueError, WrkUnavailable) as err:
         parser.error(str(err))
     report = asyncio.run(run_benchmark(options))
     print_report(report)

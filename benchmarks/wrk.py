@@ -34,6 +34,18 @@ class WrkUnavailable(RuntimeError):
     """wrk is not installed or did not report."""
 
 
+def wrk_executable() -> str:
+    """The path of ``wrk``.
+
+    Raises:
+        WrkUnavailable: It is not on PATH.
+    """
+    exe = shutil.which("wrk")
+    if exe is None:
+        raise WrkUnavailable("wrk is not installed (Debian: apt-get install wrk)")
+    return exe
+
+
 def write_script(path: Path, model: str) -> Path:
     """Write wrk's Lua script: the plain workload's request (OpenAI format, not streaming)
     and the summary line.
@@ -68,11 +80,8 @@ async def run_wrk(base_url: str, script: Path, concurrency: int, duration_s: flo
     Raises:
         WrkUnavailable: wrk is not on PATH or printed no summary.
     """
-    exe = shutil.which("wrk")
-    if exe is None:
-        raise WrkUnavailable("wrk is not installed (Debian: apt-get install wrk)")
     seconds = max(1, round(duration_s))
-    args = [exe, "-t1", f"-c{concurrency}", f"-d{seconds}s", "-s", str(script)]
+    args = [wrk_executable(), "-t1", f"-c{concurrency}", f"-d{seconds}s", "-s", str(script)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = await asyncio.create_subprocess_exec(
         *args, base_url + PATHS["openai"], stdout=asyncio.subprocess.PIPE
