@@ -48,22 +48,35 @@ def encode_comment(text: str = "") -> bytes:
     return f": {text}\n\n".encode()
 
 
+class EventTooLarge(ValueError):
+    """An event, or a line, still incomplete holds more than the decoder's limit."""
+
+
 class SSEDecoder:
     """Incremental decoder: feed arbitrary byte chunks, get complete events back.
 
     Handles LF, CR and CRLF line ends (also split across chunks), UTF-8 characters split
-    across chunks, comments, multi-line data and the optional space after the colon.
+    across chunks (an invalid byte becomes U+FFFD, as the spec decodes), comments, multi-line
+    data and the optional space after the colon. Each byte is scanned once however the stream
+    is cut: a chunk of thousands of events, or one long line in many chunks.
+
+    Args:
+        max_pending: The most characters an incomplete event may hold (None: no limit).
     """
 
-    def __init__(self) -> None:
-        self._utf8 = codecs.getincrementaldecoder("utf-8")()
-        self._buffer = ""
+    def __init__(self, max_pending: int | None = None) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._max_pending = max_pending
+        # The text of a line not yet ended, in the pieces it came in.
+        self._partial: list[str] = []
+        self._partial_chars = 0
         self._pending_cr = False
         self._reset()
 
     def _reset(self) -> None:
         self._event: str | None = None
         self._data: list[str] = []
+        self._data_chars = 0
         self._id: str | None = None
         self._retry: int | None = None
 
@@ -75,42 +88,59 @@ class SSEDecoder:
 
         Returns:
             The events completed by this chunk, in order.
+
+        Raises:
+            EventTooLarge: If an incomplete event grows over ``max_pending`` characters.
         """
         text = self._utf8.decode(chunk)
         if self._pending_cr and text.startswith("\n"):
             text = text[1:]
         self._pending_cr = False
-        self._buffer += text
+        if self._partial:
+            if "\n" not in text and "\r" not in text:
+                self._partial.append(text)
+                self._partial_chars += len(text)
+                self._check_size()
+                return []
+            text = "".join(self._partial) + text
+            self._partial.clear()
         events = []
-        while True:
-            cut = self._next_line_end()
-            if cut is None:
-                break
-            line, end = cut
-            self._buffer = self._buffer[end:]
-            event = self._process_line(line)
+        start = 0
+        while (cut := self._next_line_end(text, start)) is not None:
+            end, after = cut
+            event = self._process_line(text[start:end])
             if event is not None:
                 events.append(event)
+            start = after
+        self._partial_chars = len(text) - start
+        if self._partial_chars:
+            self._partial.append(text[start:])
+        self._check_size()
         return events
 
     def flush(self) -> list[SSEEvent]:
         """End of stream: dispatch a final event that lacked its blank line."""
-        self._buffer += self._utf8.decode(b"", final=True)
-        events = self.feed(b"\n\n") if (self._buffer or self._data) else []
-        return events
+        if tail := self._utf8.decode(b"", final=True):
+            self._partial.append(tail)
+        return self.feed(b"\n\n") if (self._partial or self._data) else []
 
-    def _next_line_end(self) -> tuple[str, int] | None:
-        buf = self._buffer
-        lf, cr = buf.find("\n"), buf.find("\r")
-        if cr == -1 and lf == -1:
-            return None
-        if cr == -1 or (lf != -1 and lf < cr):
-            return buf[:lf], lf + 1
-        if cr + 1 < len(buf):
-            return buf[:cr], cr + (2 if buf[cr + 1] == "\n" else 1)
+    def _next_line_end(self, text: str, start: int) -> tuple[int, int] | None:
+        """Where the line from ``start`` ends and the next begins, if it ends in ``text``."""
+        lf = text.find("\n", start)
+        # A CR counts only before the LF: the search stops there, so no byte is scanned twice.
+        cr = text.find("\r", start, len(text) if lf == -1 else lf)
+        if cr == -1:
+            return None if lf == -1 else (lf, lf + 1)
+        if cr + 1 < len(text):
+            return cr, cr + (2 if text[cr + 1] == "\n" else 1)
         # A CR at the very end: its LF may arrive in the next chunk.
         self._pending_cr = True
-        return buf[:cr], cr + 1
+        return cr, cr + 1
+
+    def _check_size(self) -> None:
+        if self._max_pending is not None:
+            if self._partial_chars + self._data_chars > self._max_pending:
+                raise EventTooLarge(f"an event is over {self._max_pending} characters")
 
     def _process_line(self, line: str) -> SSEEvent | None:
         if not line:
@@ -127,6 +157,7 @@ class SSEDecoder:
             value = value[1:]
         if field == "data":
             self._data.append(value)
+            self._data_chars += len(value)
         elif field == "event":
             self._event = value
         elif field == "id":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.sse import SSEDecoder, SSEEvent, encode_comment, encode_event
+from router.sse import EventTooLarge, SSEDecoder, SSEEvent, encode_comment, encode_event
 
 
 def decode_all(chunks: list[bytes]) -> list[SSEEvent]:
@@ -90,3 +90,37 @@ def test_long_line_in_many_chunks():
     raw = f"data: {payload}\n\n".encode()
     chunks = [raw[i : i + 1000] for i in range(0, len(raw), 1000)]
     assert decode_all(chunks) == [SSEEvent(payload)]
+
+
+def test_invalid_utf8_becomes_the_replacement_character():
+    assert decode_all([b"data: a\xffb\n\n"]) == [SSEEvent("a\ufffdb")]
+
+
+def test_a_chunk_of_many_events_and_a_line_in_many_chunks():
+    events = [SSEEvent(f'{{"i":{i}}}', "delta") for i in range(5000)]
+    assert decode_all([b"".join(encode_event(e) for e in events)]) == events
+    line = b"data: " + b"x" * 100_000 + b"\n\n"
+    assert decode_all([line[i : i + 7] for i in range(0, len(line), 7)]) == [
+        SSEEvent("x" * 100_000)
+    ]
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [b"data: " + b"x" * 60, b"x" * 60],  # one line, not ended
+        [b"data: " + b"x" * 60 + b"\n", b"data: " + b"x" * 60 + b"\n"],  # one event, not ended
+    ],
+)
+def test_an_incomplete_event_over_the_bound_is_refused(chunks):
+    decoder = SSEDecoder(max_pending=100)
+    with pytest.raises(EventTooLarge, match="over 100 characters"):
+        for chunk in chunks:
+            decoder.feed(chunk)
+
+
+def test_complete_events_never_count_against_the_bound():
+    decoder = SSEDecoder(max_pending=100)
+    assert decoder.feed((b"data: " + b"x" * 90 + b"\n\n") * 50) == [SSEEvent("x" * 90)] * 50
+    assert decoder.feed(b"data: " + b"y" * 90) == []
+    assert decoder.feed(b"\n\n") == [SSEEvent("y" * 90)]
