@@ -19,7 +19,7 @@ import re
 import socket
 import ssl
 import zlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from typing import NamedTuple
@@ -42,6 +42,12 @@ _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
 # An answer's headers may take this many bytes (aiohttp's client allows 8 KiB per line).
 _HEADER_LIMIT = 64 * 1024
+# The most of one answer the router holds at once: a whole body, or a streamed event (or
+# line) not yet complete. An upstream that sends without end, or a small compressed body that
+# inflates to gigabytes, gets an error instead of the router's memory.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+# A compressed body is inflated this much at a time, however much one chunk expands.
+_INFLATE_PIECE = 256 * 1024
 # A header name is an RFC 9110 token; a value may hold no line break or NUL.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BREAKS_FRAMING = re.compile(r"[\r\n\0]")
@@ -310,12 +316,14 @@ class UpstreamResponse:
         self._inflate_fed = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body, piece by piece as it arrives (decompressed)."""
+        """The body, piece by piece as it arrives (decompressed, in pieces of at most
+        ``_INFLATE_PIECE`` bytes)."""
         while (chunk := await self._connection.next_chunk()) is not None:
-            if self._inflate is not None:
-                chunk = self._decompress(chunk)
-            if chunk:
+            if self._inflate is None:
                 yield chunk
+                continue
+            for piece in self._inflated(chunk):
+                yield piece
         if self._inflate is not None:
             if tail := self._inflate.flush():
                 yield tail
@@ -327,22 +335,36 @@ class UpstreamResponse:
 
         Args:
             limit: Stop once this many bytes are read (None: read to the end).
+
+        Raises:
+            UpstreamConnectionError: If the body is over `MAX_ANSWER_BYTES`.
         """
         body = bytearray()
         async for chunk in self.chunks():
             body += chunk
             if limit is not None and len(body) >= limit:
                 return bytes(body[:limit])
+            if len(body) > MAX_ANSWER_BYTES:
+                raise answer_too_large()
         return bytes(body)
 
-    def _decompress(self, chunk: bytes) -> bytes:
+    def _inflated(self, chunk: bytes) -> Iterator[bytes]:
         self._inflate_fed = True
-        try:
-            return self._inflate.decompress(chunk)
-        except zlib.error as err:
-            raise UpstreamConnectionError(
-                f"upstream sent a corrupt compressed body: {err}"
-            ) from err
+        while chunk:
+            try:
+                piece = self._inflate.decompress(chunk, _INFLATE_PIECE)
+            except zlib.error as err:
+                raise UpstreamConnectionError(
+                    f"upstream sent a corrupt compressed body: {err}"
+                ) from err
+            chunk = self._inflate.unconsumed_tail
+            if piece:
+                yield piece
+
+
+def answer_too_large() -> UpstreamConnectionError:
+    """The error for an answer, or one of its events, over `MAX_ANSWER_BYTES`."""
+    return UpstreamConnectionError(f"upstream answer is over {MAX_ANSWER_BYTES >> 20} MiB")
 
 
 class UpstreamPool:

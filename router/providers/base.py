@@ -34,8 +34,14 @@ from ..errors import (
 from ..formats.fields import error_message
 from ..formats.registry import upstream_format
 from ..images import MediaFetcher
-from ..sse import SSEDecoder, SSEEvent
-from ..upstream_client import UpstreamConnectionError, UpstreamPool, UpstreamResponse
+from ..sse import EventTooLarge, SSEDecoder, SSEEvent
+from ..upstream_client import (
+    MAX_ANSWER_BYTES,
+    UpstreamConnectionError,
+    UpstreamPool,
+    UpstreamResponse,
+    answer_too_large,
+)
 
 T = TypeVar("T")
 
@@ -374,12 +380,15 @@ def with_upstream_headers(
 
 
 async def _decode_sse(resp: UpstreamResponse) -> AsyncIterator[SSEEvent]:
-    decoder = SSEDecoder()
-    async for chunk in resp.chunks():
-        for event in decoder.feed(chunk):
+    decoder = SSEDecoder(max_pending=MAX_ANSWER_BYTES)
+    try:
+        async for chunk in resp.chunks():
+            for event in decoder.feed(chunk):
+                yield event
+        for event in decoder.flush():
             yield event
-    for event in decoder.flush():
-        yield event
+    except EventTooLarge as err:
+        raise answer_too_large() from err
 
 
 async def _decode_lines(resp: UpstreamResponse) -> AsyncIterator[SSEEvent]:
@@ -387,6 +396,10 @@ async def _decode_lines(resp: UpstreamResponse) -> AsyncIterator[SSEEvent]:
     buffer = bytearray()
     async for chunk in resp.chunks():
         buffer += chunk
+        if b"\n" not in chunk:  # split only where a line ends: each byte is scanned once
+            if len(buffer) > MAX_ANSWER_BYTES:
+                raise answer_too_large()
+            continue
         *lines, rest = buffer.split(b"\n")
         buffer = rest  # already a bytearray of its own
         for line in lines:

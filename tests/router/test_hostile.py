@@ -1,13 +1,19 @@
 """The router's answers to hostile clients and misbehaving upstreams beyond media: metric
-labels that clients cannot multiply, and a provider's rejection of the router's own key."""
+labels that clients cannot multiply, a provider's rejection of the router's own key, and
+upstream answers without bound."""
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import re
 import uuid
 
 import pytest
+from aiohttp import web
 
+from router.config import Config
+from router.upstream_client import MAX_ANSWER_BYTES
 from tests.router.helpers import ANTHROPIC_BODY, OPENAI_BODY, Answer
 
 # ---- metric labels -----------------------------------------------------------------------------
@@ -88,3 +94,54 @@ async def test_another_key_serves_when_one_is_rejected(client, fake):
     resp = await client.post("/v1/messages", json=ANTHROPIC_BODY)
     assert resp.status == 200
     assert len(fake.seen) == 2
+
+
+# ---- upstreams that would exhaust the router's memory ------------------------------------------
+
+
+async def gzip_bomb(request: web.Request) -> web.Response:
+    """65 KiB on the wire that inflate to 65 MiB."""
+    body = gzip.compress(b" " * (MAX_ANSWER_BYTES + (1 << 20)), 9)
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    return web.Response(body=body, headers=headers)
+
+
+async def endless_event(request: web.Request) -> web.StreamResponse:
+    """An event stream whose first line never ends."""
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    with contextlib.suppress(ConnectionError):  # the router hangs up
+        await resp.write(b"data: ")
+        for _ in range((MAX_ANSWER_BYTES >> 20) + 2):
+            await resp.write(b"x" * (1 << 20))
+    return resp
+
+
+@pytest.fixture
+async def hostile_upstream(aiohttp_server, router_client):
+    upstream = web.Application()
+    upstream.router.add_post("/bomb/v1/chat/completions", gzip_bomb)
+    upstream.router.add_post("/endless/v1/chat/completions", endless_event)
+    root = str((await aiohttp_server(upstream)).make_url("")).rstrip("/")
+    providers = {
+        name: {"type": "openai", "base_url": f"{root}/{name}/v1", "keys": ["k"]}
+        for name in ("bomb", "endless")
+    }
+    models = {name: [{"provider": name, "model": "m"}] for name in providers}
+    return await router_client(Config.from_dict({"providers": providers, "models": models}))
+
+
+async def test_a_compressed_answer_that_inflates_to_gigabytes_is_a_502(hostile_upstream):
+    body = {**ANTHROPIC_BODY, "model": "bomb"}
+    resp = await hostile_upstream.post("/v1/messages", json=body)
+    assert resp.status == 502
+    error = await resp.json()
+    assert error["type"] == "error" and error["error"]["type"] == "api_error"
+    assert "upstream answer is over 64 MiB" in error["error"]["message"]
+
+
+async def test_a_streamed_event_without_end_is_a_502(hostile_upstream):
+    body = {**OPENAI_BODY, "model": "endless", "stream": True}
+    resp = await hostile_upstream.post("/v1/chat/completions", json=body)
+    assert resp.status == 502
+    assert "upstream answer is over 64 MiB" in (await resp.json())["error"]["message"]

@@ -508,3 +508,20 @@ async def test_an_upgrade_or_a_truncated_gzip_body_is_an_error(serve, pool):
         await post(pool, server.url)
     with pytest.raises(UpstreamConnectionError, match="truncated compressed body"):
         await post(pool, server.url)
+
+
+async def test_a_compressed_body_that_inflates_past_the_bound_is_refused(serve, pool):
+    # 65 KiB on the wire, 65 MiB inflated: a gzip bomb.
+    bomb = gzip.compress(b"0" * (upstream_client.MAX_ANSWER_BYTES + 1024 * 1024), 9)
+    server = await serve(answer_json(bomb, "Content-Encoding: gzip\r\n"))
+    with pytest.raises(UpstreamConnectionError, match="answer is over 64 MiB"):
+        await post(pool, server.url)
+
+
+async def test_one_compressed_chunk_is_inflated_a_bounded_piece_at_a_time(serve, pool):
+    payload = b"0" * (8 * 1024 * 1024)
+    server = await serve(answer_json(gzip.compress(payload), "Content-Encoding: gzip\r\n"))
+    async with pool.post(server.url, b"{}", {"Content-Type": "application/json"}) as resp:
+        pieces = [len(piece) async for piece in resp.chunks()]
+    assert sum(pieces) == len(payload)
+    assert max(pieces) <= upstream_client._INFLATE_PIECE
