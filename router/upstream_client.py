@@ -6,15 +6,18 @@ on loopback, while asyncio protocols over httptools' parser (llhttp, as Node use
 0.21 ms. This client does only what the providers need: POST, keep-alive connections pooled
 per origin and bounded per provider, TLS with the system's certificates, chunked and
 streamed answers with flow control, gzip, a connect timeout and a read timeout (the silence
-between upstream bytes, not a whole long stream). No cookies, redirects or proxies: the
-providers' APIs need none, and a cookie one client's answer sets must never go out with
-another client's request. The media fetcher keeps aiohttp (GET, redirects checked per hop).
+between upstream bytes, not a whole long stream), and the proxy the environment names
+(`proxy_for`). No cookies or redirects: the providers' APIs need none, and a cookie one
+client's answer sets must never go out with another client's request. The media fetcher keeps
+aiohttp (GET, redirects checked per hop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
+import ipaddress
 import re
 import socket
 import ssl
@@ -23,7 +26,8 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from typing import NamedTuple
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
+from urllib.request import getproxies_environment, proxy_bypass_environment
 
 import aiohappyeyeballs
 import httptools
@@ -75,6 +79,54 @@ class Target(NamedTuple):
 
 
 @lru_cache(maxsize=1024)
+class Proxy(NamedTuple):
+    """An HTTP proxy: where it listens, and its ``Proxy-Authorization`` value, if any."""
+
+    host: str
+    port: int
+    authorization: str | None
+
+
+def proxy_for(origin: Origin, proxies: Mapping[str, str]) -> Proxy | None:
+    """The proxy an origin's requests go through, as curl and Go read the environment:
+    ``HTTPS_PROXY`` (``HTTP_PROXY`` for http URLs, else ``ALL_PROXY``) unless ``NO_PROXY``
+    names the host. Loopback hosts never go through a proxy, which could not reach them.
+
+    Args:
+        origin: The origin.
+        proxies: `urllib.request.getproxies_environment`'s mapping.
+
+    Raises:
+        UpstreamConnectionError: If the proxy is not an ``http://`` one.
+    """
+    url = proxies.get("https" if origin.secure else "http") or proxies.get("all")
+    if not url or _is_loopback(origin.host) or proxy_bypass_environment(origin.host, proxies):
+        return None
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme != "http" or not parts.hostname:
+        raise UpstreamConnectionError(
+            f"proxy {url!r} from the environment: only http:// proxies are supported"
+        )
+    authorization = None
+    if parts.username is not None:
+        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
+    try:
+        port = parts.port or 80
+    except ValueError as err:
+        raise UpstreamConnectionError(f"proxy {url!r} from the environment: bad port") from err
+    return Proxy(parts.hostname, port, authorization)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def split_url(url: str) -> Target:
     """Split an http(s) URL into its origin, request target and Host header.
 
@@ -367,6 +419,32 @@ def answer_too_large() -> UpstreamConnectionError:
     return UpstreamConnectionError(f"upstream answer is over {MAX_ANSWER_BYTES >> 20} MiB")
 
 
+async def _tunnel(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, origin: Origin, proxy: Proxy
+) -> None:
+    """Ask the proxy on ``sock`` for a tunnel to ``origin`` (CONNECT); TLS runs inside it."""
+    authority = (
+        f"[{origin.host}]:{origin.port}" if ":" in origin.host else f"{origin.host}:{origin.port}"
+    )
+    lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+    if proxy.authorization:
+        lines.append(f"Proxy-Authorization: {proxy.authorization}")
+    await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    where = f"proxy {proxy.host}:{proxy.port}"
+    head = b""
+    while (end := head.find(b"\r\n\r\n")) == -1:
+        if len(head) > _HEADER_LIMIT:
+            raise UpstreamConnectionError(f"{where} sent over {_HEADER_LIMIT} bytes of headers")
+        chunk = await loop.sock_recv(sock, 65536)
+        if not chunk:
+            raise UpstreamConnectionError(f"{where} closed the connection before a tunnel opened")
+        head += chunk
+    status = head[: head.find(b"\r\n")].decode("latin-1")
+    code = status.split(" ", 2)[1] if status.startswith("HTTP/1.") and " " in status else ""
+    if not (code.isdigit() and 200 <= int(code) < 300) or end + 4 != len(head):
+        raise UpstreamConnectionError(f"{where} refused a tunnel to {authority}: {status!r}")
+
+
 class UpstreamPool:
     """Keep-alive connections to the upstreams of one provider, at most ``max_connections``
     open or being opened at once (streams included; further requests wait for a slot).
@@ -386,6 +464,9 @@ class UpstreamPool:
         self._tls: ssl.SSLContext | None = None
         self._closed = False
         self._sweep_timer: asyncio.TimerHandle | None = None
+        # The proxy settings at start, and the proxy of each origin seen (None: direct).
+        self._proxies = getproxies_environment()
+        self._proxy_of: dict[Origin, Proxy | None] = {}
 
     def idle_connections(self) -> int:
         """Open connections waiting for a request."""
@@ -410,6 +491,12 @@ class UpstreamPool:
             TimeoutError: The connection or the answer's next bytes took too long.
         """
         target = split_url(url)
+        proxy = self._proxy(target.origin)
+        if proxy is not None and not target.origin.secure:
+            # An http request goes to the proxy with its whole URL (HTTPS ones tunnel).
+            target = target._replace(path=f"http://{target.host_header}{target.path}")
+            if proxy.authorization:
+                headers = {**headers, "Proxy-Authorization": proxy.authorization}
         data = request_head(target, headers, len(body)) + body
         async with self._slots:
             connection = await self._send(target.origin, data)
@@ -467,25 +554,38 @@ class UpstreamPool:
         return None
 
     async def _connect(self, origin: Origin) -> _Connection:
+        where = f"{origin.host}:{origin.port}"
+        if (proxy := self._proxy(origin)) is not None:
+            where += f" through proxy {proxy.host}:{proxy.port}"
         try:
             return await asyncio.wait_for(self._open(origin), self._connect_timeout_s)
         except asyncio.TimeoutError:  # an OSError too from Python 3.11: caught first
             raise asyncio.TimeoutError(
-                f"connecting to {origin.host}:{origin.port} took over {self._connect_timeout_s} s"
+                f"connecting to {where} took over {self._connect_timeout_s} s"
             ) from None
         except OSError as err:
-            raise UpstreamConnectionError(
-                f"cannot connect to {origin.host}:{origin.port}: {err}"
-            ) from err
+            raise UpstreamConnectionError(f"cannot connect to {where}: {err}") from err
+
+    def _proxy(self, origin: Origin) -> Proxy | None:
+        if not self._proxies:
+            return None
+        if origin not in self._proxy_of:
+            self._proxy_of[origin] = proxy_for(origin, self._proxies)
+        return self._proxy_of[origin]
 
     async def _open(self, origin: Origin) -> _Connection:
         """Resolve, connect with Happy Eyeballs (RFC 8305: a dual-stack host whose IPv6 path
-        drops packets still answers over IPv4, as with aiohttp), then TLS."""
+        drops packets still answers over IPv4, as with aiohttp), then TLS; through the
+        origin's proxy, if it has one (a CONNECT tunnel for https)."""
         loop = asyncio.get_running_loop()
-        addresses = await loop.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
+        proxy = self._proxy(origin)
+        host, port = (proxy.host, proxy.port) if proxy else (origin.host, origin.port)
+        addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         sock = await aiohappyeyeballs.start_connection(addresses, happy_eyeballs_delay=0.25)
         tls = self._tls_context() if origin.secure else None
         try:
+            if proxy is not None and origin.secure:
+                await _tunnel(loop, sock, origin, proxy)
             _, connection = await loop.create_connection(
                 lambda: _Connection(loop, self._read_timeout_s),
                 sock=sock,

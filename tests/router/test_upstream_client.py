@@ -5,6 +5,7 @@ bodies, the keep-alive race, and every way an upstream can break an answer."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import gzip
 import ipaddress
@@ -21,7 +22,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from router import upstream_client
-from router.upstream_client import UpstreamConnectionError, UpstreamPool, split_url
+from router.upstream_client import (
+    Origin,
+    Proxy,
+    UpstreamConnectionError,
+    UpstreamPool,
+    proxy_for,
+    split_url,
+)
 
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -339,10 +347,15 @@ async def test_idle_connections_close_after_the_keepalive_time(serve, monkeypatc
     await pool.close()
 
 
-def self_signed(tmp_path) -> tuple[ssl.SSLContext, str]:
-    """A server TLS context for 127.0.0.1 and the path of its certificate."""
+def self_signed(tmp_path, host: str = "127.0.0.1") -> tuple[ssl.SSLContext, str]:
+    """A server TLS context for ``host`` (an address or a name) and the path of its
+    certificate."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    try:
+        alt_name: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        alt_name = x509.DNSName(host)
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
         x509.CertificateBuilder()
@@ -353,7 +366,7 @@ def self_signed(tmp_path) -> tuple[ssl.SSLContext, str]:
         .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(hours=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName([alt_name]),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -525,3 +538,152 @@ async def test_one_compressed_chunk_is_inflated_a_bounded_piece_at_a_time(serve,
         pieces = [len(piece) async for piece in resp.chunks()]
     assert sum(pieces) == len(payload)
     assert max(pieces) <= upstream_client._INFLATE_PIECE
+
+
+# ---- proxies from the environment --------------------------------------------------------------
+
+
+class ConnectProxy:
+    """An HTTP proxy: CONNECT tunnels to the address ``routes`` gives each authority, and
+    absolute-form requests answered as the origin would; ``refuse`` answers 407 instead."""
+
+    def __init__(self, routes: dict[str, tuple[str, int]], refuse: bool = False) -> None:
+        self.routes = routes
+        self.refuse = refuse
+        self.request_lines: list[str] = []
+        self.authorizations: list[str | None] = []
+        self.url = ""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        line, *header_lines = head.split("\r\n")
+        pairs = (h.split(": ", 1) for h in header_lines if h)
+        headers = {name.lower(): value for name, value in pairs}
+        self.request_lines.append(line)
+        self.authorizations.append(headers.get("proxy-authorization"))
+        if self.refuse:
+            writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+            writer.close()
+            return
+        method, target, _ = line.split(" ")
+        if method != "CONNECT":
+            await reader.readexactly(int(headers["content-length"]))
+            await answer_json()(reader, writer, 1)
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection(*self.routes[target])
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                sink.write(data)
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+@pytest.fixture
+async def start_proxy() -> AsyncIterator[Callable[..., Awaitable[ConnectProxy]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(routes: dict[str, tuple[str, int]], refuse: bool = False) -> ConnectProxy:
+        proxy = ConnectProxy(routes, refuse)
+        server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+        servers.append(server)
+        proxy.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        return proxy
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+async def test_https_goes_through_the_environments_proxy_in_a_tunnel(
+    tmp_path, monkeypatch, start_proxy
+):
+    # The origin's name is the proxy's to resolve: here it tunnels to a local TLS server.
+    server_tls, cert_path = self_signed(tmp_path, "upstream.test")
+    origin = RawServer(answer_json())
+    server = await asyncio.start_server(origin.handle, "127.0.0.1", 0, ssl=server_tls)
+    routes = {"upstream.test:443": ("127.0.0.1", server.sockets[0].getsockname()[1])}
+    proxy = await start_proxy(routes)
+    monkeypatch.setenv("SSL_CERT_FILE", cert_path)
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url.replace("http://", "http://me:p%40ss@"))
+    pool = UpstreamPool(1, 5, 5)
+    try:
+        url = "https://upstream.test/v1/chat/completions"
+        assert await post(pool, url) == (200, b'{"ok":true}')
+        assert await post(pool, url) == (200, b'{"ok":true}')
+    finally:
+        await pool.close()
+        server.close()
+    assert proxy.request_lines == ["CONNECT upstream.test:443 HTTP/1.1"]  # one kept-alive tunnel
+    assert proxy.authorizations == ["Basic " + base64.b64encode(b"me:p@ss").decode()]
+    assert origin.requests[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert b"Host: upstream.test\r\n" in origin.requests[0]
+    assert b"roxy-" not in origin.requests[0]  # the proxy's credentials stay with the proxy
+
+
+async def test_http_goes_to_the_proxy_with_its_whole_url(monkeypatch, start_proxy):
+    proxy = await start_proxy({})
+    monkeypatch.setenv("HTTP_PROXY", proxy.url.replace("http://", "http://me:pw@"))
+    pool = UpstreamPool(1, 5, 5)
+    try:
+        assert await post(pool, "http://upstream.test:8080/v1/x") == (200, b'{"ok":true}')
+    finally:
+        await pool.close()
+    assert proxy.request_lines == ["POST http://upstream.test:8080/v1/x HTTP/1.1"]
+    assert proxy.authorizations == ["Basic " + base64.b64encode(b"me:pw").decode()]
+
+
+async def test_a_proxy_that_refuses_the_tunnel_is_an_error(monkeypatch, start_proxy):
+    proxy = await start_proxy({}, refuse=True)
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    pool = UpstreamPool(1, 5, 5)
+    refusal = "refused a tunnel to upstream.test:443: 'HTTP/1.1 407 Proxy Authentication"
+    with pytest.raises(UpstreamConnectionError, match=refusal):
+        await post(pool, "https://upstream.test/v1/chat/completions")
+    await pool.close()
+
+
+async def test_an_unreachable_proxy_is_named_in_the_error(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:1")
+    pool = UpstreamPool(1, 5, 5)
+    unreachable = "cannot connect to upstream.test:443 through proxy 127.0.0.1:1"
+    with pytest.raises(UpstreamConnectionError, match=unreachable):
+        await post(pool, "https://upstream.test/v1/chat/completions")
+    await pool.close()
+
+
+async def test_loopback_and_no_proxy_hosts_go_direct(serve, monkeypatch, start_proxy):
+    proxy = await start_proxy({})
+    for name in ("HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, proxy.url)
+    server = await serve(answer_json())
+    pool = UpstreamPool(1, 5, 5)
+    assert await post(pool, server.url) == (200, b'{"ok":true}')  # 127.0.0.1
+    await pool.close()
+    assert proxy.request_lines == []
+
+
+@pytest.mark.parametrize(
+    ("secure", "host", "proxies", "expected"),
+    [
+        (True, "api.example.com", {"https": "http://p:3128"}, Proxy("p", 3128, None)),
+        (True, "api.example.com", {"http": "http://p:3128"}, None),  # http's only
+        (False, "api.example.com", {"all": "p:8080"}, Proxy("p", 8080, None)),  # no scheme
+        (True, "api.example.com", {"https": "http://p", "no": "example.com"}, None),
+        (True, "api.example.com", {"https": "http://p", "no": "*"}, None),
+        (True, "localhost", {"https": "http://p"}, None),
+        (True, "::1", {"https": "http://p"}, None),
+        (True, "127.0.0.2", {"https": "http://p"}, None),
+    ],
+)
+def test_which_proxy_an_origin_uses(secure, host, proxies, expected):
+    assert proxy_for(Origin(secure, host, 443), proxies) == expected
+
+
+@pytest.mark.parametrize("url", ["socks5://p:1080", "https://p:3128", "http://p:99999"])
+def test_a_proxy_this_client_cannot_use_is_a_clear_error(url):
+    with pytest.raises(UpstreamConnectionError, match=f"proxy {url!r} from the environment"):
+        proxy_for(Origin(True, "api.example.com", 443), {"https": url})
