@@ -362,14 +362,23 @@ class UpstreamResponse:
         self.reason = connection.reason
         # Lower-case names; repeated headers joined with ", ".
         self.headers = connection.headers
-        encoding = self.headers.get("content-encoding", "").strip().lower()
+        self._encoding = self.headers.get("content-encoding", "").strip().lower()
         # wbits 47 reads a gzip or a zlib header, whichever the server sent.
-        self._inflate = zlib.decompressobj(47) if encoding in ("gzip", "deflate") else None
+        compressed = self._encoding in ("gzip", "deflate")
+        self._inflate = zlib.decompressobj(47) if compressed else None
         self._inflate_fed = False
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body, piece by piece as it arrives (decompressed, in pieces of at most
-        ``_INFLATE_PIECE`` bytes)."""
+        ``_INFLATE_PIECE`` bytes).
+
+        Raises:
+            UpstreamConnectionError: If the body is in an encoding the client did not ask for.
+        """
+        if self._inflate is None and self._encoding not in ("", "identity"):
+            raise UpstreamConnectionError(
+                f"upstream sent a body in {self._encoding!r} encoding; only gzip was accepted"
+            )
         while (chunk := await self._connection.next_chunk()) is not None:
             if self._inflate is None:
                 yield chunk

@@ -687,3 +687,9 @@ def test_which_proxy_an_origin_uses(secure, host, proxies, expected):
 def test_a_proxy_this_client_cannot_use_is_a_clear_error(url):
     with pytest.raises(UpstreamConnectionError, match=f"proxy {url!r} from the environment"):
         proxy_for(Origin(True, "api.example.com", 443), {"https": url})
+
+
+async def test_a_body_in_an_encoding_not_asked_for_is_an_error(serve, pool):
+    server = await serve(answer_json(b"\x1b\x00\x00", "Content-Encoding: br\r\n"))
+    with pytest.raises(UpstreamConnectionError, match="in 'br' encoding; only gzip"):
+        await post(pool, server.url)
