@@ -78,7 +78,6 @@ class Target(NamedTuple):
     host_header: str
 
 
-@lru_cache(maxsize=1024)
 class Proxy(NamedTuple):
     """An HTTP proxy: where it listens, and its ``Proxy-Authorization`` value, if any."""
 
@@ -88,45 +87,51 @@ class Proxy(NamedTuple):
 
 
 def proxy_for(origin: Origin, proxies: Mapping[str, str]) -> Proxy | None:
-    """The proxy an origin's requests go through, as curl and Go read the environment:
-    ``HTTPS_PROXY`` (``HTTP_PROXY`` for http URLs, else ``ALL_PROXY``) unless ``NO_PROXY``
-    names the host. Loopback hosts never go through a proxy, which could not reach them.
+    """The proxy an origin's requests go through: ``HTTPS_PROXY`` (``HTTP_PROXY`` for http
+    URLs), else ``ALL_PROXY``, unless ``NO_PROXY`` names the host (urllib's reading: ``*``,
+    names and domain suffixes). Loopback hosts never go through a proxy, which could not
+    reach them.
 
     Args:
         origin: The origin.
         proxies: `urllib.request.getproxies_environment`'s mapping.
 
     Raises:
-        UpstreamConnectionError: If the proxy is not an ``http://`` one.
+        UpstreamConnectionError: If the proxy is not an ``http://host[:port]`` one (the
+            message leaves out any credentials).
     """
     url = proxies.get("https" if origin.secure else "http") or proxies.get("all")
     if not url or _is_loopback(origin.host) or proxy_bypass_environment(origin.host, proxies):
         return None
     parts = urlsplit(url if "://" in url else f"http://{url}")
-    if parts.scheme != "http" or not parts.hostname:
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    try:
+        port = parts.port or 80
+    except ValueError:
+        port = None
+    if parts.scheme != "http" or not parts.hostname or port is None:
         raise UpstreamConnectionError(
-            f"proxy {url!r} from the environment: only http:// proxies are supported"
+            f"proxy {shown!r} from the environment: only http://host[:port] proxies work here"
         )
     authorization = None
     if parts.username is not None:
         credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
         authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
-    try:
-        port = parts.port or 80
-    except ValueError as err:
-        raise UpstreamConnectionError(f"proxy {url!r} from the environment: bad port") from err
     return Proxy(parts.hostname, port, authorization)
 
 
 def _is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
+    if host.rstrip(".") == "localhost" or host.rstrip(".").endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
+@lru_cache(maxsize=1024)
 def split_url(url: str) -> Target:
     """Split an http(s) URL into its origin, request target and Host header.
 
@@ -411,16 +416,26 @@ class UpstreamResponse:
 
     def _inflated(self, chunk: bytes) -> Iterator[bytes]:
         self._inflate_fed = True
-        while chunk:
+        while True:
             try:
                 piece = self._inflate.decompress(chunk, _INFLATE_PIECE)
             except zlib.error as err:
                 raise UpstreamConnectionError(
                     f"upstream sent a corrupt compressed body: {err}"
                 ) from err
-            chunk = self._inflate.unconsumed_tail
             if piece:
                 yield piece
+            if self._inflate.eof:
+                # Past a gzip member's end: another may follow (RFC 1952), else garbage.
+                chunk = self._inflate.unused_data
+                if not chunk:
+                    return
+                self._inflate = zlib.decompressobj(47)
+                continue
+            chunk = self._inflate.unconsumed_tail
+            # A full piece may leave output inside zlib even with no input left.
+            if not chunk and len(piece) < _INFLATE_PIECE:
+                return
 
 
 def answer_too_large() -> UpstreamConnectionError:
@@ -450,8 +465,10 @@ async def _tunnel(
         head += chunk
     status = head[: head.find(b"\r\n")].decode("latin-1")
     code = status.split(" ", 2)[1] if status.startswith("HTTP/1.") and " " in status else ""
-    if not (code.isdigit() and 200 <= int(code) < 300) or end + 4 != len(head):
+    if not (code.isdigit() and 200 <= int(code) < 300):
         raise UpstreamConnectionError(f"{where} refused a tunnel to {authority}: {status!r}")
+    if end + 4 != len(head):  # the origin speaks first only after the TLS hello
+        raise UpstreamConnectionError(f"{where} sent bytes after opening a tunnel to {authority}")
 
 
 class UpstreamPool:

@@ -13,6 +13,7 @@ import socket
 import ssl
 import struct
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -27,6 +28,7 @@ from router.upstream_client import (
     Proxy,
     UpstreamConnectionError,
     UpstreamPool,
+    UpstreamResponse,
     proxy_for,
     split_url,
 )
@@ -677,19 +679,77 @@ async def test_loopback_and_no_proxy_hosts_go_direct(serve, monkeypatch, start_p
         (True, "localhost", {"https": "http://p"}, None),
         (True, "::1", {"https": "http://p"}, None),
         (True, "127.0.0.2", {"https": "http://p"}, None),
+        (True, "::ffff:127.0.0.1", {"https": "http://p"}, None),
+        (True, "localhost.", {"https": "http://p"}, None),
     ],
 )
 def test_which_proxy_an_origin_uses(secure, host, proxies, expected):
     assert proxy_for(Origin(secure, host, 443), proxies) == expected
 
 
-@pytest.mark.parametrize("url", ["socks5://p:1080", "https://p:3128", "http://p:99999"])
-def test_a_proxy_this_client_cannot_use_is_a_clear_error(url):
-    with pytest.raises(UpstreamConnectionError, match=f"proxy {url!r} from the environment"):
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("socks5://me:secret@p:1080", "socks5://p:1080"),
+        ("https://p:3128", "https://p:3128"),
+        ("http://me:secret@p:99999", "http://p:99999"),
+    ],
+)
+def test_a_proxy_this_client_cannot_use_is_a_clear_error_without_its_password(url, shown):
+    with pytest.raises(UpstreamConnectionError) as caught:
         proxy_for(Origin(True, "api.example.com", 443), {"https": url})
+    message = str(caught.value)
+    assert f"proxy {shown!r} from the environment" in message and "secret" not in message
 
 
 async def test_a_body_in_an_encoding_not_asked_for_is_an_error(serve, pool):
     server = await serve(answer_json(b"\x1b\x00\x00", "Content-Encoding: br\r\n"))
     with pytest.raises(UpstreamConnectionError, match="in 'br' encoding; only gzip"):
         await post(pool, server.url)
+
+
+async def test_a_body_of_several_gzip_members_is_inflated_whole(serve, pool):
+    # The first member inflates past one piece inside a single chunk, the second follows it.
+    body = gzip.compress(b"x" * 300_000) + gzip.compress(b"y")
+    server = await serve(answer_json(body, "Content-Encoding: gzip\r\n"))
+    assert await asyncio.wait_for(post(pool, server.url), 10) == (200, b"x" * 300_000 + b"y")
+
+
+class ChunkFeed:
+    """A connection stub whose gzip answer comes in ``chunks``; ``asked`` counts the chunks
+    asked for so far."""
+
+    status, reason = 200, "OK"
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.headers = {"content-encoding": "gzip"}
+        self.chunks = chunks
+        self.asked = 0
+
+    async def next_chunk(self) -> bytes | None:
+        self.asked += 1
+        return self.chunks.pop(0) if self.chunks else None
+
+
+async def test_all_a_compressed_chunk_holds_comes_out_before_the_next_chunk_is_read():
+    raw = b"".join(b'data: {"n": %d, "t": "%s"}\n\n' % (i, b"ab" * (i % 50)) for i in range(20000))
+    body = gzip.compress(raw)
+
+    def ready(cut: int) -> int:
+        """What zlib can give of the first ``cut`` bytes."""
+        return len(zlib.decompressobj(47).decompress(body[:cut]))
+
+    # The first cut whose output fills a piece: around it zlib may hold output back.
+    low, high = 1, len(body)
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (
+            (low, middle) if ready(middle) >= upstream_client._INFLATE_PIECE else (middle + 1, high)
+        )
+    for cut in range(low - 5, low + 40):
+        feed = ChunkFeed([body[:cut], body[cut:]])
+        first, rest = [], []
+        async for piece in UpstreamResponse(feed).chunks():  # type: ignore[arg-type]
+            (first if feed.asked == 1 else rest).append(piece)
+        assert sum(map(len, first)) == ready(cut), cut
+        assert b"".join(first + rest) == raw
