@@ -93,6 +93,8 @@ class SSEDecoder:
             EventTooLarge: If an incomplete event grows over ``max_pending`` characters.
         """
         text = self._utf8.decode(chunk)
+        if not text:  # nothing yet (part of a character): a pending CR still waits for its LF
+            return []
         if self._pending_cr and text.startswith("\n"):
             text = text[1:]
         self._pending_cr = False
@@ -105,9 +107,21 @@ class SSEDecoder:
             text = "".join(self._partial) + text
             self._partial.clear()
         events = []
-        start = 0
-        while (cut := self._next_line_end(text, start)) is not None:
-            end, after = cut
+        start, lf = 0, text.find("\n")
+        while True:
+            if -1 < lf < start:  # past the last LF found: look for the next
+                lf = text.find("\n", start)
+            # A CR ends a line only before the LF: each character is scanned once.
+            cr = text.find("\r", start, len(text) if lf == -1 else lf)
+            if cr == -1:
+                if lf == -1:
+                    break
+                end, after = lf, lf + 1
+            elif cr + 1 < len(text):
+                end, after = cr, cr + (2 if text[cr + 1] == "\n" else 1)
+            else:  # a CR at the very end: its LF may arrive in the next chunk
+                self._pending_cr = True
+                end, after = cr, cr + 1
             event = self._process_line(text[start:end])
             if event is not None:
                 events.append(event)
@@ -120,22 +134,11 @@ class SSEDecoder:
 
     def flush(self) -> list[SSEEvent]:
         """End of stream: dispatch a final event that lacked its blank line."""
+        # The end of the stream comes between a last CR and the LF fed here.
+        self._pending_cr = False
         if tail := self._utf8.decode(b"", final=True):
             self._partial.append(tail)
         return self.feed(b"\n\n") if (self._partial or self._data) else []
-
-    def _next_line_end(self, text: str, start: int) -> tuple[int, int] | None:
-        """Where the line from ``start`` ends and the next begins, if it ends in ``text``."""
-        lf = text.find("\n", start)
-        # A CR counts only before the LF: the search stops there, so no byte is scanned twice.
-        cr = text.find("\r", start, len(text) if lf == -1 else lf)
-        if cr == -1:
-            return None if lf == -1 else (lf, lf + 1)
-        if cr + 1 < len(text):
-            return cr, cr + (2 if text[cr + 1] == "\n" else 1)
-        # A CR at the very end: its LF may arrive in the next chunk.
-        self._pending_cr = True
-        return cr, cr + 1
 
     def _check_size(self) -> None:
         if self._max_pending is not None:
@@ -157,11 +160,11 @@ class SSEDecoder:
             value = value[1:]
         if field == "data":
             self._data.append(value)
-            self._data_chars += len(value)
+            self._data_chars += len(value) + 1  # the newline that joins it
         elif field == "event":
             self._event = value
         elif field == "id":
             self._id = value
-        elif field == "retry" and value.isdigit():
+        elif field == "retry" and value.isascii() and value.isdigit():
             self._retry = int(value)
         return None

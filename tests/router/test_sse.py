@@ -110,6 +110,7 @@ def test_a_chunk_of_many_events_and_a_line_in_many_chunks():
     [
         [b"data: " + b"x" * 60, b"x" * 60],  # one line, not ended
         [b"data: " + b"x" * 60 + b"\n", b"data: " + b"x" * 60 + b"\n"],  # one event, not ended
+        [b"data:\n" * 60, b"data:\n" * 60],  # empty lines: each adds its newline
     ],
 )
 def test_an_incomplete_event_over_the_bound_is_refused(chunks):
@@ -124,3 +125,13 @@ def test_complete_events_never_count_against_the_bound():
     assert decoder.feed((b"data: " + b"x" * 90 + b"\n\n") * 50) == [SSEEvent("x" * 90)] * 50
     assert decoder.feed(b"data: " + b"y" * 90) == []
     assert decoder.feed(b"\n\n") == [SSEEvent("y" * 90)]
+
+
+def test_a_pending_cr_survives_an_empty_chunk_and_the_end_of_the_stream():
+    assert decode_all([b"data: a\r", b"", b"\ndata: b\n\n"]) == [SSEEvent("a\nb")]
+    # The stream ends in a CR and half a character: the event is still dispatched.
+    assert decode_all([b"data: a\r", b"\xe2\x82"]) == [SSEEvent("a")]
+
+
+def test_a_retry_of_other_digits_is_ignored():
+    assert decode_all(["retry: ²\ndata: d\n\n".encode()]) == [SSEEvent("d")]
