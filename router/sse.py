@@ -56,9 +56,10 @@ class SSEDecoder:
     """Incremental decoder: feed arbitrary byte chunks, get complete events back.
 
     Handles LF, CR and CRLF line ends (also split across chunks), UTF-8 characters split
-    across chunks (an invalid byte becomes U+FFFD, as the spec decodes), comments, multi-line
-    data and the optional space after the colon. Each byte is scanned once however the stream
-    is cut: a chunk of thousands of events, or one long line in many chunks.
+    across chunks (an invalid byte becomes U+FFFD, as the spec decodes), a leading byte order
+    mark, comments, multi-line data and the optional space after the colon. Each character is
+    scanned once however the stream is cut: a chunk of thousands of events, or one long line
+    in many chunks.
 
     Args:
         max_pending: The most characters an incomplete event may hold (None: no limit).
@@ -71,6 +72,7 @@ class SSEDecoder:
         self._partial: list[str] = []
         self._partial_chars = 0
         self._pending_cr = False
+        self._at_start = True
         self._reset()
 
     def _reset(self) -> None:
@@ -95,6 +97,9 @@ class SSEDecoder:
         text = self._utf8.decode(chunk)
         if not text:  # nothing yet (part of a character): a pending CR still waits for its LF
             return []
+        if self._at_start:  # one byte order mark may open the stream (the spec drops it)
+            self._at_start = False
+            text = text.removeprefix("\ufeff")
         if self._pending_cr and text.startswith("\n"):
             text = text[1:]
         self._pending_cr = False

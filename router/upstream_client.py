@@ -380,12 +380,13 @@ class UpstreamResponse:
         Raises:
             UpstreamConnectionError: If the body is in an encoding the client did not ask for.
         """
-        if self._inflate is None and self._encoding not in ("", "identity"):
-            raise UpstreamConnectionError(
-                f"upstream sent a body in {self._encoding!r} encoding; only gzip was accepted"
-            )
         while (chunk := await self._connection.next_chunk()) is not None:
             if self._inflate is None:
+                if self._encoding not in ("", "identity"):  # an empty body reads as one
+                    raise UpstreamConnectionError(
+                        f"upstream sent a body in {self._encoding!r} encoding; only gzip was "
+                        "accepted"
+                    )
                 yield chunk
                 continue
             for piece in self._inflated(chunk):

@@ -135,3 +135,9 @@ def test_a_pending_cr_survives_an_empty_chunk_and_the_end_of_the_stream():
 
 def test_a_retry_of_other_digits_is_ignored():
     assert decode_all(["retry: ²\ndata: d\n\n".encode()]) == [SSEEvent("d")]
+
+
+def test_a_byte_order_mark_opening_the_stream_is_dropped():
+    # Split inside the mark; a later mark is part of its line (here an unknown field's name).
+    chunks = [b"\xef\xbb", b"\xbfdata: a\n\n\xef\xbb\xbfdata: b\n\n"]
+    assert decode_all(chunks) == [SSEEvent("a")]

@@ -753,3 +753,8 @@ async def test_all_a_compressed_chunk_holds_comes_out_before_the_next_chunk_is_r
             (first if feed.asked == 1 else rest).append(piece)
         assert sum(map(len, first)) == ready(cut), cut
         assert b"".join(first + rest) == raw
+
+
+async def test_an_empty_body_in_an_encoding_not_asked_for_reads_as_empty(serve, pool):
+    server = await serve(answer_json(b"", "Content-Encoding: br\r\n"))
+    assert await post(pool, server.url) == (200, b"")
