@@ -95,7 +95,11 @@ async def _routing_state(app: web.Application) -> AsyncIterator[None]:
 
         store = RedisSpendStore(cfg.shared_state)
     else:
-        store = SQLiteSpendStore(str(cfg.spend.path()))
+        # Imported here: router.workers imports the console, which imports this module.
+        from .workers import worker_role
+
+        # A worker's supervisor prepared the file and cleared its reservations once.
+        store = SQLiteSpendStore(str(cfg.spend.path()), clear_reservations=worker_role() is None)
     registry = app[METRICS].registry
     app[ROUTING] = RoutingState(
         Budgets(store),

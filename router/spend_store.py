@@ -78,19 +78,32 @@ class SpendStore(Protocol):
 class SQLiteSpendStore:
     """Spend in a SQLite file, on one thread of its own (the connection stays there).
 
-    Reservations are this process's: they are cleared at start, since the requests that made
-    them died with the previous process.
+    Reservations belong to the running router: a router clears them as it starts, since the
+    requests that made them died with the previous one. Its workers open the file the
+    supervisor prepared (`prepare`) and clear nothing, so a restarted worker leaves the other
+    workers' reservations alone.
 
     Args:
         path: The database file (created when missing).
+        clear_reservations: Clear the reservations left in the file (false in a worker).
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, clear_reservations: bool = True) -> None:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="spend-sqlite")
         self._db: sqlite3.Connection | None = None
-        self._executor.submit(self._open, path).result()
+        self._executor.submit(self._open, path, clear_reservations).result()
 
-    def _open(self, path: str) -> None:
+    @classmethod
+    async def prepare(cls, path: str) -> None:
+        """Make the file ready for the workers before they start: WAL mode (which takes a lock
+        that workers opening the file at once would fight over), the table, no reservations.
+
+        Args:
+            path: The database file.
+        """
+        await cls(path).close()
+
+    def _open(self, path: str, clear_reservations: bool) -> None:
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -98,7 +111,8 @@ class SQLiteSpendStore:
             "CREATE TABLE IF NOT EXISTS spend (key TEXT PRIMARY KEY, tokens INTEGER NOT NULL, "
             "usd REAL NOT NULL, reserved_tokens INTEGER NOT NULL, reserved_usd REAL NOT NULL)"
         )
-        self._db.execute("UPDATE spend SET reserved_tokens = 0, reserved_usd = 0")
+        if clear_reservations:
+            self._db.execute("UPDATE spend SET reserved_tokens = 0, reserved_usd = 0")
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

@@ -40,6 +40,7 @@ from .config import Config, ConfigError
 from .console.session import SECRET_VAR
 from .keys.local_store import KeyCoordinator
 from .metrics import MULTIPROC_VAR
+from .spend_store import SQLiteSpendStore
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +188,8 @@ class Supervisor:
         self.metrics_dir = workdir / "metrics"
         self.metrics_dir.mkdir()
         self.socket = "" if cfg.shared_state is not None else str(workdir / "keys.sock")
+        # The workers' shared spend file (Redis holds spend with shared_state).
+        self.spend_path = str(cfg.spend.path()) if cfg.shared_state is None else None
         # One console session secret for all workers, or a login made on one bounces off the others.
         self.console_secret = os.environ.get(SECRET_VAR) or secrets.token_hex(32)
         self.procs: dict[int, asyncio.subprocess.Process] = {}
@@ -195,6 +198,8 @@ class Supervisor:
 
     async def run(self) -> int:
         """Serve until stopped; returns the exit status."""
+        if self.spend_path is not None:
+            await SQLiteSpendStore.prepare(self.spend_path)
         coordinator = KeyCoordinator(self.socket) if self.socket else None
         if coordinator is not None:
             await coordinator.start()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from router.pricing import price_of, shipped_prices
+from router.spend_store import Counter, SQLiteSpendStore
 from tests.router.helpers import running_router
 from tests.router.routing_helpers import ADMIN_KEY, CLIENT_KEYS, auth, chat, routing_config
 from tests.router.test_shared_state import RedisServer
@@ -254,3 +256,20 @@ async def test_the_request_log_keeps_each_requests_rule_and_cost(fake, tmp_path:
     price = shipped_prices()["gpt-4o-mini"]
     assert row["rule"] == "auto" and row["provider"] == "cloud"
     assert row["cost"] == pytest.approx((5 * price.input + 2 * price.output) / 1e6)
+
+
+async def test_workers_share_the_spend_file_and_only_a_start_clears_reservations(tmp_path):
+    """The supervisor prepares the file before its workers open it at once; a restarted worker
+    leaves the other workers' reservations alone."""
+    path = str(tmp_path / "spend.sqlite")
+    await SQLiteSpendStore.prepare(path)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    worker = SQLiteSpendStore(path, clear_reservations=False)
+    assert await worker.reserve("r1", [Counter("client:ci|day:x", 100, None)], 7, 0.0) is None
+    restarted = SQLiteSpendStore(path, clear_reservations=False)
+    assert (await restarted.read(["client:ci|day:x"]))["client:ci|day:x"].reserved_tokens == 7
+    await SQLiteSpendStore.prepare(path)  # the next router start
+    assert (await restarted.read(["client:ci|day:x"]))["client:ci|day:x"].reserved_tokens == 0
+    for store in (worker, restarted):
+        await store.close()
