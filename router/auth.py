@@ -10,7 +10,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
-import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -18,7 +17,7 @@ from aiohttp import web
 
 from .backends import CONFIG
 from .body import read_body
-from .config import AuthConfig, ClientKeyConfig, ConfigError
+from .config import AuthConfig, ClientKeyConfig, ConfigError, is_loopback
 from .errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from .logs import REQUEST_CONTEXT
 
@@ -83,20 +82,6 @@ def model_allowed(client: ClientKeyConfig, model: str) -> bool:
         model: The model name the client asked for.
     """
     return any(fnmatch.fnmatchcase(model, pattern) for pattern in client.models)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a listen address only accepts local connections.
-
-    Args:
-        host: The listen host (``0.0.0.0``, ``::`` and names other than localhost are not).
-    """
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(host: str, auth: AuthConfig) -> None:

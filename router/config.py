@@ -669,9 +669,20 @@ def is_local_provider(provider: ProviderConfig) -> bool:
 @lru_cache(maxsize=256)
 def _on_loopback(url: str) -> bool:
     """Whether a URL's host is this machine (cached: every request's pricing asks)."""
-    host = urlsplit(url).hostname or ""
+    return is_loopback(urlsplit(url).hostname or "")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host is this machine's loopback: ``localhost`` or a loopback address
+    (``0.0.0.0``, ``::`` and other names are not).
+
+    Args:
+        host: A host name or address.
+    """
+    if host == "localhost":
+        return True
     try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 

@@ -32,6 +32,8 @@ from urllib.request import getproxies_environment, proxy_bypass_environment
 import aiohappyeyeballs
 import httptools
 
+from .config import is_loopback
+
 USER_AGENT = "smolvlm-router"
 # An idle connection is closed after this long (as aiohttp's client does): servers drop idle
 # connections after 5-75 s, and a request sent into one that is closing is lost.
@@ -121,14 +123,16 @@ def proxy_for(origin: Origin, proxies: Mapping[str, str]) -> Proxy | None:
 
 
 def _is_loopback(host: str) -> bool:
-    if host.rstrip(".") == "localhost" or host.rstrip(".").endswith(".localhost"):
+    """`is_loopback`, also for a name with its final dot, ``*.localhost`` and an IPv4
+    loopback address written as IPv6 (``::ffff:127.0.0.1``)."""
+    name = host.rstrip(".")
+    if is_loopback(name) or name.endswith(".localhost"):
         return True
     try:
-        address = ipaddress.ip_address(host)
+        mapped = ipaddress.IPv6Address(host).ipv4_mapped
     except ValueError:
         return False
-    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
-    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+    return mapped is not None and mapped.is_loopback
 
 
 @lru_cache(maxsize=1024)
