@@ -73,19 +73,29 @@ class RawServer:
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[Callable[[Answer], Awaitable[RawServer]]]:
+async def listen() -> AsyncIterator[Callable[..., Awaitable[int]]]:
+    """Starts asyncio servers on loopback (``listen(handle, **start_server_options)`` gives
+    the port) and closes them after the test."""
     servers: list[asyncio.Server] = []
 
-    async def start(answer: Answer) -> RawServer:
-        raw = RawServer(answer)
-        server = await asyncio.start_server(raw.handle, "127.0.0.1", 0)
+    async def start(handle: Callable, **options: object) -> int:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, **options)
         servers.append(server)
-        raw.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions"
-        return raw
+        return server.sockets[0].getsockname()[1]
 
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture
+def serve(listen) -> Callable[[Answer], Awaitable[RawServer]]:
+    async def start(answer: Answer) -> RawServer:
+        raw = RawServer(answer)
+        raw.url = f"http://127.0.0.1:{await listen(raw.handle)}/v1/chat/completions"
+        return raw
+
+    return start
 
 
 @pytest.fixture
@@ -585,29 +595,22 @@ class ConnectProxy:
 
 
 @pytest.fixture
-async def start_proxy() -> AsyncIterator[Callable[..., Awaitable[ConnectProxy]]]:
-    servers: list[asyncio.Server] = []
-
+def start_proxy(listen) -> Callable[..., Awaitable[ConnectProxy]]:
     async def start(routes: dict[str, tuple[str, int]], refuse: bool = False) -> ConnectProxy:
         proxy = ConnectProxy(routes, refuse)
-        server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
-        servers.append(server)
-        proxy.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        proxy.url = f"http://127.0.0.1:{await listen(proxy.handle)}"
         return proxy
 
-    yield start
-    for server in servers:
-        server.close()
+    return start
 
 
 async def test_https_goes_through_the_environments_proxy_in_a_tunnel(
-    tmp_path, monkeypatch, start_proxy
+    tmp_path, monkeypatch, listen, start_proxy
 ):
     # The origin's name is the proxy's to resolve: here it tunnels to a local TLS server.
     server_tls, cert_path = self_signed(tmp_path, "upstream.test")
     origin = RawServer(answer_json())
-    server = await asyncio.start_server(origin.handle, "127.0.0.1", 0, ssl=server_tls)
-    routes = {"upstream.test:443": ("127.0.0.1", server.sockets[0].getsockname()[1])}
+    routes = {"upstream.test:443": ("127.0.0.1", await listen(origin.handle, ssl=server_tls))}
     proxy = await start_proxy(routes)
     monkeypatch.setenv("SSL_CERT_FILE", cert_path)
     monkeypatch.setenv("HTTPS_PROXY", proxy.url.replace("http://", "http://me:p%40ss@"))
@@ -618,7 +621,6 @@ async def test_https_goes_through_the_environments_proxy_in_a_tunnel(
         assert await post(pool, url) == (200, b'{"ok":true}')
     finally:
         await pool.close()
-        server.close()
     assert proxy.request_lines == ["CONNECT upstream.test:443 HTTP/1.1"]  # one kept-alive tunnel
     assert proxy.authorizations == ["Basic " + base64.b64encode(b"me:p@ss").decode()]
     assert origin.requests[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
